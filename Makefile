@@ -1,0 +1,41 @@
+# Everything runs from a project-local virtual environment created on first use.
+# TORCH_SPEC picks the torch build; the default is the CPU wheel. On a CUDA
+# machine: make test TORCH_SPEC="torch==2.13.0 --index-url <your cuda index>"
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-core
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: install test checkstyle format bench demo gpu-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install -q --disable-pip-version-check "setuptools>=69" wheel
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,train]"
+	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,train,bench]"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+checkstyle: $(STAMP)
+	$(BIN)/ruff check grao_kernels grao tests benchmarks
+	$(BIN)/ruff format --check grao_kernels grao tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format grao_kernels grao tests benchmarks
+	$(BIN)/ruff check --fix grao_kernels grao tests benchmarks
+
+demo: $(STAMP)
+	$(BIN)/python -m grao_kernels.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
