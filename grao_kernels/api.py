@@ -118,6 +118,18 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
     return temperature
 
 
+def _check_rewards(rewards, expected: str) -> None:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
+        shape = _shape(rewards) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"rewards must be {expected}, got {shape}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"rewards {_shape(rewards)} needs at least 2 columns per group (G >= 1)")
+    if not rewards.dtype.is_floating_point:
+        raise ValueError(f"rewards must be floating point, got {rewards.dtype} with shape {_shape(rewards)}")
+    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"rewards {_shape(rewards)} contains non-finite values (NaN or inf)")
+
+
 def _flat(hidden, targets, weight, bias):
     """2-D contiguous views for the backends (copies only non-contiguous inputs)."""
     H = hidden.shape[-1]
@@ -138,15 +150,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     computed in float32 (float64 for float64 rewards). A row whose rewards are
     all equal gets exactly zero advantages.
     """
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
-        shape = _shape(rewards) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
-        raise ValueError(f"rewards must be a (P, K) tensor, got {shape}")
-    if rewards.shape[1] < 2:
-        raise ValueError(f"rewards must have K >= 2 columns per group, got shape {_shape(rewards)}")
-    if not rewards.dtype.is_floating_point:
-        raise ValueError(f"rewards must be floating point, got {rewards.dtype}")
-    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
-        raise ValueError(f"rewards {_shape(rewards)} contains non-finite values (NaN or inf)")
+    _check_rewards(rewards, "(P, K)")
     eps = float(eps)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -157,6 +161,30 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     adv = centred / (std + eps)
     tied = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))
     return torch.where(tied, torch.zeros_like(adv), adv)
+
+
+def token_coefficients(adv, targets, ignore_index, beta, lam):
+    """Per-token loss coefficients ``c_t`` (flattened, float32) and tokens per sequence ``n`` (S,).
+
+    ``adv`` (P, G+1) float32, ``targets`` (S, T). See the module docstring for
+    the derivation; ``c_t = 0`` at ignored positions, and a sequence without
+    completion tokens contributes nothing (J = 0).
+    """
+    P, K = adv.shape
+    G = K - 1
+    mask = targets != ignore_index
+    n = mask.sum(1).float()
+    a_o, a_y = adv[:, :G], adv[:, G]
+    c_o = -(1.0 + lam) * a_o / (G * P)
+    c_y = -(beta * a_y - (lam / G) * a_o.sum(1)) / P
+    c_seq = torch.cat([c_o, c_y[:, None]], dim=1).reshape(-1)
+    coef = torch.where(mask, (c_seq / n.clamp(min=1))[:, None], 0.0)
+    return coef.reshape(-1).contiguous(), n
+
+
+def sequence_logp(logp, n):
+    """J per sequence: (S, T) token log-probs (0 at ignored positions) -> (S,) means over ``n`` tokens."""
+    return logp.sum(1) / n.clamp(min=1)
 
 
 def fused_linear_logprobs(
@@ -212,35 +240,25 @@ def grao_loss(
     s // (G+1) and is the reference when s % (G+1) == G.
     """
     temperature = _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, hidden_rank=3)
-    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
-        shape = _shape(rewards) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
-        raise ValueError(f"rewards must be (P, G+1), got {shape}")
+    _check_rewards(rewards, "(P, G+1)")
     P, K = rewards.shape
     G = K - 1
-    if G < 1:
-        raise ValueError(f"rewards {_shape(rewards)} has G+1={K} columns: G must be >= 1")
     S, T, _ = hidden.shape
     if S != P * K:
         raise ValueError(
             f"hidden has S={S} sequences but rewards {_shape(rewards)} implies S = P*(G+1) = {P}*{K} = {P * K}"
         )
     mod = _backends.resolve(backend, hidden.device)
-    adv_fn = getattr(mod, "group_advantages", group_advantages)
-    adv = adv_fn(rewards.to(hidden.device), eps).float()
-
-    beta, lam = float(beta), float(lam)
-    mask = targets != ignore_index
-    n = mask.sum(1).float()  # (S,) completion tokens per sequence
-    a_o, a_y = adv[:, :G], adv[:, G]
-    c_o = -(1.0 + lam) * a_o / (G * P)
-    c_y = -(beta * a_y - (lam / G) * a_o.sum(1)) / P
-    c_seq = torch.cat([c_o, c_y[:, None]], dim=1).reshape(S)
-    coef = torch.where(mask, (c_seq / n.clamp(min=1))[:, None], 0.0).reshape(-1)
+    # A backend may replace each of the three small steps with its own kernel.
+    adv = getattr(mod, "group_advantages", group_advantages)(rewards.to(hidden.device), eps).float()
+    coef, n = getattr(mod, "token_coefficients", token_coefficients)(adv, targets, ignore_index, float(beta), float(lam))
 
     h, t, w, b = _flat(hidden, targets, weight, bias)
     loss, logp = LinearLogprobsFunctional.apply(h, w, b, t, coef, temperature, int(ignore_index), mod)
-    seq_logp = logp.view(S, T).sum(1) / n.clamp(min=1)
+    seq_logp = getattr(mod, "sequence_logp", sequence_logp)(logp.view(S, T), n)
 
+    G, beta, lam = K - 1, float(beta), float(lam)
+    a_o, a_y = adv[:, :G], adv[:, G]
     with torch.no_grad():
         j = seq_logp.view(P, K)
         j_o, j_y = j[:, :G], j[:, G]

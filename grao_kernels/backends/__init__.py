@@ -18,8 +18,10 @@ A backend is a module in this package exposing:
     (``dbias`` is None without a bias). ``lse`` from an earlier forward lets the
     backend skip recomputing it. Returns ``(logp, dhidden, dweight, dbias)``.
 
-``group_advantages(rewards, eps)`` (optional)
-    (P, K) -> (P, K) advantages; backends without it use the PyTorch version.
+Optional hooks, each replacing one small step of ``grao_loss`` (the PyTorch
+versions in ``grao_kernels.api`` are used otherwise, and define the semantics):
+``group_advantages(rewards, eps)``, ``token_coefficients(adv, targets,
+ignore_index, beta, lam)`` and ``sequence_logp(logp, n)``.
 
 Backends are imported lazily so that an optional dependency (Triton, a C++
 compiler) that is missing only disables its own backend.
@@ -64,10 +66,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
-    order = _AUTO_ORDER.get(device.type, ("torch",))
-    # Under the Triton interpreter CPU tensors can run Triton kernels, but the
-    # interpreter is a debugging tool: auto never picks it for CPU tensors.
-    return order
+    # The Triton interpreter can run CPU tensors, but it is a debugging tool:
+    # auto never picks triton for CPU tensors.
+    return _AUTO_ORDER.get(device.type, ("torch",))
 
 
 def resolve(backend: str, device: torch.device) -> ModuleType:
