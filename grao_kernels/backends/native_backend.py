@@ -1,0 +1,195 @@
+"""Native CPU backend: the C++ kernels in ``csrc/``, compiled on first use.
+
+Launcher only: it compiles and loads the extension (``torch.utils.cpp_extension.load``,
+cached per source hash), registers fake implementations of the
+``grao_native::`` ops so ``torch.compile`` traces through them, picks the
+block sizes and calls the ops. The kernels, their schedule and the FLOP/byte
+floor are described in ``csrc/linear_logprobs_cpu.h``.
+
+Nothing is compiled at import: the first ``unavailable_reason(cpu)`` builds
+(about a minute) or loads the cached library. Where the build goes:
+``$GRAO_KERNELS_BUILD_DIR``, else ``$XDG_CACHE_HOME/grao_kernels``, else
+``~/.cache/grao_kernels``; one sub-directory per source/flags/torch hash.
+Concurrent first uses in several processes are serialised by the lock file
+``cpp_extension`` keeps in that directory. Needs a C++ compiler (``$CXX`` or
+``c++``) and the ``ninja`` pip package; without them the backend reports
+itself unavailable and ``backend="auto"`` uses the torch backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_SOURCES = ("grao_cpu.cpp",)
+_HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
+
+# Working memory of the one-sweep gradient: one (rows x V) float32 block of
+# exponentials. 64 MiB gives 256-row blocks at V = 65536.
+_budget = int(float(os.environ.get("GRAO_KERNELS_NATIVE_BUDGET_MB", 64)) * 2**20)
+_MIN_ROWS, _MAX_ROWS = 64, 1024
+# Vocabulary entries per tile; a 256 x 512 float32 tile (512 KiB) fits a 1 MiB L2.
+_TILE_VOCAB = int(os.environ.get("GRAO_KERNELS_NATIVE_TILE_VOCAB", 512))
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" on success, "reason" on failure
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # Only on CPUs that have them: the cache may be shared by several machines,
+    # and the capability is part of the cache key.
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _build_name(flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES + _HEADERS:
+        h.update((_CSRC / name).read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    return f"grao_native_{h.hexdigest()[:12]}"
+
+
+def build_dir() -> Path:
+    """The directory holding the compiled extensions."""
+    root = os.environ.get("GRAO_KERNELS_BUILD_DIR")
+    if root:
+        return Path(root)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "grao_kernels"
+
+
+def _summarise(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    picked = errors[:3] or lines[:3]
+    return "; ".join(picked)[:600]
+
+
+def _load() -> None:
+    from torch.utils import cpp_extension
+
+    for name in _SOURCES + _HEADERS:
+        if not (_CSRC / name).is_file():
+            raise RuntimeError(f"its sources are missing ({_CSRC / name}); install from a source checkout")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("the 'ninja' build tool is missing (pip install ninja)")
+    flags = _flags()
+    name = _build_name(flags)
+    directory = build_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{name}.so").exists():
+        print(
+            f"grao_kernels: compiling the native CPU backend into {directory} (first use, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(_CSRC / s) for s in _SOURCES],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(_CSRC)],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+        raise RuntimeError(f"building it in {directory} failed: {_summarise(exc)}") from exc
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("grao_native::linear_logprobs_forward")
+    def _(hidden, weight, bias, targets, temperature, ignore_index, block_rows, tile_vocab):
+        n = hidden.shape[0]
+        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+    @torch.library.register_fake("grao_native::linear_logprobs_grad")
+    def _(hidden, weight, bias, targets, coef, temperature, ignore_index, lse, block_rows, tile_vocab):
+        f32 = torch.float32
+        db = weight.new_empty(weight.shape[0] if bias is not None else 0, dtype=f32)
+        return (
+            hidden.new_empty(hidden.shape[0], dtype=f32),
+            hidden.new_empty(hidden.shape, dtype=f32),
+            weight.new_empty(weight.shape, dtype=f32),
+            db,
+        )
+
+
+def _ensure_loaded() -> str | None:
+    with _lock:
+        if not _state:
+            try:
+                _load()
+                _state["ops"] = torch.ops.grao_native
+            except Exception as exc:
+                _state["reason"] = str(exc)
+        return _state.get("reason")
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    if torch.device(device).type != "cpu":
+        return f"it runs on CPU tensors only, not {torch.device(device).type}"
+    return _ensure_loaded()
+
+
+def ops():
+    """``torch.ops.grao_native`` after loading the extension (raises when it cannot be built)."""
+    reason = _ensure_loaded()
+    if reason is not None:
+        raise RuntimeError(f"grao_kernels native backend unavailable: {reason}")
+    return _state["ops"]
+
+
+def set_memory_budget(nbytes: int) -> None:
+    """Bound the (rows x V) float32 working buffer of the one-sweep gradient, in bytes (default 64 MiB)."""
+    global _budget
+    if int(nbytes) < 2**20:
+        raise ValueError(f"memory budget must be at least 1 MiB, got {nbytes} bytes")
+    _budget = int(nbytes)
+
+
+def plan_blocks(V: int, lse_known: bool) -> tuple[int, int]:
+    """(rows per block, vocabulary entries per tile) for the kernels.
+
+    With a known lse (and for the forward) only one tile per thread is live,
+    so blocks are as large as helps: dw is streamed once per block. The
+    one-sweep gradient holds a whole block of exponentials, rows x V float32,
+    within the budget; below 64 rows the GEMMs starve, so the budget yields.
+    """
+    if lse_known:
+        return _MAX_ROWS // 2, _TILE_VOCAB
+    rows = _budget // (4 * max(V, 1))
+    rows = max(_MIN_ROWS, min(_MAX_ROWS, rows // 16 * 16))
+    return int(rows), _TILE_VOCAB
+
+
+def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index):
+    rows, tile = plan_blocks(weight.shape[0], lse_known=True)
+    return tuple(
+        ops().linear_logprobs_forward(hidden, weight, bias, targets, float(temperature), int(ignore_index), rows, tile)
+    )
+
+
+def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
+    rows, tile = plan_blocks(weight.shape[0], lse_known=lse is not None)
+    logp, dh, dw, db = ops().linear_logprobs_grad(
+        hidden, weight, bias, targets, coef, float(temperature), int(ignore_index), lse, rows, tile
+    )
+    return logp, dh, dw, (db if bias is not None else None)
