@@ -1,0 +1,75 @@
+"""The run's PNG plot: rewards, and each GRAO objective term's share, over the training steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TERMS = ("exploration", "imitation", "alignment")
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of a metrics.jsonl."""
+    train, evals = [], []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            (evals if "eval/reward" in rec else train).append(rec)
+    return train, evals
+
+
+def term_shares(train: list[dict]) -> dict[str, list[float]]:
+    """|term| / (|exploration| + |imitation| + |alignment|) per step."""
+    shares = {t: [] for t in TERMS}
+    for rec in train:
+        mags = [abs(rec[f"objective/{t}"]) for t in TERMS]
+        total = sum(mags) or 1.0
+        for t, m in zip(TERMS, mags):
+            shares[t].append(m / total)
+    return shares
+
+
+def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(metrics_path)
+    if not train and not evals:
+        return None
+    window = max(1, len(train) // 25)
+    steps = [r["step"] for r in train]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    if train:
+        ax1.plot(steps, _smooth([r["reward/samples"] for r in train], window), label="reward/samples (train)")
+        ax1.plot(steps, _smooth([r["reward/reference"] for r in train], window), label="reward/reference", ls="--")
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="eval/reward (held out)")
+    ax1.set_ylabel("reward")
+    ax1.set_title(f"GRAO training (moving average over {window} steps)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(loc="best")
+    if train:
+        for term, values in term_shares(train).items():
+            ax2.plot(steps, _smooth(values, window), label=term)
+    ax2.set_ylabel("share of |objective|")
+    ax2.set_xlabel("step")
+    ax2.set_ylim(0, 1)
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="best")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
