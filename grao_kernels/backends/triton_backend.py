@@ -1,0 +1,372 @@
+"""Triton backend: fused kernels for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``).
+
+Launcher layer: input checks, allocation, grids and config selection. The
+``@triton.jit`` kernels live in ``grao_kernels.triton_kernels`` (one file per
+kernel) and are imported on first use, because ``triton.jit`` decides when a
+kernel is decorated whether it compiles or runs under the interpreter.
+
+Equivalent eager code of the two sweeps (what is never allocated)::
+
+    z = (hidden.float() @ weight.float().T + bias) / temperature     # (N, V)
+    logp, lse = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0], z.logsumexp(-1)
+    dz = coef[:, None] * (onehot(targets) - z.softmax(-1)) / temperature
+    dhidden, dweight, dbias = dz @ weight, dz.T @ hidden, dz.sum(0)
+
+Launches per call, whatever N, V, P and G are: ``linear_logprobs_forward``
+one sweep kernel plus a few (N,)-sized PyTorch ops (row compaction, split
+combine); ``linear_logprobs_grad`` one gradient kernel, after the forward
+sweep only when no saved lse is given. Ignored rows are compacted away on the
+device (a stable sort of the ignore mask), so no call synchronises with the
+host. ``grao_loss`` adds one launch for each of its three small steps.
+
+Config selection, first match wins: :func:`pin_config`, the environment
+variable ``GRAO_KERNELS_TRITON_CONFIG`` (e.g. ``"BLOCK_N=64,BLOCK_V=128,
+BLOCK_H=64,num_warps=4,num_stages=3"``, applied to both sweeps), the small
+interpreter config under ``TRITON_INTERPRET=1``, else Triton's autotuner over
+the configs next to each kernel, keyed on (V, H).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton  # noqa: F401  (an ImportError here disables only this backend)
+
+# Blocks at the minimum tl.dot size: every kernel path is exercised at tiny
+# shapes and the interpreter stays fast.
+INTERPRETER_CONFIGS = {
+    "forward": {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16},
+    "backward": {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2},
+}
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+
+# The forward splits the vocabulary into pieces of a multiple of this many
+# entries when there are too few row blocks to fill the GPU.
+_SPLIT_UNIT = 512
+
+_pinned: dict[str, dict] = {}
+_autotuned: dict[str, object] = {}
+_filter = os.environ.get("GRAO_KERNELS_TRITON_FILTER", "0") == "1"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "PyTorch sees no CUDA device"
+    if device.type == "cpu":
+        if _interpreting():
+            return None
+        return (
+            "its kernels need CUDA tensors (CPU tensors run only under the Triton interpreter, "
+            "enabled by setting TRITON_INTERPRET=1 before triton is imported)"
+        )
+    return f"its kernels run on CUDA tensors, not {device.type}"
+
+
+# ----------------------------------------------------------------------------
+# configuration
+
+
+def pin_config(kernel: str, config: dict | None) -> None:
+    """Launch ``kernel`` ("forward" or "backward") with ``config`` instead of autotuning.
+
+    ``config`` maps the kernel's block sizes (``BLOCK_N``, ``BLOCK_V``,
+    ``BLOCK_H``; ``GROUP_N`` for the backward) and optionally ``num_warps`` /
+    ``num_stages`` to values; ``None`` unpins. Tests pin one config so that
+    they do not depend on the autotuner's choice.
+    """
+    if kernel not in INTERPRETER_CONFIGS:
+        raise ValueError(f"kernel must be one of {list(INTERPRETER_CONFIGS)}, got {kernel!r}")
+    if config is None:
+        _pinned.pop(kernel, None)
+        return
+    config = dict(config)
+    required = set(INTERPRETER_CONFIGS[kernel]) - {"GROUP_N"}
+    missing = required - set(config)
+    if missing:
+        raise ValueError(f"config for {kernel!r} lacks {sorted(missing)}")
+    for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
+        v = config[key]
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"{key} must be a power of two >= 16 (tl.dot's minimum), got {v!r}")
+    if kernel == "backward":
+        config.setdefault("GROUP_N", 8)
+    _pinned[kernel] = config
+
+
+def set_gradient_filter(enabled: bool) -> None:
+    """Skip gradient tiles whose softmax is below the input dtype's resolution (off by default).
+
+    Off unless ``GRAO_KERNELS_TRITON_FILTER=1``. The skipped terms are each
+    below ``finfo(dtype).eps / 32`` times the coefficient; a flat softmax over
+    a large vocabulary has many of them, so turn this on only for peaked
+    distributions (trained models), as Cut Cross-Entropy does. Never applied
+    to float32 inputs.
+    """
+    global _filter
+    _filter = bool(enabled)
+
+
+def _env_config(kernel: str) -> dict | None:
+    spec = os.environ.get("GRAO_KERNELS_TRITON_CONFIG")
+    if not spec:
+        return None
+    try:
+        cfg = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
+    except ValueError as exc:
+        raise ValueError(
+            f"GRAO_KERNELS_TRITON_CONFIG must look like 'BLOCK_N=64,BLOCK_V=128,...', got {spec!r}"
+        ) from exc
+    if kernel == "backward":
+        cfg.setdefault("GROUP_N", 8)
+    else:
+        cfg.pop("GROUP_N", None)
+    return cfg
+
+
+def _chosen_config(kernel: str) -> dict | None:
+    """The pinned config of ``kernel``, or None to autotune."""
+    cfg = _pinned.get(kernel) or _env_config(kernel)
+    if cfg is None and _interpreting():
+        cfg = INTERPRETER_CONFIGS[kernel]  # the autotuner times on CUDA events
+    return cfg
+
+
+def _launch(kernel: str, jit_fn, configs, grid, args: dict, reset_to_zero=()):
+    cfg = _chosen_config(kernel)
+    if cfg is not None:
+        meta = {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
+        launch = {k: cfg[k] for k in _LAUNCH_KEYS if k in cfg}
+        jit_fn[grid(meta)](**args, **meta, **launch)
+        return
+    if kernel not in _autotuned:
+        # reset_to_zero: the backward accumulates atomically, so every timed
+        # trial must start from zeroed gradients.
+        _autotuned[kernel] = triton.autotune(configs, key=["V", "H"], reset_to_zero=list(reset_to_zero))(jit_fn)
+    _autotuned[kernel][grid](**args)
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+
+def _check_device(*tensors) -> None:
+    dev = tensors[0].device
+    reason = unavailable_reason(dev)
+    if reason is not None:
+        raise ValueError(f"the triton backend cannot run on {dev} tensors: {reason}")
+    for t in tensors[1:]:
+        if t is not None and t.device != dev:
+            raise ValueError(f"all inputs must be on {dev}, got one on {t.device}")
+
+
+def _common_dtype(hidden, weight):
+    """tl.dot needs both operands in one dtype: promote the narrower one."""
+    if hidden.dtype == weight.dtype:
+        return hidden, weight
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def _compact_rows(targets, ignore_index):
+    """Non-ignored row ids first (in order) and their count, both on the device."""
+    ignored = (targets == ignore_index).to(torch.int8)
+    rows = torch.sort(ignored, stable=True).indices.to(torch.int32)
+    n_valid = (1 - ignored).sum(dtype=torch.int32).reshape(1)
+    return rows, n_valid
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _vocab_splits(N: int, V: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, entries per split) so the forward grid fills about two waves."""
+    row_blocks = max(1, math.ceil(N / 128))
+    wanted = math.ceil(2 * _sm_count(device) / row_blocks)
+    n = max(1, min(wanted, math.ceil(V / _SPLIT_UNIT)))
+    per = math.ceil(math.ceil(V / n) / _SPLIT_UNIT) * _SPLIT_UNIT
+    return math.ceil(V / per), per
+
+
+def _dot_precision(dtype) -> str:
+    # float32 inputs would otherwise go through TF32 tensor cores (10-bit
+    # mantissa) and miss the float32 tolerances; the option is ignored for
+    # bf16/fp16.
+    return "ieee"
+
+
+def _upcast_dot(dtype) -> bool:
+    # The interpreter's tl.dot multiplies bfloat16 blocks as raw integers;
+    # under it the low-precision operands are widened to float32 first (the
+    # products are exact either way, the accumulation is float32 in both).
+    return _interpreting() and dtype != torch.float32
+
+
+# ----------------------------------------------------------------------------
+# backend interface
+
+
+def _forward(hidden, weight, bias, targets, temperature, ignore_index):
+    """(logp, lse, rows, n_valid) for contiguous, dtype-matched inputs."""
+    from ..triton_kernels.lse_forward import CONFIGS, lse_forward_kernel
+
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    rows, n_valid = _compact_rows(targets, ignore_index)
+    n_split, per_split = _vocab_splits(N, V, dev)
+    parts = torch.zeros(3, n_split, N, dtype=torch.float32, device=dev)
+    if N:
+        args = dict(
+            hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias if bias is not None else hidden,
+            targets_ptr=targets, rows_ptr=rows, n_valid_ptr=n_valid,
+            part_max_ptr=parts[0], part_sum_ptr=parts[1], part_tgt_ptr=parts[2],
+            V=V, H=H, v_per_split=per_split, inv_temp=1.0 / temperature,
+            stride_hn=hidden.stride(0), stride_hh=hidden.stride(1),
+            stride_wv=weight.stride(0), stride_wh=weight.stride(1), stride_ps=N,
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
+        )  # fmt: skip
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]), n_split)
+
+        _launch("forward", lse_forward_kernel, CONFIGS, grid, args)
+    part_max, part_sum, part_tgt = parts
+    valid = targets != ignore_index
+    m = part_max.amax(0)
+    lse = m + torch.log((part_sum * torch.exp(part_max - m)).sum(0))
+    lse = torch.where(valid, lse, 0.0)
+    logp = torch.where(valid, part_tgt.sum(0) - lse, 0.0)
+    return logp, lse, rows, n_valid
+
+
+def _prepare(hidden, weight, bias, targets):
+    _check_device(hidden, weight, bias, targets)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    hidden, weight = _common_dtype(hidden.contiguous(), weight.contiguous())
+    bias = None if bias is None else bias.contiguous()
+    return hidden, weight, bias, targets.reshape(-1).to(torch.int64).contiguous()
+
+
+def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index):
+    hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
+    logp, lse, _, _ = _forward(hidden, weight, bias, targets, float(temperature), int(ignore_index))
+    return logp, lse
+
+
+def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
+    """Log-probs and the fp32 gradients of ``sum_t coef[t] * logp[t]`` (see the kernel files)."""
+    from ..triton_kernels.logprob_backward import CONFIGS, logprob_backward_kernel
+
+    hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
+    temperature, ignore_index = float(temperature), int(ignore_index)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    if lse is None:
+        _, lse, rows, n_valid = _forward(hidden, weight, bias, targets, temperature, ignore_index)
+    else:
+        # The saved lse spares the forward sweep (a logits-sized matmul);
+        # the gradient kernel writes logp itself.
+        lse = lse.float().contiguous()
+        rows, n_valid = _compact_rows(targets, ignore_index)
+    coef = coef.reshape(-1).float().contiguous()
+    logp = torch.zeros(N, dtype=torch.float32, device=dev)
+
+    dh = torch.zeros(N, H, dtype=torch.float32, device=dev)
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev)
+    db = None if bias is None else torch.zeros(V, dtype=torch.float32, device=dev)
+    filter_eps = -1.0
+    if _filter and hidden.dtype != torch.float32:
+        filter_eps = torch.finfo(hidden.dtype).eps / 32
+    if N:
+        args = dict(
+            hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias if bias is not None else hidden,
+            targets_ptr=targets, rows_ptr=rows, n_valid_ptr=n_valid, coef_ptr=coef, lse_ptr=lse, logp_ptr=logp,
+            dhidden_ptr=dh, dweight_ptr=dw, dbias_ptr=db if db is not None else dh,
+            N=N, V=V, H=H, inv_temp=1.0 / temperature, filter_eps=filter_eps,
+            stride_hn=hidden.stride(0), stride_hh=hidden.stride(1),
+            stride_wv=weight.stride(0), stride_wh=weight.stride(1),
+            stride_dhn=dh.stride(0), stride_dhh=dh.stride(1), stride_dwv=dw.stride(0), stride_dwh=dw.stride(1),
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
+        )  # fmt: skip
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+
+        # dbias_ptr aliases dhidden without a bias: resetting it twice is harmless.
+        reset = ["dhidden_ptr", "dweight_ptr", "dbias_ptr"]
+        _launch("backward", logprob_backward_kernel, CONFIGS, grid, args, reset_to_zero=reset)
+    return logp, dh, dw, db
+
+
+# ----------------------------------------------------------------------------
+# grao_loss hooks: one launch each, no host synchronisation
+
+
+def _block(n: int, lo: int = 16, hi: int = 1024) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def group_advantages(rewards, eps):
+    """Same as ``grao_kernels.api.group_advantages`` (float32; float64 for float64 rewards)."""
+    from ..triton_kernels.group_ops import group_advantages_kernel
+
+    eps = float(eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_device(rewards)
+    P, K = rewards.shape
+    is_fp64 = rewards.dtype == torch.float64
+    adv = torch.empty(P, K, dtype=torch.float64 if is_fp64 else torch.float32, device=rewards.device)
+    if P:
+        block_k = triton.next_power_of_2(K)
+        block_p = max(1, min(64, 4096 // block_k))
+        group_advantages_kernel[(triton.cdiv(P, block_p),)](
+            rewards, adv, P, K, eps, rewards.stride(0), rewards.stride(1), adv.stride(0),
+            IS_FP64=is_fp64, BLOCK_P=block_p, BLOCK_K=block_k,
+        )  # fmt: skip
+    return adv
+
+
+def token_coefficients(adv, targets, ignore_index, beta, lam):
+    """Same as ``grao_kernels.api.token_coefficients``: flat float32 ``coef`` and ``n`` (S,)."""
+    from ..triton_kernels.group_ops import token_coefficients_kernel
+
+    _check_device(adv, targets)
+    adv = adv.float()
+    P, K = adv.shape
+    S, T = targets.shape
+    coef = torch.empty(S * T, dtype=torch.float32, device=adv.device)
+    n = torch.empty(S, dtype=torch.float32, device=adv.device)
+    if S:
+        token_coefficients_kernel[(S,)](
+            adv, targets, coef, n, P, T, K - 1, int(ignore_index), float(beta), float(lam),
+            adv.stride(0), adv.stride(1), targets.stride(0), targets.stride(1),
+            BLOCK_T=_block(T), BLOCK_G=_block(K - 1, lo=2, hi=2**16),
+        )  # fmt: skip
+    return coef, n
+
+
+def sequence_logp(logp, n):
+    """Same as ``grao_kernels.api.sequence_logp``: (S, T) log-probs -> (S,) means over ``n`` tokens."""
+    from ..triton_kernels.group_ops import sequence_logp_kernel
+
+    _check_device(logp, n)
+    S, T = logp.shape
+    out = torch.empty(S, dtype=torch.float32, device=logp.device)
+    if S:
+        sequence_logp_kernel[(S,)](logp, n, out, T, logp.stride(0), logp.stride(1), BLOCK_T=_block(T))
+    return out

@@ -1,0 +1,154 @@
+"""Gradient sweep: dhidden, dweight and dbias of ``sum_t coef[t] * logp[t]``.
+
+Equivalent eager code for one (row block, vocabulary tile) program::
+
+    z  = (hidden[rows].float() @ weight[vt].float().T + bias[vt]) * inv_temp
+    p  = (z - lse[rows, None]).exp()                      # softmax from the saved lse
+    dz = coef[rows, None] * inv_temp * (onehot(targets[rows])[:, vt] - p)
+    dhidden[rows] += dz @ weight[vt]                      # fp32 atomics
+    dweight[vt]   += dz.T @ hidden[rows]                  # fp32 atomics
+    dbias[vt]     += dz.sum(0)
+    logp[r]        = z[r, targets[r] - vt.start] - lse[r]    # for the tile holding targets[r]
+
+since d logp_t / d z_t = onehot(target_t) - softmax(z_t) and z = (h W^T + b) / T.
+
+Why atomics: every (row block, vocab tile) pair is an independent program, so
+the grid has N/BLOCK_N * V/BLOCK_V programs and fills the GPU whatever N is,
+and no (N, V) buffer is ever written. The alternatives each lose something:
+holding a row block's dhidden (BLOCK_N x H fp32) or a tile's dweight
+(BLOCK_V x H fp32) in registers across the sweep does not fit for H in the
+thousands, splitting H instead recomputes the logits H/BLOCK_H times, and
+materialising dz in chunks for cuBLAS costs (chunk x V) memory. The price is
+fp32 atomic traffic into L2 of about |dhidden| * V/BLOCK_V + |dweight| * N/BLOCK_N;
+the grouped program order below keeps the tiles those atomics hit hot in L2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Same shapes as the forward; the backward holds dz plus one dot result per
+# H step, so the 128x256 tile needs 8 warps and fewer stages.
+CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
+]
+
+
+@triton.jit
+def logprob_backward_kernel(
+    hidden_ptr,  # (N, H) input dtype
+    weight_ptr,  # (V, H) same dtype as hidden
+    bias_ptr,  # (V,), unused without HAS_BIAS
+    targets_ptr,  # (N,) int64
+    rows_ptr,  # (N,) int32: non-ignored rows first
+    n_valid_ptr,  # (1,) int32
+    coef_ptr,  # (N,) float32
+    lse_ptr,  # (N,) float32
+    logp_ptr,  # (N,) float32 out, zero-initialised: written by the tile holding the target
+    dhidden_ptr,  # (N, H) float32, zero-initialised, accumulated atomically
+    dweight_ptr,  # (V, H) float32, zero-initialised, accumulated atomically
+    dbias_ptr,  # (V,) float32, zero-initialised
+    N,
+    V,
+    H,
+    inv_temp,
+    filter_eps,  # skip a tile whose softmax stays below this (< 0: never skip)
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    stride_dhn,
+    stride_dhh,
+    stride_dwv,
+    stride_dwh,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bfloat16
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    # Grouped order (Triton tutorial 03, "L2 cache optimizations"): GROUP_N
+    # consecutive programs share one vocabulary tile and walk GROUP_N row
+    # blocks, so the weight tile and the dweight tile they accumulate into
+    # stay in L2 while those programs run.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    n_valid = tl.load(n_valid_ptr)
+    start = pid_n * BLOCK_N
+    if start < n_valid:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        row_mask = offs_n < n_valid
+        rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+        tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+        c = tl.load(coef_ptr + rows, mask=row_mask, other=0.0) * inv_temp
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = offs_v < V
+        offs_v64 = offs_v.to(tl.int64)
+        h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
+        wt_ptrs = weight_ptr + offs_v64[None, :] * stride_wv + offs_h[:, None] * stride_wh  # (BLOCK_H, BLOCK_V)
+
+        # Recompute the logits tile (cheaper than storing N x V of them).
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h_mask = offs_h < H - h0
+            a = tl.load(h_ptrs + h0 * stride_hh, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+            b = tl.load(wt_ptrs + h0 * stride_wh, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
+            if UPCAST_DOT:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        live = row_mask[:, None] & col_mask[None, :]
+        p = tl.where(live, tl.exp(acc * inv_temp - lse[:, None]), 0.0)
+        onehot = (offs_v[None, :] == tgt[:, None]) & live
+        dz = c[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+        # The log-prob comes free from the tile holding the target, so a
+        # backward given the saved lse needs no forward sweep.
+        zt = tl.sum(tl.where(onehot, acc * inv_temp, 0.0), 1)
+        has_target = tl.max(onehot.to(tl.int32), 1) > 0
+        tl.store(logp_ptr + rows, zt - lse, mask=has_target)
+
+        # Gradient filtering (Wijmans et al. 2024, "Cut Your Losses in
+        # Large-Vocabulary Language Models", Sec. 4.3): a tile holding no
+        # target whose probabilities all stay below filter_eps contributes
+        # less than the input dtype resolves next to the target's gradient.
+        keep = tl.max(tl.max(tl.where(onehot, 1.0, p), 1), 0) >= filter_eps
+        if keep:
+            if HAS_BIAS:
+                tl.atomic_add(dbias_ptr + offs_v, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
+            # Tensor cores take dz in the input dtype, as PyTorch's own
+            # low-precision backward rounds its logits gradient.
+            dz_in = dz.to(hidden_ptr.dtype.element_ty)
+            if UPCAST_DOT:
+                dz_in = dz_in.to(tl.float32)
+            w_ptrs = weight_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :] * stride_wh  # (BLOCK_V, BLOCK_H)
+            dh_ptrs = dhidden_ptr + rows[:, None] * stride_dhn + offs_h[None, :] * stride_dhh
+            dw_ptrs = dweight_ptr + offs_v64[:, None] * stride_dwv + offs_h[None, :] * stride_dwh
+            for h0 in range(0, H, BLOCK_H):
+                h_mask = offs_h < H - h0
+                w = tl.load(w_ptrs + h0 * stride_wh, mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+                if UPCAST_DOT:
+                    w = w.to(tl.float32)
+                dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
+                tl.atomic_add(dh_ptrs + h0 * stride_dhh, dh, mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
+                a = tl.load(h_ptrs + h0 * stride_hh, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                if UPCAST_DOT:
+                    a = a.to(tl.float32)
+                dw = tl.dot(tl.trans(dz_in), a, input_precision=DOT_PRECISION)
+                tl.atomic_add(dw_ptrs + h0 * stride_dwh, dw, mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
