@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix grao_kernels grao tests benchmarks
 
 demo: $(STAMP)
-	$(BIN)/python -m grao_kernels.demo
+	$(BIN)/grao train --output-dir runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

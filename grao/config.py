@@ -33,7 +33,7 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
     # the GRAO step
-    steps: int = 300
+    steps: int = 200
     prompts_per_step: int = 16  # P
     group_size: int = 8  # G completions per prompt
     temperature: float = 0.7
@@ -60,7 +60,7 @@ class TrainConfig:
         0  # torch CPU threads; 0 = 1 for tiny-moe on CPU (tiny matmuls only lose to thread sync), else torch's default
     )
     # evaluation, checkpoints, logging
-    eval_every: int = 50
+    eval_every: int = 25
     eval_batch_size: int = 64
     eval_greedy: bool = True
     save_every: int = 100
