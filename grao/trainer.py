@@ -237,7 +237,17 @@ class Trainer:
     # ------------------------------------------------------------------ the update
 
     def update(self, rollout: Rollout) -> dict:
-        """One optimizer step on the rollout, accumulating gradients over micro-batches of whole prompt groups.
+        """One optimizer step on the rollout: :meth:`accumulate_gradients`, clipping, AdamW, schedule."""
+        stats = self.accumulate_gradients(rollout)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        stats.update({"grad_norm": float(grad_norm), "lr": lr})
+        return stats
+
+    def accumulate_gradients(self, rollout: Rollout) -> dict:
+        """Gradients of the step's loss (into ``.grad``), over micro-batches of whole prompt groups.
 
         ``grao_loss`` averages over the prompts it is given, so a micro-batch of
         m of the P groups is weighted m / P: the accumulated gradient equals the
@@ -287,15 +297,11 @@ class Trainer:
                 aux_total += float(aux.detach()) * frac
                 load_total = load * frac if load_total is None else load_total + load * frac
             loss.backward()
-            stats["loss"] += float(loss)
+            stats["loss"] += float(loss.detach())
             stats["objective/exploration"] += float(res.exploration) * frac
             stats["objective/imitation"] += float(res.imitation) * frac
             stats["objective/alignment"] += float(res.alignment) * frac
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        stats.update({"moe/aux_loss": aux_total, "grad_norm": float(grad_norm), "lr": lr, "train_tokens": n_tokens})
+        stats.update({"moe/aux_loss": aux_total, "train_tokens": n_tokens})
         if load_total is not None:
             stats["moe/expert_load"] = [round(float(x), 4) for x in load_total]
         return stats

@@ -1,0 +1,309 @@
+"""The grao trainer on the built-in tiny MoE (CPU, seconds per test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from grao import cli, config, evaluate, models  # noqa: E402
+from grao.config import ConfigError, TrainConfig  # noqa: E402
+from grao.data import DataError, Example, load_jsonl, parse_record  # noqa: E402
+from grao.trainer import TIME_KEYS, Trainer, latest_checkpoint  # noqa: E402
+
+TRAIN_KEYS = (
+    "reward/samples",
+    "reward/reference",
+    "loss",
+    "objective/exploration",
+    "objective/imitation",
+    "objective/alignment",
+    "moe/aux_loss",
+    "tokens_per_s",
+    "time/generate",
+    "time/train",
+)
+
+
+def small(tmp_path, **kw) -> TrainConfig:
+    """A few seconds of the demo: 2 prompts x 3 samples, tiny data, no progress bar."""
+    base = dict(
+        steps=2,
+        prompts_per_step=2,
+        group_size=3,
+        max_new_tokens=4,
+        demo_train_size=32,
+        eval_size=4,
+        eval_every=1,
+        save_every=1,
+        warmup_steps=1,
+        lr=1e-2,
+        progress=False,
+        plot=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_step_run_of_the_tiny_moe(tmp_path):
+    cfg = small(tmp_path, plot=True)
+    trainer = Trainer(cfg)
+    assert models.moe_info(trainer.model) == (4, 2)
+    assert trainer.train() is True
+    run = tmp_path / "run"
+    lines = read_lines(run)
+    train = [ln for ln in lines if "loss" in ln]
+    evals = [ln for ln in lines if "eval/reward" in ln]
+    assert [ln["step"] for ln in train] == [1, 2]
+    assert [ln["step"] for ln in evals] == [0, 1, 2]
+    for ln in train:
+        assert set(TRAIN_KEYS) <= set(ln)
+        assert all(torch.isfinite(torch.tensor(float(ln[k]))) for k in TRAIN_KEYS)
+        assert ln["moe/aux_loss"] > 0 and len(ln["moe/expert_load"]) == 4
+        assert ln["reward/reference"] == 1.0
+        # loss = -(sum of the three terms) + aux
+        terms = ln["objective/exploration"] + ln["objective/imitation"] + ln["objective/alignment"]
+        assert ln["loss"] == pytest.approx(-terms + 0.01 * ln["moe/aux_loss"], rel=1e-4, abs=1e-5)
+    for ln in evals:
+        assert {"eval/reward", "eval/ras", "eval/nag"} <= set(ln)
+    assert (run / "plot.png").stat().st_size > 0
+    assert config.load(run / "config.yaml") == cfg
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "step-000002"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and {"optimizer", "scheduler", "rng"} <= set(state)
+    assert (run / "initial" / "config.json").is_file()
+
+
+def test_lm_head_is_never_called_for_the_loss(tmp_path):
+    trainer = Trainer(small(tmp_path))
+    head = trainer.model.get_output_embeddings()
+    real_forward = head.forward
+
+    def forward(x):
+        # generate() needs next-token logits (under no_grad); the training forward must never build them
+        if torch.is_grad_enabled():
+            raise AssertionError(f"lm_head called in the training step on {tuple(x.shape)}")
+        return real_forward(x)
+
+    head.forward = forward
+    before = head.weight.detach().clone()
+    metrics = trainer.train_step(1)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert not torch.equal(before, head.weight.detach())  # the head still trained, through grao_loss
+
+    rollout = trainer.rollout(trainer.prompts_for_step(2), 2)
+
+    def never(x):
+        raise AssertionError("lm_head called")
+
+    head.forward = never
+    trainer.update(rollout)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_micro_batches_accumulate_to_the_one_batch_gradient(tmp_path):
+    # The load-balancing loss is per micro-batch (not additive over batches), so it is off here.
+    cfg = small(tmp_path, prompts_per_step=4, group_size=3, router_aux_loss_coef=0.0)
+    trainer = Trainer(cfg)
+    rollout = trainer.rollout(trainer.prompts_for_step(1), 1)
+    assert len({len(c) for g in rollout.completion_ids for c in g}) > 1  # padding differs between micro-batches
+    whole = trainer.accumulate_gradients(rollout)
+    g_whole = _grads(trainer.model)
+    for mb in (1, 3):
+        trainer.cfg.micro_batch_prompts = mb
+        split = trainer.accumulate_gradients(rollout)
+        g_split = _grads(trainer.model)
+        assert g_split.keys() == g_whole.keys()
+        for name, g in g_whole.items():
+            torch.testing.assert_close(g_split[name], g, rtol=1e-4, atol=1e-6, msg=f"{name}, micro-batch {mb}")
+        for key in ("loss", "objective/exploration", "objective/imitation", "objective/alignment"):
+            assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    kw = dict(steps=4, save_every=2, eval_every=2)
+    full = Trainer(small(tmp_path / "a", **kw))
+    assert full.train() is True
+
+    def ctrl_c(trainer, step, metrics):  # a real SIGINT after step 3: the handler finishes the step and saves
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = small(tmp_path / "b", **kw)
+    first = Trainer(cfg, callbacks=[ctrl_c])
+    assert first.train() is False
+    assert latest_checkpoint(tmp_path / "b" / "run").name == "step-000003"
+    (tmp_path / "b" / "run" / "checkpoints" / "step-000003").rename(tmp_path / "b" / "run" / "checkpoints" / "x")
+    # resume from step 2, as if the process died during step 3 (its logged lines are dropped)
+    second = Trainer(cfg, resume=True)
+    assert second.step == 2
+    assert second.train() is True
+
+    def strip(lines):
+        return [{k: v for k, v in ln.items() if k not in TIME_KEYS} for ln in lines]
+
+    a, b = strip(read_lines(tmp_path / "a" / "run")), strip(read_lines(tmp_path / "b" / "run"))
+    assert [ln["step"] for ln in a] == [ln["step"] for ln in b]
+    for la, lb in zip(a, b):
+        assert la.keys() == lb.keys()
+        for k in la:
+            assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), (la["step"], k)
+    for (n, pa), pb in zip(full.model.named_parameters(), second.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_hh_rlhf_lines_are_split_at_the_last_assistant_turn(tmp_path):
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: It is 4."
+    ex = parse_record({"chosen": chosen, "rejected": chosen[:-5] + "5."})
+    assert ex == Example("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:", " It is 4.")
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps({"chosen": chosen, "rejected": "x"}) + "\n\n" + json.dumps({"prompt": "p", "reference": "r"}) + "\n"
+    )
+    assert load_jsonl(path) == [ex, Example("p", "r")]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "p", "reference": ', ":2: invalid JSON"),
+        ('{"question": "q", "answer": "a"}', ":2: expected keys 'prompt' and 'reference'"),
+        ('{"chosen": "no assistant turn", "rejected": ""}', ":2: 'chosen' has no"),
+        ('{"prompt": 1, "reference": "r"}', ":2: 'prompt' and 'reference' must be strings"),
+        ("[1, 2]", ":2: expected a JSON object"),
+    ],
+)
+def test_bad_data_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "p", "reference": "r"}\n' + line + "\n")
+    with pytest.raises(DataError, match="bad.jsonl" + message.replace("(", r"\(")):
+        load_jsonl(path)
+
+
+def test_ras_and_nag_on_a_hand_computed_example():
+    model = [0.9, 0.5, 0.2, 1.0]
+    reference = [0.8, 0.5, 0.4, 0.1]  # wins on prompts 0 and 3; the tie on 1 is not a win
+    baseline = [0.1, 0.6, 0.2, 0.3]  # trained beats baseline on 0 and 3; loses on 1; ties on 2
+    assert evaluate.ras(model, reference) == 0.5
+    assert evaluate.nag(model, baseline) == 0.5
+    res = evaluate.EvalResult(["a"] * 4, model, reference)
+    assert res.mean_reward == pytest.approx(0.65) and res.ras == 0.5
+
+
+def test_eval_cli_reports_reward_ras_and_nag(tmp_path, capsys):
+    Trainer(small(tmp_path)).train()
+    assert cli.main(["eval", "--run", str(tmp_path / "run")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prompts"] == 4 and {"eval/reward", "eval/ras", "eval/nag", "baseline/reward"} <= set(out)
+
+
+@pytest.mark.parametrize(
+    "text, suffix, message",
+    [
+        ("stpes: 3\n", ".yaml", "unknown config key 'stpes'.*did you mean 'steps'"),
+        ("steps: three\n", ".yaml", "'steps'.*must be an integer, got 'three'"),
+        ("steps: 0\n", ".yaml", "'steps' must be >= 1"),
+        ("lr_schedule: cosin\n", ".yaml", "'lr_schedule' must be one of"),
+        ("steps: [1\n", ".yaml", "invalid YAML"),
+        ("- 1\n- 2\n", ".yaml", "top level must be a mapping"),
+        ("steps = \n", ".toml", "invalid TOML"),
+        ("steps: 1\n", ".json", "must end in .yaml, .yml or .toml"),
+    ],
+)
+def test_bad_config_gives_a_clear_error(tmp_path, text, suffix, message):
+    path = tmp_path / ("cfg" + suffix)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load(path)
+
+
+def test_config_file_then_flags(tmp_path, capsys):
+    path = tmp_path / "cfg.toml"
+    path.write_text("steps = 7\nlr = 0.5\nmodel_overrides = {num_hidden_layers = 1}\n")
+    cfg = config.load(path, {"lr": "0.25", "eval_greedy": "false"})
+    assert (cfg.steps, cfg.lr, cfg.eval_greedy, cfg.model_overrides) == (7, 0.25, False, {"num_hidden_layers": 1})
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "--steps", "-1", "--output-dir", str(tmp_path / "r")]) == 2
+    assert "'steps' must be >= 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert cli.main(["train", "--data", str(bad), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_jsonl_data_with_edit_reward_trains(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{w}=", "reference": w[::-1]}) + "\n"
+            for w in ("abc", "bca", "cab", "acb", "bac", "cba")
+        )
+    )
+    cfg = small(tmp_path, data=str(path), steps=1, eval_size=2)
+    trainer = Trainer(cfg)
+    assert len(trainer.train_examples) == 4 and len(trainer.eval_examples) == 2
+    assert trainer.train()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    plain = Trainer(small(tmp_path / "a"))
+    rollout = plain.rollout(plain.prompts_for_step(1), 1)
+    plain.accumulate_gradients(rollout)
+    ckpt = Trainer(small(tmp_path / "b", gradient_checkpointing=True))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
+    ckpt.accumulate_gradients(rollout)
+    g_plain, g_ckpt = _grads(plain.model), _grads(ckpt.model)
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_ckpt[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cli_resume_continues_the_run(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    flags = [
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--demo-train-size",
+        "16",
+        "--eval-size",
+        "2",
+        "--save-every",
+        "1",
+        "--progress",
+        "false",
+        "--plot",
+        "false",
+        "--output-dir",
+        out,
+    ]
+    assert cli.main(["train", *flags]) == 0
+    assert cli.main(["train", "--output-dir", out, "--resume", "--steps", "3"]) == 0
+    lines = read_lines(tmp_path / "r")
+    assert [ln["step"] for ln in lines if "loss" in ln] == [1, 2, 3]
+    assert config.load(tmp_path / "r" / "config.yaml").prompts_per_step == 2  # the run's own config was kept
+    assert cli.main(["train", "--output-dir", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
