@@ -48,15 +48,17 @@ grao::Problem make_problem(const at::Tensor& hidden, const at::Tensor& weight, c
   TORCH_CHECK(block_rows > 0 && tile_vocab > 0, "grao_native: block_rows and tile_vocab must be > 0, got ",
               block_rows, " and ", tile_vocab);
 
+  // Detached: the kernels run ATen ops on worker threads, where the caller's
+  // autograd exclusion does not apply; no input may look differentiable there.
   grao::Problem p;
-  p.hidden = hidden;
-  p.weight = weight.contiguous();
+  p.hidden = hidden.detach();
+  p.weight = weight.detach().contiguous();
   p.targets = targets.contiguous();
   if (bias.has_value()) {
     check_float("bias", *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, "grao_native: bias must be (V,) = (", V,
                 ",) to match weight ", shape_of(weight), ", got ", shape_of(*bias));
-    p.bias_scaled = bias->to(at::kFloat).mul(1.0 / temperature).contiguous();
+    p.bias_scaled = bias->detach().to(at::kFloat).mul(1.0 / temperature).contiguous();
   }
   const at::Tensor valid = p.targets.ne(ignore_index);
   if (valid.any().item<bool>()) {
@@ -90,10 +92,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_grad(
   grao::Problem p =
       make_problem(hidden, weight, bias, targets, temperature, ignore_index, block_rows, tile_vocab);
   check_vector("coef", coef, hidden.size(0), at::kFloat);
-  p.coef = coef.contiguous();
+  p.coef = coef.detach().contiguous();
   if (lse.has_value()) {
     check_vector("lse", *lse, hidden.size(0), at::kFloat);
-    p.lse_in = lse->contiguous();
+    p.lse_in = lse->detach().contiguous();
   }
   grao::Result r = grao::run(p, lse.has_value() ? grao::Mode::kGradWithLse : grao::Mode::kGrad);
   return {r.logp, r.dh, r.dw, r.db};
