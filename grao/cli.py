@@ -66,11 +66,10 @@ def train(args) -> int:
     from .trainer import Trainer, latest_checkpoint
 
     overrides = {k: v for k, v in vars(args).items() if k in config_mod.FIELDS}
-    base = None
-    out_dir = Path(overrides.get("output_dir", config_mod.TrainConfig.output_dir))
-    if args.resume and (out_dir / "config.yaml").is_file():  # resume with the run's own config unless overridden
-        base = config_mod.load(out_dir / "config.yaml")
-    cfg = config_mod.load(args.config, overrides, base=base)
+    cfg = config_mod.load(args.config, overrides)
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if args.resume and saved.is_file():  # resume with the run's own config, then the file and flags given now
+        cfg = config_mod.load(args.config, overrides, base=config_mod.load(saved))
     trainer = Trainer(cfg, resume=args.resume)
     where = f"resuming at step {trainer.step}" if args.resume else "from scratch"
     print(f"grao: training {cfg.model} on {cfg.data} ({where}) -> {cfg.output_dir}", file=sys.stderr)

@@ -124,19 +124,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_examples(cfg: config_mod.TrainConfig) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples for the config's data and eval_data."""
+    """(train, held-out) examples for the config's data and eval_data.
+
+    ``eval_data`` unset: the demo's own held-out set for demo data, else the
+    last ``eval_size`` examples of the data file (removed from training).
+    """
+    held_out = None
     if cfg.data == "demo":
         train, held_out = demo_task.make_splits(cfg.demo_train_size, cfg.eval_size, cfg.seed)
     else:
         train = load_jsonl(cfg.data)
-        held_out = []
-        if cfg.eval_data is None:
-            if len(train) < 2:
-                raise config_mod.ConfigError(f"{cfg.data} has {len(train)} example(s): too few to hold some out")
-            k = min(cfg.eval_size, len(train) // 2)
-            train, held_out = train[:-k], train[-k:]
-    if cfg.eval_data is not None and cfg.eval_data != "demo":
+    if cfg.eval_data == "demo":
+        held_out = demo_task.make_splits(0, cfg.eval_size, cfg.seed)[1]
+    elif cfg.eval_data is not None:
         held_out = load_jsonl(cfg.eval_data)[: cfg.eval_size]
+    elif held_out is None:
+        if len(train) < 2:
+            raise config_mod.ConfigError(f"{cfg.data} has {len(train)} example(s): too few to hold some out")
+        k = min(cfg.eval_size, len(train) // 2)
+        train, held_out = train[:-k], train[-k:]
     return train, held_out
 
 
@@ -351,7 +357,6 @@ class Trainer:
             "eval/ras": res.ras,
             "eval/nag": evaluate.nag(res.rewards, self.baseline_eval),
         }
-        self.last_eval_examples = list(zip(self.eval_examples[:4], res.responses[:4]))
         return line
 
     # ------------------------------------------------------------------ checkpoints

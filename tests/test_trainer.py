@@ -31,6 +31,15 @@ TRAIN_KEYS = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads_and_seed():
+    # the trainer runs the tiny MoE on one thread; give the rest of the suite its thread count back
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(tmp_path, **kw) -> TrainConfig:
     """A few seconds of the demo: 2 prompts x 3 samples, tiny data, no progress bar."""
     base = dict(
@@ -307,3 +316,32 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
     assert config.load(tmp_path / "r" / "config.yaml").prompts_per_step == 2  # the run's own config was kept
     assert cli.main(["train", "--output-dir", str(tmp_path / "empty"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_rewards_builtin_importable_and_local_reward_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from grao import rewards
+
+    assert rewards.resolve("edit")(["p"], ["kitten"], ["sitting"]) == [pytest.approx(1 - 3 / 7)]
+    assert rewards.resolve("exact")(["p", "p"], [" a ", "b"], ["a", "a"]) == [1.0, 0.0]
+    assert rewards.resolve("demo")(["abc="], ["cbx"], [""]) == [pytest.approx(2 / 3)]
+    assert rewards.resolve("grao.rewards:exact_match") is rewards.exact_match
+    with pytest.raises(ValueError, match="unknown reward"):
+        rewards.resolve("bleu")
+    tok = models.build_demo_tokenizer()
+    rm_cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForSequenceClassification(rm_cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rm = rewards.resolve(f"model:{tmp_path / 'rm'}")
+    scores = rm(["abc=", "ab="], ["cba", "b"], ["cba", "ba"])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
