@@ -180,7 +180,11 @@ class Trainer:
         coef = cfg.router_aux_loss_coef
         self.aux_coef = float(coef if coef is not None else getattr(self.model.config, "router_aux_loss_coef", 0.0))
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # the newer transformers name
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
 
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -259,7 +259,22 @@ def test_config_file_then_flags(tmp_path, capsys):
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
-def test_jsonl_data_with_edit_reward_trains(tmp_path):
+def test_local_dense_model_dir_with_jsonl_data(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = models.build_demo_tokenizer()
+    llama = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
     path = tmp_path / "d.jsonl"
     path.write_text(
         "".join(
@@ -267,10 +282,14 @@ def test_jsonl_data_with_edit_reward_trains(tmp_path):
             for w in ("abc", "bca", "cab", "acb", "bac", "cba")
         )
     )
-    cfg = small(tmp_path, data=str(path), steps=1, eval_size=2)
+    cfg = small(tmp_path, model=str(tmp_path / "llama"), data=str(path), steps=1, eval_size=2)
     trainer = Trainer(cfg)
+    assert trainer.moe is None and trainer.cfg.reward == "auto"
     assert len(trainer.train_examples) == 4 and len(trainer.eval_examples) == 2
     assert trainer.train()
+    line = [ln for ln in read_lines(tmp_path / "run") if "loss" in ln][0]
+    assert line["moe/aux_loss"] == 0.0 and "moe/expert_load" not in line
+    assert not (tmp_path / "run" / "initial").exists()  # the baseline for NAG is the model directory itself
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
