@@ -192,6 +192,7 @@ class Trainer:
         self.step = 0
         self.baseline_eval: list[float] | None = None  # held-out rewards of the starting model, for eval/nag
         self._stop = False
+        self.last_eval: float | None = None
         if self.checkpoint is not None:
             self._load_state(self.checkpoint)
 
@@ -355,6 +356,7 @@ class Trainer:
         )
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
+        self.last_eval = res.mean_reward
         line = {
             "step": self.step,
             "eval/reward": res.mean_reward,
@@ -435,6 +437,21 @@ class Trainer:
 
     def train(self) -> bool:
         """Train to ``cfg.steps``; True when done, False when stopped early (a checkpoint is saved either way)."""
+        cfg = self.cfg
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._train_loop()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if cfg.plot and (self.run_dir / "metrics.jsonl").is_file():
+                from .plot import plot_metrics
+
+                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
+
+    def _train_loop(self) -> bool:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -444,12 +461,8 @@ class Trainer:
                 self.model.save_pretrained(self.run_dir / "initial")
                 self.tokenizer.save_pretrained(self.run_dir / "initial")
             self._log(self.evaluate())
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._on_sigint)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="grao train", dynamic_ncols=True)
         ema = None
-        last_eval = None
         try:
             while self.step < cfg.steps and not self._stop:
                 step = self.step + 1
@@ -459,23 +472,16 @@ class Trainer:
                 r = metrics["reward/samples"]
                 ema = r if ema is None else 0.9 * ema + 0.1 * r
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    ev = self.evaluate()
-                    self._log(ev)
-                    last_eval = ev["eval/reward"]
+                    self._log(self.evaluate())
                 for cb in self.callbacks:
                     cb(self, step, metrics)
                 if step % cfg.save_every == 0 or step == cfg.steps or self._stop:
                     self.save_checkpoint()
-                bar.set_postfix(reward=f"{ema:.3f}", eval=f"{last_eval:.3f}" if last_eval is not None else "-")
+                last = self.last_eval
+                bar.set_postfix(reward=f"{ema:.3f}", eval="-" if last is None else f"{last:.3f}")
                 bar.update(1)
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-            if cfg.plot:
-                from .plot import plot_metrics
-
-                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plot.png")
         return self.step >= cfg.steps
 
     def _on_sigint(self, signum, frame) -> None:
