@@ -34,11 +34,12 @@ import os
 import torch
 import triton  # noqa: F401  (an ImportError here disables only this backend)
 
-# Blocks at the minimum tl.dot size: every kernel path is exercised at tiny
-# shapes and the interpreter stays fast.
+# Under the interpreter every program and every reduction costs milliseconds
+# of Python, so its default takes few, wide vocabulary tiles; rows and H stay
+# at tl.dot's minimum of 16. Tests pin smaller tiles where they need many.
 INTERPRETER_CONFIGS = {
-    "forward": {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16},
-    "backward": {"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2},
+    "forward": {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16},
+    "backward": {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16, "GROUP_N": 2},
 }
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
@@ -288,9 +289,8 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
     dh = torch.zeros(N, H, dtype=torch.float32, device=dev)
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev)
     db = None if bias is None else torch.zeros(V, dtype=torch.float32, device=dev)
-    filter_eps = -1.0
-    if _filter and hidden.dtype != torch.float32:
-        filter_eps = torch.finfo(hidden.dtype).eps / 32
+    use_filter = _filter and hidden.dtype != torch.float32
+    filter_eps = torch.finfo(hidden.dtype).eps / 32 if use_filter else 0.0
     if N:
         args = dict(
             hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias if bias is not None else hidden,
@@ -300,7 +300,8 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
             stride_hn=hidden.stride(0), stride_hh=hidden.stride(1),
             stride_wv=weight.stride(0), stride_wh=weight.stride(1),
             stride_dhn=dh.stride(0), stride_dhh=dh.stride(1), stride_dwv=dw.stride(0), stride_dwh=dw.stride(1),
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden.dtype),
+            HAS_BIAS=bias is not None, FILTER=use_filter, DOT_PRECISION=_dot_precision(hidden.dtype),
+            UPCAST_DOT=_upcast_dot(hidden.dtype),
         )  # fmt: skip
 
         def grid(meta):

@@ -34,10 +34,12 @@ def group_advantages_kernel(
     mean = tl.sum(r, 1) / K
     centred = tl.where(mask, r - mean[:, None], 0.0)
     std = tl.sqrt(tl.sum(centred * centred, 1) / K)
-    adv = centred / (std + eps)[:, None]
     hi = tl.max(tl.where(mask, r, float("-inf")), 1)
     lo = tl.min(tl.where(mask, r, float("inf")), 1)
-    adv = tl.where((hi == lo)[:, None], 0.0, adv)
+    tied = hi == lo
+    # A tied row (std = 0, possibly eps = 0) divides by 1 and is zeroed.
+    adv = centred / tl.where(tied, 1.0, std + eps)[:, None]
+    adv = tl.where(tied[:, None], 0.0, adv)
     tl.store(adv_ptr + offs_p[:, None] * stride_ap + offs_k[None, :], adv, mask=mask)
 
 

@@ -56,7 +56,7 @@ def logprob_backward_kernel(
     V,
     H,
     inv_temp,
-    filter_eps,  # skip a tile whose softmax stays below this (< 0: never skip)
+    filter_eps,  # with FILTER, skip a tile whose softmax stays below this
     stride_hn,
     stride_hh,
     stride_wv,
@@ -66,6 +66,7 @@ def logprob_backward_kernel(
     stride_dwv,
     stride_dwh,
     HAS_BIAS: tl.constexpr,
+    FILTER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bfloat16
     BLOCK_N: tl.constexpr,
@@ -121,14 +122,16 @@ def logprob_backward_kernel(
         # The log-prob comes free from the tile holding the target, so a
         # backward given the saved lse needs no forward sweep.
         zt = tl.sum(tl.where(onehot, acc * inv_temp, 0.0), 1)
-        has_target = tl.max(onehot.to(tl.int32), 1) > 0
+        has_target = row_mask & (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V)
         tl.store(logp_ptr + rows, zt - lse, mask=has_target)
 
         # Gradient filtering (Wijmans et al. 2024, "Cut Your Losses in
         # Large-Vocabulary Language Models", Sec. 4.3): a tile holding no
         # target whose probabilities all stay below filter_eps contributes
         # less than the input dtype resolves next to the target's gradient.
-        keep = tl.max(tl.max(tl.where(onehot, 1.0, p), 1), 0) >= filter_eps
+        keep = True
+        if FILTER:
+            keep = tl.max(tl.max(tl.where(onehot, 1.0, p), 1), 0) >= filter_eps
         if keep:
             if HAS_BIAS:
                 tl.atomic_add(dbias_ptr + offs_v, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
