@@ -34,6 +34,14 @@ format: $(STAMP)
 	$(BIN)/ruff format grao_kernels grao tests benchmarks
 	$(BIN)/ruff check --fix grao_kernels grao tests benchmarks
 
+# The benchmark suite (CPU shapes here, GPU shapes on a CUDA machine), then BENCHMARKS.md and the plots.
+BENCH_NAME ?= $(shell $(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+bench: $(BENCH_STAMP)
+	mkdir -p benchmarks/results
+	$(BIN)/python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/$(BENCH_NAME).json
+	$(BIN)/python benchmarks/render.py
+
 demo: $(STAMP)
 	$(BIN)/grao train --output-dir runs/demo
 

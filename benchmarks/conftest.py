@@ -1,0 +1,41 @@
+"""Benchmark suite: ``pytest benchmarks/ --benchmark-only`` from the repository root.
+
+Cases are parametrised shape-major (all methods and modes of one shape, then the next shape) so that the
+per-shape caches in ``grao_bench`` (inputs, GEMM floor, memory probes) hold one shape at a time. Skipped cases
+and their reasons are written next to ``--benchmark-json`` as ``<name>.skips.json`` for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+_skips: list[dict] = []
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skips.append({"nodeid": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("benchmark_json", None)
+    if path is None:
+        return
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path.name
+    out = os.path.splitext(name)[0] + ".skips.json"
+    with open(out, "w") as f:
+        json.dump(_skips, f, indent=1)

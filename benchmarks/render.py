@@ -1,0 +1,306 @@
+"""Render pytest-benchmark JSON into BENCHMARKS.md tables and PNG plots.
+
+usage: python benchmarks/render.py [RESULTS.json ...] [--md BENCHMARKS.md] [--plots benchmarks/plots]
+
+Only the region between ``<!-- generated:begin -->`` and ``<!-- generated:end -->`` of the Markdown file is
+rewritten; everything else (hand-written sections, other generators' regions) is kept byte for byte. Each JSON
+may have a ``<name>.skips.json`` sidecar (written by benchmarks/conftest.py) listing skipped cases and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODE_LABEL = {"forward": "forward", "backward": "backward", "full": "forward+backward"}
+OP_TITLE = {
+    "logprobs": "`fused_linear_logprobs` (token log-probs of a linear head)",
+    "grao": "`grao_loss` (the GRAO loss and its gradients)",
+}
+# Row order: ours first, then the peers, then the floor.
+KIND_ORDER = {"floor": 0, "ours": 1, "peer": 2}
+
+
+def load(paths: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    rows, skips, runs = [], [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        runs.append(
+            {
+                "path": os.path.relpath(path, ROOT),
+                "datetime": data.get("datetime", "?"),
+                "commit": (data.get("commit_info") or {}).get("id", "?"),
+                "dirty": (data.get("commit_info") or {}).get("dirty"),
+                "cpu": (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw", "?"),
+                "python": (data.get("machine_info") or {}).get("python_version", "?"),
+            }
+        )
+        for b in data["benchmarks"]:
+            e = dict(b.get("extra_info") or {})
+            if "op" not in e:
+                continue
+            e.setdefault("time_s", b["stats"]["min"])
+            e["rounds"] = b["stats"]["rounds"]
+            rows.append(e)
+        side = os.path.splitext(path)[0] + ".skips.json"
+        if os.path.exists(side):
+            with open(side) as f:
+                skips.extend(json.load(f))
+    return rows, skips, runs
+
+
+def fmt_time(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_mib(b) -> str:
+    return "–" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def fmt_rate(r: float) -> str:
+    if r >= 1e6:
+        return f"{r / 1e6:,.2f} M"
+    return f"{r / 1e3:,.1f} k" if r >= 1e4 else f"{r:,.0f}"
+
+
+def shape_key(e: dict) -> tuple:
+    return (e["device"], e["H"], e["V"], e["N"], e["dtype"])
+
+
+def shape_title(e: dict) -> str:
+    return f"N={e['N']:,} tokens, V={e['V']:,}, H={e['H']:,}, {e['dtype']} on {e['device']}"
+
+
+def row_order(e: dict) -> tuple:
+    return (KIND_ORDER.get(e["kind"], 3), e["label"], list(MODE_LABEL).index(e["mode"]))
+
+
+def summary_tables(rows: list[dict]) -> list[str]:
+    """Forward+backward at a glance: x floor and working memory, method x shape."""
+    out = []
+    for op in ("logprobs", "grao"):
+        sel = [e for e in rows if e["op"] == op and e["mode"] == "full"]
+        if not sel:
+            continue
+        shapes = sorted({shape_key(e) for e in sel})
+        labels = sorted({(KIND_ORDER.get(e["kind"], 3), e["label"]) for e in sel})
+        cell = {(shape_key(e), e["label"]): e for e in sel}
+        head = [f"V={s[2] // 1000}k H={s[1]} N={s[3]}" for s in shapes]
+        out.append(
+            f"**{OP_TITLE[op]}**, forward+backward: time as a multiple of the GEMM floor / peak working memory\n"
+        )
+        out.append("| method | " + " | ".join(head) + " |")
+        out.append("|---|" + "---|" * len(shapes))
+        for _, label in labels:
+            cells = []
+            for s in shapes:
+                e = cell.get((s, label))
+                cells.append(
+                    "skipped" if e is None else f"{e['x_floor']:.2f}× / {fmt_mib(e.get('peak_working_bytes'))}"
+                )
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def detail_tables(rows: list[dict]) -> list[str]:
+    out = []
+    floors = {shape_key(e): e for e in rows if e["op"] == "floor"}
+    for op in ("logprobs", "grao"):
+        sel = [e for e in rows if e["op"] == op]
+        if not sel:
+            continue
+        out.append(f"### {OP_TITLE[op]}\n")
+        by_shape = defaultdict(list)
+        for e in sel:
+            by_shape[shape_key(e)].append(e)
+        for sk in sorted(by_shape):
+            es = sorted(by_shape[sk], key=row_order)
+            out.append(f"#### {shape_title(es[0])}\n")
+            out.append(
+                "| method | mode | time | tokens/s | × floor | peak memory | working memory | device |\n"
+                "|---|---|---:|---:|---:|---:|---:|---|"
+            )
+            fl = floors.get(sk)
+            if fl is not None:
+                out.append(
+                    f"| {fl['label']} | 3 GEMMs | {fmt_time(fl['time_s'])} | {fmt_rate(fl['tokens_per_s'])} | "
+                    f"1.00 (best of: {fmt_time(fl['floor_s'])}) | – | – | {fl['device_name']} |"
+                )
+            for e in es:
+                out.append(
+                    f"| {e['label']} | {MODE_LABEL[e['mode']]} | {fmt_time(e['time_s'])} | "
+                    f"{fmt_rate(e['tokens_per_s'])} | {e['x_floor']:.2f} | {fmt_mib(e.get('peak_mem_bytes'))} | "
+                    f"{fmt_mib(e.get('peak_working_bytes'))} | {e['device_name']} |"
+                )
+            out.append("")
+    return out
+
+
+def trainer_table(rows: list[dict]) -> list[str]:
+    sel = sorted((e for e in rows if e["op"] == "trainer_step"), key=lambda e: (e["device"], e["model"], e["method"]))
+    if not sel:
+        return []
+    out = [
+        "### GRAO trainer step\n",
+        "One optimizer step of `grao.Trainer` (P=16 prompts, G=8): tokens/s of the training tokens over the whole "
+        "step, its split, and the step's peak memory above the state after a first step.\n",
+        "| model | loss | step | tokens/s | generation | forward+backward | optimizer | peak memory | device |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for e in sel:
+        out.append(
+            f"| {e['model']} | {e['label']} | {fmt_time(e['time_s'])} | {fmt_rate(e['tokens_per_s'])} | "
+            f"{fmt_time(e['generation_s'])} | {fmt_time(e['fwd_bwd_s'])} | {fmt_time(e['optimizer_s'])} | "
+            f"{fmt_mib(e.get('peak_mem_bytes'))} | {e['device_name']} |"
+        )
+    out.append("")
+    return out
+
+
+def skip_section(skips: list[dict]) -> list[str]:
+    if not skips:
+        return []
+    reasons = defaultdict(int)
+    for s in skips:
+        test = s["nodeid"].split("::")[-1]
+        # test_logprobs[cpu-N256-V32000-H256-float32-cce-forward] -> method "cce"
+        inner = test[test.find("[") + 1 : -1] if "[" in test else test
+        parts = inner.split("-")
+        what = "-".join(parts[5:-1]) if len(parts) > 6 else inner
+        device = parts[0] if parts else "?"
+        reasons[(device, what, s["reason"])] += 1
+    out = ["### Skipped cases\n", "| device set | method | cases | reason |", "|---|---|---:|---|"]
+    for (device, what, reason), n in sorted(reasons.items()):
+        out.append(f"| {device} | {what or '(all)'} | {n} | {reason} |")
+    out.append("")
+    return out
+
+
+def plots(rows: list[dict], plot_dir: str) -> list[str]:
+    """Time and peak working memory against V (forward+backward), one figure per (device, op, H)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(plot_dir, exist_ok=True)
+    made = []
+    groups = defaultdict(list)
+    for e in rows:
+        if e["mode"] == "full" and e["op"] in ("logprobs", "grao", "floor"):
+            groups[(e["device"], e["H"], e["N"], e["dtype"])].append(e)
+    for (device, H, N, dtype), es in sorted(groups.items()):
+        for op in ("logprobs", "grao"):
+            sel = [e for e in es if e["op"] in (op, "floor")]
+            if not any(e["op"] == op for e in sel):
+                continue
+            fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+            series = defaultdict(list)
+            for e in sel:
+                series[(KIND_ORDER.get(e["kind"], 3), e["label"])].append(e)
+            for (kind, label), pts in sorted(series.items()):
+                pts.sort(key=lambda e: e["V"])
+                vs = [e["V"] for e in pts]
+                style = {"linestyle": "--", "marker": "x", "color": "black"} if kind == 0 else {"marker": "o"}
+                ax_t.plot(vs, [e["time_s"] * 1e3 for e in pts], label=label, **style)
+                if kind != 0:
+                    ax_m.plot(vs, [e["peak_working_bytes"] / 2**20 for e in pts], label=label, **style)
+            ax_t.set(xlabel="vocabulary size V", ylabel="forward+backward time (ms)", yscale="log")
+            ax_m.set(xlabel="vocabulary size V", ylabel="peak working memory (MiB)", yscale="log")
+            ticks = sorted({e["V"] for e in sel})
+            for ax in (ax_t, ax_m):
+                ax.set_xscale("log")
+                ax.set_xticks(ticks, [f"{v / 1000:.0f}k" for v in ticks])
+                ax.minorticks_off()
+                ax.grid(True, which="both", alpha=0.3)
+            ax_t.legend(fontsize=7)
+            fig.suptitle(f"{op}: N={N} tokens, H={H}, {dtype} on {es[0]['device_name']}", fontsize=9)
+            fig.tight_layout()
+            name = f"{device}_{op}_H{H}.png"
+            fig.savefig(os.path.join(plot_dir, name), dpi=110)
+            plt.close(fig)
+            made.append(name)
+    return made
+
+
+def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
+    rel_plots = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(md_path)))
+    lines = [
+        BEGIN,
+        "",
+        "<!-- Written by benchmarks/render.py from the JSON below; edits inside this region are lost. -->",
+        "",
+    ]
+    lines.append("## Results\n")
+    for r in runs:
+        dirty = " (uncommitted changes)" if r["dirty"] else ""
+        lines.append(
+            f"Run `{r['path']}`: {r['datetime']}, commit `{str(r['commit'])[:10]}`{dirty}, {r['cpu']}, "
+            f"Python {r['python']}."
+        )
+    devices = sorted({e["device_name"] for e in rows})
+    lines.append(f"Device: {', '.join(devices)}.\n")
+    lines += summary_tables(rows)
+    if plot_names:
+        lines.append("### Plots (forward+backward)\n")
+        for n in plot_names:
+            lines.append(f"![{n}]({rel_plots}/{n})")
+        lines.append("")
+    lines.append("### Per shape\n")
+    lines += detail_tables(rows)
+    lines += trainer_table(rows)
+    lines += skip_section(skips)
+    lines.append(END)
+    return "\n".join(lines)
+
+
+DEFAULT_HEAD = """# Benchmarks
+
+Reproduce with `make bench` (or `pytest benchmarks/ --benchmark-only`); see README.md.
+
+"""
+
+
+def write_md(md_path: str, region: str) -> None:
+    text = open(md_path).read() if os.path.exists(md_path) else DEFAULT_HEAD
+    b, e = text.find(BEGIN), text.find(END)
+    if b >= 0 and e > b:
+        text = text[:b] + region + text[e + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + region + "\n"
+    with open(md_path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="*", help="pytest-benchmark JSON files (default: benchmarks/results/*.json)")
+    ap.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    ap.add_argument("--plots", default=os.path.join(HERE, "plots"))
+    args = ap.parse_args(argv)
+    paths = args.json
+    if not paths:
+        res = os.path.join(HERE, "results")
+        paths = sorted(
+            os.path.join(res, f) for f in os.listdir(res) if f.endswith(".json") and not f.endswith(".skips.json")
+        )
+    if not paths:
+        print("no benchmark JSON found; run `make bench` first", file=sys.stderr)
+        return 1
+    rows, skips, runs = load(paths)
+    names = plots(rows, args.plots) if rows else []
+    write_md(args.md, generated_region(rows, skips, runs, names, args.md, args.plots))
+    print(f"wrote {args.md} ({len(rows)} results, {len(skips)} skipped) and {len(names)} plots in {args.plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

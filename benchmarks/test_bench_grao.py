@@ -1,0 +1,17 @@
+"""``grao_loss`` against the GEMM floor and the peers: forward, backward, forward+backward.
+
+With inputs that require grad, ``grao_loss`` computes the loss and its gradients in one sweep during the forward
+(the loss is linear in every token's log-prob with coefficients known up front); its backward only hands the
+gradients over. Liger's GRPO loss does the same.
+"""
+
+import pytest
+from grao_bench import MODES, all_shapes, methods, run_case
+
+CASES = [(s, m.key, mode) for s in all_shapes() for m in methods("grao") for mode in MODES]
+
+
+@pytest.mark.parametrize(("shape", "key", "mode"), CASES, ids=[f"{s.id}-{k}-{mode}" for s, k, mode in CASES])
+def test_grao(benchmark, shape, key, mode):
+    benchmark.group = f"grao {shape.id} {mode}"
+    run_case(benchmark, "grao", key, mode, shape)

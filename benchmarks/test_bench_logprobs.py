@@ -1,0 +1,12 @@
+"""``fused_linear_logprobs`` against the GEMM floor and the peers: forward, backward, forward+backward."""
+
+import pytest
+from grao_bench import MODES, all_shapes, methods, run_case
+
+CASES = [(s, m.key, mode) for s in all_shapes() for m in methods("logprobs") for mode in MODES]
+
+
+@pytest.mark.parametrize(("shape", "key", "mode"), CASES, ids=[f"{s.id}-{k}-{mode}" for s, k, mode in CASES])
+def test_logprobs(benchmark, shape, key, mode):
+    benchmark.group = f"logprobs {shape.id} {mode}"
+    run_case(benchmark, "logprobs", key, mode, shape)

@@ -1,0 +1,221 @@
+"""One GRAO training step of ``grao.Trainer``: generation, forward+backward, optimizer; grao_loss vs full logits.
+
+The "full logits" variant runs the same step with the loss computed by the eager reference (``lm_head`` logits
+materialised, ``grao_kernels.reference.reference_grao``) in place of ``grao_loss``. Peak memory is that of one
+step in a fresh process (CPU: RSS high-water mark; GPU: ``torch.cuda.max_memory_allocated``), above the state
+after a first, untimed step (model, optimizer state and allocator warm).
+
+The demo tokenizer is character-level, so the tiny MoE's vocabulary is small and its logits are too; the
+memory gap that full logits open at real vocabularies is measured by the op benchmarks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import pytest
+import torch
+from grao_bench import _forkserver, _proc_kib, _reset_hwm, device_name, rounds, sync
+
+VARIANTS = ("grao_loss", "full_logits")
+# ~1B parameters: 12 MoE layers of 16 experts (top-2) of 3 x 2048 x 768, plus attention.
+MOE_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    moe_intermediate_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=16,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+)
+CASES = [("cpu", "tiny_moe"), ("cuda", "moe_1b")]
+
+
+def _config(device: str, model: str, out_dir: str):
+    from grao import TrainConfig
+
+    common = dict(output_dir=out_dir, steps=100, plot=False, progress=False, eval_size=8, seed=0, device=device)
+    if model == "tiny_moe":
+        return TrainConfig(demo_train_size=256, prompts_per_step=16, group_size=8, **common)
+    return TrainConfig(
+        model_overrides=MOE_1B, demo_train_size=256, prompts_per_step=16, group_size=8, max_new_tokens=32, **common
+    )
+
+
+def _full_logits_loss(hidden, weight, targets, rewards, *, bias=None, beta, lam, ignore_index, backend="auto"):
+    from grao_kernels import GRAOOutput
+    from grao_kernels.reference import reference_grao
+
+    r = reference_grao(hidden, weight, targets, rewards, bias=bias, beta=beta, lam=lam, ignore_index=ignore_index)
+    terms = (r[k].detach().float() for k in ("advantages", "seq_logp", "exploration", "imitation", "alignment"))
+    return GRAOOutput(r["loss"], *terms)
+
+
+class _Step:
+    """A trainer of one variant and a timed step split into its three phases."""
+
+    def __init__(self, device: str, model: str, variant: str):
+        import grao.trainer as gt
+
+        self._gt, self._orig = gt, gt.grao_loss
+        self.variant = variant
+        self.threads = torch.get_num_threads()
+        self.tmp = tempfile.TemporaryDirectory(prefix="grao-bench-")
+        self.trainer = gt.Trainer(_config(device, model, self.tmp.name))
+        self.device = str(self.trainer.runtime.device)
+        self.i = 0
+
+    def __call__(self) -> dict:
+        tr, dev = self.trainer, self.device
+        self.i += 1
+        self._gt.grao_loss = _full_logits_loss if self.variant == "full_logits" else self._orig
+        try:
+            t0 = time.perf_counter()
+            ro = tr.rollout(tr.prompts_for_step(self.i), self.i)
+            sync(dev)
+            t1 = time.perf_counter()
+            stats = tr.accumulate_gradients(ro)
+            sync(dev)
+            t2 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.max_grad_norm)
+            tr.optimizer.step()
+            tr.scheduler.step()
+            sync(dev)
+            t3 = time.perf_counter()
+        finally:
+            self._gt.grao_loss = self._orig
+        return {
+            "generation_s": t1 - t0,
+            "fwd_bwd_s": t2 - t1,
+            "optimizer_s": t3 - t2,
+            "train_tokens": stats["train_tokens"],
+            "loss": stats["loss"],
+        }
+
+    def close(self):
+        self.tmp.cleanup()
+        torch.set_num_threads(self.threads)
+
+
+def _probe(device: str, model: str, variant: str) -> dict:
+    """Peak memory of step 2 above the state after step 1, and step 2's loss (for the agreement check)."""
+    step = _Step(device, model, variant)
+    try:
+        step()
+        cuda = device == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_hwm()
+            base = _proc_kib("VmRSS") * 1024
+        res = step()
+        res["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() if cuda else _proc_kib("VmHWM") * 1024) - base
+        return res
+    finally:
+        step.close()
+
+
+def _probe_child(conn, device, model, variant):
+    try:
+        conn.send(("ok", _probe(device, model, variant)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+_probes: dict = {}
+
+
+def _probe_cached(device: str, model: str, variant: str) -> dict:
+    key = (device, model, variant)
+    if key not in _probes:
+        if device != "cpu":
+            _probes[key] = _probe(device, model, variant)
+        else:
+            ctx = _forkserver()
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_probe_child, args=(child, device, model, variant))
+            p.start()
+            child.close()
+            try:
+                status, res = parent.recv()
+            except EOFError:
+                status, res = "error", "probe process died without a result"
+            p.join()
+            if status != "ok":
+                raise RuntimeError(f"trainer probe {key} failed: {res}")
+            _probes[key] = res
+    return _probes[key]
+
+
+def _skip_reason(device: str) -> str | None:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "the ~1B MoE step needs a CUDA device"
+    if device == "cpu" and torch.cuda.is_available():
+        return "the tiny-MoE step runs on CPU-only machines (this one benchmarks CUDA)"
+    try:
+        import grao.trainer  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"the grao trainer is not importable ({type(exc).__name__}: {exc}); install the train extra"
+    return None
+
+
+@pytest.mark.parametrize(
+    ("device", "model", "variant"),
+    [(d, m, v) for d, m in CASES for v in VARIANTS],
+    ids=[f"{d}-{m}-{v}" for d, m in CASES for v in VARIANTS],
+)
+def test_trainer_step(benchmark, device, model, variant):
+    reason = _skip_reason(device)
+    if reason:
+        pytest.skip(reason)
+    benchmark.group = f"trainer {device} {model}"
+    mem = _probe_cached(device, model, variant)
+    ref = _probe_cached(device, model, "grao_loss")
+    # The same step from the same state: both variants must reach the same loss.
+    assert abs(mem["loss"] - ref["loss"]) <= 2e-3 * max(abs(ref["loss"]), 1e-3), (mem["loss"], ref["loss"])
+
+    step = _Step(device, model, variant)
+    try:
+        step()  # warm: first generation, optimizer state allocation
+        phases = []
+        n_rounds, _ = rounds_for(device)
+        benchmark.pedantic(lambda: phases.append(step()), rounds=n_rounds, warmup_rounds=0, iterations=1)
+    finally:
+        step.close()
+    best = min(phases, key=lambda p: p["generation_s"] + p["fwd_bwd_s"] + p["optimizer_s"])
+    total = best["generation_s"] + best["fwd_bwd_s"] + best["optimizer_s"]
+    benchmark.extra_info.update(
+        {
+            "op": "trainer_step",
+            "method": variant,
+            "label": f"GRAO step ({'grao_loss' if variant == 'grao_loss' else 'full logits'})",
+            "kind": "ours" if variant == "grao_loss" else "peer",
+            "mode": "step",
+            "model": model,
+            "device": device,
+            "device_name": device_name(device),
+            "dtype": "bfloat16 autocast" if device == "cuda" else "float32",
+            "time_s": total,
+            "train_tokens": best["train_tokens"],
+            "tokens_per_s": best["train_tokens"] / total,
+            "fwd_bwd_tokens_per_s": best["train_tokens"] / best["fwd_bwd_s"],
+            "generation_s": best["generation_s"],
+            "fwd_bwd_s": best["fwd_bwd_s"],
+            "optimizer_s": best["optimizer_s"],
+            "peak_mem_bytes": mem["peak_mem_bytes"],
+        }
+    )
+
+
+def rounds_for(device: str):
+    from grao_bench import Shape
+
+    return rounds(Shape(device, 0, 0, 0, "float32"))
