@@ -55,7 +55,7 @@ class GRAOOutput(NamedTuple):
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def _check_floating(name: str, t: torch.Tensor) -> None:
@@ -101,7 +101,9 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
     if bias is not None:
         _check_floating("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be (V,) = ({weight.shape[0]},) to match weight {_shape(weight)}, got {_shape(bias)}")
+            raise ValueError(
+                f"bias must be (V,) = ({weight.shape[0]},) to match weight {_shape(weight)}, got {_shape(bias)}"
+            )
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
@@ -159,7 +161,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     centred = r - mean
     std = centred.square().mean(dim=1, keepdim=True).sqrt()
     adv = centred / (std + eps)
-    tied = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))
+    tied = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
     return torch.where(tied, torch.zeros_like(adv), adv)
 
 
@@ -251,7 +253,9 @@ def grao_loss(
     mod = _backends.resolve(backend, hidden.device)
     # A backend may replace each of the three small steps with its own kernel.
     adv = getattr(mod, "group_advantages", group_advantages)(rewards.to(hidden.device), eps).float()
-    coef, n = getattr(mod, "token_coefficients", token_coefficients)(adv, targets, ignore_index, float(beta), float(lam))
+    coef, n = getattr(mod, "token_coefficients", token_coefficients)(
+        adv, targets, ignore_index, float(beta), float(lam)
+    )
 
     h, t, w, b = _flat(hidden, targets, weight, bias)
     loss, logp = LinearLogprobsFunctional.apply(h, w, b, t, coef, temperature, int(ignore_index), mod)
@@ -279,8 +283,17 @@ class GRAOLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, targets, rewards, bias=None) -> GRAOOutput:
         return grao_loss(
-            hidden, weight, targets, rewards, bias=bias, beta=self.beta, lam=self.lam,
-            temperature=self.temperature, ignore_index=self.ignore_index, eps=self.eps, backend=self.backend,
+            hidden,
+            weight,
+            targets,
+            rewards,
+            bias=bias,
+            beta=self.beta,
+            lam=self.lam,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            eps=self.eps,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -41,8 +41,20 @@ def reference_advantages(rewards, eps=1e-6):
     return torch.where(tied, torch.zeros_like(adv), adv)
 
 
-def reference_grao(hidden, weight, targets, rewards, *, bias=None, beta=0.5, lam=0.6, temperature=1.0,
-                   ignore_index=-100, eps=1e-6, dtype=None):
+def reference_grao(
+    hidden,
+    weight,
+    targets,
+    rewards,
+    *,
+    bias=None,
+    beta=0.5,
+    lam=0.6,
+    temperature=1.0,
+    ignore_index=-100,
+    eps=1e-6,
+    dtype=None,
+):
     """GRAO objective terms straight from arXiv 2508.07750 Eq. 3-4, with materialised logits.
 
     Returns a dict with ``loss``, ``advantages``, ``seq_logp``, ``exploration``,
@@ -50,8 +62,9 @@ def reference_grao(hidden, weight, targets, rewards, *, bias=None, beta=0.5, lam
     """
     P, K = rewards.shape
     G = K - 1
-    logp = reference_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                              ignore_index=ignore_index, dtype=dtype)
+    logp = reference_logprobs(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index, dtype=dtype
+    )
     n = (targets != ignore_index).sum(1)
     seq = logp.sum(1) / n.clamp(min=1).to(logp.dtype)
     adv = reference_advantages(rewards, eps).to(seq.dtype)

@@ -50,17 +50,20 @@ def plan_blocks(V: int, H: int, low_precision: bool, budget: int | None = None) 
     """(rows per block, vocabulary entries per tile) fitting in ``budget`` bytes.
 
     Per (row, vocab) element: one float32 logits buffer reused in place for the
-    probabilities and dlogits, plus GEMM workspace slack (8 bytes in all). Per
+    probabilities and dlogits, plus slack for GEMM workspace (6 bytes in all). Per
     row: the float32 hidden block and its dhidden block (8·H bytes). Per vocab
     entry of a tile, when the weight is not float32: its float32 copy (4·H).
     """
+    # 10% + 1 MiB stay free for the O(N) vectors (coefficients, log-probs, row
+    # indices) and BLAS scratch.
     budget = _budget if budget is None else budget
+    budget = max(int(0.9 * budget) - 2**20, budget // 2)
     w_bytes = 4 * H * V if low_precision else 0
-    rows = (budget - w_bytes) // (8 * V + 8 * H) if budget > w_bytes else 0
+    rows = (budget - w_bytes) // (6 * V + 8 * H) if budget > w_bytes else 0
     if rows >= _MIN_ROWS:
         return int(min(rows, _MAX_ROWS)), V
     rows = _TILED_ROWS
-    per_vocab = 8 * rows + (4 * H if low_precision else 0)
+    per_vocab = 6 * rows + (4 * H if low_precision else 0)
     vt = max((budget - 8 * H * rows) // per_vocab, 1)
     return rows, int(min(vt, V))
 
@@ -101,8 +104,9 @@ def _block_lse(h, weight, bias, temperature, vt):
         w, b = _tile(weight, bias, v0, min(v0 + vt, V))
         z = _logits(h, w, b, temperature)
         m_new = torch.maximum(m, z.amax(1))
-        s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+        s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(1)
         m = m_new
+        del z  # free the tile before the next one is allocated
     return m + torch.log(s)
 
 
@@ -169,6 +173,7 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
             dw.addmm_(z.T, h)
             if db is not None:
                 db.add_(z.sum(0))
+            del z  # free the block before the next one is allocated
         else:
             blk_lse = _block_lse(h, weight, bias, temperature, VT) if lse is None else lse.index_select(0, idx)
             dh_blk = torch.zeros_like(h)
@@ -186,6 +191,7 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
                 dw[v0:v1].addmm_(z.T, h)
                 if db is not None:
                     db[v0:v1].add_(z.sum(0))
+                del z  # free the tile before the next one is allocated
             dh[idx] = dh_blk
         logp[idx] = zt - blk_lse
     return logp, dh, dw, db
