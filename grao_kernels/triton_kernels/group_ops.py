@@ -30,13 +30,16 @@ def group_advantages_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask = (offs_p < P)[:, None] & (offs_k < K)[None, :]
     r = tl.load(rewards_ptr + offs_p[:, None] * stride_rp + offs_k[None, :] * stride_rk, mask=mask, other=0.0)
-    r = r.to(tl.float64) if IS_FP64 else r.to(tl.float32)
+    if IS_FP64:
+        r = r.to(tl.float64)
+    else:
+        r = r.to(tl.float32)
     mean = tl.sum(r, 1) / K
     centred = tl.where(mask, r - mean[:, None], 0.0)
     std = tl.sqrt(tl.sum(centred * centred, 1) / K)
     hi = tl.max(tl.where(mask, r, float("-inf")), 1)
     lo = tl.min(tl.where(mask, r, float("inf")), 1)
-    tied = hi == lo
+    tied = (hi == lo) | (offs_p >= P)
     # A tied row (std = 0, possibly eps = 0) divides by 1 and is zeroed.
     adv = centred / tl.where(tied, 1.0, std + eps)[:, None]
     adv = tl.where(tied[:, None], 0.0, adv)
