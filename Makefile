@@ -42,6 +42,12 @@ bench: $(BENCH_STAMP)
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json
 	$(BIN)/python benchmarks/render.py
 
+# Triton backend on one CUDA GPU (< 8 min): fp64 correctness, time vs the cuBLAS floor and peers,
+# peak memory; writes $(GPU_OUT)/gpu_check.md. Give TORCH_SPEC a CUDA build on first use.
+GPU_OUT ?= benchmarks/gpu
+gpu-check: $(BENCH_STAMP)
+	PY=$(BIN)/python benchmarks/gpu/check.sh $(GPU_OUT)
+
 demo: $(STAMP)
 	$(BIN)/grao train --output-dir runs/demo
 
