@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import typing
 from pathlib import Path
 
 # No hub downloads, ever: every model, tokenizer and reward model is a local directory.
@@ -24,17 +23,16 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(config_mod.TrainConfig)
     group = parser.add_argument_group("config keys (override the --config file)")
     for name, f in config_mod.FIELDS.items():
         default = f.default if f.default is not config_mod.dataclasses.MISSING else f.default_factory()
-        kind = getattr(hints[name], "__name__", str(hints[name]))
+        kind = config_mod._base_type(name)[0].__name__
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             default=argparse.SUPPRESS,
             metavar=kind.upper(),
-            help=f"default: {default!r}",
+            help=f"{f.metadata.get('help', '')} (default: {default!r})",
         )
 
 

@@ -19,54 +19,61 @@ class ConfigError(ValueError):
     """A configuration file or value the trainer cannot use; the message says which key and why."""
 
 
+def _key(default, help: str = ""):
+    """A config key: its default and the one-line help ``grao train --help`` shows."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "tiny-moe"  # "tiny-moe" (built-in, random init) or a local Hugging Face causal-LM directory
-    tokenizer: str | None = None  # default: the model directory (the demo tokenizer for tiny-moe)
-    model_overrides: dict = field(default_factory=dict)  # config fields for tiny-moe, e.g. {"num_hidden_layers": 2}
-    data: str = "demo"  # "demo" or a JSONL file ({"prompt","reference"} or HH-RLHF {"chosen","rejected"})
-    eval_data: str | None = None  # default: the demo's held-out set, or the last eval_size examples of data
-    eval_size: int = 64
-    demo_train_size: int = 4000
-    reward: str = "auto"  # auto (demo checker for demo data, else edit), demo, exact, edit, model:DIR, module:function
-    output_dir: str = "runs/demo"
-    seed: int = 0
-    # the GRAO step
-    steps: int = 200
-    prompts_per_step: int = 16  # P
-    group_size: int = 8  # G completions per prompt
-    temperature: float = 0.7
-    max_new_tokens: int = 8
-    max_prompt_tokens: int = 512
-    beta: float = 0.5  # imitation weight (arXiv 2508.07750, Eq. 3)
-    lam: float = 0.6  # alignment weight
-    loss_backend: str = "auto"
-    router_aux_loss_coef: float | None = None  # MoE load balancing; default: the model config's value
-    # optimisation
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    lr_schedule: str = "cosine"  # cosine, linear or constant after warmup
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    micro_batch_prompts: int = 0  # prompt groups per forward/backward; 0 = all P at once
-    gradient_checkpointing: bool = False
-    # runtime
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
-    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager, ...
-    threads: int = (
-        0  # torch CPU threads; 0 = 1 for tiny-moe on CPU (tiny matmuls only lose to thread sync), else torch's default
+    model: str = _key("tiny-moe", "'tiny-moe' (built-in, random weights) or a local Hugging Face causal-LM directory")
+    tokenizer: str | None = _key(None, "tokenizer directory (default: the model's; the demo's for tiny-moe)")
+    model_overrides: dict = _key({}, 'tiny-moe config fields, e.g. {"num_hidden_layers": 4} (JSON on the command line)')
+    data: str = _key("demo", "'demo' or a JSONL file of {prompt, reference} or HH-RLHF {chosen, rejected} lines")
+    eval_data: str | None = _key(
+        None, "held-out JSONL or 'demo' (default: the demo's, else the last eval_size of data)"
     )
+    eval_size: int = _key(64, "held-out prompts evaluated")
+    demo_train_size: int = _key(4000, "training prompts of the demo task")
+    reward: str = _key("auto", "auto (demo for demo data, else edit), demo, exact, edit, model:DIR or module:function")
+    output_dir: str = _key("runs/demo", "run directory: config, metrics, plot, checkpoints")
+    seed: int = _key(0, "seeds the data order, the model init and each step's sampling")
+    # the GRAO step (arXiv 2508.07750, Eq. 3-4)
+    steps: int = _key(200, "optimizer steps")
+    prompts_per_step: int = _key(16, "P, prompts per step")
+    group_size: int = _key(8, "G, sampled completions per prompt")
+    temperature: float = _key(0.7, "sampling temperature of the completions")
+    max_new_tokens: int = _key(8, "longest completion, in tokens")
+    max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
+    beta: float = _key(0.5, "imitation weight")
+    lam: float = _key(0.6, "alignment weight")
+    loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native")
+    router_aux_loss_coef: float | None = _key(None, "MoE load-balancing weight (default: the model config's)")
+    # optimisation
+    lr: float = _key(3e-3, "peak AdamW learning rate")
+    weight_decay: float = _key(0.01, "AdamW weight decay")
+    warmup_steps: int = _key(20, "linear warmup steps")
+    lr_schedule: str = _key("cosine", "after warmup: cosine, linear or constant")
+    min_lr_ratio: float = _key(0.1, "final learning rate / peak for cosine and linear")
+    max_grad_norm: float = _key(1.0, "gradient clipping norm")
+    micro_batch_prompts: int = _key(0, "prompt groups per forward/backward, gradients accumulated; 0 = all P at once")
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass")
+    # runtime
+    device: str = _key("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    attn_implementation: str = _key("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager")
+    threads: int = _key(0, "torch CPU threads; 0 = 1 for tiny-moe on CPU (its tiny matmuls only lose to thread sync)")
     # evaluation, checkpoints, logging
-    eval_every: int = 25
-    eval_batch_size: int = 64
-    eval_greedy: bool = True
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    plot: bool = True
-    progress: bool = True
+    eval_every: int = _key(25, "evaluate every this many steps (and at step 0 and the end)")
+    eval_batch_size: int = _key(64, "prompts per generate call in evaluation")
+    eval_greedy: bool = _key(True, "greedy decoding in evaluation (false: sample at temperature)")
+    save_every: int = _key(100, "checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = _key(2, "checkpoints kept, newest first")
+    plot: bool = _key(True, "write plot.png at the end")
+    progress: bool = _key(True, "show a progress bar")
 
 
 CHOICES = {
