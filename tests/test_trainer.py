@@ -364,3 +364,23 @@ def test_rewards_builtin_importable_and_local_reward_model(tmp_path):
     rm = rewards.resolve(f"model:{tmp_path / 'rm'}")
     scores = rm(["abc=", "ab="], ["cba", "b"], ["cba", "ba"])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+
+
+def test_load_balancing_loss_matches_transformers():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from grao.trainer import load_balancing_loss
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    logits = tuple(torch.randn(10, 4) for _ in range(3))
+    aux, load = load_balancing_loss(logits, 4, 2, mask)
+    torch.testing.assert_close(aux, load_balancing_loss_func(logits, 4, 2, mask))
+    assert load.sum() == pytest.approx(1.0) and load.shape == (4,)
+
+
+def test_bf16_autocast_step_keeps_fp32_master_weights(tmp_path):
+    trainer = Trainer(small(tmp_path, precision="bf16"))
+    assert trainer.runtime.autocast_dtype == torch.bfloat16
+    metrics = trainer.train_step(1)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
