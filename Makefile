@@ -38,7 +38,7 @@ format: $(STAMP)
 BENCH_NAME ?= $(shell $(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
 bench: $(BENCH_STAMP)
 	mkdir -p benchmarks/results
-	$(BIN)/python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+	GRAO_BENCH_COMMAND="make bench" $(BIN)/python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
 		--benchmark-json=benchmarks/results/$(BENCH_NAME).json
 	$(BIN)/python benchmarks/render.py
 

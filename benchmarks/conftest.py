@@ -1,15 +1,18 @@
 """Benchmark suite: ``pytest benchmarks/ --benchmark-only`` from the repository root.
 
 Cases are parametrised shape-major (all methods and modes of one shape, then the next shape) so that the
-per-shape caches in ``grao_bench`` (inputs, GEMM floor, memory probes) hold one shape at a time. Skipped cases
-and their reasons are written next to ``--benchmark-json`` as ``<name>.skips.json`` for the report.
+per-shape caches in ``grao_bench`` (inputs, GEMM floor, memory probes) hold one shape at a time. The command
+line, the session's wall time and the skipped cases with their reasons are written next to ``--benchmark-json``
+as ``<name>.session.json`` for the report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 _skips: list[dict] = []
+_start = time.time()
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +40,12 @@ def pytest_sessionfinish(session, exitstatus):
     if path is None:
         return
     name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path.name
-    out = os.path.splitext(name)[0] + ".skips.json"
+    out = os.path.splitext(name)[0] + ".session.json"
+    session_info = {
+        "command": os.environ.get("GRAO_BENCH_COMMAND") or shlex.join(["pytest", *sys.argv[1:]]),
+        "wall_s": time.time() - _start,
+        "exitstatus": int(exitstatus),
+        "skips": _skips,
+    }
     with open(out, "w") as f:
-        json.dump(_skips, f, indent=1)
+        json.dump(session_info, f, indent=1)

@@ -215,7 +215,8 @@ class Method:
         if self.op == "logprobs":
             # CCE and Liger return -logp: flip the upstream gradient so every method computes the same gradients.
             sign = -1.0 if self.key in ("cce", "liger_flce") else 1.0
-            out.backward(inp["grad"] * sign if sign != 1.0 else inp["grad"])
+            grad = inp["grad"].to(out.dtype)
+            out.backward(grad.neg() if sign != 1.0 else grad)
         else:
             out.backward()
 
@@ -397,16 +398,22 @@ def _reset_hwm() -> bool:
 
 
 def _sketch(inp: dict, out, m: Method) -> dict:
-    """Comparable summary of a result: log-probs (or loss), dhidden, and two random projections of dweight."""
+    """Comparable summary of a result: log-probs (or loss) and two random projections of dhidden and of dweight.
+
+    A wrong gradient entry changes its projections unless it is orthogonal to the random vectors: probability 0.
+    """
     gen = torch.Generator(device=inp["weight"].device).manual_seed(1234)
     V, H = inp["weight"].shape
     u = torch.randn(H, 1, generator=gen, device=inp["weight"].device)
     v = torch.randn(1, V, generator=gen, device=inp["weight"].device)
     dw = inp["weight"].grad.float()
     lp = m.logp(out)
+    dh = inp["hidden"].grad.float().reshape(-1, H)
+    w = torch.randn(1, dh.shape[0], generator=gen, device=dh.device)
     res = {
         "logp": None if lp is None else lp.cpu(),
-        "dh": inp["hidden"].grad.float().reshape(-1, H).cpu(),
+        "dh_u": (dh @ u).reshape(-1).cpu(),
+        "w_dh": (w @ dh).reshape(-1).cpu(),
         "dw_u": (dw @ u).reshape(-1).cpu(),
         "v_dw": (v @ dw).reshape(-1).cpu(),
     }
@@ -526,7 +533,7 @@ def check_agreement(m: Method, shape: Shape) -> None:
     ref = probe_cached(m.op, reference_key(m), shape)
     got = probe_cached(m.op, m.key, shape)
     tol = _TOL[shape.torch_dtype]
-    for name in ("logp", "dh", "dw_u", "v_dw"):
+    for name in ("logp", "dh_u", "w_dh", "dw_u", "v_dw"):
         a, b = got[name], ref[name]
         if a is None or b is None:
             continue
@@ -544,25 +551,39 @@ def check_agreement(m: Method, shape: Shape) -> None:
 # GEMM floor
 
 
+@functools.lru_cache(maxsize=1)
+def _floor_buffers(shape: Shape) -> tuple:
+    """Operands and outputs of the three GEMMs; values are irrelevant to their speed (tiled, pages touched)."""
+    dev, dt = shape.device, shape.torch_dtype
+    N, V, H = shape.N, shape.V, shape.H
+
+    def filled(rows, cols):
+        block = torch.randn(min(rows, 4096), cols, device=dev, dtype=dt)
+        return block.repeat(-(-rows // block.shape[0]), 1)[:rows].contiguous()
+
+    h, w, dz = filled(N, H), filled(V, H), filled(N, V)
+    return h, w, dz, torch.zeros_like(dz), torch.zeros_like(h), torch.zeros_like(w)
+
+
+def _gemms(shape: Shape) -> dict:
+    h, w, dz, z, dh, dw = _floor_buffers(shape)
+    return {
+        "logits": lambda: torch.mm(h, w.T, out=z),  # Z = h W^T: 2 N V H FLOPs
+        "dh": lambda: torch.mm(dz, w, out=dh),  # dH = dZ W: 2 N V H FLOPs
+        "dw": lambda: torch.mm(dz.T, h, out=dw),  # dW = dZ^T h: 2 N V H FLOPs
+    }
+
+
 @functools.cache
 def floor_times(shape: Shape) -> dict:
     """Best time of each of the three full-size GEMMs (logits, dH, dW) on this device, in seconds."""
-    dev, dt = shape.device, shape.torch_dtype
-    N, V, H = shape.N, shape.V, shape.H
-    h = torch.randn(N, H, device=dev, dtype=dt)
-    w = torch.randn(V, H, device=dev, dtype=dt)
-    dz = torch.randn(N, V, device=dev, dtype=dt)
-    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(w)
-    gemms = {
-        "logits": lambda: torch.mm(h, w.T, out=z),  # 2 N V H FLOPs
-        "dh": lambda: torch.mm(dz, w, out=dh),  # 2 N V H FLOPs
-        "dw": lambda: torch.mm(dz.T, h, out=dw),  # 2 N V H FLOPs
-    }
+    dev = shape.device
     reps = 2 if dev == "cpu" else 10
     best = {}
-    for name, fn in gemms.items():
-        fn()
-        sync(dev)
+    for name, fn in _gemms(shape).items():
+        if dev != "cpu":
+            fn()  # CPU buffers are already touched; a CPU warm-up GEMM would only cost time
+            sync(dev)
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -574,24 +595,18 @@ def floor_times(shape: Shape) -> dict:
         "forward": best["logits"],
         "backward": best["dh"] + best["dw"],
         "full": best["logits"] + best["dh"] + best["dw"],
-        "gemm_gflops": 2 * N * V * H / best["logits"] / 1e9,
+        "gemm_gflops": 2 * shape.N * shape.V * shape.H / best["logits"] / 1e9,
     }
 
 
 def floor_gemms(shape: Shape):
-    """The three GEMMs as one callable (for the floor's own row), with its buffers."""
-    dev, dt = shape.device, shape.torch_dtype
-    N, V, H = shape.N, shape.V, shape.H
-    h = torch.randn(N, H, device=dev, dtype=dt)
-    w = torch.randn(V, H, device=dev, dtype=dt)
-    dz = torch.randn(N, V, device=dev, dtype=dt)
-    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(w)
+    """The three GEMMs as one callable, for the floor's own row (6 N V H FLOPs)."""
+    fns = list(_gemms(shape).values())
 
     def run():
-        torch.mm(h, w.T, out=z)  # logits: 2 N V H FLOPs
-        torch.mm(dz, w, out=dh)  # dH: 2 N V H FLOPs
-        torch.mm(dz.T, h, out=dw)  # dW: 2 N V H FLOPs
-        sync(dev)
+        for fn in fns:
+            fn()
+        sync(shape.device)
 
     return run
 
@@ -612,6 +627,19 @@ def run_case(benchmark, op: str, key: str, mode: str, shape: Shape) -> None:
     reason = reason or m.skip_reason(shape)
     if reason:
         pytest.skip(reason)
+    try:
+        _run_case(benchmark, op, m, mode, shape)
+    except torch.OutOfMemoryError:
+        _inputs_cache.clear()
+        _last_forward.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pytest.skip(f"{m.label} runs out of device memory at {shape.id}")
+
+
+def _run_case(benchmark, op: str, m: Method, mode: str, shape: Shape) -> None:
+    key = m.key
     check_agreement(m, shape)  # before any timing: a fast wrong number is never recorded
     mem = probe_cached(op, key, shape)
     floor = floor_times(shape)

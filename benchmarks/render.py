@@ -4,7 +4,7 @@ usage: python benchmarks/render.py [RESULTS.json ...] [--md BENCHMARKS.md] [--pl
 
 Only the region between ``<!-- generated:begin -->`` and ``<!-- generated:end -->`` of the Markdown file is
 rewritten; everything else (hand-written sections, other generators' regions) is kept byte for byte. Each JSON
-may have a ``<name>.skips.json`` sidecar (written by benchmarks/conftest.py) listing skipped cases and why.
+may have a ``<name>.session.json`` sidecar (written by benchmarks/conftest.py): command, wall time, skipped cases.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
             e.setdefault("time_s", b["stats"]["min"])
             e["rounds"] = b["stats"]["rounds"]
             rows.append(e)
-        side = os.path.splitext(path)[0] + ".skips.json"
+        side = os.path.splitext(path)[0] + ".session.json"
         if os.path.exists(side):
             with open(side) as f:
-                skips.extend(json.load(f))
+                info = json.load(f)
+            skips.extend(info.get("skips", []))
+            runs[-1].update(command=info.get("command"), wall_s=info.get("wall_s"))
     return rows, skips, runs
 
 
@@ -239,13 +241,16 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
         "<!-- Written by benchmarks/render.py from the JSON below; edits inside this region are lost. -->",
         "",
     ]
-    lines.append("## Results\n")
+    lines.append("## Suite results\n")
+    lines.append(METHOD_NOTES)
     for r in runs:
         dirty = " (uncommitted changes)" if r["dirty"] else ""
         lines.append(
             f"Run `{r['path']}`: {r['datetime']}, commit `{str(r['commit'])[:10]}`{dirty}, {r['cpu']}, "
             f"Python {r['python']}."
         )
+        if r.get("command"):
+            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes).")
     devices = sorted({e["device_name"] for e in rows})
     lines.append(f"Device: {', '.join(devices)}.\n")
     lines += summary_tables(rows)
@@ -260,6 +265,32 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
     lines += skip_section(skips)
     lines.append(END)
     return "\n".join(lines)
+
+
+METHOD_NOTES = """\
+How to read these numbers:
+
+- **× floor** divides a method's time by the time of the matrix products no method can avoid, measured on the
+  same device in the same session for each shape: the logits GEMM `h·Wᵀ` for the forward, `dZ·W` + `dZᵀ·h` for
+  the backward, all three for forward+backward (2·N·V·H FLOPs each). A logits-free method recomputes the logits
+  in its backward, so ~1.33× is its best forward+backward; `grao_loss` (and Liger's GRPO loss) do their whole
+  gradient sweep in the forward, so their backward only hands over stored gradients.
+- **peak memory** is the high-water mark above the inputs during one call, measured in a fresh process per case
+  (CPU: RSS high-water mark; GPU: `torch.cuda.max_memory_allocated`); for the backward it is the peak of the whole
+  forward+backward step. **working memory** leaves out the returned gradients (the same for every method): the
+  larger of the forward's peak and the step's peak less the gradients.
+- Every method is first checked against `grao_kernels` (torch backend; that backend against the naive eager
+  reference): log-probs (or loss) and random projections of dH and dW must agree to 2e-3 (float32) / 5e-2
+  (bf16) of the reference's largest magnitude, or the case fails instead of recording a time.
+- Peers: Cut Cross-Entropy's `linear_cross_entropy(..., reduction="none")` (= −log-probs; on CPU only its
+  `torch_compile` implementation runs, and it materialises the logits); TRL's `ChunkedLogProbFunction` with its
+  trainer's vocabulary chunk (32768); Liger's `LigerFusedLinearGRPOLoss` (`loss_type="grpo"`, no KL, one chunk
+  for the batch) with advantages chosen so that its gradient equals GRAO's, compared on gradients only; Liger's
+  fused linear cross-entropy on GPU only.
+- CPU timings are one round each on 2 shared cores, so expect noise of tens of percent between runs; ratios
+  taken within one run are what to compare. Fresh memory is expensive to fault in on this machine, which
+  penalises methods that allocate large buffers on every call.
+"""
 
 
 DEFAULT_HEAD = """# Benchmarks
@@ -290,7 +321,7 @@ def main(argv=None) -> int:
     if not paths:
         res = os.path.join(HERE, "results")
         paths = sorted(
-            os.path.join(res, f) for f in os.listdir(res) if f.endswith(".json") and not f.endswith(".skips.json")
+            os.path.join(res, f) for f in os.listdir(res) if f.endswith(".json") and not f.endswith(".session.json")
         )
     if not paths:
         print("no benchmark JSON found; run `make bench` first", file=sys.stderr)
