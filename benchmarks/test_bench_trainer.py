@@ -169,8 +169,11 @@ def _skip_reason(device: str) -> str | None:
 
 @pytest.mark.parametrize(
     ("device", "model", "variant"),
-    [(d, m, v) for d, m in CASES for v in VARIANTS],
-    ids=[f"{d}-{m}-{v}" for d, m in CASES for v in VARIANTS],
+    [
+        pytest.param(d, m, v, id=f"{d}-{m}-{v}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+        for d, m in CASES
+        for v in VARIANTS
+    ],
 )
 def test_trainer_step(benchmark, device, model, variant):
     reason = _skip_reason(device)
