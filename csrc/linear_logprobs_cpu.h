@@ -17,16 +17,19 @@
 //
 // Schedule. Valid rows (target != ignore_index; ignored rows cost nothing)
 // are taken in blocks of R rows; the vocabulary in tiles of VT entries.
-// Threads own whole vocabulary tiles (static split, so results are
-// reproducible for a given thread count), and each calls a single-threaded
-// BLAS GEMM on its tile:
+// The tiles are grouped into a fixed number of chunks of consecutive tiles;
+// threads take chunks dynamically (one slowed by other load on a shared
+// machine just does fewer) and call a single-threaded BLAS GEMM per tile.
+// dh is summed per chunk, then over chunks in order, so every floating-point
+// sum has the same order whatever the thread count or schedule: results are
+// bitwise reproducible.
 //
 //   pass 1, per tile: Z = h_blk W_t^T (R x VT, in L2), z = Z / T + b / T,
 //     m = rowmax, E = exp(z - m), s = rowsum(E)  -- the one exp per logit.
 //     The target logit is read from the tile it falls in.
 //   combine: lse = max_t m_t + log sum_t s_t exp(m_t - max_t m_t).
 //   pass 2, per tile: dz = coef / T * (onehot - E exp(m_t - lse)) in place,
-//     dh_part[thread] += dz W_t, dw_t += dz^T h_blk, db_t += colsum(dz).
+//     dh_part[chunk] += dz W_t, dw_t += dz^T h_blk, db_t += colsum(dz).
 //
 // Without a precomputed lse (the one-sweep loss+gradient), E of a whole row
 // block has to wait for the combine step: an R x V float32 buffer is the only
@@ -41,6 +44,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -74,6 +78,19 @@ inline at::Tensor view2d(float* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(p, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
+// Calls body(chunk, thread) once for every chunk in [0, n_chunks), handing
+// chunks out dynamically to the threads of ATen's pool.
+template <typename F>
+inline void for_each_chunk(int64_t n_chunks, int n_threads, const F& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(c, tid);
+  });
+}
+
+constexpr int64_t kChunks = 8;
+
 inline Result run(const Problem& P, Mode mode) {
   const int64_t N = P.hidden.size(0), H = P.hidden.size(1), V = P.weight.size(0);
   const bool grad = mode != Mode::kForward;
@@ -97,13 +114,18 @@ inline Result run(const Problem& P, Mode mode) {
   const int64_t n_tiles = (V + VT - 1) / VT;
   const int64_t R = std::max<int64_t>(1, std::min(P.block_rows, n_valid));
   const int n_threads = std::max(1, at::get_num_threads());
+  const int64_t n_chunks = std::min(kChunks, n_tiles);
+  auto chunk_tiles = [&](int64_t c) { return std::make_pair(c * n_tiles / n_chunks, (c + 1) * n_tiles / n_chunks); };
+  // Per-thread buffers start on 64-byte boundaries, so BLAS sees the same
+  // alignment whichever thread runs a tile.
+  const int64_t tile_stride = (R * VT + 15) / 16 * 16, w_stride = (VT * H + 15) / 16 * 16;
   const bool w_f32 = P.weight.scalar_type() == at::kFloat;
   // One row block's exponentials, tile-major: tile t starts at R * t * VT.
   const bool big_buffer = mode == Mode::kGrad;
 
-  at::Tensor ebuf = big_buffer ? at::empty({R * V}, f32) : at::empty({n_threads, R * VT}, f32);
-  at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({n_threads, VT * H}, f32);
-  at::Tensor dh_part = grad ? at::zeros({n_threads, R, H}, f32) : at::Tensor();
+  at::Tensor ebuf = big_buffer ? at::empty({R * V}, f32) : at::empty({n_threads, tile_stride}, f32);
+  at::Tensor wbuf = w_f32 ? at::Tensor() : at::empty({n_threads, w_stride}, f32);
+  at::Tensor dh_part = grad ? at::zeros({n_chunks, R, H}, f32) : at::Tensor();
   std::vector<float> m_t(n_tiles * R), s_t(n_tiles * R), zt(R), lse(R), cs(R);
   std::vector<int64_t> tgt(R);
 
@@ -118,7 +140,7 @@ inline Result run(const Problem& P, Mode mode) {
   // the calling thread's buffer for bfloat16 / float16 weights.
   auto weight_tile = [&](int64_t v0, int64_t vt, int tid) -> at::Tensor {
     if (w_f32) return view2d(P.weight.data_ptr<float>() + v0 * H, vt, H, H);
-    at::Tensor dst = view2d(wbuf_p + tid * VT * H, vt, H, H);
+    at::Tensor dst = view2d(wbuf_p + tid * w_stride, vt, H, H);
     dst.copy_(P.weight.narrow(0, v0, vt));
     return dst;
   };
@@ -159,39 +181,39 @@ inline Result run(const Problem& P, Mode mode) {
 
     // dz tile (already holding coef/T * -softmax) gets the onehot term, then
     // feeds the two gradient GEMMs while it is still in cache.
-    auto grad_tile = [&](int64_t tile, int tid, float* z, const at::Tensor& wt) {
+    auto grad_tile = [&](int64_t tile, int64_t chunk, float* z, const at::Tensor& wt) {
       const int64_t v0 = tile * VT, vt = std::min(VT, V - v0);
       for (int64_t r = 0; r < rb; ++r) {
         const int64_t local = tgt[r] - v0;
         if (local >= 0 && local < vt) z[r * vt + local] += cs[r] * inv_t;
       }
       at::Tensor zv = view2d(z, rb, vt, vt);
-      view2d(dh_part_p + tid * R * H, rb, H, H).addmm_(zv, wt);
+      view2d(dh_part_p + chunk * R * H, rb, H, H).addmm_(zv, wt);
       view2d(dw_p + v0 * H, vt, H, H).addmm_(zv.t(), hb_view);
       if (db_p)
         for (int64_t r = 0; r < rb; ++r) add_into(db_p + v0, z + r * vt, vt);
     };
 
     if (mode == Mode::kGradWithLse) {
-      at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-        const int tid = at::get_thread_num();
-        float* z = ebuf_p + tid * R * VT;
+      for_each_chunk(n_chunks, n_threads, [&](int64_t c, int tid) {
+        float* z = ebuf_p + tid * tile_stride;
         at::Tensor wt;
+        const auto [t0, t1] = chunk_tiles(c);
         for (int64_t tile = t0; tile < t1; ++tile) {
           const int64_t vt = std::min(VT, V - tile * VT);
           logits_tile(tile, tid, z, wt);
           for (int64_t r = 0; r < rb; ++r) exp_scale(z + r * vt, vt, lse[r], -cs[r] * inv_t);
-          grad_tile(tile, tid, z, wt);
+          grad_tile(tile, c, z, wt);
         }
       });
     } else {
       // Pass 1.
-      at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-        const int tid = at::get_thread_num();
+      for_each_chunk(n_chunks, n_threads, [&](int64_t c, int tid) {
         at::Tensor wt;
+        const auto [t0, t1] = chunk_tiles(c);
         for (int64_t tile = t0; tile < t1; ++tile) {
           const int64_t vt = std::min(VT, V - tile * VT);
-          float* z = big_buffer ? ebuf_p + rb * tile * VT : ebuf_p + tid * R * VT;
+          float* z = big_buffer ? ebuf_p + rb * tile * VT : ebuf_p + tid * tile_stride;
           logits_tile(tile, tid, z, wt);
           for (int64_t r = 0; r < rb; ++r)
             s_t[tile * rb + r] = exp_sum(z + r * vt, vt, m_t[tile * rb + r], big_buffer);
@@ -207,14 +229,14 @@ inline Result run(const Problem& P, Mode mode) {
       }
       if (mode == Mode::kGrad) {
         // Pass 2.
-        at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-          const int tid = at::get_thread_num();
+        for_each_chunk(n_chunks, n_threads, [&](int64_t c, int tid) {
+          const auto [t0, t1] = chunk_tiles(c);
           for (int64_t tile = t0; tile < t1; ++tile) {
             const int64_t v0 = tile * VT, vt = std::min(VT, V - v0);
             float* z = ebuf_p + rb * v0;
             for (int64_t r = 0; r < rb; ++r)
               scale_inplace(z + r * vt, vt, -cs[r] * inv_t * std::exp(m_t[tile * rb + r] - lse[r]));
-            grad_tile(tile, tid, z, weight_tile(v0, vt, tid));
+            grad_tile(tile, c, z, weight_tile(v0, vt, tid));
           }
         });
       }
@@ -226,9 +248,10 @@ inline Result run(const Problem& P, Mode mode) {
     out.logp.index_copy_(0, idx, zt_blk - lse_blk);
     out.lse.index_copy_(0, idx, lse_blk);
     if (grad) {
-      at::Tensor parts = dh_part.narrow(1, 0, rb);
-      out.dh.index_copy_(0, idx, parts.sum(0));
-      parts.zero_();
+      // Chunk partials summed in chunk order into the first.
+      for (int64_t c = 1; c < n_chunks; ++c) add_into(dh_part_p, dh_part_p + c * R * H, rb * H);
+      out.dh.index_copy_(0, idx, dh_part.select(0, 0).narrow(0, 0, rb));
+      dh_part.zero_();
     }
   }
   if (mode == Mode::kGradWithLse) out.lse = P.lse_in;

@@ -43,7 +43,7 @@ _state: dict[str, object] = {}  # "ops" on success, "reason" on failure
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp"]
     # Only on CPUs that have them: the cache may be shared by several machines,
     # and the capability is part of the cache key.
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
@@ -165,30 +165,31 @@ def set_memory_budget(nbytes: int) -> None:
     _budget = int(nbytes)
 
 
-def plan_blocks(V: int, lse_known: bool) -> tuple[int, int]:
+def plan_blocks(V: int, H: int, lse_known: bool) -> tuple[int, int]:
     """(rows per block, vocabulary entries per tile) for the kernels.
 
-    With a known lse (and for the forward) only one tile per thread is live,
-    so blocks are as large as helps: dw is streamed once per block. The
-    one-sweep gradient holds a whole block of exponentials, rows x V float32,
-    within the budget; below 64 rows the GEMMs starve, so the budget yields.
+    dw is read and written once per row block, so blocks are as large as the
+    memory budget allows. The one-sweep gradient holds a block of
+    exponentials, rows x V float32; with a known lse (and for the forward)
+    only one tile per thread is live and the bound is the 8 per-chunk dh
+    partials, 8 x rows x H float32. Below 64 rows the GEMMs starve, so there
+    the budget yields.
     """
-    if lse_known:
-        return _MAX_ROWS // 2, _TILE_VOCAB
-    rows = _budget // (4 * max(V, 1))
-    rows = max(_MIN_ROWS, min(_MAX_ROWS, rows // 16 * 16))
+    per_row = 4 * (8 * H if lse_known else V)
+    rows = _budget // max(per_row, 1)
+    rows = max(_MIN_ROWS, min(_MAX_ROWS // 2 if lse_known else _MAX_ROWS, rows // 16 * 16))
     return int(rows), _TILE_VOCAB
 
 
 def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index):
-    rows, tile = plan_blocks(weight.shape[0], lse_known=True)
+    rows, tile = plan_blocks(*weight.shape, lse_known=True)
     return tuple(
         ops().linear_logprobs_forward(hidden, weight, bias, targets, float(temperature), int(ignore_index), rows, tile)
     )
 
 
 def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
-    rows, tile = plan_blocks(weight.shape[0], lse_known=lse is not None)
+    rows, tile = plan_blocks(*weight.shape, lse_known=lse is not None)
     logp, dh, dw, db = ops().linear_logprobs_grad(
         hidden, weight, bias, targets, coef, float(temperature), int(ignore_index), lse, rows, tile
     )
