@@ -28,15 +28,20 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def term_shares(train: list[dict]) -> dict[str, list[float]]:
-    """|term| / (|exploration| + |imitation| + |alignment|) per step."""
-    shares = {t: [] for t in TERMS}
+def term_shares(train: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, shares): |term| / (|exploration| + |imitation| + |alignment|) per step.
+
+    Steps where every term is 0 (each group's rewards tied, so no advantage) are left out.
+    """
+    steps, shares = [], {t: [] for t in TERMS}
     for rec in train:
         mags = [abs(rec[f"objective/{t}"]) for t in TERMS]
-        total = sum(mags) or 1.0
-        for t, m in zip(TERMS, mags):
-            shares[t].append(m / total)
-    return shares
+        total = sum(mags)
+        if total > 0:
+            steps.append(rec["step"])
+            for t, m in zip(TERMS, mags):
+                shares[t].append(m / total)
+    return steps, shares
 
 
 def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
@@ -61,8 +66,9 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     ax1.grid(alpha=0.3)
     ax1.legend(loc="best")
     if train:
-        for term, values in term_shares(train).items():
-            ax2.plot(steps, _smooth(values, window), label=term)
+        share_steps, shares = term_shares(train)
+        for term, values in shares.items():
+            ax2.plot(share_steps, _smooth(values, window), label=term)
     ax2.set_ylabel("share of |objective|")
     ax2.set_xlabel("step")
     ax2.set_ylim(0, 1)
