@@ -80,25 +80,27 @@ def build_batch(rollout: Rollout, groups: range, pad_id: int, device) -> tuple[t
     return ids.to(device), mask.to(device), targets.to(device)
 
 
-def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask: torch.Tensor):
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask: torch.Tensor, groups: int = 1):
     """Switch-Transformer load-balancing loss (arXiv 2101.03961, Eq. 4-6) over all layers, padding excluded.
 
-    The same quantity as transformers' ``load_balancing_loss_func``; also
-    returns each expert's share of the routed (token, slot) assignments.
+    ``router_logits``: one (S*T, E) tensor per MoE layer; ``attention_mask`` (S, T).
+    The S sequences are split into ``groups`` equal consecutive groups and the
+    loss is computed within each, returned as a (groups,) tensor; with
+    ``groups=1`` it is transformers' ``load_balancing_loss_func``. Also returns
+    each expert's share of the routed (token, slot) assignments, (E,).
     """
-    flat_mask = attention_mask.reshape(-1).float()
-    counts = torch.zeros(num_experts, device=flat_mask.device)
-    prob_sum = torch.zeros(num_experts, device=flat_mask.device)
-    rows = 0.0
+    mask = attention_mask.reshape(groups, -1).float()  # (groups, tokens per group)
+    counts = torch.zeros(groups, num_experts, device=mask.device)
+    prob_sum = torch.zeros(groups, num_experts, device=mask.device)
     for logits in router_logits:
-        probs = torch.softmax(logits.float(), dim=-1)
-        chosen = probs.topk(top_k, dim=-1).indices
-        counts = counts.scatter_add(0, chosen.reshape(-1), flat_mask.repeat_interleave(top_k))
-        prob_sum = prob_sum + (probs * flat_mask[:, None]).sum(0)
-        rows = rows + flat_mask.sum()
-    tokens_per_expert = counts / rows
-    aux = num_experts * (tokens_per_expert * (prob_sum / rows)).sum()
-    return aux, (counts / counts.sum().clamp(min=1)).detach()
+        probs = torch.softmax(logits.float(), dim=-1).view(groups, -1, num_experts)
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(2).float()
+        counts = counts + (chosen * mask[..., None]).sum(1)
+        prob_sum = prob_sum + (probs * mask[..., None]).sum(1)
+    rows = mask.sum(1, keepdim=True) * len(router_logits)
+    aux = num_experts * ((counts / rows) * (prob_sum / rows)).sum(1)
+    load = counts.sum(0)
+    return aux, (load / load.sum().clamp(min=1)).detach()
 
 
 def lr_lambda(cfg: config_mod.TrainConfig) -> Callable[[int], float]:
@@ -264,8 +266,10 @@ class Trainer:
         m of the P groups is weighted m / P: the accumulated gradient equals the
         one-batch gradient (advantages are computed within each group, so
         splitting between groups changes nothing else). The MoE load-balancing
-        loss is computed per micro-batch and weighted the same way, as Hugging
-        Face's own trainers do; it is exact for a single micro-batch.
+        loss is likewise computed within each prompt group (its G+1 sequences)
+        and averaged over the P groups, so it too is the same for any split; a
+        batch-wide balance loss would not be, as its token shares are not a sum
+        over micro-batches.
         """
         cfg, model = self.cfg, self.model
         P = rollout.rewards.shape[0]
@@ -303,9 +307,9 @@ class Trainer:
             )
             loss = res.loss * frac
             if self.moe and getattr(out, "router_logits", None):
-                aux, load = load_balancing_loss(out.router_logits, *self.moe, mask)
-                loss = loss + self.aux_coef * aux * frac
-                aux_total += float(aux.detach()) * frac
+                aux, load = load_balancing_loss(out.router_logits, *self.moe, mask, groups=len(groups))
+                loss = loss + self.aux_coef * aux.sum() / P
+                aux_total += float(aux.detach().sum()) / P
                 load_total = load * frac if load_total is None else load_total + load * frac
             loss.backward()
             stats["loss"] += float(loss.detach())

@@ -129,8 +129,7 @@ def _grads(model):
 
 
 def test_micro_batches_accumulate_to_the_one_batch_gradient(tmp_path):
-    # The load-balancing loss is per micro-batch (not additive over batches), so it is off here.
-    cfg = small(tmp_path, prompts_per_step=4, group_size=3, router_aux_loss_coef=0.0)
+    cfg = small(tmp_path, prompts_per_step=4, group_size=3, router_aux_loss_coef=0.5)  # a large aux weight
     trainer = Trainer(cfg)
     rollout = trainer.rollout(trainer.prompts_for_step(1), 1)
     assert len({len(c) for g in rollout.completion_ids for c in g}) > 1  # padding differs between micro-batches
@@ -143,7 +142,7 @@ def test_micro_batches_accumulate_to_the_one_batch_gradient(tmp_path):
         assert g_split.keys() == g_whole.keys()
         for name, g in g_whole.items():
             torch.testing.assert_close(g_split[name], g, rtol=1e-4, atol=1e-6, msg=f"{name}, micro-batch {mb}")
-        for key in ("loss", "objective/exploration", "objective/imitation", "objective/alignment"):
+        for key in ("loss", "objective/exploration", "objective/imitation", "objective/alignment", "moe/aux_loss"):
             assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6)
 
 
@@ -371,11 +370,17 @@ def test_load_balancing_loss_matches_transformers():
 
     from grao.trainer import load_balancing_loss
 
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    logits = tuple(torch.randn(10, 4) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    logits = tuple(torch.randn(20, 4) for _ in range(3))
     aux, load = load_balancing_loss(logits, 4, 2, mask)
-    torch.testing.assert_close(aux, load_balancing_loss_func(logits, 4, 2, mask))
+    torch.testing.assert_close(aux[0], load_balancing_loss_func(logits, 4, 2, mask))
     assert load.sum() == pytest.approx(1.0) and load.shape == (4,)
+    per_group, _ = load_balancing_loss(logits, 4, 2, mask, groups=2)  # sequences (0, 1) and (2, 3)
+    for g in range(2):
+        expected = load_balancing_loss_func(
+            tuple(x[10 * g : 10 * g + 10] for x in logits), 4, 2, mask[2 * g : 2 * g + 2]
+        )
+        torch.testing.assert_close(per_group[g], expected)
 
 
 def test_bf16_autocast_step_keeps_fp32_master_weights(tmp_path):
