@@ -488,6 +488,8 @@ def _forkserver():
             "cut_cross_entropy",
             "liger_kernel.chunked_loss",
             "trl.kernels.chunked_logprob",
+            "trl.trainer.utils",  # imported by the TRL function's first backward (seconds of transformers imports)
+            "grao.trainer",
         ]
     )
     return ctx
