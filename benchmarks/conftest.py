@@ -1,6 +1,6 @@
 """Benchmark suite: ``pytest benchmarks/ --benchmark-only`` from the repository root.
 
-Cases are parametrised shape-major (all methods and modes of one shape, then the next shape) so that the
+Cases run shape-major (the floor and all methods and modes of one shape, then the next shape) so that the
 per-shape caches in ``grao_bench`` (inputs, GEMM floor, memory probes) hold one shape at a time. The command
 line, the session's wall time and the skipped cases with their reasons are written next to ``--benchmark-json``
 as ``<name>.session.json`` for the report.
@@ -27,6 +27,23 @@ _start = time.time()
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Shape-major order across files: each shape's floor, then its grao_loss and log-prob cases, then the next.
+
+    The floor is then measured minutes, not the whole session, away from the methods compared with it.
+    """
+    from grao_bench import all_shapes
+
+    rank = {s: i for i, s in enumerate(all_shapes())}
+
+    def key(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        shape = params.get("shape")
+        return rank.get(shape, len(rank))
+
+    items.sort(key=key)  # stable: file and parameter order are kept within a shape
 
 
 def pytest_runtest_logreport(report):

@@ -455,7 +455,7 @@ def probe(op: str, key: str, shape: Shape) -> dict:
         "grad_bytes": grads_bytes(inp),
         "memory_method": "torch.cuda.max_memory_allocated"
         if cuda
-        else ("RSS high-water (VmHWM reset), fresh process" if exact else "ru_maxrss"),
+        else ("RSS high-water (VmHWM reset), fresh process" if exact else "RSS high-water, fresh process (no reset)"),
     }
     res.update(_sketch(inp, out, m))
     return res
@@ -686,6 +686,8 @@ def _run_case(benchmark, op: str, m: Method, mode: str, shape: Shape) -> None:
     if mode == "forward":
         _last_forward[(op, key, shape)] = out
     del out
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test, nothing to record
+        return
     t = benchmark.stats.stats.min
     peak = mem["peak_forward"] if mode == "forward" else mem["peak_full"]
     benchmark.extra_info.update(
@@ -730,6 +732,8 @@ def run_floor(benchmark, shape: Shape) -> None:
     fn = floor_gemms(shape)
     n_rounds, n_warm = rounds(shape)
     benchmark.pedantic(fn, rounds=n_rounds, warmup_rounds=n_warm, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test, nothing to record
+        return
     t = benchmark.stats.stats.min
     benchmark.extra_info.update(
         {

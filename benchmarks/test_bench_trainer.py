@@ -193,6 +193,8 @@ def test_trainer_step(benchmark, device, model, variant):
         benchmark.pedantic(lambda: phases.append(step()), rounds=n_rounds, warmup_rounds=0, iterations=1)
     finally:
         step.close()
+    if benchmark.stats is None:  # --benchmark-disable
+        return
     best = min(phases, key=lambda p: p["generation_s"] + p["fwd_bwd_s"] + p["optimizer_s"])
     total = best["generation_s"] + best["fwd_bwd_s"] + best["optimizer_s"]
     benchmark.extra_info.update(
