@@ -107,18 +107,16 @@ def evaluate_cmd(args) -> int:
     from .trainer import latest_checkpoint, load_examples
 
     run = Path(args.run or config_mod.TrainConfig.output_dir)
-    cfg = config_mod.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
-    if cfg is None and (args.model is None or args.data is None):
+    saved = run / "config.yaml"
+    if not saved.is_file() and (args.model is None or args.data is None):
         raise config_mod.ConfigError(f"{run} is not a run directory (no config.yaml): give --model and --data")
-    cfg = cfg or config_mod.TrainConfig(data=args.data, model=args.model)
+    cfg = config_mod.load(saved) if saved.is_file() else config_mod.TrainConfig(data=args.data, model=args.model)
     model_dir = args.model or latest_checkpoint(run)
     if model_dir is None:
         raise config_mod.ConfigError(f"no checkpoint in {run / 'checkpoints'}")
     baseline = args.baseline
-    if baseline is None:
-        baseline = (
-            run / "initial" if (run / "initial").is_dir() else (cfg.model if cfg.model != models.TINY_MOE else None)
-        )
+    if baseline is None and saved.is_file():  # the run's starting model
+        baseline = run / "initial" if (run / "initial").is_dir() else cfg.model
     examples = load_jsonl(args.data) if args.data else load_examples(cfg)[1]
     runtime = models.choose_runtime(cfg.device, cfg.precision, cfg.attn_implementation)
     reward = rewards.resolve(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from . import generation, rewards
 from .data import Example
 
@@ -55,11 +57,7 @@ def respond(
     temperature: float = 0.7,
     seed: int = 0,
 ) -> list[str]:
-    import torch
-
-    from .trainer import encode_prompt
-
-    prompt_ids = [encode_prompt(tokenizer, ex.prompt, max_prompt_tokens) for ex in examples]
+    prompt_ids = [generation.encode_prompt(tokenizer, ex.prompt, max_prompt_tokens) for ex in examples]
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
         torch.manual_seed(seed)
         ids = generation.generate(

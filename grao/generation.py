@@ -7,6 +7,16 @@ import contextlib
 import torch
 
 
+def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """Prompt ids with the tokenizer's special tokens (e.g. BOS), keeping the last ``max_tokens``."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"][-max_tokens:]
+
+
+def encode_reference(tokenizer, reference: str) -> list[int]:
+    """Reference answer ids followed by eos, as a sampled completion that stopped would end."""
+    return tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def autocast(runtime):
     if runtime.autocast_dtype is None:
         return contextlib.nullcontext()

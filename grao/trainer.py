@@ -32,19 +32,11 @@ from grao_kernels import grao_loss
 from . import config as config_mod
 from . import demo_task, evaluate, generation, models, rewards
 from .data import Example, load_jsonl
+from .generation import encode_prompt, encode_reference
 
 IGNORE_INDEX = -100
 STATE_FILE = "trainer_state.pt"
 TIME_KEYS = ("tokens_per_s", "time/generate", "time/train")
-
-
-def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Prompt ids with the tokenizer's special tokens (e.g. BOS), keeping the last ``max_tokens``."""
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"][-max_tokens:]
-
-
-def encode_reference(tokenizer, reference: str) -> list[int]:
-    return tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 @dataclass

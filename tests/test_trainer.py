@@ -258,7 +258,7 @@ def test_config_file_then_flags(tmp_path, capsys):
     assert "bad.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
-def test_local_dense_model_dir_with_jsonl_data(tmp_path):
+def test_local_dense_model_dir_with_jsonl_data(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = models.build_demo_tokenizer()
@@ -289,6 +289,14 @@ def test_local_dense_model_dir_with_jsonl_data(tmp_path):
     line = [ln for ln in read_lines(tmp_path / "run") if "loss" in ln][0]
     assert line["moe/aux_loss"] == 0.0 and "moe/expert_load" not in line
     assert not (tmp_path / "run" / "initial").exists()  # the baseline for NAG is the model directory itself
+    ckpt = str(latest_checkpoint(tmp_path / "run"))
+    plain = ["eval", "--run", str(tmp_path / "no-run"), "--model", ckpt, "--data", str(path)]
+    assert cli.main(plain) == 0
+    assert "eval/nag" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli.main([*plain, "--baseline", str(tmp_path / "llama"), "--output", str(tmp_path / "e.json")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prompts"] == 6 and "eval/nag" in out
+    assert len(json.loads((tmp_path / "e.json").read_text())["responses"]) == 6
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
