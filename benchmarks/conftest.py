@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 _skips: list[dict] = []
 _start = time.time()
+_load_start = os.getloadavg()[0]
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +63,10 @@ def pytest_sessionfinish(session, exitstatus):
         "command": os.environ.get("GRAO_BENCH_COMMAND") or shlex.join(["pytest", *sys.argv[1:]]),
         "wall_s": time.time() - _start,
         "exitstatus": int(exitstatus),
+        # Other processes on the machine: the 1-minute load average when the session started and ended.
+        "loadavg_start": _load_start,
+        "loadavg_end": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
         "skips": _skips,
     }
     with open(out, "w") as f:

@@ -54,7 +54,9 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
             with open(side) as f:
                 info = json.load(f)
             skips.extend(info.get("skips", []))
-            runs[-1].update(command=info.get("command"), wall_s=info.get("wall_s"))
+            runs[-1].update(
+                {k: info.get(k) for k in ("command", "wall_s", "loadavg_start", "loadavg_end", "cpu_count")}
+            )
     return rows, skips, runs
 
 
@@ -250,7 +252,13 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
             f"Python {r['python']}."
         )
         if r.get("command"):
-            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes).")
+            load = ""
+            if r.get("loadavg_start") is not None:
+                load = (
+                    f"; load average {r['loadavg_start']:.1f} at the start and {r['loadavg_end']:.1f} at the end "
+                    f"on {r['cpu_count']} cores"
+                )
+            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes{load}).")
     devices = sorted({e["device_name"] for e in rows})
     lines.append(f"Device: {', '.join(devices)}.\n")
     lines += summary_tables(rows)
