@@ -286,7 +286,8 @@ How to read these numbers:
 - **peak memory** is the high-water mark above the inputs during one call, measured in a fresh process per case
   (CPU: RSS high-water mark; GPU: `torch.cuda.max_memory_allocated`); for the backward it is the peak of the whole
   forward+backward step. **working memory** leaves out the returned gradients (the same for every method): the
-  larger of the forward's peak and the step's peak less the gradients.
+  larger of the forward's peak and the step's peak less the gradients (`grao_loss` and Liger's GRPO loss hold
+  the finished gradients from their forward on, so their forward's peak is taken less the gradients too).
 - Every method is first checked against `grao_kernels` (torch backend; that backend against the naive eager
   reference): log-probs (or loss) and random projections of dH and dW must agree to 2e-3 (float32) / 5e-2
   (bf16) of the reference's largest magnitude, or the case fails instead of recording a time.
