@@ -261,6 +261,12 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
             lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes{load}).")
     devices = sorted({e["device_name"] for e in rows})
     lines.append(f"Device: {', '.join(devices)}.\n")
+    if not any(e["device"] == "cuda" for e in rows):
+        lines.append(
+            "The GPU set (V ∈ {128256, 151936, 262144}, H = 4096, N ∈ {8192, 32768}, bf16, and the ~1B MoE step) "
+            "has not been run here: `make bench` on a CUDA machine writes `benchmarks/results/cuda.json`, and "
+            "`python benchmarks/render.py` then renders both.\n"
+        )
     lines += summary_tables(rows)
     if plot_names:
         lines.append("### Plots (forward+backward)\n")
