@@ -635,7 +635,7 @@ def run_case(benchmark, op: str, key: str, mode: str, shape: Shape) -> None:
         pytest.skip(reason)
     try:
         _run_case(benchmark, op, m, mode, shape)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         _inputs_cache.clear()
         _last_forward.clear()
         gc.collect()
@@ -649,6 +649,7 @@ def _run_case(benchmark, op: str, m: Method, mode: str, shape: Shape) -> None:
     check_agreement(m, shape)  # before any timing: a fast wrong number is never recorded
     mem = probe_cached(op, key, shape)
     floor = floor_times(shape)
+    _floor_buffers.cache_clear()  # the floor's (N, V) operands are not needed past this point
     warm_up(m, shape)
     inp = inputs_cached(op, shape)
     dev = shape.device
@@ -739,6 +740,8 @@ def run_floor(benchmark, shape: Shape) -> None:
     fn = floor_gemms(shape)
     n_rounds, n_warm = rounds(shape)
     benchmark.pedantic(fn, rounds=n_rounds, warmup_rounds=n_warm, iterations=1)
+    del fn
+    _floor_buffers.cache_clear()
     if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test, nothing to record
         return
     t = benchmark.stats.stats.min
