@@ -34,9 +34,14 @@ _HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
 # Working memory of the one-sweep gradient: one (rows x V) float32 block of
 # exponentials. 64 MiB gives 256-row blocks at V = 65536.
 _budget = int(float(os.environ.get("GRAO_KERNELS_NATIVE_BUDGET_MB", 64)) * 2**20)
-_MIN_ROWS, _MAX_ROWS = 64, 1024
-# Vocabulary entries per tile; a 256 x 512 float32 tile (512 KiB) fits a 1 MiB L2.
-_TILE_VOCAB = int(os.environ.get("GRAO_KERNELS_NATIVE_TILE_VOCAB", 512))
+# dw and W are streamed once per row block: 16 V H bytes against 6 R V H
+# FLOPs, i.e. roughly 27 / R of the GEMM time at 100 GFLOP/s and 10 GB/s.
+# Below 192 rows that costs more than the memory saved, so the budget yields
+# (117 MB at V = 151936).
+_MIN_ROWS, _MAX_ROWS = 192, 1024
+# Vocabulary entries per tile: a 256 x 256 float32 logits tile and its 256-row
+# slice of W (H = 256) together fit a 1 MiB L2.
+_TILE_VOCAB = int(os.environ.get("GRAO_KERNELS_NATIVE_TILE_VOCAB", 256))
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" on success, "reason" on failure
@@ -172,8 +177,8 @@ def plan_blocks(V: int, H: int, lse_known: bool) -> tuple[int, int]:
     memory budget allows. The one-sweep gradient holds a block of
     exponentials, rows x V float32; with a known lse (and for the forward)
     only one tile per thread is live and the bound is the 8 per-chunk dh
-    partials, 8 x rows x H float32. Below 64 rows the GEMMs starve, so there
-    the budget yields.
+    partials, 8 x rows x H float32. Below ``_MIN_ROWS`` rows the budget
+    yields (see there).
     """
     per_row = 4 * (8 * H if lse_known else V)
     rows = _budget // max(per_row, 1)
