@@ -317,3 +317,13 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_value_error():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "VALUEERROR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter never lowers a kernel: compile them for sm_90 down to cubin (bundled ptxas)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "compile_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-W", "ignore", script, "--arch", "90", "--dtype", "bf16", "--first"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr

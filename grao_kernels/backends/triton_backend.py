@@ -139,18 +139,19 @@ def _chosen_config(kernel: str) -> dict | None:
     return cfg
 
 
-def _launch(kernel: str, jit_fn, configs, grid, args: dict, reset_to_zero=()):
+def _launch(kernel: str, jit_fn, configs, grid, args: dict, reset_to_zero=(), tag: str = ""):
     cfg = _chosen_config(kernel)
     if cfg is not None:
         meta = {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
         launch = {k: cfg[k] for k in _LAUNCH_KEYS if k in cfg}
         jit_fn[grid(meta)](**args, **meta, **launch)
         return
-    if kernel not in _autotuned:
+    name = kernel + tag
+    if name not in _autotuned:
         # reset_to_zero: the backward accumulates atomically, so every timed
         # trial must start from zeroed gradients.
-        _autotuned[kernel] = triton.autotune(configs, key=["V", "H"], reset_to_zero=list(reset_to_zero))(jit_fn)
-    _autotuned[kernel][grid](**args)
+        _autotuned[name] = triton.autotune(configs, key=["V", "H"], reset_to_zero=list(reset_to_zero))(jit_fn)
+    _autotuned[name][grid](**args)
 
 
 # ----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def _upcast_dot(dtype) -> bool:
 
 def _forward(hidden, weight, bias, targets, temperature, ignore_index):
     """(logp, lse, rows, n_valid) for contiguous, dtype-matched inputs."""
-    from ..triton_kernels.lse_forward import CONFIGS, lse_forward_kernel
+    from ..triton_kernels.lse_forward import CONFIGS, CONFIGS_FP32, lse_forward_kernel
 
     N, H = hidden.shape
     V = weight.shape[0]
@@ -240,7 +241,8 @@ def _forward(hidden, weight, bias, targets, temperature, ignore_index):
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]), n_split)
 
-        _launch("forward", lse_forward_kernel, CONFIGS, grid, args)
+        fp32 = hidden.dtype == torch.float32
+        _launch("forward", lse_forward_kernel, CONFIGS_FP32 if fp32 else CONFIGS, grid, args, tag="-fp32" * fp32)
     part_max, part_sum, part_tgt = parts
     valid = targets != ignore_index
     m = part_max.amax(0)
@@ -269,7 +271,7 @@ def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_i
 
 def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
     """Log-probs and the fp32 gradients of ``sum_t coef[t] * logp[t]`` (see the kernel files)."""
-    from ..triton_kernels.logprob_backward import CONFIGS, logprob_backward_kernel
+    from ..triton_kernels.logprob_backward import CONFIGS, CONFIGS_FP32, logprob_backward_kernel
 
     hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
     temperature, ignore_index = float(temperature), int(ignore_index)
@@ -309,7 +311,9 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
 
         # dbias_ptr aliases dhidden without a bias: resetting it twice is harmless.
         reset = ["dhidden_ptr", "dweight_ptr", "dbias_ptr"]
-        _launch("backward", logprob_backward_kernel, CONFIGS, grid, args, reset_to_zero=reset)
+        fp32 = hidden.dtype == torch.float32
+        configs = CONFIGS_FP32 if fp32 else CONFIGS
+        _launch("backward", logprob_backward_kernel, configs, grid, args, reset_to_zero=reset, tag="-fp32" * fp32)
     return logp, dh, dw, db
 
 

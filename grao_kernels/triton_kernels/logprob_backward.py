@@ -37,6 +37,12 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
 ]
 
+# float32 inputs: exact dot on FMA units, small tiles (see lse_forward.py).
+CONFIGS_FP32 = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
+]
+
 
 @triton.jit
 def logprob_backward_kernel(

@@ -26,6 +26,13 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 32}, num_warps=4, num_stages=4),
 ]
 
+# float32 inputs take the exact (non-TF32) dot, which runs on FMA units: small
+# tiles, or compilation alone takes minutes.
+CONFIGS_FP32 = [
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=2),
+]
+
 
 @triton.jit
 def lse_forward_kernel(
