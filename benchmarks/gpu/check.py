@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+DEV = "cuda"  # "cpu" only for --smoke, which runs the script's logic under the Triton interpreter
 FACTOR, FLOOR = 2.0, 1e-3  # the oracle suite's bfloat16 tolerance
 DEADLINE_S = 7 * 60  # stop starting new measurements after this
 
@@ -52,16 +53,17 @@ def make_inputs(N, H, V, dtype, seed=0):
     """bf16 hidden (N, H) and head (V, H) with logits of std ~2, 10% ignored targets, GRAO coefficients."""
     from grao_kernels import api
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    hidden = torch.randn(N, H, device="cuda", generator=g).to(dtype)
-    weight = (torch.randn(V, H, device="cuda", generator=g) * (2.0 / math.sqrt(H))).to(dtype)
-    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
-    targets[torch.rand(N, device="cuda", generator=g) < 0.1] = -100
-    # GRAO layout for grao_loss: S = P (G+1) sequences of T tokens.
-    T = 512 if N % 512 == 0 else N
-    S = N // T
-    K = 4 if S % 4 == 0 else S
-    rewards = torch.randn(S // K, K, device="cuda", generator=g)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    hidden = torch.randn(N, H, device=DEV, generator=g).to(dtype)
+    weight = (torch.randn(V, H, device=DEV, generator=g) * (2.0 / math.sqrt(H))).to(dtype)
+    targets = torch.randint(0, V, (N,), device=DEV, generator=g)
+    targets[torch.rand(N, device=DEV, generator=g) < 0.1] = -100
+    # GRAO layout for grao_loss: S = P (G+1) sequences of T tokens, G + 1 = 4.
+    if N % 4:
+        raise SystemExit(f"N must be a multiple of 4, got {N}")
+    T = 512 if N % 2048 == 0 else N // 4
+    S, K = N // T, 4
+    rewards = torch.randn(S // K, K, device=DEV, generator=g)
     adv = api.group_advantages(rewards)
     coef, _ = api.token_coefficients(adv, targets.view(S, T), -100, 0.5, 0.6)
     return {"hidden": hidden, "weight": weight, "targets": targets, "coef": coef, "rewards": rewards, "S": S, "T": T}
@@ -86,8 +88,8 @@ def float64_reference(inp, chunk=1024):
     N, H = h.shape
     w64 = w.double()
     dw64 = torch.zeros_like(w64)
-    logp = torch.zeros(N, device="cuda")
-    dh = torch.zeros(N, H, device="cuda")
+    logp = torch.zeros(N, device=DEV)
+    dh = torch.zeros(N, H, device=DEV)
     valid = t != -100
     safe = torch.where(valid, t, 0)
     for r0 in range(0, N, chunk):
@@ -113,9 +115,9 @@ def pytorch_bf16(inp, chunk=2048):
     """PyTorch's own low-precision result: bf16 logits GEMM, fp32 log-softmax, bf16 gradient GEMMs."""
     h, w, t, coef = inp["hidden"], inp["weight"], inp["targets"], inp["coef"]
     N, H = h.shape
-    logp = torch.zeros(N, device="cuda")
+    logp = torch.zeros(N, device=DEV)
     dh = torch.empty_like(h)
-    dw = torch.zeros(w.shape, device="cuda")
+    dw = torch.zeros(w.shape, device=DEV)
     valid = t != -100
     safe = torch.where(valid, t, 0)
     for r0 in range(0, N, chunk):
@@ -211,18 +213,20 @@ def trl_chunked(inp):
     valid = t != -100
     lp = ChunkedLogProbFunction.apply(h[valid], w, None, t[valid], 1.0, 32768, None, 1.0, ())[0]
     dh, dw = torch.autograd.grad((inp["coef"][valid] * lp).sum(), (h, w))
-    logp = torch.zeros(t.shape, device="cuda").masked_scatter(valid, lp.detach().float())
+    logp = torch.zeros(t.shape, device=DEV).masked_scatter(valid, lp.detach().float())
     return logp, dh, dw
 
 
+# (name, run, checked against the tolerance, timed repetitions)
 METHODS = [
-    ("grao_kernels triton, fused_linear_logprobs", ours_logprobs("triton"), True),
-    ("grao_kernels triton, grao_loss", ours_grao("triton"), True),
-    ("grao_kernels torch, fused_linear_logprobs", ours_logprobs("torch"), True),
-    ("naive PyTorch (materialised logits)", naive, False),
-    ("Liger-Kernel fused linear CE (reduction=none)", liger, False),
-    ("Cut Cross-Entropy (reduction=none, default filter)", cce, False),
-    ("TRL ChunkedLogProbFunction", trl_chunked, False),
+    ("grao_kernels triton, fused_linear_logprobs", ours_logprobs("triton"), True, 3),
+    ("grao_kernels triton, grao_loss", ours_grao("triton"), True, 3),
+    # fp32 GEMMs over vocabulary tiles: seconds per call at these sizes, so one timed run
+    ("grao_kernels torch (2 GiB budget), fused_linear_logprobs", ours_logprobs("torch"), True, 1),
+    ("naive PyTorch (materialised logits)", naive, False, 3),
+    ("Liger-Kernel fused linear CE (reduction=none)", liger, False, 3),
+    ("Cut Cross-Entropy (reduction=none, default filter)", cce, False, 3),
+    ("TRL ChunkedLogProbFunction", trl_chunked, False, 3),
 ]
 
 
@@ -232,13 +236,38 @@ METHODS = [
 
 def _clean():
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _allocated() -> int:
+    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
+
+
+def _reset_peak():
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
 
 
 def time_ms(fn, reps=3) -> float:
+    """Median wall time of ``fn`` in ms, synchronised (CUDA events on the GPU)."""
     times = []
     for _ in range(reps):
+        if DEV != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -251,7 +280,7 @@ def time_ms(fn, reps=3) -> float:
 def cublas_floor_ms(inp) -> float:
     """The three bf16 GEMMs of the op at full size: logits, dh = dz W, dW = dz^T h (3 x 2NVH FLOP)."""
     h, w = inp["hidden"], inp["weight"]
-    buf = {"z": torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device="cuda")}
+    buf = {"z": torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=DEV)}
     buf["dh"], buf["dw"] = torch.empty_like(h), torch.empty_like(w)
 
     def run():
@@ -260,25 +289,25 @@ def cublas_floor_ms(inp) -> float:
         torch.mm(buf["z"].T, h, out=buf["dw"])
 
     run()
-    torch.cuda.synchronize()
+    _sync()
     ms = time_ms(run, reps=5)
     buf.clear()
     _clean()
     return ms
 
 
-def measure(name, fn, inp, ref, torch_err, ours, t_start):
+def measure(name, fn, inp, ref, torch_err, ours, reps, t_start):
     row = {"method": name}
     if time.time() - t_start > DEADLINE_S:
         row["status"] = "skipped (time budget)"
         return row
     _clean()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    base = _allocated()
+    _reset_peak()
     try:
         logp, dh, dw = fn(inp)  # first call: compiles/autotunes and gives the outputs
-        torch.cuda.synchronize()
-        row["peak_extra_first_call_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        _sync()
+        row["peak_extra_first_call_mb"] = (_peak() - base) / 2**20
         errs = {"dh": rel_l2(dh, ref[1]), "dw": rel_l2(dw, ref[2])}
         if logp is not None:
             errs["logp"] = rel_l2(logp, ref[0])
@@ -287,10 +316,10 @@ def measure(name, fn, inp, ref, torch_err, ours, t_start):
             row["within_tolerance"] = all(errs[k] <= FACTOR * torch_err[k] + FLOOR for k in errs)
         del logp, dh, dw
         _clean()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        row["ms"] = time_ms(lambda: fn(inp))
-        row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        base = _allocated()
+        _reset_peak()
+        row["ms"] = time_ms(lambda: fn(inp), reps=reps)
+        row["peak_extra_mb"] = (_peak() - base) / 2**20
         row["status"] = "ok"
     except torch.cuda.OutOfMemoryError:
         row["status"] = "out of memory"
@@ -314,8 +343,8 @@ def run_vocab(N, H, V, dtype, t_start):
     # grad outputs in the input dtype are part of any method's result, not workspace
     grads_mb = (inp["hidden"].numel() + inp["weight"].numel()) * inp["hidden"].element_size() / 2**20
     rows = []
-    for name, fn, ours in METHODS:
-        row = measure(name, fn, inp, ref, torch_err, ours, t_start)
+    for name, fn, ours, reps in METHODS:
+        row = measure(name, fn, inp, ref, torch_err, ours, reps, t_start)
         print(f"[V={V}] {name}: {row}", flush=True)
         rows.append(row)
     logits_mb = N * V * 4 / 2**20
@@ -376,21 +405,37 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--h", type=int, default=4096)
     parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 262144])
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU only: run the script's logic at tiny sizes under the Triton interpreter",
+    )
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
+    global DEV
+    if args.smoke:
+        if torch.cuda.is_available():
+            raise SystemExit("--smoke is the CPU dry run; on a GPU run the real check")
+        os.environ["TRITON_INTERPRET"] = "1"  # before grao_kernels imports any kernel
+        DEV = "cpu"
+        device_name = "CPU smoke run (Triton interpreter; times and memory are meaningless)"
+    elif not torch.cuda.is_available():
         print(
             "gpu check: needs a CUDA GPU, and PyTorch here sees none "
             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Nothing was measured.",
             file=sys.stderr,
         )
         return 2
-    os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+        device_name = torch.cuda.get_device_name()
+    from grao_kernels import set_memory_budget
+
+    set_memory_budget(2 << 30)  # the torch backend's default 64 MiB tiles H=4096 rows far too finely
 
     out = Path(args.out)
     md_path = out if out.suffix == ".md" else out / "gpu_check.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name()
     t_start = time.time()
     results = []
     for V in args.vocab:

@@ -28,11 +28,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Same shapes as the forward; the backward holds dz plus one dot result per
-# H step, so the 128x256 tile needs 8 warps and fewer stages.
+# The backward holds the logits tile, dz and one dot result per H step in
+# registers, so it stops at 128x128 tiles (128x256 spills and takes about a
+# minute to compile for sm_90).
 CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
 ]
@@ -42,6 +42,18 @@ CONFIGS_FP32 = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
 ]
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """float32 -> nearest bfloat16 (ties to even), kept in float32.
+
+    Interpreter only: its float32 -> bfloat16 cast truncates, which biases dz
+    and doubles the gradient error; GPUs round to nearest.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -143,9 +155,13 @@ def logprob_backward_kernel(
                 tl.atomic_add(dbias_ptr + offs_v, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
             # Tensor cores take dz in the input dtype, as PyTorch's own
             # low-precision backward rounds its logits gradient.
-            dz_in = dz.to(hidden_ptr.dtype.element_ty)
             if UPCAST_DOT:
-                dz_in = dz_in.to(tl.float32)
+                if hidden_ptr.dtype.element_ty == tl.bfloat16:
+                    dz_in = _round_to_bf16(dz)
+                else:
+                    dz_in = dz.to(hidden_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                dz_in = dz.to(hidden_ptr.dtype.element_ty)
             w_ptrs = weight_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :] * stride_wh  # (BLOCK_V, BLOCK_H)
             dh_ptrs = dhidden_ptr + rows[:, None] * stride_dhn + offs_h[None, :] * stride_dhh
             dw_ptrs = dweight_ptr + offs_v64[:, None] * stride_dwv + offs_h[None, :] * stride_dwh
