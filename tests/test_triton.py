@@ -327,3 +327,16 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     cmd = [sys.executable, "-W", "ignore", script, "--arch", "90", "--dtype", "bf16", "--first"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run of the GPU check")
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu/check.py --smoke: the whole script at tiny sizes under the interpreter."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "check.py")
+    cmd = [sys.executable, "-W", "ignore", script, str(tmp_path), "--smoke", "--n", "32", "--h", "16", "--vocab", "70"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| grao_kernels triton, fused_linear_logprobs |" in table and "FAIL" not in table
+    assert (tmp_path / "gpu_check.json").exists()
