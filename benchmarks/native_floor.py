@@ -1,6 +1,6 @@
 """Native CPU backend against the GEMM floor: forward+backward of grao_loss.
 
-usage: python benchmarks/native_floor.py [--reps 3] [--shapes small|issue] [--no-write]
+usage: python benchmarks/native_floor.py [--reps 3] [--shapes issue|first|second|small] [--no-write]
 
 Floor: the three products the op cannot avoid, timed with torch.mm into
 preallocated outputs at full size: logits = h W^T, dH = dZ W, dW = dZ^T h,
@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "issue": [(8192, 256, 65536), (2048, 1024, 151936)],
+    "first": [(8192, 256, 65536)],
+    "second": [(2048, 1024, 151936)],
     "small": [(1024, 256, 16384)],
 }
 METHODS = ("native", "torch", "naive")
@@ -169,7 +171,13 @@ def memory_case(N, H, V, method):
     return json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
-def render(results, command):
+def shape_order(case):
+    order = SHAPES["issue"] + SHAPES["small"]
+    shape = tuple(case["shape"])
+    return order.index(shape) if shape in order else len(order)
+
+
+def render(results):
     lines = [
         "## Native CPU backend vs the GEMM floor",
         "",
@@ -181,7 +189,7 @@ def render(results, command):
         "returned float32 gradients. Goal at the first shape: ≤ 1.15× the floor and ≤ 128 MB.",
         "",
         f"Machine: {results['machine']}; torch {results['torch']}, {results['threads']} threads.",
-        f"Command: `{command}`",
+        "Commands: " + "; ".join(sorted({f"`{c['command']}`" for c in results["cases"]})),
         "",
         "| N | H | V | floor (s) | GFLOP/s at floor | native × floor | torch × floor | naive × floor "
         "| native extra MB | torch extra MB | naive extra MB | native × floor, CPU time |",
@@ -246,10 +254,18 @@ def main():
     command = "python benchmarks/native_floor.py" + "".join(
         f" --{k} {v}" for k, v in (("reps", args.reps), ("shapes", args.shapes))
     )
-    text = render(results, command)
+    for case in results["cases"]:
+        case["command"] = command
+    json_path = ROOT / "benchmarks" / "native_floor.json"
+    if json_path.exists():
+        # Keep earlier results for the shapes this run did not measure.
+        done = {tuple(c["shape"]) for c in results["cases"]}
+        kept = [c for c in json.loads(json_path.read_text())["cases"] if tuple(c["shape"]) not in done]
+        results["cases"] = sorted(kept + results["cases"], key=shape_order)
+    text = render(results)
     print(text)
     if not args.no_write:
-        (ROOT / "benchmarks" / "native_floor.json").write_text(json.dumps(results, indent=1) + "\n")
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
         write_section(text)
 
 
