@@ -50,10 +50,15 @@ def tb():
 
     triton_backend.pin_config("forward", SMALL)
     triton_backend.pin_config("backward", {**SMALL, "GROUP_N": 2})
+    triton_backend.pin_config("dlogits", {**SMALL, "GROUP_N": 2})
+    mode, chunk = triton_backend._backward_mode, triton_backend._DZ_CHUNK
+    triton_backend._DZ_CHUNK = 64  # several vocabulary chunks at tiny V
     yield triton_backend
-    triton_backend.pin_config("forward", None)
-    triton_backend.pin_config("backward", None)
+    for kernel in ("forward", "backward", "dlogits"):
+        triton_backend.pin_config(kernel, None)
     triton_backend.set_gradient_filter(False)
+    triton_backend.set_backward_mode(mode)
+    triton_backend._DZ_CHUNK = chunk
 
 
 def _inputs(N, H, V, bias, dtype, ignored, *, scale=1.0):
@@ -92,9 +97,11 @@ def _check(name, got, want, same, tol, fp32_rel):
 # log-prob sweeps
 
 
+@pytest.mark.parametrize("mode", ["gemm", "atomic"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_forward_and_gradient_match_float64(tb, dtype, tol, shape):
+def test_forward_and_gradient_match_float64(tb, dtype, tol, shape, mode):
+    tb.set_backward_mode(mode)
     _, N, H, V, bias, temp, ignored = shape
     hidden, weight, b, targets = _inputs(N, H, V, bias, dtype, ignored)
     coef = torch.randn(N, device=DEVICE)
@@ -135,7 +142,9 @@ def test_vocabulary_splits_combine_exactly(tb, monkeypatch):
     assert_close(lse, ref[1], rtol=1e-5, atol=2e-5, name="lse")
 
 
-def test_ignored_rows_are_never_read(tb):
+@pytest.mark.parametrize("mode", ["gemm", "atomic"])
+def test_ignored_rows_are_never_read(tb, mode):
+    tb.set_backward_mode(mode)
     hidden, weight, _, targets = _inputs(40, 20, 50, False, torch.float32, 0.0)
     targets[::3] = -100
     dirty = hidden.clone()
@@ -173,6 +182,7 @@ def test_noncontiguous_and_mixed_dtype_inputs(tb):
 
 def test_gradient_filter_off_by_default_and_close_on_peaked_softmax(tb):
     assert not tb._filter
+    tb.set_backward_mode("atomic")  # the filter skips tiles of the fused backward
     # A peaked softmax whose mode is the target, as for a trained model: most
     # tiles then hold no target and only negligible probability mass.
     hidden, weight, _, targets = _inputs(24, 32, 320, False, torch.bfloat16, 0.0, scale=6.0)
@@ -199,6 +209,8 @@ def test_pin_config_validates():
         tb.pin_config("backward", {"BLOCK_N": 16})
     with pytest.raises(ValueError, match="kernel must be"):
         tb.pin_config("sideways", None)
+    with pytest.raises(ValueError, match="backward mode"):
+        tb.set_backward_mode("sideways")
 
 
 def test_env_config_is_parsed(monkeypatch):

@@ -35,7 +35,7 @@ def _compile(fn, types: dict, consts: dict, arch: int):
 
 def jobs(dtypes, first):
     """(label, kernel, argument types, constexprs) for every kernel, dtype and config."""
-    from grao_kernels.triton_kernels import group_ops, logprob_backward, lse_forward
+    from grao_kernels.triton_kernels import dlogits, group_ops, logprob_backward, lse_forward
 
     i32, f32 = "i32", "fp32"
     for dt in dtypes:
@@ -49,9 +49,16 @@ def jobs(dtypes, first):
         bwd.update({k: "*fp32" for k in ("dhidden_ptr", "dweight_ptr", "dbias_ptr")})
         bwd.update({k: i32 for k in ("N", "stride_dhn", "stride_dhh", "stride_dwv", "stride_dwh")})
         bwd["filter_eps"] = f32
+        dlg = {**common, **strides, "coef_ptr": "*fp32", "lse_ptr": "*fp32", "logp_ptr": "*fp32", "dz_ptr": p}
+        dlg.update({"dbias_ptr": "*fp32", "N": i32, "v_start": i32, "v_end": i32, "stride_dzn": i32})
+        del dlg["V"]
         fwd_cfgs = lse_forward.CONFIGS_FP32 if dt == "fp32" else lse_forward.CONFIGS
         bwd_cfgs = logprob_backward.CONFIGS_FP32 if dt == "fp32" else logprob_backward.CONFIGS
         flags = {"DOT_PRECISION": "ieee", "UPCAST_DOT": False}
+        dlg_cfgs = dlogits.CONFIGS_FP32 if dt == "fp32" else dlogits.CONFIGS
+        for cfg in dlg_cfgs[:1] if first else dlg_cfgs:
+            consts = {"HAS_BIAS": True, **flags, **cfg.kwargs}
+            yield f"dlogits {dt} {cfg.kwargs}", dlogits.dlogits_kernel, dlg, consts
         for cfg in fwd_cfgs[:1] if first else fwd_cfgs:
             consts = {"HAS_BIAS": True, **flags, **cfg.kwargs}
             yield f"lse_forward {dt} {cfg.kwargs}", lse_forward.lse_forward_kernel, fwd, consts

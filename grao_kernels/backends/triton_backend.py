@@ -12,12 +12,14 @@ Equivalent eager code of the two sweeps (what is never allocated)::
     dz = coef[:, None] * (onehot(targets) - z.softmax(-1)) / temperature
     dhidden, dweight, dbias = dz @ weight, dz.T @ hidden, dz.sum(0)
 
-Launches per call, whatever N, V, P and G are: ``linear_logprobs_forward``
-one sweep kernel plus a few (N,)-sized PyTorch ops (row compaction, split
-combine); ``linear_logprobs_grad`` one gradient kernel, after the forward
-sweep only when no saved lse is given. Ignored rows are compacted away on the
-device (a stable sort of the ignore mask), so no call synchronises with the
-host. ``grao_loss`` adds one launch for each of its three small steps.
+Launches per call, whatever P and G are: ``linear_logprobs_forward`` one
+sweep kernel plus a few (N,)-sized PyTorch ops (row compaction, split
+combine); ``linear_logprobs_grad`` the forward sweep (only when no saved lse
+is given), then per 2048-wide vocabulary chunk one dz kernel and two cuBLAS
+GEMMs (default) or a single fused kernel with fp32 atomics
+(:func:`set_backward_mode`). Ignored rows are compacted away on the device (a
+stable sort of the ignore mask), so no call synchronises with the host.
+``grao_loss`` adds one launch for each of its three small steps.
 
 Config selection, first match wins: :func:`pin_config`, the environment
 variable ``GRAO_KERNELS_TRITON_CONFIG`` (e.g. ``"BLOCK_N=64,BLOCK_V=128,
@@ -40,6 +42,7 @@ import triton  # noqa: F401  (an ImportError here disables only this backend)
 INTERPRETER_CONFIGS = {
     "forward": {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16},
     "backward": {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16, "GROUP_N": 2},
+    "dlogits": {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16, "GROUP_N": 2},
 }
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
@@ -47,9 +50,13 @@ _LAUNCH_KEYS = ("num_warps", "num_stages")
 # entries when there are too few row blocks to fill the GPU.
 _SPLIT_UNIT = 512
 
+# Width of the vocabulary chunks whose dz the "gemm" backward writes out.
+_DZ_CHUNK = 2048
+
 _pinned: dict[str, dict] = {}
 _autotuned: dict[str, object] = {}
 _filter = os.environ.get("GRAO_KERNELS_TRITON_FILTER", "0") == "1"
+_backward_mode = os.environ.get("GRAO_KERNELS_TRITON_BACKWARD", "gemm")
 
 
 def _interpreting() -> bool:
@@ -75,10 +82,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def pin_config(kernel: str, config: dict | None) -> None:
-    """Launch ``kernel`` ("forward" or "backward") with ``config`` instead of autotuning.
+    """Launch ``kernel`` ("forward", "backward" or "dlogits") with ``config`` instead of autotuning.
 
     ``config`` maps the kernel's block sizes (``BLOCK_N``, ``BLOCK_V``,
-    ``BLOCK_H``; ``GROUP_N`` for the backward) and optionally ``num_warps`` /
+    ``BLOCK_H``; ``GROUP_N`` for the gradient kernels) and optionally ``num_warps`` /
     ``num_stages`` to values; ``None`` unpins. Tests pin one config so that
     they do not depend on the autotuner's choice.
     """
@@ -96,13 +103,32 @@ def pin_config(kernel: str, config: dict | None) -> None:
         v = config[key]
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"{key} must be a power of two >= 16 (tl.dot's minimum), got {v!r}")
-    if kernel == "backward":
+    if kernel != "forward":
         config.setdefault("GROUP_N", 8)
     _pinned[kernel] = config
 
 
+def set_backward_mode(mode: str) -> None:
+    """How the gradient sweep accumulates dh and dW: "gemm" (default) or "atomic".
+
+    "gemm": per 2048-wide vocabulary chunk a Triton kernel writes dz (N x
+    chunk, input dtype) and cuBLAS computes dh += dz W and dW = dz^T h with
+    fp32 outputs. "atomic": one fused kernel adds every tile's products into
+    fp32 dh and dW with atomics, with no dz buffer but heavy L2 atomic
+    traffic (see ``triton_kernels/logprob_backward.py``). Also set by
+    ``GRAO_KERNELS_TRITON_BACKWARD``.
+    """
+    global _backward_mode
+    if mode not in ("gemm", "atomic"):
+        raise ValueError(f"backward mode must be 'gemm' or 'atomic', got {mode!r}")
+    _backward_mode = mode
+
+
 def set_gradient_filter(enabled: bool) -> None:
     """Skip gradient tiles whose softmax is below the input dtype's resolution (off by default).
+
+    Applies to the "atomic" backward (:func:`set_backward_mode`), whose tiles
+    can be skipped outright.
 
     Off unless ``GRAO_KERNELS_TRITON_FILTER=1``. The skipped terms are each
     below ``finfo(dtype).eps / 32`` times the coefficient; a flat softmax over
@@ -124,7 +150,7 @@ def _env_config(kernel: str) -> dict | None:
         raise ValueError(
             f"GRAO_KERNELS_TRITON_CONFIG must look like 'BLOCK_N=64,BLOCK_V=128,...', got {spec!r}"
         ) from exc
-    if kernel == "backward":
+    if kernel != "forward":
         cfg.setdefault("GROUP_N", 8)
     else:
         cfg.pop("GROUP_N", None)
@@ -139,7 +165,7 @@ def _chosen_config(kernel: str) -> dict | None:
     return cfg
 
 
-def _launch(kernel: str, jit_fn, configs, grid, args: dict, reset_to_zero=(), tag: str = ""):
+def _launch(kernel: str, jit_fn, configs, grid, args: dict, reset_to_zero=(), tag: str = "", key=("V", "H")):
     cfg = _chosen_config(kernel)
     if cfg is not None:
         meta = {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
@@ -150,7 +176,7 @@ def _launch(kernel: str, jit_fn, configs, grid, args: dict, reset_to_zero=(), ta
     if name not in _autotuned:
         # reset_to_zero: the backward accumulates atomically, so every timed
         # trial must start from zeroed gradients.
-        _autotuned[name] = triton.autotune(configs, key=["V", "H"], reset_to_zero=list(reset_to_zero))(jit_fn)
+        _autotuned[name] = triton.autotune(configs, key=list(key), reset_to_zero=list(reset_to_zero))(jit_fn)
     _autotuned[name][grid](**args)
 
 
@@ -271,8 +297,6 @@ def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_i
 
 def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
     """Log-probs and the fp32 gradients of ``sum_t coef[t] * logp[t]`` (see the kernel files)."""
-    from ..triton_kernels.logprob_backward import CONFIGS, CONFIGS_FP32, logprob_backward_kernel
-
     hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
     temperature, ignore_index = float(temperature), int(ignore_index)
     N, H = hidden.shape
@@ -282,39 +306,90 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
         _, lse, rows, n_valid = _forward(hidden, weight, bias, targets, temperature, ignore_index)
     else:
         # The saved lse spares the forward sweep (a logits-sized matmul);
-        # the gradient kernel writes logp itself.
+        # the gradient kernels write logp themselves.
         lse = lse.float().contiguous()
         rows, n_valid = _compact_rows(targets, ignore_index)
     coef = coef.reshape(-1).float().contiguous()
     logp = torch.zeros(N, dtype=torch.float32, device=dev)
-
     dh = torch.zeros(N, H, dtype=torch.float32, device=dev)
     dw = torch.zeros(V, H, dtype=torch.float32, device=dev)
     db = None if bias is None else torch.zeros(V, dtype=torch.float32, device=dev)
-    use_filter = _filter and hidden.dtype != torch.float32
-    filter_eps = torch.finfo(hidden.dtype).eps / 32 if use_filter else 0.0
     if N:
-        args = dict(
+        common = dict(
             hidden_ptr=hidden, weight_ptr=weight, bias_ptr=bias if bias is not None else hidden,
             targets_ptr=targets, rows_ptr=rows, n_valid_ptr=n_valid, coef_ptr=coef, lse_ptr=lse, logp_ptr=logp,
-            dhidden_ptr=dh, dweight_ptr=dw, dbias_ptr=db if db is not None else dh,
-            N=N, V=V, H=H, inv_temp=1.0 / temperature, filter_eps=filter_eps,
+            N=N, H=H, inv_temp=1.0 / temperature,
             stride_hn=hidden.stride(0), stride_hh=hidden.stride(1),
             stride_wv=weight.stride(0), stride_wh=weight.stride(1),
-            stride_dhn=dh.stride(0), stride_dhh=dh.stride(1), stride_dwv=dw.stride(0), stride_dwh=dw.stride(1),
-            HAS_BIAS=bias is not None, FILTER=use_filter, DOT_PRECISION=_dot_precision(hidden.dtype),
+            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
             UPCAST_DOT=_upcast_dot(hidden.dtype),
         )  # fmt: skip
-
-        def grid(meta):
-            return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
-
-        # dbias_ptr aliases dhidden without a bias: resetting it twice is harmless.
-        reset = ["dhidden_ptr", "dweight_ptr", "dbias_ptr"]
-        fp32 = hidden.dtype == torch.float32
-        configs = CONFIGS_FP32 if fp32 else CONFIGS
-        _launch("backward", logprob_backward_kernel, configs, grid, args, reset_to_zero=reset, tag="-fp32" * fp32)
+        if _backward_mode == "atomic":
+            _backward_atomic(common, hidden, dh, dw, db, V)
+        else:
+            _backward_gemm(common, hidden, weight, targets, ignore_index, dh, dw, db, V)
     return logp, dh, dw, db
+
+
+def _backward_atomic(common, hidden, dh, dw, db, V):
+    """One fused kernel: every (row block, vocab tile) adds its share of dh and dW with fp32 atomics."""
+    from ..triton_kernels.logprob_backward import CONFIGS, CONFIGS_FP32, logprob_backward_kernel
+
+    N = hidden.shape[0]
+    use_filter = _filter and hidden.dtype != torch.float32
+    args = dict(
+        common, V=V, dhidden_ptr=dh, dweight_ptr=dw, dbias_ptr=db if db is not None else dh,
+        filter_eps=torch.finfo(hidden.dtype).eps / 32 if use_filter else 0.0, FILTER=use_filter,
+        stride_dhn=dh.stride(0), stride_dhh=dh.stride(1), stride_dwv=dw.stride(0), stride_dwh=dw.stride(1),
+    )  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+
+    # dbias_ptr aliases dhidden without a bias: resetting it twice is harmless.
+    reset = ["dhidden_ptr", "dweight_ptr", "dbias_ptr"]
+    fp32 = hidden.dtype == torch.float32
+    configs = CONFIGS_FP32 if fp32 else CONFIGS
+    _launch("backward", logprob_backward_kernel, configs, grid, args, reset_to_zero=reset, tag="-fp32" * fp32)
+
+
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b into a float32 ``acc`` without rounding a @ b to the inputs' dtype first."""
+    if acc.is_cuda and a.dtype != torch.float32:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):  # torch < 2.8 has no out_dtype
+            pass
+    acc.addmm_(a.float(), b.float())
+
+
+def _backward_gemm(common, hidden, weight, targets, ignore_index, dh, dw, db, V):
+    """Per vocabulary chunk: the dz kernel, then cuBLAS for dh += dz W and dW = dz^T h (see dlogits.py)."""
+    from ..triton_kernels.dlogits import CONFIGS, CONFIGS_FP32, dlogits_kernel
+
+    N = hidden.shape[0]
+    chunk = min(_DZ_CHUNK, V)
+    dz = torch.zeros(N, chunk, dtype=hidden.dtype, device=hidden.device)
+    # Ignored rows have dz = 0 but may hold garbage (NaN) in hidden: zero them
+    # for the dW product instead of multiplying them by zero.
+    h_clean = hidden.masked_fill((targets == ignore_index)[:, None], 0)
+    fp32 = hidden.dtype == torch.float32
+    configs = CONFIGS_FP32 if fp32 else CONFIGS
+    for v0 in range(0, V, chunk):
+        v1 = min(v0 + chunk, V)
+        args = dict(common, dz_ptr=dz, dbias_ptr=db if db is not None else dh, v_start=v0, v_end=v1)
+        args["stride_dzn"] = dz.stride(0)
+
+        def grid(meta, width=v1 - v0):
+            return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
+
+        # reset_to_zero: autotuning reruns the kernel, whose dbias sum is atomic.
+        reset, tag = ["dbias_ptr"], "-fp32" * fp32
+        _launch("dlogits", dlogits_kernel, configs, grid, args, reset_to_zero=reset, tag=tag, key=("H",))
+        d = dz[:, : v1 - v0]
+        _addmm_fp32(dh, d, weight[v0:v1])
+        _addmm_fp32(dw[v0:v1], d.T, h_clean)
 
 
 # ----------------------------------------------------------------------------
