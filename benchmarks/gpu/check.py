@@ -164,6 +164,18 @@ def ours_logprobs(backend):
     return run
 
 
+def ours_atomic(inp):
+    """The fused single-kernel backward (fp32 atomics) instead of the default dz chunks + cuBLAS."""
+    from grao_kernels.backends import triton_backend
+
+    mode = triton_backend._backward_mode
+    triton_backend.set_backward_mode("atomic")
+    try:
+        return ours_logprobs("triton")(inp)
+    finally:
+        triton_backend.set_backward_mode(mode)
+
+
 def ours_grao(backend):
     def run(inp):
         from grao_kernels import grao_loss
@@ -221,6 +233,7 @@ def trl_chunked(inp):
 METHODS = [
     ("grao_kernels triton, fused_linear_logprobs", ours_logprobs("triton"), True, 3),
     ("grao_kernels triton, grao_loss", ours_grao("triton"), True, 3),
+    ("grao_kernels triton, fused_linear_logprobs, atomic backward", ours_atomic, True, 3),
     # fp32 GEMMs over vocabulary tiles: seconds per call at these sizes, so one timed run
     ("grao_kernels torch (2 GiB budget), fused_linear_logprobs", ours_logprobs("torch"), True, 1),
     ("naive PyTorch (materialised logits)", naive, False, 3),
