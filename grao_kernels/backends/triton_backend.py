@@ -23,9 +23,9 @@ stable sort of the ignore mask), so no call synchronises with the host.
 
 Config selection, first match wins: :func:`pin_config`, the environment
 variable ``GRAO_KERNELS_TRITON_CONFIG`` (e.g. ``"BLOCK_N=64,BLOCK_V=128,
-BLOCK_H=64,num_warps=4,num_stages=3"``, applied to both sweeps), the small
-interpreter config under ``TRITON_INTERPRET=1``, else Triton's autotuner over
-the configs next to each kernel, keyed on (V, H).
+BLOCK_H=64,num_warps=4,num_stages=3"``, applied to every sweep kernel), the
+small interpreter config under ``TRITON_INTERPRET=1``, else Triton's autotuner
+over the configs next to each kernel, keyed on (V, H) and the dtypes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import math
 import os
 
 import torch
-import triton  # noqa: F401  (an ImportError here disables only this backend)
+import triton  # an ImportError here disables only this backend (see backends/__init__.py)
 
 # Under the interpreter every program and every reduction costs milliseconds
 # of Python, so its default takes few, wide vocabulary tiles; rows and H stay
@@ -324,6 +324,8 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
             HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(hidden.dtype),
             UPCAST_DOT=_upcast_dot(hidden.dtype),
         )  # fmt: skip
+        if _backward_mode not in ("gemm", "atomic"):
+            raise ValueError(f"GRAO_KERNELS_TRITON_BACKWARD must be 'gemm' or 'atomic', got {_backward_mode!r}")
         if _backward_mode == "atomic":
             _backward_atomic(common, hidden, dh, dw, db, V)
         else:
