@@ -167,13 +167,17 @@ def ours_logprobs(backend):
 def ours_atomic(inp):
     """The fused single-kernel backward (fp32 atomics) instead of the default dz chunks + cuBLAS."""
     from grao_kernels.backends import triton_backend
+    from grao_kernels.triton_kernels.logprob_backward import CONFIGS
 
     mode = triton_backend._backward_mode
     triton_backend.set_backward_mode("atomic")
+    # one pinned config: autotuning it would compile three more kernels inside the time budget
+    triton_backend.pin_config("backward", {**CONFIGS[0].kwargs, "num_warps": CONFIGS[0].num_warps})
     try:
         return ours_logprobs("triton")(inp)
     finally:
         triton_backend.set_backward_mode(mode)
+        triton_backend.pin_config("backward", None)
 
 
 def ours_grao(backend):
