@@ -66,7 +66,13 @@ def _interpreting() -> bool:
 def unavailable_reason(device: torch.device) -> str | None:
     device = torch.device(device)
     if device.type == "cuda":
-        return None if torch.cuda.is_available() else "PyTorch sees no CUDA device"
+        if not torch.cuda.is_available():
+            return "PyTorch sees no CUDA device"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            # bfloat16 tl.dot and the tile configs assume Ampere or newer.
+            return f"its kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+        return None
     if device.type == "cpu":
         if _interpreting():
             return None
