@@ -16,7 +16,14 @@ from utils import assert_close, assert_within_torch_error, backends_under_test, 
 from grao_kernels import GRAOLoss, fused_linear_logprobs, grao_loss, group_advantages
 from grao_kernels.reference import reference_advantages, reference_grao, reference_logprobs
 
-BACKENDS = backends_under_test("cpu")
+# Every backend on every device present: CPU (triton through the interpreter),
+# and CUDA when there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ON_DEVICE = [
+    pytest.param(device, name, id=name if device == "cpu" else f"{name}-{device}")
+    for device in DEVICES
+    for name in backends_under_test(device)
+]
 
 # (name, P, G, T, H, V, bias, temperature)
 CASES = [
@@ -35,7 +42,7 @@ DTYPES = [
 ]
 
 
-def make_batch(P, G, T, H, V, bias, dtype, *, empty_seq=True, tied_group=True, scale=1.0):
+def make_batch(P, G, T, H, V, bias, dtype, *, empty_seq=True, tied_group=True, scale=1.0, device="cpu"):
     S = P * (G + 1)
     hidden = (torch.randn(S, T, H) * scale).to(dtype)
     weight = (torch.randn(V, H) / H**0.5).to(dtype)
@@ -53,7 +60,7 @@ def make_batch(P, G, T, H, V, bias, dtype, *, empty_seq=True, tied_group=True, s
     rewards = torch.randn(P, G + 1)
     if tied_group and P > 1:
         rewards[-1] = 0.25  # all equal: zero advantages
-    return hidden, weight, b, targets, rewards
+    return tuple(None if t is None else t.to(device) for t in (hidden, weight, b, targets, rewards))
 
 
 def _leaf(t, dtype=None):
@@ -69,12 +76,12 @@ def _grads(loss, *leaves):
     return [None if x is None else next(it) for x in leaves]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_grao_loss_matches_float64_reference(backend, dtype, tol, case):
+def test_grao_loss_matches_float64_reference(device, backend, dtype, tol, case):
     _, P, G, T, H, V, bias, temp = case
-    hidden, weight, b, targets, rewards = make_batch(P, G, T, H, V, bias, dtype)
+    hidden, weight, b, targets, rewards = make_batch(P, G, T, H, V, bias, dtype, device=device)
 
     h, w, bb = _leaf(hidden), _leaf(weight), _leaf(b)
     out = grao_loss(h, w, targets, rewards, bias=bb, temperature=temp, backend=backend)
@@ -114,14 +121,14 @@ def test_grao_loss_matches_float64_reference(backend, dtype, tol, case):
                 assert_within_torch_error(g, r, s, factor=factor, floor=floor, name=f"d{name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fused_linear_logprobs_matches_float64_reference(backend, case):
+def test_fused_linear_logprobs_matches_float64_reference(device, backend, case):
     _, P, G, T, H, V, bias, temp = case
-    hidden, weight, b, targets, _ = make_batch(P, G, T, H, V, bias, torch.float32)
+    hidden, weight, b, targets, _ = make_batch(P, G, T, H, V, bias, torch.float32, device=device)
     h, w, bb = _leaf(hidden), _leaf(weight), _leaf(b)
     logp = fused_linear_logprobs(h, w, targets, bias=bb, temperature=temp, backend=backend)
-    upstream = torch.randn(targets.shape)
+    upstream = torch.randn(targets.shape, device=device)
     got = _grads((logp * upstream).sum(), h, w, bb)
 
     h64, w64, b64 = _leaf(hidden, torch.float64), _leaf(weight, torch.float64), _leaf(b, torch.float64)
@@ -136,21 +143,21 @@ def test_fused_linear_logprobs_matches_float64_reference(backend, case):
             assert rel_l2(g, r) <= 1e-4, f"d{name}: relative L2 {rel_l2(g, r):.2e}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logprobs_any_leading_shape_and_no_grad(backend):
-    hidden, weight, _, targets, _ = make_batch(1, 2, 5, 12, 41, False, torch.float32)
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_logprobs_any_leading_shape_and_no_grad(device, backend):
+    hidden, weight, _, targets, _ = make_batch(1, 2, 5, 12, 41, False, torch.float32, device=device)
     flat = fused_linear_logprobs(hidden.reshape(-1, 12), weight, targets.reshape(-1), backend=backend)
     shaped = fused_linear_logprobs(hidden, weight, targets, backend=backend)
     assert_close(flat.view(targets.shape), shaped, rtol=0, atol=1e-6, name="reshape")
     with torch.no_grad():
-        out = grao_loss(hidden, weight, targets, torch.randn(1, 3), backend=backend)
+        out = grao_loss(hidden, weight, targets, torch.randn(1, 3, device=device), backend=backend)
     assert not out.loss.requires_grad and torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ignored_positions_cost_nothing_and_leak_nothing(backend):
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_ignored_positions_cost_nothing_and_leak_nothing(device, backend):
     """Ignored rows are skipped, not multiplied by zero: garbage there cannot reach the result."""
-    hidden, weight, b, targets, rewards = make_batch(2, 2, 6, 16, 53, True, torch.float32)
+    hidden, weight, b, targets, rewards = make_batch(2, 2, 6, 16, 53, True, torch.float32, device=device)
     clean = grao_loss(hidden, weight, targets, rewards, bias=b, backend=backend)
     dirty_hidden = hidden.clone()
     dirty_hidden[targets == -100] = float("nan")
@@ -162,9 +169,9 @@ def test_ignored_positions_cost_nothing_and_leak_nothing(backend):
     assert abs(dirty.loss.item() - clean.loss.item()) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_all_targets_ignored_gives_zero_loss_and_gradients(backend):
-    hidden, weight, _, targets, rewards = make_batch(1, 2, 4, 8, 33, False, torch.float32)
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_all_targets_ignored_gives_zero_loss_and_gradients(device, backend):
+    hidden, weight, _, targets, rewards = make_batch(1, 2, 4, 8, 33, False, torch.float32, device=device)
     targets[:] = -100
     h, w = _leaf(hidden), _leaf(weight)
     out = grao_loss(h, w, targets, rewards, backend=backend)
@@ -173,9 +180,9 @@ def test_all_targets_ignored_gives_zero_loss_and_gradients(backend):
     assert (gh == 0).all() and (gw == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_module_matches_function(backend):
-    hidden, weight, b, targets, rewards = make_batch(2, 2, 5, 8, 45, True, torch.float32)
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_module_matches_function(device, backend):
+    hidden, weight, b, targets, rewards = make_batch(2, 2, 5, 8, 45, True, torch.float32, device=device)
     module = GRAOLoss(beta=0.3, lam=0.9, temperature=0.8, backend=backend)
     a = module(hidden, weight, targets, rewards, bias=b)
     f = grao_loss(hidden, weight, targets, rewards, bias=b, beta=0.3, lam=0.9, temperature=0.8, backend=backend)

@@ -14,7 +14,9 @@ A backend is a module in this package exposing:
 
 ``linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None)``
     The same log-probs plus the gradients of ``sum_t coef[t] * logp[t]`` with
-    respect to hidden, weight and bias, as float32 tensors shaped like them
+    respect to hidden, weight and bias, shaped like them, each in float32 or in
+    its input's dtype (accumulated in float32 either way; a backend that can
+    write a gradient in the input dtype directly saves the float32 copy)
     (``dbias`` is None without a bias). ``lse`` from an earlier forward lets the
     backend skip recomputing it. Returns ``(logp, dhidden, dweight, dbias)``.
 
