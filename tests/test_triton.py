@@ -111,8 +111,12 @@ def test_forward_and_gradient_match_float64(tb, dtype, tol, shape, mode):
     ref = _ref_grads(hidden, weight, b, targets, coef, temp)
     same = _ref_grads(hidden, weight, b, targets, coef, temp, dtype=dtype)
 
-    for t in (logp, lse, g_logp, dh, dw) + ((db,) if bias else ()):
+    for t in (logp, lse, g_logp, dh):
         assert t.dtype == torch.float32
+    # The "gemm" backward writes dW (and dbias) in the input dtype, the atomic one sums them in float32.
+    grad_dtype = dtype if mode == "gemm" else torch.float32
+    for t in (dw,) + ((db,) if bias else ()):
+        assert t.dtype == grad_dtype
     ignored_rows = targets == -100
     assert (logp[ignored_rows] == 0).all() and (lse[ignored_rows] == 0).all() and (dh[ignored_rows] == 0).all()
     # Both sweeps work in float32 on the same rounded inputs: only the fp32
@@ -128,6 +132,31 @@ def test_forward_and_gradient_match_float64(tb, dtype, tol, shape, mode):
     for x, y in zip(again, (g_logp, dh, dw, db)):
         if x is not None:
             assert_close(x, y, rtol=1e-6, atol=1e-6, name="with saved lse")
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32, None], ids=["bf16-bias", "fp32-bias", "no-bias"])
+def test_gemm_backward_writes_bf16_weight_gradient(tb, bias_dtype):
+    """bf16 inputs: dW comes back as a bf16 (V, H) buffer, never a float32 one, and dbias in the bias's dtype."""
+    N, H, V = 29, 24, 150  # three 64-wide dz chunks (see the tb fixture), the last one partial
+    hidden, weight, b, targets = _inputs(N, H, V, bias_dtype is not None, torch.bfloat16, 0.2)
+    if b is not None:
+        b = b.to(bias_dtype)
+    coef = torch.randn(N, device=DEVICE)
+    tb.set_backward_mode("gemm")
+    _, dh, dw, db = tb.linear_logprobs_grad(hidden, weight, b, targets, coef, 0.9, -100)
+    assert dh.dtype == torch.float32
+    assert dw.dtype == torch.bfloat16 and dw.shape == (V, H)
+    assert db is None if b is None else db.dtype == bias_dtype
+    ref = _ref_grads(hidden, weight, b, targets, coef, 0.9)
+    same = _ref_grads(hidden, weight, b, targets, coef, 0.9, dtype=torch.bfloat16)
+    for name, got, want, s in zip(("dhidden", "dweight", "dbias"), (dh, dw, db), ref[2:], same[2:]):
+        if got is not None:
+            assert_within_torch_error(got, want, s, factor=2.0, floor=1e-3, name=name)
+    # The same values as the float32 dW of the atomic backward, rounded once (up to summation order).
+    tb.set_backward_mode("atomic")
+    _, _, dw32, _ = tb.linear_logprobs_grad(hidden, weight, b, targets, coef, 0.9, -100)
+    assert dw32.dtype == torch.float32
+    assert_close(dw, dw32.bfloat16(), rtol=2**-7, atol=1e-6, name="dW against the atomic backward's")
 
 
 def test_vocabulary_splits_combine_exactly(tb, monkeypatch):

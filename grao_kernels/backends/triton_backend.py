@@ -21,6 +21,20 @@ GEMMs (default) or a single fused kernel with fp32 atomics
 stable sort of the ignore mask), so no call synchronises with the host.
 ``grao_loss`` adds one launch for each of its three small steps.
 
+Memory beyond the inputs and the gradients handed back to autograd, default
+"gemm" backward with bfloat16/float16 inputs: dh in float32 (N x H x 4 bytes;
+it sums every vocabulary chunk's product, so ``_functions._cast_grads`` copies
+it to the input dtype afterwards), one N x 2048 dz chunk and a copy of hidden
+with the ignored rows zeroed (both in the input dtype), the forward's
+(3, splits, N) partial sums and O(N) vectors: about 450 MiB at N=16k, H=4k,
+whatever V is. dW is written chunk by chunk straight into a (V, H) buffer in
+the weight's dtype, the very tensor autograd receives (a chunk's GEMM spans
+every row, so it is complete when written); dbias, V floats, is summed in
+float32 and cast once. float32 inputs return float32 gradients (no copies).
+The "atomic" backward instead sums dh and dW in float32 (adding V x H x 4
+bytes, then the caller's cast of dW to the weight's dtype) but has no dz
+chunk.
+
 Config selection, first match wins: :func:`pin_config`, the environment
 variable ``GRAO_KERNELS_TRITON_CONFIG`` (e.g. ``"BLOCK_N=64,BLOCK_V=128,
 BLOCK_H=64,num_warps=4,num_stages=3"``, applied to every sweep kernel), the
@@ -118,8 +132,9 @@ def set_backward_mode(mode: str) -> None:
     """How the gradient sweep accumulates dh and dW: "gemm" (default) or "atomic".
 
     "gemm": per 2048-wide vocabulary chunk a Triton kernel writes dz (N x
-    chunk, input dtype) and cuBLAS computes dh += dz W and dW = dz^T h with
-    fp32 outputs. "atomic": one fused kernel adds every tile's products into
+    chunk, input dtype) and cuBLAS computes dh += dz W into float32 and the
+    chunk's rows of dW = dz^T h in the weight's dtype (fp32 accumulation,
+    written once). "atomic": one fused kernel adds every tile's products into
     fp32 dh and dW with atomics, with no dz buffer but heavy L2 atomic
     traffic (see ``triton_kernels/logprob_backward.py``). Also set by
     ``GRAO_KERNELS_TRITON_BACKWARD``.
@@ -302,7 +317,12 @@ def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_i
 
 
 def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
-    """Log-probs and the fp32 gradients of ``sum_t coef[t] * logp[t]`` (see the kernel files)."""
+    """Log-probs and the gradients of ``sum_t coef[t] * logp[t]`` (see the kernel files).
+
+    dhidden is float32. dweight and dbias are float32 too, except in the "gemm"
+    backward with bfloat16/float16 inputs, which writes them in the weight's
+    and the bias's dtype (see the module docstring's memory accounting).
+    """
     hidden, weight, bias, targets = _prepare(hidden, weight, bias, targets)
     temperature, ignore_index = float(temperature), int(ignore_index)
     N, H = hidden.shape
@@ -318,7 +338,14 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
     coef = coef.reshape(-1).float().contiguous()
     logp = torch.zeros(N, dtype=torch.float32, device=dev)
     dh = torch.zeros(N, H, dtype=torch.float32, device=dev)
-    dw = torch.zeros(V, H, dtype=torch.float32, device=dev)
+    # The "gemm" backward writes each chunk of dW complete, so it can write it
+    # in the weight's dtype (every row of it, hence no zero fill when N > 0);
+    # atomics and addmm sum partial products into float32.
+    direct = _backward_mode == "gemm" and hidden.dtype != torch.float32
+    if direct and N:
+        dw = torch.empty(V, H, dtype=weight.dtype, device=dev)
+    else:
+        dw = torch.zeros(V, H, dtype=weight.dtype if direct else torch.float32, device=dev)
     db = None if bias is None else torch.zeros(V, dtype=torch.float32, device=dev)
     if N:
         common = dict(
@@ -336,6 +363,8 @@ def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignor
             _backward_atomic(common, hidden, dh, dw, db, V)
         else:
             _backward_gemm(common, hidden, weight, targets, ignore_index, dh, dw, db, V)
+    if direct and db is not None:
+        db = db.to(bias.dtype)  # V floats: summed by fp32 atomics across row blocks, cast once
     return logp, dh, dw, db
 
 
@@ -372,6 +401,24 @@ def _addmm_fp32(acc, a, b):
     acc.addmm_(a.float(), b.float())
 
 
+def _mm_into(out, a, b):
+    """out = a @ b for bfloat16/float16 ``a``, ``b`` and ``out``: fp32 accumulation, one rounding.
+
+    Only ever called on one vocabulary chunk of dW, so the CPU fallback's
+    float32 temporary is bounded by the chunk.
+    """
+    if out.is_cuda:
+        # cuBLAS multiplies bf16/fp16 with fp32 accumulation (CUBLAS_COMPUTE_32F)
+        # and rounds on writing. Should it split K (= N, the long dimension
+        # here), PyTorch lets it sum the partial products in the output dtype
+        # unless torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_precision_reduction
+        # is False, as for any bf16/fp16 matmul in PyTorch.
+        torch.mm(a, b, out=out)
+    else:
+        # CPU tensors (the interpreter): torch.mm has no fp32 out_dtype for bf16 here.
+        out.copy_(a.float() @ b.float())
+
+
 def _backward_gemm(common, hidden, weight, targets, ignore_index, dh, dw, db, V):
     """Per vocabulary chunk: the dz kernel, then cuBLAS for dh += dz W and dW = dz^T h (see dlogits.py)."""
     from ..triton_kernels.dlogits import CONFIGS, CONFIGS_FP32, dlogits_kernel
@@ -397,7 +444,10 @@ def _backward_gemm(common, hidden, weight, targets, ignore_index, dh, dw, db, V)
         _launch("dlogits", dlogits_kernel, configs, grid, args, reset_to_zero=reset, tag=tag, key=("H",))
         d = dz[:, : v1 - v0]
         _addmm_fp32(dh, d, weight[v0:v1])
-        _addmm_fp32(dw[v0:v1], d.T, h_clean)
+        if dw.dtype == torch.float32:
+            _addmm_fp32(dw[v0:v1], d.T, h_clean)
+        else:
+            _mm_into(dw[v0:v1], d.T, h_clean)
 
 
 # ----------------------------------------------------------------------------

@@ -7,8 +7,9 @@ Equivalent eager code for the chunk ``[v_start, v_end)``::
     logp[r] = z[r, targets[r] - v_start] - lse[r]          # for rows whose target is in the chunk
     dbias[v_start:v_end] += dz.float().sum(0)               # fp32 atomics, before the rounding
 
-The launcher then runs ``dhidden += dz @ weight[chunk]`` and ``dweight[chunk] =
-dz.T @ hidden`` as cuBLAS GEMMs with fp32 outputs. Against the fully fused
+The launcher then runs ``dhidden += dz @ weight[chunk]`` (fp32 output) and
+``dweight[chunk] = dz.T @ hidden`` (in the weight's dtype: every row is in the
+product, so the chunk is final) as cuBLAS GEMMs. Against the fully fused
 ``logprob_backward`` (fp32 atomics of every tile into dhidden and dweight),
 this moves the two gradient products onto cuBLAS and removes the atomic
 traffic (|dhidden| * V/BLOCK_V + |dweight| * N/BLOCK_N, hundreds of GB at
