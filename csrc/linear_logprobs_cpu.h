@@ -89,7 +89,10 @@ inline void for_each_chunk(int64_t n_chunks, int n_threads, const F& body) {
   });
 }
 
-constexpr int64_t kChunks = 8;
+// 16 chunks: a thread preempted by other load while holding the last chunk
+// of a pass stalls the other for at most 1/16 of that pass; the dh partials
+// cost 16 x rows x H float32.
+constexpr int64_t kChunks = 16;
 
 inline Result run(const Problem& P, Mode mode) {
   const int64_t N = P.hidden.size(0), H = P.hidden.size(1), V = P.weight.size(0);

@@ -176,11 +176,11 @@ def plan_blocks(V: int, H: int, lse_known: bool) -> tuple[int, int]:
     dw is read and written once per row block, so blocks are as large as the
     memory budget allows. The one-sweep gradient holds a block of
     exponentials, rows x V float32; with a known lse (and for the forward)
-    only one tile per thread is live and the bound is the 8 per-chunk dh
-    partials, 8 x rows x H float32. Below ``_MIN_ROWS`` rows the budget
+    only one tile per thread is live and the bound is the 16 per-chunk dh
+    partials, 16 x rows x H float32. Below ``_MIN_ROWS`` rows the budget
     yields (see there).
     """
-    per_row = 4 * (8 * H if lse_known else V)
+    per_row = 4 * (16 * H if lse_known else V)
     rows = _budget // max(per_row, 1)
     rows = max(_MIN_ROWS, min(_MAX_ROWS // 2 if lse_known else _MAX_ROWS, rows // 16 * 16))
     return int(rows), _TILE_VOCAB
