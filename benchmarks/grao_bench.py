@@ -465,16 +465,38 @@ def probe(op: str, key: str, shape: Shape) -> dict:
     return res
 
 
-def _probe_child(conn, op, key, shape_fields):
+def _probe_shape(op, key, shape_fields):
+    torch.set_num_threads(int(os.environ.get("GRAO_BENCH_THREADS", torch.get_num_threads())))
+    return probe(op, key, Shape(*shape_fields))
+
+
+def _isolated_child(conn, fn, args):
     try:
-        torch.set_num_threads(int(os.environ.get("GRAO_BENCH_THREADS", torch.get_num_threads())))
-        conn.send(("ok", probe(op, key, Shape(*shape_fields))))
+        conn.send(("ok", fn(*args)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         import traceback
 
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
         conn.close()
+
+
+def run_isolated(what: str, fn, *args):
+    """``fn(*args)`` in a fresh fork of the fork server (``fn`` a module-level function); its result, or a
+    RuntimeError carrying the child's traceback."""
+    ctx = _forkserver()
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_isolated_child, args=(child, fn, args))
+    p.start()
+    child.close()
+    try:
+        status, res = parent.recv()
+    except EOFError:
+        status, res = "error", "the process died without a result (out of memory?)"
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"{what} failed: {res}")
+    return res
 
 
 @functools.cache
@@ -510,18 +532,9 @@ def probe_cached(op: str, key: str, shape: Shape) -> dict:
     if shape.device != "cpu":
         res = probe(op, key, shape)
     else:
-        ctx = _forkserver()
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_probe_child, args=(child, op, key, tuple(shape.__dict__.values())))
-        p.start()
-        child.close()
-        try:
-            status, res = parent.recv()
-        except EOFError:
-            status, res = "error", "probe process died without a result (out of memory?)"
-        p.join()
-        if status != "ok":
-            raise RuntimeError(f"probe of {key} ({op}) at {shape.id} failed: {res}")
+        res = run_isolated(
+            f"probe of {key} ({op}) at {shape.id}", _probe_shape, op, key, tuple(shape.__dict__.values())
+        )
     # Keep only the current shape's results: dhidden sketches add up otherwise.
     for k in [k for k in _probe_cache if k[2] != shape]:
         del _probe_cache[k]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from grao_bench import _forkserver, _proc_kib, _reset_hwm, device_name, rounds, sync
+from grao_bench import _proc_kib, _reset_hwm, device_name, rounds, run_isolated, sync
 
 VARIANTS = ("grao_loss", "full_logits")
 # ~1B parameters: 12 MoE layers of 16 experts (top-2) of 3 x 2048 x 768, plus attention.
@@ -121,15 +121,6 @@ def _probe(device: str, model: str, variant: str) -> dict:
         step.close()
 
 
-def _probe_child(conn, device, model, variant):
-    try:
-        conn.send(("ok", _probe(device, model, variant)))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
 _probes: dict = {}
 
 
@@ -139,19 +130,7 @@ def _probe_cached(device: str, model: str, variant: str) -> dict:
         if device != "cpu":
             _probes[key] = _probe(device, model, variant)
         else:
-            ctx = _forkserver()
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_probe_child, args=(child, device, model, variant))
-            p.start()
-            child.close()
-            try:
-                status, res = parent.recv()
-            except EOFError:
-                status, res = "error", "probe process died without a result"
-            p.join()
-            if status != "ok":
-                raise RuntimeError(f"trainer probe {key} failed: {res}")
-            _probes[key] = res
+            _probes[key] = run_isolated(f"trainer probe {key}", _probe, device, model, variant)
     return _probes[key]
 
 
