@@ -20,15 +20,16 @@ def _dtypes(hidden, weight, bias):
     return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
 
 
-def _cast_grads(needs, dh, dw, db, scale, dtypes):
-    """float32 gradients scaled by ``scale`` and cast to the inputs' dtypes."""
+def _cast_grads(needs, dh, dw, db, dtypes, scale=None):
+    """Gradients cast to the inputs' dtypes, first scaled in place by ``scale``
+    (a 0-d tensor) when given: the buffers belong to the caller alone."""
     hd, wd, bd = dtypes
 
     def one(g, dtype, need):
         if g is None or not need:
             return None
-        if not (isinstance(scale, float) and scale == 1.0):
-            g = g * scale
+        if scale is not None:
+            g.mul_(scale)
         return g.to(dtype)
 
     return one(dh, hd, needs[0]), one(dw, wd, needs[1]), one(db, bd, needs[2])
@@ -48,7 +49,7 @@ class LinearLogprobs(torch.autograd.Function):
         _, dh, dw, db = ctx.backend.linear_logprobs_grad(
             hidden, weight, bias, targets, grad_logp.float().contiguous(), ctx.temperature, ctx.ignore_index, lse=lse
         )
-        gh, gw, gb = _cast_grads(ctx.needs_input_grad, dh, dw, db, 1.0, _dtypes(hidden, weight, bias))
+        gh, gw, gb = _cast_grads(ctx.needs_input_grad, dh, dw, db, _dtypes(hidden, weight, bias))
         return gh, gw, gb, None, None, None, None
 
 
@@ -78,7 +79,6 @@ class LinearLogprobsFunctional(torch.autograd.Function):
             raise RuntimeError("grao_loss: backward through the same graph twice is not supported")
         dh, dw, db = ctx.grads
         ctx.grads = None
-        # The usual upstream gradient is exactly 1: skip the scaling copy.
-        scale = 1.0 if bool(grad_total == 1) else grad_total
-        gh, gw, gb = _cast_grads(ctx.needs_input_grad, dh, dw, db, scale, ctx.dtypes)
+        # Scaled in place: no copy of dW and no host sync to test for a 1.
+        gh, gw, gb = _cast_grads(ctx.needs_input_grad, dh, dw, db, ctx.dtypes, scale=grad_total)
         return gh, gw, gb, None, None, None, None, None

@@ -214,3 +214,17 @@ def test_loss_is_minus_sum_of_terms_and_betas_lambdas_enter_as_in_the_paper():
     full = grao_loss(hidden, weight, targets, rewards, backend="torch")
     total = full.exploration + full.imitation + full.alignment
     assert abs(full.loss.item() + total.item()) <= 1e-6 * (1 + abs(total.item()))
+
+
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_upstream_gradient_scales_the_loss_gradients(device, backend):
+    hidden, weight, b, targets, rewards = make_batch(2, 2, 5, 8, 45, True, torch.float32, device=device)
+    h1, w1, h2, w2 = _leaf(hidden), _leaf(weight), _leaf(hidden), _leaf(weight)
+    g1 = _grads(grao_loss(h1, w1, targets, rewards, bias=b, backend=backend).loss, h1, w1)
+    g2 = _grads(-2.5 * grao_loss(h2, w2, targets, rewards, bias=b, backend=backend).loss, h2, w2)
+    for a, c in zip(g1, g2):
+        assert_close(c, -2.5 * a, rtol=1e-6, atol=1e-9, name="scaled gradient")
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        loss = grao_loss(h1, w1, targets, rewards, bias=b, backend=backend).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
