@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .logprob_backward import _round_to_bf16
+from .common import configs_fp32, grouped_tile_ids, logits_grad_tile, round_to_bf16
 
 # The logits tile, p and dz live in registers together: 128x128 at most
 # (128x256 takes half a minute to compile for sm_90, a sign of spilling).
@@ -32,10 +32,7 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
 ]
 
-CONFIGS_FP32 = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
-]
+CONFIGS_FP32 = configs_fp32(GROUP_N=8)
 
 
 @triton.jit
@@ -69,57 +66,21 @@ def dlogits_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # Grouped order as in logprob_backward: programs sharing a weight tile run together.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(v_end - v_start, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
+    pid_n, pid_v = grouped_tile_ids(N, v_end - v_start, BLOCK_N, BLOCK_V, GROUP_N)
     n_valid = tl.load(n_valid_ptr)
     start = pid_n * BLOCK_N
     if start < n_valid:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < n_valid
-        rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-        tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-        c = tl.load(coef_ptr + rows, mask=row_mask, other=0.0) * inv_temp
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = offs_v < v_end
-        h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
-        wt_ptrs = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
-
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h_mask = offs_h < H - h0
-            a = tl.load(h_ptrs + h0 * stride_hh, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            b = tl.load(wt_ptrs + h0 * stride_wh, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        live = row_mask[:, None] & col_mask[None, :]
-        p = tl.where(live, tl.exp(acc * inv_temp - lse[:, None]), 0.0)
-        onehot = (offs_v[None, :] == tgt[:, None]) & live
-        dz = c[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
-
-        zt = tl.sum(tl.where(onehot, acc * inv_temp, 0.0), 1)
         lo = v_start + pid_v * BLOCK_V
-        has_target = row_mask & (tgt >= lo) & (tgt < lo + BLOCK_V)
-        tl.store(logp_ptr + rows, zt - lse, mask=has_target)
-
+        row_mask, rows, offs_v, col_mask, live, p, onehot, dz = logits_grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, coef_ptr, lse_ptr, logp_ptr,
+            start, n_valid, lo, v_end, H, inv_temp, stride_hn, stride_hh, stride_wv, stride_wh,
+            HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
         if HAS_BIAS:
             # From the fp32 dz: a V-sized atomic sum per row block, cheap.
             tl.atomic_add(dbias_ptr + offs_v, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
         if UPCAST_DOT:
             if hidden_ptr.dtype.element_ty == tl.bfloat16:
-                dz = _round_to_bf16(dz)  # the interpreter's cast would truncate
+                dz = round_to_bf16(dz)  # the interpreter's cast would truncate
         dz_ptrs = dz_ptr + rows[:, None] * stride_dzn + (offs_v - v_start)[None, :]
         tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=live)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import configs_fp32, grouped_tile_ids, logits_grad_tile, round_to_bf16
+
 # The backward holds the logits tile, dz and one dot result per H step in
 # registers, so it stops at 128x128 tiles (128x256 spills and takes about a
 # minute to compile for sm_90).
@@ -40,23 +42,7 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
 ]
 
-# float32 inputs: exact dot on FMA units, small tiles (see lse_forward.py).
-CONFIGS_FP32 = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
-]
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """float32 -> nearest bfloat16 (ties to even), kept in float32.
-
-    Interpreter only: its float32 -> bfloat16 cast truncates, which biases dz
-    and doubles the gradient error; GPUs round to nearest.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+CONFIGS_FP32 = configs_fp32(GROUP_N=8)
 
 
 @triton.jit
@@ -95,56 +81,17 @@ def logprob_backward_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # Grouped order (Triton tutorial 03, "L2 cache optimizations"): GROUP_N
-    # consecutive programs share one vocabulary tile and walk GROUP_N row
-    # blocks, so the weight tile and the dweight tile they accumulate into
-    # stay in L2 while those programs run.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_v = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP_N * num_v
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
+    # Grouped order (see grouped_tile_ids): the dweight tile a group
+    # accumulates into stays in L2 along with its weight tile.
+    pid_n, pid_v = grouped_tile_ids(N, V, BLOCK_N, BLOCK_V, GROUP_N)
     n_valid = tl.load(n_valid_ptr)
     start = pid_n * BLOCK_N
     if start < n_valid:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < n_valid
-        rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-        tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-        c = tl.load(coef_ptr + rows, mask=row_mask, other=0.0) * inv_temp
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = offs_v < V
-        offs_v64 = offs_v.to(tl.int64)
-        h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
-        wt_ptrs = weight_ptr + offs_v64[None, :] * stride_wv + offs_h[:, None] * stride_wh  # (BLOCK_H, BLOCK_V)
-
-        # Recompute the logits tile (cheaper than storing N x V of them).
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h_mask = offs_h < H - h0
-            a = tl.load(h_ptrs + h0 * stride_hh, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            b = tl.load(wt_ptrs + h0 * stride_wh, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-            if UPCAST_DOT:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        live = row_mask[:, None] & col_mask[None, :]
-        p = tl.where(live, tl.exp(acc * inv_temp - lse[:, None]), 0.0)
-        onehot = (offs_v[None, :] == tgt[:, None]) & live
-        dz = c[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
-        # The log-prob comes free from the tile holding the target, so a
-        # backward given the saved lse needs no forward sweep.
-        zt = tl.sum(tl.where(onehot, acc * inv_temp, 0.0), 1)
-        has_target = row_mask & (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V)
-        tl.store(logp_ptr + rows, zt - lse, mask=has_target)
+        row_mask, rows, offs_v, col_mask, live, p, onehot, dz = logits_grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, coef_ptr, lse_ptr, logp_ptr,
+            start, n_valid, pid_v * BLOCK_V, V, H, inv_temp, stride_hn, stride_hh, stride_wv, stride_wh,
+            HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+        )  # fmt: skip
 
         # Gradient filtering (Wijmans et al. 2024, "Cut Your Losses in
         # Large-Vocabulary Language Models", Sec. 4.3): a tile holding no
@@ -160,11 +107,14 @@ def logprob_backward_kernel(
             # low-precision backward rounds its logits gradient.
             if UPCAST_DOT:
                 if hidden_ptr.dtype.element_ty == tl.bfloat16:
-                    dz_in = _round_to_bf16(dz)
+                    dz_in = round_to_bf16(dz)
                 else:
                     dz_in = dz.to(hidden_ptr.dtype.element_ty).to(tl.float32)
             else:
                 dz_in = dz.to(hidden_ptr.dtype.element_ty)
+            offs_h = tl.arange(0, BLOCK_H)
+            offs_v64 = offs_v.to(tl.int64)  # int64, as in logits_tile
+            h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
             w_ptrs = weight_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :] * stride_wh  # (BLOCK_V, BLOCK_H)
             dh_ptrs = dhidden_ptr + rows[:, None] * stride_dhn + offs_h[None, :] * stride_dhh
             dw_ptrs = dweight_ptr + offs_v64[:, None] * stride_dwv + offs_h[None, :] * stride_dwh

@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import configs_fp32, load_row_block, logits_tile
+
 # Hopper (H100/H200, 228 KB shared memory per SM) takes the wide vocabulary
 # tiles; the 128x128 ones fit Ampere (A100, 164 KB) with 3-4 stages. Few
 # configs: each costs a compile (seconds) on first use.
@@ -25,12 +27,7 @@ CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=4, num_stages=3),
 ]
 
-# float32 inputs take the exact (non-TF32) dot, which runs on FMA units: small
-# tiles, or compilation alone takes minutes.
-CONFIGS_FP32 = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32}, num_warps=4, num_stages=2),
-]
+CONFIGS_FP32 = configs_fp32()
 
 
 @triton.jit
@@ -67,12 +64,7 @@ def lse_forward_kernel(
     n_valid = tl.load(n_valid_ptr)
     start = pid_n * BLOCK_N
     if start < n_valid:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        row_mask = offs_n < n_valid
-        rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-        tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-        offs_h = tl.arange(0, BLOCK_H)
-        h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
+        row_mask, rows, tgt = load_row_block(rows_ptr, targets_ptr, start, n_valid, BLOCK_N)
 
         v_lo = pid_s * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
@@ -80,20 +72,11 @@ def lse_forward_kernel(
         s = tl.zeros([BLOCK_N], tl.float32)
         zt = tl.zeros([BLOCK_N], tl.float32)
         for v0 in range(v_lo, v_hi, BLOCK_V):
-            offs_v = v0 + tl.arange(0, BLOCK_V)
-            col_mask = offs_v < v_hi
-            # int64 vocabulary offsets: V*H passes 2^31 for large heads.
-            w_ptrs = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                h_mask = offs_h < H - h0
-                a = tl.load(h_ptrs + h0 * stride_hh, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-                b = tl.load(w_ptrs + h0 * stride_wh, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-                if UPCAST_DOT:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc, offs_v, col_mask = logits_tile(
+                hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, v0, v_hi, H,
+                stride_hn, stride_hh, stride_wv, stride_wh,
+                HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+            )  # fmt: skip
             z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
             # Online log-sum-exp in fp32 (Milakov & Gimelshein 2018, "Online
             # normaliser calculation for softmax", Alg. 3).
