@@ -31,6 +31,7 @@ import torch
 import grao_kernels
 from grao_kernels import backends as gk_backends
 from grao_kernels.api import group_advantages, token_coefficients
+from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from grao_kernels.reference import reference_grao, reference_logprobs
 
 MODES = ("forward", "backward", "full")
@@ -386,21 +387,6 @@ def warm_up(m: Method, shape: Shape) -> None:
 # memory and agreement probe
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's RSS high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _sketch(inp: dict, out, m: Method) -> dict:
     """Comparable summary of a result: log-probs (or loss) and two random projections of dhidden and of dweight.
 
@@ -440,14 +426,14 @@ def probe(op: str, key: str, shape: Shape) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        exact = _reset_hwm()
-        base = _proc_kib("VmRSS") * 1024
+        exact = reset_peak_rss()
+        base = rss_bytes()
 
     def peak() -> int:
         if cuda:
             sync(shape.device)
             return torch.cuda.max_memory_allocated() - base
-        return _proc_kib("VmHWM") * 1024 - base
+        return peak_rss_bytes() - base
 
     out = m.forward(inp)
     fwd = peak()

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -115,33 +116,6 @@ def time_case(N, H, V, reps):
     }
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def reset_peak() -> bool:
-    """Resets the kernel's RSS high-water mark (Linux >= 4.0); False where not allowed.
-
-    Needed because ru_maxrss survives fork+exec: a child of a large parent
-    starts with the parent's high-water mark.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def memory_child(N, H, V, method):
     """Runs in a fresh process: extra bytes of one forward+backward."""
     torch.set_num_threads(2)
@@ -149,10 +123,10 @@ def memory_child(N, H, V, method):
         run_method(m, *make_inputs(16, H, 256))  # load the extension, warm the pools
     hidden, weight, targets, rewards = make_inputs(N, H, V)
     base = rss_bytes()
-    reset = reset_peak()
-    peak_before = peak_bytes()
+    reset = reset_peak_rss()
+    peak_before = peak_rss_bytes()
     run_method(method, hidden, weight, targets, rewards)
-    peak = peak_bytes()
+    peak = peak_rss_bytes()
     grads = (hidden.grad.numel() + weight.grad.numel()) * 4
     out = {"extra_bytes": max(peak, peak_before) - base - grads, "grad_bytes": grads, "peak_reset": reset}
     print(json.dumps(out))

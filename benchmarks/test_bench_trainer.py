@@ -16,7 +16,9 @@ import time
 
 import pytest
 import torch
-from grao_bench import _proc_kib, _reset_hwm, device_name, rounds, run_isolated, sync
+from grao_bench import device_name, rounds, run_isolated, sync
+
+from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 VARIANTS = ("grao_loss", "full_logits")
 # ~1B parameters: 12 MoE layers of 16 experts (top-2) of 3 x 2048 x 768, plus attention.
@@ -112,10 +114,10 @@ def _probe(device: str, model: str, variant: str) -> dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            _reset_hwm()
-            base = _proc_kib("VmRSS") * 1024
+            reset_peak_rss()
+            base = rss_bytes()
         res = step()
-        res["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() if cuda else _proc_kib("VmHWM") * 1024) - base
+        res["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
         return res
     finally:
         step.close()

@@ -10,26 +10,10 @@ of live allocations (plus allocator slack: an over-estimate, never under).
 
 import argparse
 import json
-import resource
 
 import torch
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def reset_high_water() -> None:
-    # ru_maxrss survives fork+exec (a child of a big pytest process would
-    # inherit its peak); VmHWM can be reset instead (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def high_water() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
 def main():
@@ -58,13 +42,14 @@ def main():
     # Warm up thread pools and the allocator on a tiny problem, outside the measurement.
     grao_kernels.grao_loss(hidden[:, :1], weight[:64], targets[:, :1] % 64, rewards, backend=args.backend)
     base = rss_bytes()
-    reset_high_water()
+    if not reset_peak_rss():
+        raise SystemExit("cannot reset the RSS high-water mark (/proc/self/clear_refs): no reliable measurement")
     if args.naive:
         loss = reference_grao(hidden, weight, targets, rewards)["loss"]
     else:
         loss = grao_kernels.grao_loss(hidden, weight, targets, rewards, backend=args.backend).loss
     loss.backward()
-    peak = high_water()
+    peak = peak_rss_bytes()
     grads = hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()
     print(
         json.dumps(
