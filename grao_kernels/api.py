@@ -153,9 +153,18 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     all equal gets exactly zero advantages.
     """
     _check_rewards(rewards, "(P, K)")
+    return _group_advantages(rewards, _check_eps(eps))
+
+
+def _check_eps(eps) -> float:
     eps = float(eps)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def _group_advantages(rewards: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`group_advantages` on rewards already validated."""
     r = rewards.double() if rewards.dtype == torch.float64 else rewards.float()
     mean = r.mean(dim=1, keepdim=True)
     centred = r - mean
@@ -243,6 +252,7 @@ def grao_loss(
     """
     temperature = _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, hidden_rank=3)
     _check_rewards(rewards, "(P, G+1)")
+    eps, beta, lam = _check_eps(eps), float(beta), float(lam)
     P, K = rewards.shape
     G = K - 1
     S, T, _ = hidden.shape
@@ -252,16 +262,14 @@ def grao_loss(
         )
     mod = _backends.resolve(backend, hidden.device)
     # A backend may replace each of the three small steps with its own kernel.
-    adv = getattr(mod, "group_advantages", group_advantages)(rewards.to(hidden.device), eps).float()
-    coef, n = getattr(mod, "token_coefficients", token_coefficients)(
-        adv, targets, ignore_index, float(beta), float(lam)
-    )
+    # The rewards are validated above: the PyTorch step skips checking them again.
+    adv = getattr(mod, "group_advantages", _group_advantages)(rewards.to(hidden.device), eps).float()
+    coef, n = getattr(mod, "token_coefficients", token_coefficients)(adv, targets, ignore_index, beta, lam)
 
     h, t, w, b = _flat(hidden, targets, weight, bias)
     loss, logp = LinearLogprobsFunctional.apply(h, w, b, t, coef, temperature, int(ignore_index), mod)
     seq_logp = getattr(mod, "sequence_logp", sequence_logp)(logp.view(S, T), n)
 
-    G, beta, lam = K - 1, float(beta), float(lam)
     a_o, a_y = adv[:, :G], adv[:, G]
     with torch.no_grad():
         j = seq_logp.view(P, K)

@@ -45,6 +45,7 @@ def call(**over):
         (dict(rewards=torch.ones(2, 3, dtype=torch.int64)), r"rewards must be floating point"),
         (dict(temperature=0.0), r"temperature must be a finite number > 0, got 0.0"),
         (dict(temperature=-1.0), r"temperature must be a finite number > 0"),
+        (dict(eps=-1e-3), r"eps must be >= 0, got -0.001"),
         (dict(hidden=torch.randint(0, 3, (6, 4, 8))), r"hidden must be float32, bfloat16 or float16, got torch.int64"),
         (dict(weight=torch.randn(31, 8, dtype=torch.float64)), r"weight must be float32, bfloat16 or float16"),
         (dict(bias=torch.randn(30)), r"bias must be \(V,\) = \(31,\) to match weight \(31, 8\), got \(30,\)"),
