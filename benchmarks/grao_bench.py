@@ -26,6 +26,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 import grao_kernels
@@ -246,6 +247,16 @@ def methods(op: str) -> list[Method]:
     else:
         peers += [Method("liger_grpo", "Liger fused linear GRPO", op, "peer")]
     return ours + peers
+
+
+def cases(op: str) -> list:
+    """pytest params (shape, method key, mode) of ``op`` over every shape, method and mode; GPU shapes marked."""
+    return [
+        pytest.param(s, m.key, mode, id=f"{s.id}-{m.key}-{mode}", marks=[pytest.mark.gpu] if s.device == "cuda" else [])
+        for s in all_shapes()
+        for m in methods(op)
+        for mode in MODES
+    ]
 
 
 def _ours_skip(m: Method, shape: Shape) -> str | None:

@@ -6,14 +6,9 @@ gradients over. Liger's GRPO loss does the same.
 """
 
 import pytest
-from grao_bench import MODES, all_shapes, methods, run_case
+from grao_bench import cases, run_case
 
-CASES = [
-    pytest.param(s, m.key, mode, id=f"{s.id}-{m.key}-{mode}", marks=[pytest.mark.gpu] if s.device == "cuda" else [])
-    for s in all_shapes()
-    for m in methods("grao")
-    for mode in MODES
-]
+CASES = cases("grao")
 
 
 @pytest.mark.parametrize(("shape", "key", "mode"), CASES)
