@@ -1,29 +1,65 @@
-"""Backend registry.
+"""Backend registry and the contract every backend implements.
 
-A backend is a module in this package exposing:
+A backend is a module in this package (``<name>_backend.py``) exposing three
+functions. Every array argument arrives 2-D/1-D and contiguous from the
+autograd layer; no backend validates user input (``api.py`` does) and no
+backend imports ``reference.py``.
+
+The logits of a head (:class:`Head`)::
+
+    raw = hidden @ weight.T + bias                       # (N, V), never allocated at full size
+    u   = logit_scale * raw
+    u   = softcap * tanh(u / softcap)                    # only when softcap is not None
+    z   = u / temperature
+    lse = logsumexp(z);  logp = z[target] - lse;  p = softmax(z)
+    ent = lse - sum_j p_j z_j                            # entropy of softmax(z)
 
 ``unavailable_reason(device: torch.device) -> str | None``
     ``None`` when the backend can run on tensors of ``device``, otherwise a
     sentence saying why not.
 
-``linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index)``
+``forward(hidden, weight, bias, targets, head, ignore_index, *, entropy, budget) -> Stats``
     ``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``targets`` (N,)
-    int64. Returns ``(logp, lse)``, both (N,) float32: ``log_softmax(z)[target]``
-    and ``logsumexp(z)`` per row with ``z = (hidden @ weight.T + bias) /
-    temperature``; both are 0 at rows whose target is ``ignore_index``.
+    int64. ``Stats(logp, lse, entropy)``: (N,) float32 each, 0 at rows whose
+    target is ``ignore_index``; ``entropy`` is None unless ``entropy=True``.
 
-``linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None)``
-    The same log-probs plus the gradients of ``sum_t coef[t] * logp[t]`` with
-    respect to hidden, weight and bias, shaped like them, each in float32 or in
-    its input's dtype (accumulated in float32 either way; a backend that can
-    write a gradient in the input dtype directly saves the float32 copy)
-    (``dbias`` is None without a bias). ``lse`` from an earlier forward lets the
-    backend skip recomputing it. Returns ``(logp, dhidden, dweight, dbias)``.
+``grad(hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef, stats, needs, budget)``
+    The statistics plus the gradients of
 
-Optional hooks, each replacing one small step of ``grao_loss`` (the PyTorch
-versions in ``grao_kernels.api`` are used otherwise, and define the semantics):
-``group_advantages(rewards, eps)``, ``token_coefficients(adv, targets,
-ignore_index, beta, lam)`` and ``sequence_logp(logp, n)``.
+        L = sum_t coef[t] * logp[t] + sum_t ent_coef[t] * ent[t]
+
+    (``coef`` (N,) float32; ``ent_coef`` (N,) float32 or None for no entropy
+    term) with respect to hidden, weight and bias. Returns ``(stats, dhidden,
+    dweight, dbias)``; ``stats.entropy`` is computed when ``ent_coef`` is
+    given. ``needs`` is a 3-tuple of bools (hidden, weight, bias): a gradient
+    not needed is returned as None and should cost nothing (a frozen lm_head
+    skips the dW product). ``dbias`` is None without a bias. Gradients are
+    float32 or the input's dtype (accumulated in float32 either way).
+    ``stats``: a ``Stats`` from an earlier forward of the same inputs (its
+    ``lse``, and its ``entropy`` when ``ent_coef`` is given), or None; with it
+    the backend may skip recomputing them. The chain rule through the head::
+
+        g_z  = coef (onehot(target) - p) - ent_coef p (z - lse + ent)
+        g_u  = g_z / temperature * (1 - (temperature z / softcap)^2 if softcap else 1)
+        g_raw = logit_scale * g_u
+        dhidden = g_raw @ weight;  dweight = g_raw.T @ hidden;  dbias = g_raw.sum(0)
+
+``budget``: the working memory, in bytes, the call may allocate beyond its
+inputs and returned gradients (``settings.budget(per_call, DEFAULT_BUDGET)``
+resolves it in ``api.py``); each backend also exports ``DEFAULT_BUDGET``.
+
+Numerics shared by every backend: every softmax statistic in float32, every
+GEMM accumulated in float32; a vocabulary entry whose logit is -inf (a -inf
+bias masks it) has probability exactly 0 and never produces a NaN, also when
+a whole tile, split or row block of the vocabulary is masked (the running
+max is guarded as in FlashAttention). Autocast is ignored: each backend
+computes from the tensors as given (``api.py`` disables autocast around the
+call), and README's "Precision" paragraph says which dtype each backend's
+GEMMs use.
+
+Optional hooks replacing a small step of ``grao_loss`` with the backend's own
+kernel: ``group_advantages``, ``sequence_logp`` (see ``api.py`` for their
+PyTorch definitions).
 
 Backends are imported lazily so that an optional dependency (Triton, a C++
 compiler) that is missing only disables its own backend.
@@ -34,8 +70,25 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
+
+
+class Head(NamedTuple):
+    """How logits are formed from ``hidden @ weight.T + bias`` (see the module docstring)."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+class Stats(NamedTuple):
+    """Per-row statistics of a sweep: (N,) float32 each, 0 at ignored rows."""
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 BACKENDS = ("torch", "triton", "native")
 # Order in which backend="auto" tries backends, per device type.
