@@ -1,24 +1,19 @@
-"""The torch backend's vocabulary-tiled path (used when a row block of the whole
-vocabulary would not fit in the memory budget) against the float64 reference."""
+"""The torch backend's block planning, its vocabulary-tiled path (used when a row
+block of the whole vocabulary would not fit in the memory budget) against the
+float64 reference, and the memory-budget setting it reads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_oracle import _grads, _leaf, make_batch
-from utils import rel_l2
+from utils import grads, leaves, make_batch, rel_l2
 
 import grao_kernels
+from grao_kernels.backends import torch_backend
 from grao_kernels.backends.torch_backend import plan_blocks
 from grao_kernels.reference import reference_grao, reference_logprobs
 
-
-@pytest.fixture
-def small_budget():
-    old = grao_kernels.memory_budget()
-    grao_kernels.set_memory_budget(2**20)
-    yield
-    grao_kernels.set_memory_budget(old)
+SMALL = 2**20
 
 
 def test_plan_tiles_the_vocabulary_only_when_needed():
@@ -26,38 +21,64 @@ def test_plan_tiles_the_vocabulary_only_when_needed():
     assert vt == 65536 and rows >= 16
     rows, vt = plan_blocks(262144, 4096, low_precision=True, budget=64 * 2**20)
     assert vt < 262144 and rows * vt * 6 + vt * 4096 * 4 <= 64 * 2**20
+    # Each extra logits-sized buffer (entropy, softcap) shrinks the blocks.
+    one, three = plan_blocks(32768, 256, False, 64 * 2**20), plan_blocks(32768, 256, False, 64 * 2**20, buffers=3)
+    assert three[0] < one[0] and three[0] * 32768 * 14 <= 64 * 2**20
 
 
 def test_budget_must_be_sane():
     with pytest.raises(ValueError, match="at least 1 MiB"):
+        grao_kernels.fused_linear_logprobs(
+            torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), backend="torch", memory_budget=1000
+        )
+    with pytest.warns(FutureWarning, match="settings.memory_budget"), pytest.raises(ValueError, match="at least 1 MiB"):
         grao_kernels.set_memory_budget(1000)
+
+
+def test_per_call_budget_wins_over_the_setting_which_wins_over_the_default(monkeypatch):
+    seen = []
+    real = torch_backend.forward
+
+    def spy(*args, budget, **kw):
+        seen.append(budget)
+        return real(*args, budget=budget, **kw)
+
+    monkeypatch.setattr(torch_backend, "forward", spy)
+    args = (torch.randn(3, 4), torch.randn(7, 4), torch.zeros(3, dtype=torch.long))
+    grao_kernels.fused_linear_logprobs(*args, backend="torch")
+    monkeypatch.setattr(grao_kernels.settings, "memory_budget", 5 * 2**20)
+    grao_kernels.fused_linear_logprobs(*args, backend="torch")
+    grao_kernels.fused_linear_logprobs(*args, backend="torch", memory_budget=3 * 2**20)
+    assert seen == [torch_backend.DEFAULT_BUDGET, 5 * 2**20, 3 * 2**20]
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_tiled_path_matches_reference(small_budget, dtype, bound, bias):
+def test_tiled_path_matches_reference(dtype, bound, bias):
     P, G, T, H, V = 2, 2, 6, 40, 9001
-    assert plan_blocks(V, H, dtype != torch.float32)[1] < V, "case must exercise the tiled path"
+    assert plan_blocks(V, H, dtype != torch.float32, SMALL)[1] < V, "case must exercise the tiled path"
     hidden, weight, b, targets, rewards = make_batch(P, G, T, H, V, bias, dtype)
-    h, w, bb = _leaf(hidden), _leaf(weight), _leaf(b)
-    out = grao_kernels.grao_loss(h, w, targets, rewards, bias=bb, temperature=0.9, backend="torch")
-    got = _grads(out.loss, h, w, bb)
-    h64, w64, b64 = _leaf(hidden, torch.float64), _leaf(weight, torch.float64), _leaf(b, torch.float64)
+    h, w, bb = leaves(hidden, weight, b)
+    out = grao_kernels.grao_loss(
+        h, w, targets, rewards, group_size=G, bias=bb, temperature=0.9, backend="torch", memory_budget=SMALL
+    )
+    got = grads(out.loss, h, w, bb)
+    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
     ref = reference_grao(h64, w64, targets, rewards, bias=b64, temperature=0.9)
-    want = _grads(ref["loss"], h64, w64, b64)
+    want = grads(ref["loss"], h64, w64, b64)
     assert abs(out.loss.item() - ref["loss"].item()) <= bound * (abs(ref["loss"].item()) + 1e-3)
     for g, r in zip(got, want):
         if r is not None:
             assert rel_l2(g, r) <= bound
 
     # fused_linear_logprobs reuses the saved log-sum-exp in its backward.
-    h2, w2 = _leaf(hidden), _leaf(weight)
-    logp = grao_kernels.fused_linear_logprobs(h2, w2, targets, bias=b, backend="torch")
+    h2, w2 = leaves(hidden, weight)
+    logp = grao_kernels.fused_linear_logprobs(h2, w2, targets, bias=b, backend="torch", memory_budget=SMALL)
     up = torch.randn(targets.shape)
-    g2 = _grads((logp * up).sum(), h2, w2)
-    h3, w3 = _leaf(hidden, torch.float64), _leaf(weight, torch.float64)
+    g2 = grads((logp * up).sum(), h2, w2)
+    h3, w3 = leaves(hidden, weight, dtype=torch.float64)
     ref_lp = reference_logprobs(h3, w3, targets, bias=None if b is None else b.double())
-    w2_ = _grads((ref_lp * up.double()).sum(), h3, w3)
+    w2_ = grads((ref_lp * up.double()).sum(), h3, w3)
     assert rel_l2(logp, ref_lp) <= bound
     for g, r in zip(g2, w2_):
         assert rel_l2(g, r) <= bound

@@ -1,7 +1,10 @@
-"""Shared comparison helpers: kernel results against a float64 oracle."""
+"""Shared test helpers: batches, leaves and gradients, the (dtype, tolerance)
+table, and the comparisons of kernel results against the float64 oracle
+(``grao_kernels.reference``, the only oracle)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from grao_kernels.backends import BACKENDS, unavailable_reason
@@ -12,9 +15,76 @@ def backends_under_test(device: str = "cpu") -> list[str]:
     return [name for name in BACKENDS if unavailable_reason(name, torch.device(device)) is None]
 
 
+# Every backend on every device present: CPU (triton through the interpreter),
+# and CUDA when there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ON_DEVICE = [
+    pytest.param(device, name, id=name if device == "cpu" else f"{name}-{device}")
+    for device in DEVICES
+    for name in backends_under_test(device)
+]
+
+# float32 is checked against fixed bounds; the low-precision dtypes against
+# PyTorch's own error in that dtype: (factor, relative-L2 floor).
+DTYPES = [
+    pytest.param(torch.float32, None, id="fp32"),
+    pytest.param(torch.bfloat16, (2.0, 1e-3), id="bf16"),
+    pytest.param(torch.float16, (2.0, 1e-4), id="fp16"),
+]
+# float32 bounds: element-wise (rtol, atol) of log-probs and entropies, and the
+# relative L2 error of gradients.
+FP32_VALUES = dict(rtol=1e-5, atol=1e-5)
+FP32_GRAD_REL_L2 = 1e-4
+
+
+def make_batch(P, G, T, H, V, bias, dtype, *, empty_seq=True, tied_group=True, scale=1.0, device="cpu"):
+    """A group-major GRAO batch: ``(hidden (S, T, H), weight (V, H), bias (V,) or None, targets (S, T), rewards (P, G+1))``.
+
+    S = P (G+1) sequences with the reference last in each group; prompt
+    positions and right padding of varying lengths are ignored (-100); with
+    ``empty_seq`` sequence 1 has no completion tokens, with ``tied_group``
+    the last group's rewards are all equal.
+    """
+    S = P * (G + 1)
+    hidden = (torch.randn(S, T, H) * scale).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    b = (torch.randn(V) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, (S, T))
+    for s in range(S):
+        prompt = 1 + s % 2
+        pad = (s * 3) % max(T - prompt, 1)
+        targets[s, :prompt] = -100
+        if pad:
+            targets[s, T - pad :] = -100
+    if empty_seq and S > 1:
+        targets[1] = -100  # a completion with no tokens: J = 0, no NaN
+    rewards = torch.randn(P, G + 1)
+    if tied_group and P > 1:
+        rewards[-1] = 0.25  # all equal: zero advantages
+    return tuple(None if t is None else t.to(device) for t in (hidden, weight, b, targets, rewards))
+
+
+def leaf(t, dtype=None):
+    """A detached copy of ``t`` (in ``dtype``) that requires grad; None stays None."""
+    if t is None:
+        return None
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+def leaves(*tensors, dtype=None):
+    return tuple(leaf(t, dtype) for t in tensors)
+
+
+def grads(loss, *inputs):
+    """Gradients of ``loss`` w.r.t. ``inputs`` (None entries give None)."""
+    live = [x for x in inputs if x is not None]
+    it = iter(torch.autograd.grad(loss, live))
+    return [None if x is None else next(it) for x in inputs]
+
+
 def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
-    a, e = actual.detach().double(), expected.detach().double()
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     denom = e.norm().item()
     diff = (a - e).norm().item()
     return diff if denom == 0 else diff / denom
@@ -36,6 +106,17 @@ def assert_close(actual, expected, *, rtol, atol, name="tensor"):
             f"{name}: {int(bad.sum())}/{a.numel()} elements differ beyond atol={atol}, rtol={rtol}; "
             f"worst at {where}: {a.flatten()[idx].item():.8g} vs {e.flatten()[idx].item():.8g}"
         )
+
+
+def assert_grads_close(got, want, names=("hidden", "weight", "bias"), *, bound=FP32_GRAD_REL_L2):
+    """Each gradient finite and within ``bound`` relative L2 of the oracle's (None where the oracle has none)."""
+    for name, g, r in zip(names, got, want):
+        if r is None:
+            continue
+        assert g is not None, f"d{name} missing"
+        assert torch.isfinite(g).all(), f"d{name}: {int((~torch.isfinite(g)).sum())} non-finite elements"
+        err = rel_l2(g, r)
+        assert err <= bound, f"d{name}: relative L2 {err:.2e} > {bound:.0e}"
 
 
 def assert_within_torch_error(actual, oracle, torch_same_dtype, *, factor, floor, name="tensor"):

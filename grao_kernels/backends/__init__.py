@@ -57,9 +57,13 @@ computes from the tensors as given (``api.py`` disables autocast around the
 call), and README's "Precision" paragraph says which dtype each backend's
 GEMMs use.
 
-Optional hooks replacing a small step of ``grao_loss`` with the backend's own
-kernel: ``group_advantages``, ``sequence_logp`` (see ``api.py`` for their
-PyTorch definitions).
+The GRAO coefficients (group statistics, per-sequence and per-token
+coefficients) are not part of the contract: ``api.grao_coefficients`` is their
+one definition, in PyTorch, for every backend.
+
+``_functions.py`` calls ``forward``/``grad`` through the ``grao_kernels::``
+custom ops (generic over the backend name, with fake implementations), so
+``torch.compile`` never traces a backend's Python.
 
 Backends are imported lazily so that an optional dependency (Triton, a C++
 compiler) that is missing only disables its own backend.
@@ -68,11 +72,12 @@ compiler) that is missing only disables its own backend.
 from __future__ import annotations
 
 import importlib
-import os
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
+
+from ..settings import settings
 
 
 class Head(NamedTuple):
@@ -89,6 +94,7 @@ class Stats(NamedTuple):
     logp: torch.Tensor
     lse: torch.Tensor
     entropy: torch.Tensor | None = None
+
 
 BACKENDS = ("torch", "triton", "native")
 # Order in which backend="auto" tries backends, per device type.
@@ -132,17 +138,21 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
     A backend asked for by name that cannot run raises ValueError naming the
     available ones; there is no silent fallback.
     """
+    return module(resolve_name(backend, device))
+
+
+def resolve_name(backend: str, device: torch.device) -> str:
+    """The name of the backend :func:`resolve` returns."""
     if not isinstance(backend, str):
         raise ValueError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        forced = os.environ.get("GRAO_KERNELS_BACKEND")
+        forced = settings.backend
         if forced:
-            return resolve(forced, device)
+            return resolve_name(forced, device)
         for name in _auto_order(device):
             if unavailable_reason(name, device) is None:
-                mod = _module(name)
                 _warn_auto_fallback(name, device)
-                return mod
+                return name
         raise ValueError(f"no backend can run on device {device}")
     if backend not in BACKENDS:
         raise ValueError(
@@ -155,7 +165,15 @@ def resolve(backend: str, device: torch.device) -> ModuleType:
             f"backend {backend!r} cannot run on {device} tensors: {reason}. "
             f"Available on {device}: {available_backends(device)}"
         )
-    return _module(backend)
+    return backend
+
+
+def module(name: str) -> ModuleType:
+    """The module of backend ``name`` (already known to be importable, e.g. from :func:`resolve_name`)."""
+    mod = _module(name)
+    if isinstance(mod, Exception):
+        raise ValueError(f"backend {name!r} could not be imported ({mod})")
+    return mod
 
 
 _warned: set[tuple[str, str]] = set()

@@ -1,26 +1,29 @@
 """Pure-PyTorch backend: blocked over rows (and the vocabulary when needed).
 
-Equivalent eager code (what this never allocates at full size)::
+Equivalent eager code (what this never allocates at full size), with the head
+of ``backends/__init__.py``::
 
-    z = (hidden.float() @ weight.float().T + bias) / temperature   # (N, V)
+    z = head(hidden.float() @ weight.float().T + bias)              # (N, V)
     logp = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
 
 Only rows whose target is not ``ignore_index`` are touched. The rows are
 processed in blocks of ``R`` rows, and when even a small block of rows times
 the whole vocabulary would exceed the memory budget, the vocabulary is swept in
-tiles of ``VT`` entries with an online log-sum-exp (pass 1) and the tiles are
-recomputed for the gradient (pass 2). The budget bounds the working memory
-beyond the inputs and the returned float32 gradients.
+tiles of ``VT`` entries with an online softmax (pass 1: log-sum-exp and
+entropy) and the tiles are recomputed for the gradient (pass 2). The budget
+bounds the working memory beyond the inputs and the returned float32 gradients.
+
+Every GEMM runs in float32 on the given values (a bfloat16 weight tile is
+upcast exactly before its GEMM), whatever autocast says.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-_DEFAULT_BUDGET = 64 * 2**20
-_budget = int(float(os.environ.get("GRAO_KERNELS_TORCH_BUDGET_MB", 64)) * 2**20)
+from . import Head, Stats
+
+DEFAULT_BUDGET = 64 * 2**20
 
 # A row block below this many rows makes the GEMMs inefficient; below it the
 # vocabulary is tiled instead.
@@ -28,48 +31,54 @@ _MIN_ROWS = 16
 _MAX_ROWS = 4096
 _TILED_ROWS = 64
 
-
-def set_memory_budget(nbytes: int) -> None:
-    """Set the working-memory bound of the torch backend, in bytes (default 64 MiB)."""
-    global _budget
-    if int(nbytes) < 2**20:
-        raise ValueError(f"memory budget must be at least 1 MiB, got {nbytes} bytes")
-    _budget = int(nbytes)
-
-
-def memory_budget() -> int:
-    """The current working-memory bound of the torch backend, in bytes."""
-    return _budget
+# A -inf logit (a vocabulary entry masked by a -inf bias) is clamped to this
+# value: its exponential is still exactly 0 against any realistic row maximum,
+# but a tile whose every entry is masked keeps a finite maximum, so the online
+# softmax never computes -inf - (-inf) or 0 * -inf.
+_MASKED_LOGIT = -1e30
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def plan_blocks(V: int, H: int, low_precision: bool, budget: int | None = None) -> tuple[int, int]:
+def plan_blocks(V: int, H: int, low_precision: bool, budget: int, buffers: int = 1) -> tuple[int, int]:
     """(rows per block, vocabulary entries per tile) fitting in ``budget`` bytes.
 
-    Per (row, vocab) element: one float32 logits buffer reused in place for the
-    probabilities and dlogits, plus slack for GEMM workspace (6 bytes in all). Per
-    row: the float32 hidden block and its dhidden block (8·H bytes). Per vocab
-    entry of a tile, when the weight is not float32: its float32 copy (4·H).
+    Per (row, vocab) element: ``buffers`` float32 logits-sized buffers (one
+    for the logits, reused in place for the probabilities and dlogits; one
+    more for the log-probabilities of the entropy term, one more for the
+    softcap derivative) plus 2 bytes of slack for GEMM workspace. Per row: the
+    float32 hidden block and its dhidden block (8·H bytes). Per vocab entry of
+    a tile, when the weight is not float32: its float32 copy (4·H).
     """
     # 10% + 1 MiB stay free for the O(N) vectors (coefficients, log-probs, row
     # indices) and BLAS scratch.
-    budget = _budget if budget is None else budget
     budget = max(int(0.9 * budget) - 2**20, budget // 2)
+    per_elem = 4 * buffers + 2
     w_bytes = 4 * H * V if low_precision else 0
-    rows = (budget - w_bytes) // (6 * V + 8 * H) if budget > w_bytes else 0
+    rows = (budget - w_bytes) // (per_elem * V + 8 * H) if budget > w_bytes else 0
     if rows >= _MIN_ROWS:
         return int(min(rows, _MAX_ROWS)), V
     rows = _TILED_ROWS
-    per_vocab = 6 * rows + (4 * H if low_precision else 0)
+    per_vocab = per_elem * rows + (4 * H if low_precision else 0)
     vt = max((budget - 8 * H * rows) // per_vocab, 1)
     return rows, int(min(vt, V))
 
 
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (targets != ignore_index).nonzero().squeeze(1)
+
+
+def _tiles(weight, bias, vt, full):
+    """(v0, v1, float32 weight tile, float32 bias tile) over the vocabulary; ``full`` is the precomputed single tile."""
+    V = weight.shape[0]
+    if full is not None:
+        yield (0, V, *full)
+        return
+    for v0 in range(0, V, vt):
+        v1 = min(v0 + vt, V)
+        yield (v0, v1, *_tile(weight, bias, v0, v1))
 
 
 def _tile(weight, bias, v0, v1):
@@ -80,118 +89,216 @@ def _tile(weight, bias, v0, v1):
     return w, b
 
 
-def _logits(h, w, b, temperature):
-    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    if temperature != 1.0:
-        z.mul_(1.0 / temperature)
+def _apply_head(z: torch.Tensor, head: Head) -> torch.Tensor:
+    """Raw logits -> the head's logits, in place on a float32 tensor."""
+    if head.softcap is None:
+        k = head.logit_scale / head.temperature
+        if k != 1.0:
+            z.mul_(k)
+    else:
+        z.mul_(head.logit_scale / head.softcap).tanh_().mul_(head.softcap / head.temperature)
     return z
 
 
-def _target_logit(h, weight, bias, tgt, temperature):
+def _logits(h, w, b, head):
+    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    _apply_head(z, head)
+    if b is not None:  # only a bias can hold -inf
+        z.clamp_(min=_MASKED_LOGIT)
+    return z
+
+
+def _softcap_slope(z, head):
+    """d tanh / d(its argument) = 1 - tanh^2 at every logit, recovered from z = cap tanh(.) / T."""
+    return (z * (head.temperature / head.softcap)).square_().neg_().add_(1.0)
+
+
+def _target_logit(h, weight, bias, tgt, head):
     # Indexed dot: the target logit without touching the other columns.
-    z = (h * weight.index_select(0, tgt).float()).sum(1)
+    raw = (h * weight.index_select(0, tgt).float()).sum(1)
     if bias is not None:
-        z = z + bias.index_select(0, tgt).float()
-    return z / temperature
+        raw = raw + bias.index_select(0, tgt).float()
+    return _apply_head(raw, head)
 
 
-def _block_lse(h, weight, bias, temperature, vt):
-    """Log-sum-exp over the vocabulary of one row block, sweeping tiles online."""
-    V = weight.shape[0]
-    m = torch.full((h.shape[0],), -float("inf"), device=h.device)
-    s = torch.zeros_like(m)
-    for v0 in range(0, V, vt):
-        w, b = _tile(weight, bias, v0, min(v0 + vt, V))
-        z = _logits(h, w, b, temperature)
-        m_new = torch.maximum(m, z.amax(1))
-        s = s * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(1)
-        m = m_new
+def _row_dot(a, b):
+    """Per-row dot product of two (R, V) tensors without an (R, V) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _tile_sums(z, entropy):
+    """Softmax partial sums of one logits tile, shifted by its (finite) row maximum m.
+
+    Returns ``(m, s, q, e)`` with ``s = sum exp(z - m)``, ``q = sum exp(z - m) (z - m)``
+    (None without ``entropy``) and ``e = exp(z - m)``. ``z`` is left holding
+    ``z - m``, or ``exp(z - m)`` itself (then ``e is z``) without ``entropy``.
+    """
+    m = z.amax(1)
+    z.sub_(m[:, None])
+    if not entropy:
+        e = z.exp_()
+        return m, e.sum(1), None, e
+    e = z.exp()
+    return m, e.sum(1), _row_dot(e, z), e
+
+
+def _merge(acc, m, s, q):
+    """Online-softmax merge of running sums ``acc = (M, S, Q)`` with a tile's ``(m, s, q)``."""
+    if acc is None:
+        return m, s, q
+    M, S, Q = acc
+    top = torch.maximum(M, m)
+    a, b = torch.exp(M - top), torch.exp(m - top)
+    if q is not None:
+        # Q and q are relative to their own shifts: moving a shift by d adds d * s.
+        q = a * (Q + S * (M - top)) + b * (q + s * (m - top))
+    return top, a * S + b * s, q
+
+
+def _finish(acc, entropy):
+    """(lse, entropy or None) from the merged sums."""
+    m, s, q = acc
+    log_s = s.log()
+    return m + log_s, (log_s - q / s) if entropy else None
+
+
+def _block_stats(h, weight, bias, head, vt, full, entropy):
+    """Log-sum-exp (and entropy) of one row block, sweeping vocabulary tiles online."""
+    acc = None
+    for _, _, w, b in _tiles(weight, bias, vt, full):
+        z = _logits(h, w, b, head)
+        m, s, q, _ = _tile_sums(z, entropy)
+        acc = _merge(acc, m, s, q)
         del z  # free the tile before the next one is allocated
-    return m + torch.log(s)
+    return _finish(acc, entropy)
 
 
-def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index):
+def forward(hidden, weight, bias, targets, head, ignore_index, *, entropy, budget):
     N, H = hidden.shape
     V = weight.shape[0]
     logp = hidden.new_zeros(N, dtype=torch.float32)
     lse = torch.zeros_like(logp)
+    ent = torch.zeros_like(logp) if entropy else None
     rows = _valid_rows(targets, ignore_index)
-    R, VT = plan_blocks(V, H, weight.dtype != torch.float32)
+    R, VT = plan_blocks(V, H, weight.dtype != torch.float32, budget, buffers=2 if entropy else 1)
+    full = _tile(weight, bias, 0, V) if VT == V and rows.numel() else None
     for r0 in range(0, rows.numel(), R):
         idx = rows[r0 : r0 + R]
         h = hidden.index_select(0, idx).float()
-        tgt = targets.index_select(0, idx)
-        blk_lse = _block_lse(h, weight, bias, temperature, VT)
+        blk_lse, blk_ent = _block_stats(h, weight, bias, head, VT, full, entropy)
         lse[idx] = blk_lse
-        logp[idx] = _target_logit(h, weight, bias, tgt, temperature) - blk_lse
-    return logp, lse
+        logp[idx] = _target_logit(h, weight, bias, targets.index_select(0, idx), head) - blk_lse
+        if entropy:
+            ent[idx] = blk_ent
+    return Stats(logp, lse, ent)
 
 
-def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
-    """Log-probs and the gradients of ``sum_t coef[t] * logp[t]``.
+def _dlogits(p, logp, slope, tgt_local, c, ec, ent, k):
+    """d L / d raw logits of one tile, in place in ``p``.
 
-    d logp_t / d z_t = onehot(target_t) - softmax(z_t), and z = (h W^T + b) / T,
-    so with dz_t = coef_t (onehot - p_t) / T:
-    dh = dz W, dW = dz^T h, db = sum_t dz_t.
+    ``g_z = c (onehot - p) - ec p (log p + ent)`` (the entropy term only with
+    ``ec``; ``logp`` then holds log p and is overwritten), times ``k =
+    logit_scale / temperature`` and the softcap slope. ``tgt_local``: (rows,
+    columns) of the targets inside the tile.
     """
+    if ec is None:
+        g = p.mul_((-c * k)[:, None])
+    else:
+        # Where log p < -1e3, p is exactly 0: the clamp only keeps 0 * log p finite.
+        logp.clamp_(min=-1e3)
+        g = p.mul_(logp.mul_((-ec * k)[:, None]).add_(((-c - ec * ent) * k)[:, None]))
+    r, col = tgt_local
+    if r is None:
+        g.scatter_add_(1, col[:, None], (c * k)[:, None])
+    elif r.numel():
+        g.index_put_((r, col), (c * k)[r], accumulate=True)
+    if slope is not None:
+        g.mul_(slope)
+    return g
+
+
+def _block_grad(h, weight, bias, tgt, c, ec, head, vt, full, lse, ent, needs, dw, db):
+    """Gradient contributions of one row block: returns (lse, entropy, dhidden block or None)."""
+    V = weight.shape[0]
+    k = head.logit_scale / head.temperature
+    dh = torch.zeros_like(h) if needs[0] else None
+    if lse is None and full is not None:
+        # The whole vocabulary fits: one GEMM for the logits, whose buffer is
+        # reused in place for the statistics, the probabilities and dlogits.
+        w, b = full
+        z = _logits(h, w, b, head)
+        slope = _softcap_slope(z, head) if head.softcap is not None else None
+        m, s, q, p = _tile_sums(z, ec is not None)
+        lse, ent = _finish((m, s, q), ec is not None)
+        p.div_(s[:, None])
+        logp = None if ec is None else z.sub_(s.log()[:, None])  # z - m - log s = log p
+        g = _dlogits(p, logp, slope, (None, tgt), c, ec, ent, k)
+        _accumulate(g, h, w, 0, V, dh, dw, db)
+        return lse, ent, dh
+    if lse is None:
+        lse, ent = _block_stats(h, weight, bias, head, vt, full, ec is not None)
+    for v0, v1, w, b in _tiles(weight, bias, vt, full):
+        z = _logits(h, w, b, head)
+        slope = _softcap_slope(z, head) if head.softcap is not None else None
+        z.sub_(lse[:, None])  # log p
+        if ec is None:
+            p, logp = z.exp_(), None
+        else:
+            p, logp = z.exp(), z
+        local = tgt - v0
+        r = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
+        g = _dlogits(p, logp, slope, (r, local[r]), c, ec, ent, k)
+        _accumulate(g, h, w, v0, v1, dh, dw, db)
+        del z, p, g  # free the tile before the next one is allocated
+    return lse, ent, dh
+
+
+def _accumulate(g, h, w, v0, v1, dh, dw, db):
+    if dh is not None:
+        dh.addmm_(g, w)
+    if dw is not None:
+        dw[v0:v1].addmm_(g.T, h)
+    if db is not None:
+        db[v0:v1].add_(g.sum(0))
+
+
+def grad(hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef, stats, needs, budget):
+    """Statistics and the gradients of ``sum_t coef[t] logp[t] + sum_t ent_coef[t] ent[t]`` (see the contract)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    logp = hidden.new_zeros(N, dtype=torch.float32)
-    dh = torch.zeros(N, H, dtype=torch.float32, device=hidden.device)
-    dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
-    db = None if bias is None else torch.zeros(V, dtype=torch.float32, device=hidden.device)
+    need_h, need_w, need_b = needs
+    need_b = need_b and bias is not None
+    if not (need_h or need_w or need_b):
+        stats = forward(hidden, weight, bias, targets, head, ignore_index, entropy=ent_coef is not None, budget=budget)
+        return stats, None, None, None
+    dev = hidden.device
+    logp = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros_like(logp)
+    ent = torch.zeros_like(logp) if ent_coef is not None else None
+    dh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_h else None
+    dw = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    # Saved statistics are reused only when they hold everything needed.
+    reuse = stats is not None and (ent_coef is None or stats.entropy is not None)
     rows = _valid_rows(targets, ignore_index)
-    low_precision = weight.dtype != torch.float32
-    R, VT = plan_blocks(V, H, low_precision)
-    one_tile = VT == V
-    if one_tile:
-        w_full, b_full = _tile(weight, bias, 0, V)
-    inv_t = 1.0 / temperature
+    buffers = 1 + (ent_coef is not None) + (head.softcap is not None)
+    R, VT = plan_blocks(V, H, weight.dtype != torch.float32, budget, buffers)
+    full = _tile(weight, bias, 0, V) if VT == V and rows.numel() else None
     for r0 in range(0, rows.numel(), R):
         idx = rows[r0 : r0 + R]
         h = hidden.index_select(0, idx).float()
         tgt = targets.index_select(0, idx)
         c = coef.index_select(0, idx).float()
-        zt = _target_logit(h, weight, bias, tgt, temperature)
-        if one_tile:
-            # The whole vocabulary fits: one GEMM for the logits, reused in
-            # place for the probabilities and dlogits.
-            z = _logits(h, w_full, b_full, temperature)
-            if lse is None:
-                m = z.amax(1)
-                z.sub_(m[:, None]).exp_()
-                s = z.sum(1)
-                blk_lse = m + torch.log(s)
-                z.div_(s[:, None])
-            else:
-                blk_lse = lse.index_select(0, idx)
-                z.sub_(blk_lse[:, None]).exp_()
-            # z now holds p; dz = coef * (onehot - p) / T
-            z.mul_((-c * inv_t)[:, None])
-            z.scatter_add_(1, tgt[:, None], (c * inv_t)[:, None])
-            dh[idx] = z @ w_full
-            dw.addmm_(z.T, h)
-            if db is not None:
-                db.add_(z.sum(0))
-            del z  # free the block before the next one is allocated
-        else:
-            blk_lse = _block_lse(h, weight, bias, temperature, VT) if lse is None else lse.index_select(0, idx)
-            dh_blk = torch.zeros_like(h)
-            for v0 in range(0, V, VT):
-                v1 = min(v0 + VT, V)
-                w, b = _tile(weight, bias, v0, v1)
-                z = _logits(h, w, b, temperature)
-                z.sub_(blk_lse[:, None]).exp_().mul_((-c * inv_t)[:, None])
-                local = tgt - v0
-                hit = (local >= 0) & (local < v1 - v0)
-                if bool(hit.any()):
-                    r = hit.nonzero().squeeze(1)
-                    z.index_put_((r, local[r]), (c * inv_t)[r], accumulate=True)
-                dh_blk.addmm_(z, w)
-                dw[v0:v1].addmm_(z.T, h)
-                if db is not None:
-                    db[v0:v1].add_(z.sum(0))
-                del z  # free the tile before the next one is allocated
+        ec = None if ent_coef is None else ent_coef.index_select(0, idx).float()
+        blk_lse = stats.lse.index_select(0, idx) if reuse else None
+        blk_ent = stats.entropy.index_select(0, idx) if reuse and ec is not None else None
+        blk_lse, blk_ent, dh_blk = _block_grad(
+            h, weight, bias, tgt, c, ec, head, VT, full, blk_lse, blk_ent, (need_h, need_w, need_b), dw, db
+        )
+        lse[idx] = blk_lse
+        logp[idx] = _target_logit(h, weight, bias, tgt, head) - blk_lse
+        if ent is not None:
+            ent[idx] = blk_ent
+        if dh is not None:
             dh[idx] = dh_blk
-        logp[idx] = zt - blk_lse
-    return logp, dh, dw, db
+    return Stats(logp, lse, ent), dh, dw, db
