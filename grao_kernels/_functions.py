@@ -26,6 +26,8 @@ grad).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import backends as _backends
@@ -182,19 +184,40 @@ def _(
     )
 
 
+class Sweep(NamedTuple):
+    """The non-tensor arguments of a sweep: the head, ``ignore_index``, the budget in bytes, the backend's name."""
+
+    head: Head
+    ignore_index: int
+    budget: int
+    backend: str
+
+
+def _forward(hidden, weight, bias, targets, sweep: Sweep, entropy: bool):
+    h = sweep.head
+    return forward_op(
+        hidden, weight, bias, targets, h.temperature, h.logit_scale, h.softcap, sweep.ignore_index, entropy,
+        sweep.budget, sweep.backend,
+    )  # fmt: skip
+
+
+def _grad(hidden, weight, bias, targets, coef, ent_coef, stats, sweep: Sweep, needs):
+    logp, lse, ent = (None, None, None) if stats is None else stats
+    h = sweep.head
+    return grad_op(
+        hidden, weight, bias, targets, coef, ent_coef, logp, lse, ent, h.temperature, h.logit_scale, h.softcap,
+        sweep.ignore_index, needs[0], needs[1], needs[2], sweep.budget, sweep.backend,
+    )  # fmt: skip
+
+
 class LinearLogprobs(torch.autograd.Function):
     """``(logp, entropy)``; entropy is an empty tensor unless ``entropy`` is True. Both differentiable."""
 
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, targets, temperature, logit_scale, softcap, ignore_index, entropy, budget, backend
-    ):
-        logp, lse, ent = forward_op(
-            hidden, weight, bias, targets, temperature, logit_scale, softcap, ignore_index, entropy, budget, backend
-        )
+    def forward(ctx, hidden, weight, bias, targets, sweep, entropy):
+        logp, lse, ent = _forward(hidden, weight, bias, targets, sweep, entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, logp, lse, ent)
-        ctx.args = (temperature, logit_scale, softcap, ignore_index, budget, backend)
-        ctx.entropy = entropy
+        ctx.sweep, ctx.entropy = sweep, entropy
         ctx.set_materialize_grads(False)
         if not entropy:
             ctx.mark_non_differentiable(ent)
@@ -207,78 +230,21 @@ class LinearLogprobs(torch.autograd.Function):
         if not ctx.entropy:
             grad_ent = None
         if (grad_logp is None and grad_ent is None) or not any(needs):
-            return (None,) * 11
-        temperature, logit_scale, softcap, ignore_index, budget, backend = ctx.args
+            return (None,) * 6
         coef = torch.zeros_like(logp) if grad_logp is None else grad_logp.float().contiguous()
         ent_coef = None if grad_ent is None else grad_ent.float().contiguous()
-        _, _, dh, dw, db = grad_op(
-            hidden,
-            weight,
-            bias,
-            targets,
-            coef,
-            ent_coef,
-            logp,
-            lse,
-            ent if ent_coef is not None else None,
-            temperature,
-            logit_scale,
-            softcap,
-            ignore_index,
-            needs[0],
-            needs[1],
-            needs[2],
-            budget,
-            backend,
-        )
-        return (
-            dh if needs[0] else None,
-            dw if needs[1] else None,
-            db if needs[2] else None,
-            *(None,) * 8,
-        )
+        stats = Stats(logp, lse, ent if ent_coef is not None else None)
+        _, _, dh, dw, db = _grad(hidden, weight, bias, targets, coef, ent_coef, stats, ctx.sweep, needs)
+        return dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None, None, None, None
 
 
 class LinearLoss(torch.autograd.Function):
     """``(loss, logp, entropy)``; only the loss is differentiable. Entropy is empty without ``ent_coef``."""
 
     @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        coef,
-        ent_coef,
-        temperature,
-        logit_scale,
-        softcap,
-        ignore_index,
-        budget,
-        backend,
-    ):
+    def forward(ctx, hidden, weight, bias, targets, coef, ent_coef, sweep):
         needs = ctx.needs_input_grad[:3]
-        logp, ent, dh, dw, db = grad_op(
-            hidden,
-            weight,
-            bias,
-            targets,
-            coef,
-            ent_coef,
-            None,
-            None,
-            None,
-            temperature,
-            logit_scale,
-            softcap,
-            ignore_index,
-            needs[0],
-            needs[1],
-            needs[2],
-            budget,
-            backend,
-        )
+        logp, ent, dh, dw, db = _grad(hidden, weight, bias, targets, coef, ent_coef, None, sweep, needs)
         # Kept as attributes, not saved tensors: backward hands them over and
         # drops its reference, so autograd can take the buffers as the .grad
         # without a copy.
@@ -296,7 +262,7 @@ class LinearLoss(torch.autograd.Function):
         ctx.grads = None
         # Scaled in place: no copy of dW and no host sync to test for a 1.
         out = [g.mul_(grad_loss) if need else None for g, need in zip(grads, ctx.needs)]
-        return (*out, *(None,) * 9)
+        return (*out, None, None, None, None)
 
 
 def _linear_combination(coef, logp, ent_coef, ent):
@@ -307,23 +273,21 @@ def _linear_combination(coef, logp, ent_coef, ent):
     return loss
 
 
-def logprobs(hidden, weight, bias, targets, head, ignore_index, entropy, budget, backend):
+def logprobs(hidden, weight, bias, targets, sweep: Sweep, entropy: bool):
     """``(logp, entropy or None)``, differentiable when autograd needs it; a forward-only sweep otherwise."""
-    args = (head.temperature, head.logit_scale, head.softcap, ignore_index)
     if _grad_wanted(hidden, weight, bias):
-        logp, ent = LinearLogprobs.apply(hidden, weight, bias, targets, *args, entropy, budget, backend)
+        logp, ent = LinearLogprobs.apply(hidden, weight, bias, targets, sweep, entropy)
     else:
-        logp, _, ent = forward_op(hidden, weight, bias, targets, *args, entropy, budget, backend)
+        logp, _, ent = _forward(hidden, weight, bias, targets, sweep, entropy)
     return logp, (ent if entropy else None)
 
 
-def linear_loss(hidden, weight, bias, targets, coef, ent_coef, head, ignore_index, budget, backend):
+def linear_loss(hidden, weight, bias, targets, coef, ent_coef, sweep: Sweep):
     """``(loss, logp, entropy or None)`` of :class:`LinearLoss`; the gradient sweep only when autograd needs it."""
-    args = (head.temperature, head.logit_scale, head.softcap, ignore_index)
     if _grad_wanted(hidden, weight, bias):
-        loss, logp, ent = LinearLoss.apply(hidden, weight, bias, targets, coef, ent_coef, *args, budget, backend)
+        loss, logp, ent = LinearLoss.apply(hidden, weight, bias, targets, coef, ent_coef, sweep)
     else:
-        logp, _, ent = forward_op(hidden, weight, bias, targets, *args, ent_coef is not None, budget, backend)
+        logp, _, ent = _forward(hidden, weight, bias, targets, sweep, ent_coef is not None)
         loss = _linear_combination(coef, logp, ent_coef, ent)
     return loss, logp, (ent if ent_coef is not None else None)
 

@@ -263,8 +263,8 @@ def _check_rewards(rewards, validate: bool) -> None:
         raise ValueError(f"rewards {_shape(rewards)} contains non-finite values (NaN or inf)")
 
 
-def _sweep_args(hidden, weight, targets, bias, backend, memory_budget):
-    """2-D contiguous views for the backends (copies only non-contiguous inputs), the backend's name and budget."""
+def _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget):
+    """2-D contiguous views for the backends (copies only non-contiguous inputs) and the sweep's other arguments."""
     name = _backend_name(backend, hidden.device)
     default = _backends.module(name).DEFAULT_BUDGET
     budget = settings.budget(None if memory_budget is None else check_budget(memory_budget), default)
@@ -272,7 +272,7 @@ def _sweep_args(hidden, weight, targets, bias, backend, memory_budget):
     h = hidden.reshape(-1, H).contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
     b = None if bias is None else bias.contiguous()
-    return h, weight.contiguous(), b, t, budget, name
+    return h, weight.contiguous(), b, t, _functions.Sweep(head, ignore_index, budget, name)
 
 
 @torch.compiler.assume_constant_result
@@ -325,8 +325,8 @@ def fused_linear_logprobs(
     return_entropy = _flag("return_entropy", return_entropy)
     validate = _flag("validate", validate)
     ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(..., H)")
-    h, w, b, t, budget, name = _sweep_args(hidden, weight, targets, bias, backend, memory_budget)
-    logp, ent = _functions.logprobs(h, w, b, t, head, ignore_index, return_entropy, budget, name)
+    h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
+    logp, ent = _functions.logprobs(h, w, b, t, sweep, return_entropy)
     if return_entropy:
         return LogprobsOutput(logp.view(targets.shape), ent.view(targets.shape))
     return logp.view(targets.shape)
@@ -366,8 +366,8 @@ def linear_logprob_loss(
     ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(..., H)")
     c = _check_coef("coef", coef, targets, validate)
     ec = None if entropy_coef is None else _check_coef("entropy_coef", entropy_coef, targets, validate)
-    h, w, b, t, budget, name = _sweep_args(hidden, weight, targets, bias, backend, memory_budget)
-    loss, logp, ent = _functions.linear_loss(h, w, b, t, c, ec, head, ignore_index, budget, name)
+    h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
+    loss, logp, ent = _functions.linear_loss(h, w, b, t, c, ec, sweep)
     return LinearLossOutput(loss, logp.view(targets.shape), None if ent is None else ent.view(targets.shape))
 
 
@@ -616,8 +616,8 @@ def grao_loss(
         raise ValueError(f"hidden has S={hidden.shape[0]} sequences but {layout}")
     coefs = _on(coefs, hidden.device)
     token_coef = _per_token(coefs.seq_coef, targets, ignore_index)
-    h, w, b, t, budget, name = _sweep_args(hidden, weight, targets, bias, backend, memory_budget)
-    loss, logp, _ = _functions.linear_loss(h, w, b, t, token_coef.view(-1), None, head, ignore_index, budget, name)
+    h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
+    loss, logp, _ = _functions.linear_loss(h, w, b, t, token_coef.view(-1), None, sweep)
     seq_logp = logp.view(targets.shape).sum(1) / (targets != ignore_index).sum(1).clamp(min=1)
     exploration, imitation, alignment = coefs.terms(seq_logp)
     return GRAOOutput(loss, coefs.advantages.view(rewards.shape), seq_logp, exploration, imitation, alignment)
