@@ -30,6 +30,11 @@ def reference_logits(hidden, weight, *, bias=None, temperature=1.0, logit_scale=
     return u / temperature
 
 
+def reference_lse(hidden, weight, *, bias=None, dtype=None, **head):
+    """``logsumexp(z)`` per row, ``z`` as in :func:`reference_logits` (``head``: temperature, logit_scale, softcap)."""
+    return reference_logits(hidden, weight, bias=bias, dtype=dtype, **head).logsumexp(-1)
+
+
 def reference_logprobs(
     hidden,
     weight,

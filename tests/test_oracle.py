@@ -285,3 +285,25 @@ def test_upstream_gradient_scales_the_loss_gradients(device, backend):
         loss = grao_loss(h1, w1, targets, rewards, group_size=2, bias=b, backend=backend).loss
         loss.backward(retain_graph=True)
         loss.backward()
+
+
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_autocast_does_not_change_the_result_and_inputs_are_used_as_given(device, backend):
+    """The kernels compute from the given values (bfloat16 hidden, float32 weight) in float32,
+    with or without an enclosing autocast, to float32 accuracy against the float64 oracle."""
+    hidden, weight, b, targets, _ = make_batch(1, 2, 5, 16, 101, True, torch.float32, device=device)
+    hidden = hidden.to(torch.bfloat16)
+    h, w, bb = leaves(hidden, weight, b)
+    plain = fused_linear_logprobs(h, w, targets, bias=bb, return_entropy=True, backend=backend)
+    got = grads(plain.logp.sum() + plain.entropy.sum(), h, w, bb)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cast = fused_linear_logprobs(hidden, weight, targets, bias=b, return_entropy=True, backend=backend)
+    assert torch.equal(cast.logp, plain.logp) and torch.equal(cast.entropy, plain.entropy)
+
+    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
+    ref_logp, ref_ent = reference_logprobs(h64, w64, targets, bias=b64, return_entropy=True)
+    assert_close(plain.logp, ref_logp, **FP32_VALUES, name="logp")
+    assert_close(plain.entropy, ref_ent, **FP32_VALUES, name="entropy")
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    want = grads(ref_logp.sum() + ref_ent.sum(), h64, w64, b64)
+    assert_grads_close(got[1:], want[1:], names=("weight", "bias"))
