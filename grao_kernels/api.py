@@ -618,9 +618,14 @@ def grao_loss(
     token_coef = _per_token(coefs.seq_coef, targets, ignore_index)
     h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
     loss, logp, _ = _functions.linear_loss(h, w, b, t, token_coef.view(-1), None, sweep)
-    seq_logp = logp.view(targets.shape).sum(1) / (targets != ignore_index).sum(1).clamp(min=1)
+    seq_logp = sequence_logp(logp.view(targets.shape), (targets != ignore_index).sum(1))
     exploration, imitation, alignment = coefs.terms(seq_logp)
     return GRAOOutput(loss, coefs.advantages.view(rewards.shape), seq_logp, exploration, imitation, alignment)
+
+
+def sequence_logp(logp: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """J per sequence: (S, T) token log-probs (0 at ignored positions) -> (S,) means over ``n`` tokens (0 for none)."""
+    return logp.sum(1) / n.clamp(min=1)
 
 
 def _on(coefs: GRAOCoefficients, device: torch.device) -> GRAOCoefficients:
