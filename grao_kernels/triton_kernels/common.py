@@ -99,9 +99,11 @@ def launch(kernel, configs, interpreter_config: dict, grid, args: dict, key=("V"
 
     First match: ``settings.triton_config`` (its keys that the kernel takes;
     GROUP_N defaults to 8), ``interpreter_config`` under the interpreter (the
-    autotuner times on CUDA events), else Triton's autotuner over ``configs``
-    keyed on ``key`` and the dtypes. Every kernel here is idempotent (no
-    atomics), so autotuning trials need no reset.
+    autotuner times on CUDA events), the one config of a one-config list (a
+    kernel that overwrites its input, such as the chunked row kernel, must
+    not be re-run by trials), else Triton's autotuner over ``configs`` keyed
+    on ``key`` and the dtypes; those kernels are idempotent, so trials need
+    no reset.
     """
     names = set(jit_fn(kernel).arg_names)
     if recorder is not None:
@@ -115,6 +117,8 @@ def launch(kernel, configs, interpreter_config: dict, grid, args: dict, key=("V"
         cfg = {k: v for k, v in cfg.items() if k in names or k in _LAUNCH_KEYS}
     elif interpreting():
         cfg = dict(interpreter_config)
+    elif len(configs) == 1:
+        cfg = {**configs[0].kwargs, "num_warps": configs[0].num_warps, "num_stages": configs[0].num_stages}
     if cfg is not None:
         meta = {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
         kernel[grid(meta)](**args, **meta, **{k: cfg[k] for k in _LAUNCH_KEYS if k in cfg})
