@@ -286,16 +286,22 @@ def test_masked_first_tile_is_not_nan_default_configs(mode, monkeypatch):
     assert_close(logp, ref[0].logp, rtol=1e-5, atol=2e-5, name="logp through fused_linear_logprobs")
 
 
+class _CudaLooking(torch.Tensor):
+    """A CPU tensor that claims to be on CUDA, to reach mm_into's GPU branch without a GPU."""
+
+    is_cuda = True
+
+
+def _bf16_operands():
+    return torch.randn(4, 8).bfloat16(), torch.randn(8, 5).bfloat16()
+
+
 def test_fp32_output_gemm_never_upcasts_silently(monkeypatch):
     """A failing float32-output product raises; it is never retried as an upcast float32 GEMM."""
     from grao_kernels.triton_kernels import common
 
-    class FakeCuda(torch.Tensor):
-        is_cuda = True
-
-    a = torch.randn(4, 8).bfloat16()
-    b = torch.randn(8, 5).bfloat16()
-    acc = torch.zeros(4, 5).as_subclass(FakeCuda)
+    a, b = _bf16_operands()
+    acc = torch.zeros(4, 5).as_subclass(_CudaLooking)
 
     def fail(*args, **kwargs):
         raise RuntimeError("no fp32-output GEMM for these operands")
@@ -312,12 +318,8 @@ def test_fp32_output_gemm_never_upcasts_silently(monkeypatch):
 def test_fp32_output_gemm_on_old_torch_warns_and_rounds(monkeypatch):
     from grao_kernels.triton_kernels import common
 
-    class FakeCuda(torch.Tensor):
-        is_cuda = True
-
-    a = torch.randn(4, 8).bfloat16()
-    b = torch.randn(8, 5).bfloat16()
-    acc = torch.ones(4, 5).as_subclass(FakeCuda)
+    a, b = _bf16_operands()
+    acc = torch.ones(4, 5).as_subclass(_CudaLooking)
     monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", False)
     monkeypatch.setattr(common, "_warned_rounded", set())
     with pytest.warns(RuntimeWarning, match="torch >= 2.8"):

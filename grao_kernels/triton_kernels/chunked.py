@@ -56,6 +56,15 @@ CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8, num_stages=2)]
 INTERPRETER_CONFIG = {"BLOCK_V": 1024}
 
 
+@triton.jit
+def _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/draw) of the row's columns ``cols`` (< V), shaped (1, BLOCK_V), from the stored raw logits."""
+    raw = tl.load(l_row + cols, mask=cols < V, other=0.0)[None, :]
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    return apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
+
+
 @triton.heuristics(
     {
         "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
@@ -116,10 +125,7 @@ def rows_kernel(
         t = tl.zeros([1], tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
-            raw = tl.load(l_row + cols, mask=cols < V, other=0.0)[None, :]
-            if HAS_BIAS:
-                raw += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-            z, _ = apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
+            z, _ = _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
             z = tl.where((cols < V)[None, :], z, float("-inf"))
             m, s, t = merge_lse(m, s, t, z, 1.0, 0.0, ENTROPY)
         lse, ent = lse_and_entropy(m, s, t)
@@ -141,10 +147,7 @@ def rows_kernel(
         dz_row = dz_ptr + i.to(tl.int64) * stride_dz
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
-            raw = tl.load(l_row + cols, mask=cols < V, other=0.0)[None, :]
-            if HAS_BIAS:
-                raw += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-            z, dz_draw = apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
+            z, dz_draw = _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
             onehot = (cols[None, :] == tgt[:, None]) & (cols < V)[None, :]
             g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
             # Every warp has read this block before any overwrites it (see the module docstring).
