@@ -2,12 +2,22 @@
 
 The interpreter, which the CPU test suite runs, never lowers a kernel, so a
 kernel that only fails to compile (a type error in an scf.if, a tile that does
-not fit) would pass CI. This compiles every autotuning config for the given
-architectures with the ptxas bundled in the triton wheel; no device is needed.
+not fit) would pass CI. This compiles the variants the JIT would build, with
+the ptxas bundled in the triton wheel; no device is needed.
 
-    python benchmarks/gpu/compile_check.py [--arch 90 80] [--dtype bf16 fp32] [--first]
+The launches are not re-typed here: the backend's own ``forward``/``grad`` run
+on small CPU tensors (dimensions multiples of 16, as at the benchmark shapes)
+with ``triton_kernels.common.recorder`` set, which records each launch's
+arguments instead of running it. Each recorded argument is specialised as the
+JIT does: a tensor becomes a typed pointer, 16-byte aligned ones get
+``tt.divisibility=16``; an int equal to 1 becomes a constant, a multiple of 16
+gets the divisibility hint; None is a constant; the heuristics and every
+autotuning config supply the constexprs.
 
-``--first`` compiles only the first config of each list (the quick test).
+    python benchmarks/gpu/compile_check.py [--arch 90 80] [--dtype bf16 fp32] [--first] [--list]
+
+``--first`` compiles only the first config of each list (the quick test);
+``--list`` prints the derived signatures without compiling.
 Exit status 0 when everything compiled.
 """
 
@@ -21,65 +31,116 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+_PTR = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int64": "i64", "int32": "i32"}
 
-def _compile(fn, types: dict, consts: dict, arch: int):
+
+def specialise(value):
+    """(type, constant or None, divisible by 16) of one runtime argument, as the JIT specialises it."""
+    import torch
+
+    if value is None:
+        return "constexpr", None, False
+    if isinstance(value, torch.Tensor):
+        return "*" + _PTR[str(value.dtype).removeprefix("torch.")], None, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "u1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"cannot specialise {type(value).__name__}")
+
+
+def record(dtypes):
+    """Recorded launches (kernel, args, configs) of every sweep, mode and feature variant, per dtype."""
+    import torch
+
+    from grao_kernels.backends import Head, triton_backend
+    from grao_kernels.settings import settings
+    from grao_kernels.triton_kernels import common, group_ops
+
+    torch.manual_seed(0)
+    common.recorder = []
+    saved = common.unavailable_reason, settings.triton_mode, settings.triton_config
+    common.unavailable_reason = lambda device: None  # CPU tensors stand for CUDA ones here
+    settings.triton_config = None
+    try:
+        for name in dtypes:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+            N, H, V = 64, 64, 512
+            hidden = torch.randn(N, H).to(dtype)
+            weight = torch.randn(V, H).to(dtype)
+            coef = torch.randn(N)
+            for mode in ("chunked", "fused"):
+                settings.triton_mode = mode
+                # The benchmark's variant (no bias, soft-cap or entropy, every row valid) ...
+                targets = torch.randint(0, V, (N,))
+                triton_backend.forward(hidden, weight, None, targets, Head(), -100)
+                triton_backend.grad(hidden, weight, None, targets, Head(), -100, coef=coef)
+                # ... and every feature at once, with ignored rows.
+                targets[::3] = -100
+                bias = torch.randn(V).to(dtype)
+                head = Head(temperature=0.7, logit_scale=0.5, softcap=30.0)
+                triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
+                triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef)
+        rewards = torch.randn(4, 5)
+        adv = group_ops.group_advantages(rewards, 1e-6)
+        coef, n = group_ops.token_coefficients(adv, torch.randint(0, V, (20, 48)), -100, 0.5, 0.6)
+        group_ops.sequence_logp(torch.randn(20, 48), n)
+        return common.recorder
+    finally:
+        common.recorder = None
+        common.unavailable_reason, settings.triton_mode, settings.triton_config = saved
+
+
+def jobs(dtypes, first):
+    """(label, jit function, signature, constexprs, attrs, options) of every distinct variant and config."""
+    from grao_kernels.triton_kernels.common import jit_fn
+
+    seen = set()
+    for kernel, args, configs in record(dtypes):
+        fn = jit_fn(kernel)
+        heur = dict(getattr(kernel, "values", {}))
+        base_consts = {k: f(args) for k, f in heur.items()}
+        for cfg in (configs[:1] if first else configs) or [None]:
+            consts = dict(base_consts, **(cfg.kwargs if cfg is not None else {}))
+            sig, attrs = {}, {}
+            for i, param in enumerate(fn.params):
+                name = param.name
+                if param.is_constexpr and name not in consts:
+                    consts[name] = args[name]
+                if name in consts:
+                    sig[name] = "constexpr"
+                    continue
+                ty, const, div16 = specialise(args[name])
+                sig[name] = ty
+                if ty == "constexpr":
+                    consts[name] = const
+                elif div16:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg is not None else {}
+            key = (fn.__name__, tuple(sig.items()), tuple(sorted(consts.items(), key=str)), tuple(attrs), str(options))
+            if key in seen:
+                continue
+            seen.add(key)
+            ptr = next((sig[n] for n in ("hidden_ptr", "logits_ptr", "dz_ptr") if n in sig), "")
+            label = f"{fn.__name__} {ptr} {cfg.kwargs if cfg is not None else ''} flags=" + ",".join(
+                f"{k}={v}" for k, v in base_consts.items()
+            )
+            yield label, fn, sig, consts, attrs, options
+
+
+def _compile(fn, sig, consts, attrs, options, arch: int) -> float:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
     t0 = time.time()
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return time.time() - t0
-
-
-def jobs(dtypes, first):
-    """(label, kernel, argument types, constexprs) for every kernel, dtype and config."""
-    from grao_kernels.triton_kernels import dlogits, group_ops, logprob_backward, lse_forward
-
-    i32, f32 = "i32", "fp32"
-    for dt in dtypes:
-        p = "*" + dt
-        common = {"hidden_ptr": p, "weight_ptr": p, "bias_ptr": p, "targets_ptr": "*i64", "rows_ptr": "*i32"}
-        common.update({"n_valid_ptr": "*i32", "V": i32, "H": i32, "inv_temp": f32})
-        strides = {k: i32 for k in ("stride_hn", "stride_hh", "stride_wv", "stride_wh")}
-        fwd = {**common, **strides, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_tgt_ptr": "*fp32"}
-        fwd.update({"v_per_split": i32, "stride_ps": i32})
-        bwd = {**common, **strides, "coef_ptr": "*fp32", "lse_ptr": "*fp32", "logp_ptr": "*fp32"}
-        bwd.update({k: "*fp32" for k in ("dhidden_ptr", "dweight_ptr", "dbias_ptr")})
-        bwd.update({k: i32 for k in ("N", "stride_dhn", "stride_dhh", "stride_dwv", "stride_dwh")})
-        bwd["filter_eps"] = f32
-        dlg = {**common, **strides, "coef_ptr": "*fp32", "lse_ptr": "*fp32", "logp_ptr": "*fp32", "dz_ptr": p}
-        dlg.update({"dbias_ptr": "*fp32", "N": i32, "v_start": i32, "v_end": i32, "stride_dzn": i32})
-        del dlg["V"]
-        fwd_cfgs = lse_forward.CONFIGS_FP32 if dt == "fp32" else lse_forward.CONFIGS
-        bwd_cfgs = logprob_backward.CONFIGS_FP32 if dt == "fp32" else logprob_backward.CONFIGS
-        flags = {"DOT_PRECISION": "ieee", "UPCAST_DOT": False}
-        dlg_cfgs = dlogits.CONFIGS_FP32 if dt == "fp32" else dlogits.CONFIGS
-        for cfg in dlg_cfgs[:1] if first else dlg_cfgs:
-            consts = {"HAS_BIAS": True, **flags, **cfg.kwargs}
-            yield f"dlogits {dt} {cfg.kwargs}", dlogits.dlogits_kernel, dlg, consts
-        for cfg in fwd_cfgs[:1] if first else fwd_cfgs:
-            consts = {"HAS_BIAS": True, **flags, **cfg.kwargs}
-            yield f"lse_forward {dt} {cfg.kwargs}", lse_forward.lse_forward_kernel, fwd, consts
-        for cfg in bwd_cfgs[:1] if first else bwd_cfgs:
-            for filt in (False, True) if dt != "fp32" else (False,):
-                consts = {"HAS_BIAS": True, "FILTER": filt, **flags, **cfg.kwargs}
-                yield (
-                    f"logprob_backward {dt} FILTER={filt} {cfg.kwargs}",
-                    logprob_backward.logprob_backward_kernel,
-                    bwd,
-                    consts,
-                )
-    adv = {"rewards_ptr": "*fp32", "adv_ptr": "*fp32", "P": i32, "K": i32, "eps": f32}
-    adv.update({"stride_rp": i32, "stride_rk": i32, "stride_ap": i32})
-    yield "group_advantages", group_ops.group_advantages_kernel, adv, {"IS_FP64": False, "BLOCK_P": 8, "BLOCK_K": 8}
-    coef = {"adv_ptr": "*fp32", "targets_ptr": "*i64", "coef_ptr": "*fp32", "n_ptr": "*fp32", "P": i32, "T": i32}
-    coef.update({"G": i32, "ignore_index": i32, "beta": f32, "lam": f32})
-    coef.update({k: i32 for k in ("stride_ap", "stride_ak", "stride_ts", "stride_tt")})
-    yield "token_coefficients", group_ops.token_coefficients_kernel, coef, {"BLOCK_T": 256, "BLOCK_G": 4}
-    seq = {"logp_ptr": "*fp32", "n_ptr": "*fp32", "out_ptr": "*fp32", "T": i32, "stride_ls": i32, "stride_lt": i32}
-    yield "sequence_logp", group_ops.sequence_logp_kernel, seq, {"BLOCK_T": 256}
 
 
 def main(argv=None) -> int:
@@ -87,18 +148,26 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"])
     parser.add_argument("--first", action="store_true")
+    parser.add_argument("--list", action="store_true", help="print the derived signatures, compile nothing")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile check: unset TRITON_INTERPRET (interpreted kernels are never compiled)", file=sys.stderr)
         return 2
+    all_jobs = list(jobs(args.dtype, args.first))
+    if args.list:
+        for label, _, sig, consts, attrs, _ in all_jobs:
+            div = [name for i, name in enumerate(sig) if (i,) in attrs]
+            ones = [k for k, v in consts.items() if v == 1 and not isinstance(v, bool)]
+            print(f"{label}\n  signature={sig}\n  divisible_by_16={div}\n  equal_to_1={ones}")
+        return 0
     failed = 0
     for arch in args.arch:
-        for label, fn, types, consts in jobs(args.dtype, args.first):
+        for label, fn, sig, consts, attrs, options in all_jobs:
             try:
-                print(f"sm_{arch} {label}: {_compile(fn, types, consts, arch):.1f}s", flush=True)
+                print(f"sm_{arch} {label}: {_compile(fn, sig, consts, attrs, options, arch):.1f}s", flush=True)
             except Exception as exc:
                 failed += 1
-                print(f"sm_{arch} {label}: FAILED {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                print(f"sm_{arch} {label}: FAILED {type(exc).__name__}: {str(exc)[:600]}", flush=True)
     return 1 if failed else 0
 
 

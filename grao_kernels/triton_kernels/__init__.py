@@ -1,8 +1,9 @@
-"""Triton kernels of the ``triton`` backend, one file per kernel.
+"""Triton kernels of the ``triton`` backend, each file holding its kernels, their heuristics and launchers.
 
-Only ``@triton.jit`` functions and their autotuning configurations live here;
-checks, allocation, grids and config selection are in
-``grao_kernels.backends.triton_backend``. Modules here are imported lazily by
-that launcher because ``triton.jit`` decides at decoration time whether a
-kernel runs compiled or under the interpreter (``TRITON_INTERPRET=1``).
+``chunked.py`` and ``fused.py`` are the two vocabulary sweeps, ``group_ops.py``
+the small GRAO steps, ``common.py`` the shared ``@triton.jit`` maths and the
+launch helper. ``grao_kernels.backends.triton_backend`` validates, picks the
+sweep by the memory budget and allocates the outputs. These modules are
+imported when the backend first is (``triton.jit`` decides at decoration time
+whether a kernel compiles or runs under ``TRITON_INTERPRET=1``).
 """

@@ -1,15 +1,62 @@
-"""``@triton.jit`` pieces shared by the vocabulary-sweep kernels.
+"""Pieces shared by the two sweeps (``chunked.py``, ``fused.py``): ``@triton.jit`` maths and the launch helper.
 
-``lse_forward``, ``dlogits`` and ``logprob_backward`` all recompute tiles of
-``z * T = h W^T + b`` for a block of non-ignored rows; the grid order, the row
-loads, the logits tile and the backward's logits gradient of such a tile are
-written once here. Triton inlines these calls, so the kernels compile as before.
+The jit helpers are inlined by Triton, so each formula below is written once:
+the head (scale, soft-cap, temperature) and its derivative, the online
+log-sum-exp with its entropy term, and the logits gradient of the contract in
+``grao_kernels/backends/__init__.py``. ``launch`` picks a kernel's config
+(``settings.triton_config``, the interpreter's small config, else Triton's
+autotuner) and is where ``benchmarks/gpu/compile_check.py`` records launches.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+from packaging.version import Version
+
+from ..settings import settings
+
+
+def interpreting() -> bool:
+    """Whether kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the kernels can run on tensors of ``device``, else why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "PyTorch sees no CUDA device"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            # bfloat16 tl.dot and the tile configs assume Ampere or newer.
+            return f"its kernels need compute capability 8.0 or newer, this GPU has {major}.{minor}"
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return (
+            "its kernels need CUDA tensors (CPU tensors run only under the Triton interpreter, "
+            "enabled by setting TRITON_INTERPRET=1 before triton is imported)"
+        )
+    return f"its kernels run on CUDA tensors, not {device.type}"
+
+
+def check_device(first: torch.Tensor, *others) -> None:
+    """ValueError unless the kernels can run on ``first``'s device and every other tensor (or None) is there too."""
+    dev = first.device
+    reason = unavailable_reason(dev)
+    if reason is not None:
+        raise ValueError(f"the triton backend cannot run on {dev} tensors: {reason}")
+    for t in others:
+        if t is not None and t.device != dev:
+            raise ValueError(f"all inputs must be on {dev}, got one on {t.device}")
 
 
 def configs_fp32(**extra):
@@ -24,14 +71,87 @@ def configs_fp32(**extra):
     ]
 
 
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+_autotuned: dict[tuple, object] = {}
+# benchmarks/gpu/compile_check.py sets this to a list: launches are then
+# recorded as (kernel, args, configs) instead of run.
+recorder: list | None = None
+
+
+def parse_config(spec: str) -> dict:
+    """``"BLOCK_N=64,BLOCK_V=128,num_warps=4"`` -> dict of ints, or a ValueError naming the setting."""
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
+    except ValueError as exc:
+        raise ValueError(
+            f"settings.triton_config (GRAO_KERNELS_TRITON_CONFIG) must look like 'BLOCK_N=64,BLOCK_V=128,...', "
+            f"got {spec!r}"
+        ) from exc
+
+
+def jit_fn(kernel):
+    """The ``JITFunction`` under ``triton.heuristics``."""
+    return kernel.fn if isinstance(kernel, triton.runtime.Heuristics) else kernel
+
+
+def launch(kernel, configs, interpreter_config: dict, grid, args: dict, key=("V", "H")) -> dict:
+    """Launch ``kernel`` (jit, possibly under heuristics) with one config; returns the config's block sizes.
+
+    First match: ``settings.triton_config`` (its keys that the kernel takes;
+    GROUP_N defaults to 8), ``interpreter_config`` under the interpreter (the
+    autotuner times on CUDA events), the one config of a one-config list (a
+    kernel that overwrites its input, such as the chunked row kernel, must
+    not be re-run by trials), else Triton's autotuner over ``configs`` keyed
+    on ``key`` and the dtypes; those kernels are idempotent, so trials need
+    no reset.
+    """
+    names = set(jit_fn(kernel).arg_names)
+    if recorder is not None:
+        recorder.append((kernel, dict(args), configs))
+        return dict(configs[0].kwargs)
+    cfg = None
+    if settings.triton_config:
+        cfg = parse_config(settings.triton_config)
+        if "GROUP_N" in names:
+            cfg.setdefault("GROUP_N", 8)
+        cfg = {k: v for k, v in cfg.items() if k in names or k in _LAUNCH_KEYS}
+    elif interpreting():
+        cfg = dict(interpreter_config)
+    elif len(configs) == 1:
+        cfg = {**configs[0].kwargs, "num_warps": configs[0].num_warps, "num_stages": configs[0].num_stages}
+    if cfg is not None:
+        meta = {k: v for k, v in cfg.items() if k not in _LAUNCH_KEYS}
+        kernel[grid(meta)](**args, **meta, **{k: cfg[k] for k in _LAUNCH_KEYS if k in cfg})
+        return meta
+    tuned_key = (id(kernel), tuple(id(c) for c in configs))
+    if tuned_key not in _autotuned:
+        _autotuned[tuned_key] = triton.autotune(configs, key=list(key))(kernel)
+    tuned = _autotuned[tuned_key]
+    tuned[grid](**args)
+    return dict(tuned.best_config.kwargs)
+
+
+def launch_fixed(kernel, grid: tuple, args: dict) -> None:
+    """Launch ``kernel`` with its block sizes in ``args`` (or record it, see ``recorder``)."""
+    if recorder is not None:
+        recorder.append((kernel, dict(args), []))
+        return
+    kernel[grid](**args)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexprs of ``tl.dot``: exact float32 (no TF32); under the interpreter widen bf16/fp16 operands,
+    whose ``tl.dot`` it computes on the raw bits (the products are exact either way)."""
+    return {"DOT_PRECISION": "ieee", "UPCAST_DOT": interpreting() and dtype != torch.float32}
+
+
 @triton.jit
 def grouped_tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
     """This program's (row block, vocabulary tile) of an N x V grid, in grouped order.
 
     Triton tutorial 03, "L2 cache optimizations": GROUP_N consecutive
     programs share one vocabulary tile and walk GROUP_N row blocks, so the
-    weight tile (and any per-tile output they accumulate into) stays in L2
-    while those programs run.
+    hidden rows and the weight tile they read stay in L2 while those programs run.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -45,80 +165,104 @@ def grouped_tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N
 
 
 @triton.jit
-def load_row_block(rows_ptr, targets_ptr, start, n_valid, BLOCK_N: tl.constexpr):
-    """Rows ``start .. start + BLOCK_N`` of the non-ignored list: (row mask, int64 row ids, targets)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_valid
-    rows = tl.load(rows_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-    tgt = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
-    return row_mask, rows, tgt
-
-
-@triton.jit
-def logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, v_lo, v_hi, H, stride_hn, stride_hh, stride_wv, stride_wh,
+def raw_logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, R, V, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """``hidden[rows] @ weight[offs_v].T + bias[offs_v]`` in fp32, (BLOCK_N, BLOCK_V); returns (tile, offs_v, col_mask).
+    """``hidden[offs_n] @ weight[offs_v].T + bias[offs_v]`` in fp32, (BLOCK_N, BLOCK_V), rows ``< R``, columns ``< V``.
 
-    ``rows`` are int64 row ids (masked by ``row_mask``); the columns are
-    ``offs_v = v_lo + arange(BLOCK_V)``, masked where ``>= v_hi``. Masked
-    entries hold the bias or 0; the caller masks them.
+    The weight tile is cast to hidden's dtype: with a float32 master weight
+    and bfloat16 activations the dot runs on bf16 tensor cores, not FMA units.
+    Out-of-range entries hold 0 (the caller masks them).
     """
-    offs_v = v_lo + tl.arange(0, BLOCK_V)
-    col_mask = offs_v < v_hi
     offs_h = tl.arange(0, BLOCK_H)
-    h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
-    # int64 vocabulary offsets: V*H passes 2^31 for large heads.
-    wt_ptrs = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh  # (BLOCK_H, BLOCK_V)
+    row_mask = offs_n < R
+    col_mask = offs_v < V
+    # int64 offsets: R*H and V*H pass 2^31 at large shapes.
+    h_ptrs = hidden_ptr + offs_n.to(tl.int64)[:, None] * stride_h + offs_h[None, :]
+    wt_ptrs = weight_ptr + offs_v.to(tl.int64)[None, :] * stride_w + offs_h[:, None]  # (BLOCK_H, BLOCK_V)
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         h_mask = offs_h < H - h0
-        a = tl.load(h_ptrs + h0 * stride_hh, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-        b = tl.load(wt_ptrs + h0 * stride_wh, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
+        a = tl.load(h_ptrs + h0, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+        b = tl.load(wt_ptrs + h0, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
+        b = to_store(b, a.dtype, UPCAST_DOT)
         if UPCAST_DOT:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return acc, offs_v, col_mask
+    return acc
 
 
 @triton.jit
-def logits_grad_tile(
-    hidden_ptr, weight_ptr, bias_ptr, targets_ptr, rows_ptr, coef_ptr, lse_ptr, logp_ptr, start, n_valid, v_lo, v_hi,
-    H, inv_temp, stride_hn, stride_hh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
-    """The backward's shared tile: dz = d(sum coef * logp) / d logits, fp32, and logp of the targets in it.
+def tanh(x):
+    """tanh for float32, exact at +-inf (a -inf logit soft-caps to -cap); absolute error ~1e-7."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
-    Recomputes the logits tile (cheaper than storing N x V of them), then
-    dz = coef / T * (onehot - p) with p the softmax from the saved lse, since
-    d logp / d z = onehot(target) - softmax(z) and z = logits / T. Stores
-    logp = z[target] - lse for the rows whose target lies in the tile. The
-    row block is entries [start, start + BLOCK_N) of rows_ptr, the vocabulary
-    tile as in logits_tile. Returns (row_mask, rows, offs_v, col_mask, live, p, onehot, dz).
+
+@triton.jit
+def apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/draw) of the head: u = scale raw, u = cap tanh(u / cap) when soft-capped, z = u / T."""
+    u = raw * scale
+    if HAS_SOFTCAP:
+        th = tanh(u / softcap)
+        z = softcap * th * inv_temp
+        dz_draw = (1.0 - th * th) * (scale * inv_temp)
+    else:
+        z = u * inv_temp
+        dz_draw = tl.zeros_like(raw) + scale * inv_temp
+    return z, dz_draw
+
+
+@triton.jit
+def merge_lse(m, s, t, pm, ps, pt, ENTROPY: tl.constexpr):
+    """Fold (rows, k) partial (max, sum-exp, entropy sum) triples into each row's running triple.
+
+    A triple ``(m, s, t)`` summarises logits z by ``s = sum exp(z - m)`` and
+    ``t = sum exp(z - m) (z - m)``, so ``lse = m + log s`` and the entropy of
+    the softmax is ``log s - t / s``; moving it to a new max M multiplies both
+    by exp(m - M) and adds ``(m - M) s`` to t (the online normaliser of
+    Milakov & Gimelshein 2018, Alg. 3, extended to the entropy). A logit alone
+    is the triple ``(z, 1, 0)``. A row whose parts so far are all -inf (a
+    masked part of the vocabulary) keeps ``m = -inf, s = t = 0``: the shift is
+    taken from 0 instead of -inf, as FlashAttention guards its running max, so
+    no ``exp(-inf - -inf)`` NaN arises.
     """
-    row_mask, rows, tgt = load_row_block(rows_ptr, targets_ptr, start, n_valid, BLOCK_N)
-    c = tl.load(coef_ptr + rows, mask=row_mask, other=0.0) * inv_temp
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    acc, offs_v, col_mask = logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, v_lo, v_hi, H,
-        stride_hn, stride_hh, stride_wv, stride_wh,
-        HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
-    )  # fmt: skip
-    live = row_mask[:, None] & col_mask[None, :]
-    p = tl.where(live, tl.exp(acc * inv_temp - lse[:, None]), 0.0)
-    onehot = (offs_v[None, :] == tgt[:, None]) & live
-    dz = c[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
-    # The log-prob comes free from the tile holding the target, so a
-    # backward given the saved lse needs no forward sweep.
-    zt = tl.sum(tl.where(onehot, acc * inv_temp, 0.0), 1)
-    has_target = row_mask & (tgt >= v_lo) & (tgt < v_lo + BLOCK_V)
-    tl.store(logp_ptr + rows, zt - lse, mask=has_target)
-    return row_mask, rows, offs_v, col_mask, live, p, onehot, dz
+    m_new = tl.maximum(m, tl.max(pm, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    beta = tl.exp(pm - m_safe[:, None])  # 0 for a -inf part
+    if ENTROPY:
+        shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+        part = tl.where(beta > 0, beta * (pt + (pm - m_safe[:, None]) * ps), 0.0)
+        t = alpha * (t + shift * s) + tl.sum(part, 1)
+    s = s * alpha + tl.sum(beta * ps, 1)
+    return m_new, s, t
+
+
+@triton.jit
+def lse_and_entropy(m, s, t):
+    """(lse, entropy) from a row's (max, sum-exp, entropy sum) of ``online_lse_update``."""
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    return m_safe + log_s, log_s - t / s
+
+
+@triton.jit
+def logits_grad(z, dz_draw, onehot, coef, ent_coef, lse, ent, HAS_ENT_COEF: tl.constexpr):
+    """d/draw of ``coef logp + ent_coef entropy`` for a block of logits (rows broadcast from (rows,) vectors).
+
+    d logp / dz = onehot(target) - p and d entropy / dz = -p (z - lse + entropy),
+    with p = exp(z - lse); times dz/draw of the head. A -inf logit has p = 0
+    and contributes exactly 0 (its ``p (z - lse)`` would be 0 * -inf).
+    """
+    p = tl.exp(z - lse[:, None])
+    g = coef[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    if HAS_ENT_COEF:
+        g -= tl.where(p > 0, ent_coef[:, None] * p * (z - lse[:, None] + ent[:, None]), 0.0)
+    return g * dz_draw
 
 
 @triton.jit
@@ -131,3 +275,119 @@ def round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_store(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """``x`` cast to ``dtype`` for a store, rounding to nearest also under the interpreter."""
+    if INTERPRET:
+        if dtype == tl.bfloat16 and x.dtype == tl.float32:
+            x = round_to_bf16(x)
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------
+# launcher side: the prepared problem, row groups and the cuBLAS products
+
+
+@dataclass
+class Problem:
+    """One call's inputs as the sweeps take them.
+
+    ``hidden`` (N, H) and ``weight`` (V, H) contiguous; the compute dtype is
+    hidden's (a weight of another dtype, e.g. a float32 master weight under
+    bfloat16 activations, is cast to it tile by tile in the Triton kernels
+    and per product for cuBLAS). ``rows``: int64 ids of the non-ignored rows,
+    or None when every row counts (no gather needed); ``n`` their number.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    rows: torch.Tensor | None
+    n: int
+    scale: float
+    inv_temp: float
+    softcap: float | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(N, V, H)."""
+        return self.hidden.shape[0], self.weight.shape[0], self.hidden.shape[1]
+
+    def group(self, r0: int, r1: int):
+        """Rows ``r0 .. r1`` of the non-ignored rows: (hidden rows, contiguous; their ids or None; first id)."""
+        if self.rows is None:
+            return self.hidden[r0:r1], None, r0
+        ids = self.rows[r0:r1]
+        return self.hidden.index_select(0, ids), ids, 0
+
+    def head_args(self) -> dict:
+        return {"scale": self.scale, "inv_temp": self.inv_temp, "softcap": self.softcap}
+
+
+def min_block_v(configs, interpreter_config: dict) -> int:
+    """The narrowest vocabulary tile a launch may pick (sizes the per-tile partial buffers)."""
+    if settings.triton_config:
+        cfg = parse_config(settings.triton_config)
+        if "BLOCK_V" in cfg:
+            return cfg["BLOCK_V"]
+    if interpreting():
+        return interpreter_config["BLOCK_V"]
+    return min(c.kwargs["BLOCK_V"] for c in configs)
+
+
+_OUT_DTYPE_GEMM = Version(torch.__version__.split("+")[0]) >= Version("2.8")
+_warned_rounded: set[str] = set()
+
+
+def fp32_output_gemm(device: torch.device) -> bool:
+    """Whether bfloat16/float16 products can be written (and accumulated) in float32 on ``device``.
+
+    CUDA: ``torch.mm``/``torch.addmm`` take ``out_dtype=torch.float32``
+    since torch 2.8 (cuBLAS with a float32 C matrix). CPU tensors (the
+    interpreter) multiply in float32 instead, a test path.
+    """
+    return device.type != "cuda" or _OUT_DTYPE_GEMM
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """``out = a @ b`` (``out += a @ b`` with ``accumulate``), accumulated in float32.
+
+    ``a`` and ``b`` share a dtype. A bfloat16/float16 product into a float32
+    ``out`` keeps float32 all the way (cuBLAS ``out_dtype``; beta = 1 when
+    accumulating); into an ``out`` of the inputs' dtype it is rounded once on
+    writing. Never upcasts the operands on a GPU: on a torch without
+    ``out_dtype`` the product is rounded to the inputs' dtype before it is
+    added, with a one-time warning.
+    """
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif not out.is_cuda:
+        # CPU tensors only run under the interpreter: torch has no CPU fp32-output bf16 GEMM.
+        prod = a.float() @ b.float()
+        out.add_(prod) if accumulate else out.copy_(prod)
+    elif _OUT_DTYPE_GEMM:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        if repr(a.dtype) not in _warned_rounded:
+            _warned_rounded.add(repr(a.dtype))
+            warnings.warn(
+                f"grao_kernels triton backend: torch {torch.__version__} has no float32-output {a.dtype} GEMM "
+                "(torch >= 2.8 has); gradient chunks are rounded to the input dtype before float32 accumulation",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        prod = torch.mm(a, b)
+        out.add_(prod) if accumulate else out.copy_(prod)

@@ -1,4 +1,4 @@
-"""The small GRAO steps around the vocabulary sweep, one launch each whatever P and G are.
+"""The small GRAO steps around the vocabulary sweep, one launch each whatever P and G are (kernels and launchers).
 
 Semantics are those of ``grao_kernels.api`` (``group_advantages``,
 ``token_coefficients``, ``sequence_logp``); see its module docstring for the
@@ -7,8 +7,11 @@ coefficients (arXiv 2508.07750, Eq. 3-4).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from .common import check_device, launch_fixed
 
 
 @triton.jit
@@ -118,3 +121,65 @@ def sequence_logp_kernel(
         acc += tl.load(logp_ptr + s.to(tl.int64) * stride_ls + (t0 + offs_t) * stride_lt, mask=tmask, other=0.0)
     n = tl.load(n_ptr + s)
     tl.store(out_ptr + s, tl.sum(acc, 0) / tl.maximum(n, 1.0))
+
+
+# ----------------------------------------------------------------------------
+# launchers (the triton backend's grao_loss hooks): one launch each, no host synchronisation
+
+
+def _block(n: int, lo: int = 16, hi: int = 1024) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def group_advantages(rewards, eps):
+    """Same as ``grao_kernels.api.group_advantages`` (float32; float64 for float64 rewards)."""
+    eps = float(eps)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_device(rewards)
+    P, K = rewards.shape
+    is_fp64 = rewards.dtype == torch.float64
+    adv = torch.empty(P, K, dtype=torch.float64 if is_fp64 else torch.float32, device=rewards.device)
+    if P:
+        block_k = triton.next_power_of_2(K)
+        block_p = max(1, min(64, 4096 // block_k))
+        args = dict(
+            rewards_ptr=rewards, adv_ptr=adv, P=P, K=K, eps=eps,
+            stride_rp=rewards.stride(0), stride_rk=rewards.stride(1), stride_ap=adv.stride(0),
+            IS_FP64=is_fp64, BLOCK_P=block_p, BLOCK_K=block_k,
+        )  # fmt: skip
+        launch_fixed(group_advantages_kernel, (triton.cdiv(P, block_p),), args)
+    return adv
+
+
+def token_coefficients(adv, targets, ignore_index, beta, lam):
+    """Same as ``grao_kernels.api.token_coefficients``: flat float32 ``coef`` and ``n`` (S,)."""
+    check_device(adv, targets)
+    adv = adv.float()
+    P, K = adv.shape
+    S, T = targets.shape
+    coef = torch.empty(S * T, dtype=torch.float32, device=adv.device)
+    n = torch.empty(S, dtype=torch.float32, device=adv.device)
+    if S:
+        args = dict(
+            adv_ptr=adv, targets_ptr=targets, coef_ptr=coef, n_ptr=n, P=P, T=T, G=K - 1,
+            ignore_index=int(ignore_index), beta=float(beta), lam=float(lam),
+            stride_ap=adv.stride(0), stride_ak=adv.stride(1), stride_ts=targets.stride(0), stride_tt=targets.stride(1),
+            BLOCK_T=_block(T), BLOCK_G=_block(K - 1, lo=2, hi=2**16),
+        )  # fmt: skip
+        launch_fixed(token_coefficients_kernel, (S,), args)
+    return coef, n
+
+
+def sequence_logp(logp, n):
+    """Same as ``grao_kernels.api.sequence_logp``: (S, T) log-probs -> (S,) means over ``n`` tokens."""
+    check_device(logp, n)
+    S, T = logp.shape
+    out = torch.empty(S, dtype=torch.float32, device=logp.device)
+    if S:
+        args = dict(
+            logp_ptr=logp, n_ptr=n, out_ptr=out, T=T, stride_ls=logp.stride(0), stride_lt=logp.stride(1),
+            BLOCK_T=_block(T),
+        )  # fmt: skip
+        launch_fixed(sequence_logp_kernel, (S,), args)
+    return out

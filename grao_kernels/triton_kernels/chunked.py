@@ -1,0 +1,210 @@
+"""The "chunked" sweep: cuBLAS writes a row group's logits, one Triton row kernel turns them into the gradient in place.
+
+Per group of R non-ignored rows (R bounded by the memory budget)::
+
+    L   = hidden[g].float() @ weight.T                    # cuBLAS, float32 out, (R, V) buffer
+    z   = head(L + bias)                                   # row kernel: max / lse, target, entropy ...
+    L  <- d loss / d raw  (in hidden's dtype)              # ... and the logits gradient, written over L
+    dhidden[g] = L @ weight                                # cuBLAS, complete per group (the whole V)
+    dweight   += L.T @ hidden[g]                           # cuBLAS, float32 accumulation (beta = 1)
+    dbias     += L.sum(0)
+
+Three GEMMs and one read-modify pass over the logits, nothing recomputed.
+For a forward (no coefficients) the row kernel only writes the statistics.
+bfloat16/float16 gradients are written into the first half of each float32
+row's bytes, so the buffer is reused without a second one: element j of the
+gradient lands on bytes the row kernel has already read (2j < 4j), and a
+barrier between each block's load and store keeps a faster warp from
+overwriting the first block before a slower one has read it.
+
+Traffic at N=16384, H=4096, V=151936, bf16 (floor: 3 GEMMs, 6 N V H = 61 TFLOP,
+about 80 ms on an H100/H200 at ~750 TFLOP/s dense bf16): per element of N x V
+the logits are written once (4 B) and read twice by the row kernel (8 B), the
+gradient written (2 B) and read by the two GEMMs (4 B): ~18 B x 2.5e9 = 45 GB
+(~10 ms at 4.8 TB/s, partly overlapped with the GEMMs), plus dweight's float32
+read-modify-write per row group (2 x 4 V H = 5 GB per group; 1 GiB of
+workspace holds ~1700 rows, so ~10 groups, ~50 GB, most of it hidden in the
+dW GEMM's epilogue). Expected ~1.15-1.3x the floor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    Problem,
+    apply_head,
+    interpreting,
+    launch,
+    logits_grad,
+    lse_and_entropy,
+    merge_lse,
+    mm_into,
+    to_store,
+)
+
+# A row group below this many rows makes the GEMMs inefficient; "auto"
+# then prefers the fused sweep.
+MIN_ROWS = 256
+
+# One config, never autotuned: the kernel overwrites its input, so an
+# autotuner's repeated trials would read gradients as logits. A streaming
+# kernel: wide blocks, 8 warps.
+CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8, num_stages=2)]
+INTERPRETER_CONFIG = {"BLOCK_V": 1024}
+
+
+@triton.jit
+def _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/draw) of the row's columns ``cols`` (< V), shaped (1, BLOCK_V), from the stored raw logits."""
+    raw = tl.load(l_row + cols, mask=cols < V, other=0.0)[None, :]
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    return apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+        "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
+        "HAS_ROWS": lambda a: a["rows_ptr"] is not None,
+        "ENTROPY": lambda a: a["ent_ptr"] is not None,
+        "GRAD": lambda a: a["coef_ptr"] is not None,
+        "HAS_ENT_COEF": lambda a: a["ent_coef_ptr"] is not None,
+    }
+)
+@triton.jit
+def rows_kernel(
+    logits_ptr,  # (R, V) float32 raw logits h W^T of the group, row stride stride_l
+    dz_ptr,  # same bytes as logits_ptr, in hidden's dtype, row stride stride_dz; written with GRAD
+    bias_ptr,  # (V,) or None
+    targets_ptr,  # (N,) int64
+    rows_ptr,  # (R,) int64 row ids of the group, or None: ids row0 .. row0 + R
+    coef_ptr,  # (N,) float32 or None (statistics only)
+    ent_coef_ptr,  # (N,) float32 or None
+    logp_ptr,  # (N,) float32 out, unless STATS_GIVEN
+    lse_ptr,  # (N,) float32 out, or in with STATS_GIVEN
+    ent_ptr,  # (N,) float32 out (in with STATS_GIVEN), or None
+    row0,
+    V,
+    stride_l,
+    stride_dz,
+    scale,
+    inv_temp,
+    softcap,  # float or None
+    STATS_GIVEN: tl.constexpr,
+    INTERPRET: tl.constexpr,  # round-to-nearest casts under the interpreter (see common.to_store)
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    GRAD: tl.constexpr,
+    HAS_ENT_COEF: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    i = tl.program_id(0)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + i)
+    else:
+        row = row0 + i
+    row = row.to(tl.int64)
+    tgt = tl.load(targets_ptr + row + tl.zeros([1], tl.int64))  # (1,)
+    l_row = logits_ptr + i.to(tl.int64) * stride_l
+    offs = tl.arange(0, BLOCK_V)
+
+    if STATS_GIVEN:
+        lse = tl.load(lse_ptr + row + tl.zeros([1], tl.int64))
+        ent = lse * 0.0
+        if HAS_ENT_COEF:
+            ent = tl.load(ent_ptr + row + tl.zeros([1], tl.int64))
+    else:
+        m = tl.full([1], float("-inf"), tl.float32)
+        s = tl.zeros([1], tl.float32)
+        t = tl.zeros([1], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            z, _ = _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+            z = tl.where((cols < V)[None, :], z, float("-inf"))
+            m, s, t = merge_lse(m, s, t, z, 1.0, 0.0, ENTROPY)
+        lse, ent = lse_and_entropy(m, s, t)
+        # The target's logit: one element of the row, through the same head.
+        raw_t = tl.load(l_row + tgt)
+        if HAS_BIAS:
+            raw_t += tl.load(bias_ptr + tgt).to(tl.float32)
+        z_t, _ = apply_head(raw_t, scale, inv_temp, softcap, HAS_SOFTCAP)
+        tl.store(logp_ptr + row + tl.zeros([1], tl.int64), z_t - lse)
+        tl.store(lse_ptr + row + tl.zeros([1], tl.int64), lse)
+        if ENTROPY:
+            tl.store(ent_ptr + row + tl.zeros([1], tl.int64), ent)
+
+    if GRAD:
+        c = tl.load(coef_ptr + row + tl.zeros([1], tl.int64))
+        ec = c * 0.0
+        if HAS_ENT_COEF:
+            ec = tl.load(ent_coef_ptr + row + tl.zeros([1], tl.int64))
+        dz_row = dz_ptr + i.to(tl.int64) * stride_dz
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            z, dz_draw = _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+            onehot = (cols[None, :] == tgt[:, None]) & (cols < V)[None, :]
+            g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
+            # Every warp has read this block before any overwrites it (see the module docstring).
+            tl.debug_barrier()
+            tl.store(dz_row + cols[None, :], to_store(g, dz_ptr.dtype.element_ty, INTERPRET), mask=(cols < V)[None, :])
+
+
+def rows_per_group(prob: Problem, budget: int, grad: bool) -> int:
+    """Rows per group so the workspace fits ``budget`` bytes (0 when not even 16 rows fit).
+
+    Per row: the float32 logits (4 V), the gathered hidden row when some rows
+    are ignored (e H) and, for gradients, the row's float32 dhidden (4 H).
+    Fixed: hidden's-dtype copy of the weight when its dtype differs (e V H).
+    10% stays free for O(N) vectors and allocator rounding.
+    """
+    N, V, H = prob.shape
+    e = prob.hidden.element_size()
+    fixed = V * H * e if prob.weight.dtype != prob.dtype else 0
+    per_row = 4 * V + (e * H if prob.rows is not None else 0) + (4 * H if grad else 0)
+    rows = (int(0.9 * budget) - fixed) // per_row
+    return int(rows) if rows >= 16 else 0
+
+
+def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend)."""
+    N, V, H = prob.shape
+    dtype = prob.dtype
+    grad = coef is not None
+    weight = prob.weight if prob.weight.dtype == dtype else prob.weight.to(dtype)
+    buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
+    dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
+    for g, r0 in enumerate(range(0, prob.n, rows)):
+        r1 = min(prob.n, r0 + rows)
+        h, ids, row0 = prob.group(r0, r1)
+        logits = buf[: r1 - r0]
+        mm_into(logits, h, weight.T)
+        # float32 inputs: the gradient overwrites the logits element for element;
+        # bf16/fp16: it takes the first half of each row's bytes (row stride 2V).
+        dz = logits if dtype == torch.float32 else logits.view(dtype)[:, :V]
+        args = dict(
+            logits_ptr=logits, dz_ptr=dz, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
+            coef_ptr=coef, ent_coef_ptr=ent_coef if grad else None,
+            logp_ptr=out.logp, lse_ptr=out.lse, ent_ptr=out.entropy if (entropy or ent_coef is not None) else None,
+            row0=row0, V=V, stride_l=logits.stride(0), stride_dz=dz.stride(0), **prob.head_args(),
+            STATS_GIVEN=stats_given, INTERPRET=interpreting(),
+        )  # fmt: skip
+        launch(rows_kernel, CONFIGS, INTERPRETER_CONFIG, lambda meta, r=r1 - r0: (r,), args, key=("V",))
+        if not grad:
+            continue
+        if needs[0]:
+            d = dh_rows[: r1 - r0]
+            mm_into(d, dz, weight)
+            if ids is None:
+                out.dhidden[r0:r1] = d
+            else:
+                out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
+        if needs[1]:
+            mm_into(out.dweight, dz.T, h, accumulate=g > 0)
+        if needs[2]:
+            out.dbias += dz.sum(0, dtype=torch.float32)

@@ -1,0 +1,355 @@
+"""The "fused" sweep: logits only ever live in registers; the minimal-memory mode.
+
+Per group of R non-ignored rows (R and the chunk width C bounded by the budget)::
+
+    # forward (skipped when the caller hands back the statistics of an earlier one)
+    for each (row block, vocabulary tile), one program each, grouped order:
+        z = head(hidden[g] @ weight[tile].T + bias[tile])
+        part[tile, rows] = (max z, sum exp(z - max), sum exp(z - max)(z - max))     # lse_partials_kernel
+        target_logit[rows] = z[target]                   # from the tile holding it
+    lse, logp, entropy = reduce over tiles              # lse_reduce_kernel
+    # gradient, per vocabulary chunk of C entries
+    dz = d loss / d raw, recomputed tile by tile        # dlogits_kernel, (R, C) in hidden's dtype
+    dhidden[g] += dz @ weight[chunk]                    # cuBLAS, float32 accumulation
+    dweight[chunk] += dz.T @ hidden[g]                  # cuBLAS
+    dbias[chunk] += dz.sum(0)
+
+Floor and traffic at N=16384, H=4096, V=151936, bf16: 4 GEMMs' worth of
+FLOPs (the forward's logits are recomputed for dz: 8 N V H = 82 TFLOP, 4/3 of
+the chunked mode's), two of them in Triton. Bytes: the forward's partials
+(12 B per row and 256-wide tile: 0.1 GB), dz written and read twice (6 B x
+N V = 15 GB), and dhidden's float32 read-modify-write per chunk (2 x 4 N H =
+0.5 GB per chunk: 38 GB at the old 2048-wide chunks, 5 GB at C = 16384, which
+the default 1 GiB budget allows). Workspace: the dz chunk (e R C), the
+float32 dhidden of the group (4 R H), the gathered hidden rows (e R H) and the
+partials, so it scales with R and C, not with V. Expected ~1.35-1.5x the
+floor (Triton GEMMs at ~600 TFLOP/s against cuBLAS's ~750).
+
+The forward writes one partial triple per (row, tile) and reduces them in a
+second small kernel, rather than sweeping the vocabulary inside a program:
+every program is then one GEMM tile, programs run in grouped order so the
+hidden rows and weight tiles come from L2, and the grid fills the GPU at any N.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    Problem,
+    apply_head,
+    configs_fp32,
+    dot_flags,
+    grouped_tile_ids,
+    launch,
+    launch_fixed,
+    logits_grad,
+    lse_and_entropy,
+    merge_lse,
+    min_block_v,
+    mm_into,
+    raw_logits_tile,
+    to_store,
+)
+
+# Hopper (228 KB shared memory per SM) takes the wide vocabulary tiles; the
+# 128x128 ones fit Ampere (164 KB). Few configs: each costs a compile.
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
+]
+# dz holds the logits tile, its gradient and the head's derivative at once.
+DLOGITS_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
+]
+CONFIGS_FP32 = configs_fp32(GROUP_N=8)
+# Under the interpreter each program costs milliseconds of Python: few, wide tiles.
+INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16, "GROUP_N": 2}
+REDUCE_CONFIG = {"BLOCK_R": 32, "BLOCK_T": 64}
+
+# Widest dz chunk: beyond it dhidden's read-modify-write is already small.
+MAX_CHUNK = 16384
+
+_HEURISTICS = {
+    "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
+    "HAS_ROWS": lambda a: a["rows_ptr"] is not None,
+}
+
+
+@triton.jit
+def _row_ids(rows_ptr, row0, offs, mask, HAS_ROWS: tl.constexpr):
+    """int64 ids (in the caller's N rows) of the group's rows ``offs``."""
+    if HAS_ROWS:
+        return tl.load(rows_ptr + offs, mask=mask, other=0)
+    return (row0 + offs).to(tl.int64)
+
+
+@triton.heuristics({**_HEURISTICS, "ENTROPY": lambda a: a["part_t_ptr"] is not None})
+@triton.jit
+def lse_partials_kernel(
+    hidden_ptr,  # (R, H) the group's rows, row stride stride_h
+    weight_ptr,  # (V, H) any float dtype (cast to hidden's per tile)
+    bias_ptr,  # (V,) or None
+    targets_ptr,  # (N,) int64
+    rows_ptr,  # (R,) int64 ids or None (ids row0 .. row0 + R)
+    part_m_ptr,  # (tiles, R) float32 out: tile max
+    part_s_ptr,  # (tiles, R) float32 out: sum exp(z - max)
+    part_t_ptr,  # (tiles, R) float32 out: sum exp(z - max)(z - max), or None
+    tgt_logit_ptr,  # (R,) float32 out: z of the target
+    row0,
+    R,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    scale,
+    inv_temp,
+    softcap,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bfloat16
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    pid_n, pid_v = grouped_tile_ids(R, V, BLOCK_N, BLOCK_V, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = offs_n < R
+    col_mask = offs_v < V
+    raw = raw_logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, R, V, H, stride_h, stride_w,
+        HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+    )  # fmt: skip
+    z, _ = apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    m, s, t = merge_lse(m, s, s, z, 1.0, 0.0, ENTROPY)
+    out = pid_v.to(tl.int64) * R + offs_n
+    tl.store(part_m_ptr + out, m, mask=row_mask)
+    tl.store(part_s_ptr + out, s, mask=row_mask)
+    if ENTROPY:
+        tl.store(part_t_ptr + out, t, mask=row_mask)
+    # The target's logit comes from the tile holding it, with the same rounding
+    # as the log-sum-exp (so logp <= 0 holds); columns past V never match.
+    tgt = tl.load(targets_ptr + _row_ids(rows_ptr, row0, offs_n, row_mask, HAS_ROWS), mask=row_mask, other=-1)
+    hit = (offs_v[None, :] == tgt[:, None]) & col_mask[None, :]
+    z_t = tl.sum(tl.where(hit, z, 0.0), 1)
+    tl.store(tgt_logit_ptr + offs_n, z_t, mask=row_mask & (tgt >= pid_v * BLOCK_V) & (tgt < pid_v * BLOCK_V + BLOCK_V))
+
+
+@triton.heuristics({"HAS_ROWS": lambda a: a["rows_ptr"] is not None, "ENTROPY": lambda a: a["part_t_ptr"] is not None})
+@triton.jit
+def lse_reduce_kernel(
+    part_m_ptr,  # (tiles, R) float32
+    part_s_ptr,
+    part_t_ptr,  # or None
+    tgt_logit_ptr,  # (R,) float32
+    rows_ptr,  # (R,) int64 ids or None
+    logp_ptr,  # (N,) float32 out
+    lse_ptr,  # (N,) float32 out
+    ent_ptr,  # (N,) float32 out (with ENTROPY)
+    row0,
+    R,
+    tiles,
+    HAS_ROWS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = offs_r < R
+    offs_t = tl.arange(0, BLOCK_T)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_R], tl.float32)
+    t = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, tiles, BLOCK_T):
+        mask = row_mask[:, None] & (k0 + offs_t < tiles)[None, :]
+        idx = (k0 + offs_t).to(tl.int64)[None, :] * R + offs_r[:, None]
+        pm = tl.load(part_m_ptr + idx, mask=mask, other=float("-inf"))
+        ps = tl.load(part_s_ptr + idx, mask=mask, other=0.0)
+        pt = ps
+        if ENTROPY:
+            pt = tl.load(part_t_ptr + idx, mask=mask, other=0.0)
+        m, s, t = merge_lse(m, s, t, pm, ps, pt, ENTROPY)
+    lse, ent = lse_and_entropy(m, s, t)
+    ids = _row_ids(rows_ptr, row0, offs_r, row_mask, HAS_ROWS)
+    tl.store(lse_ptr + ids, lse, mask=row_mask)
+    tl.store(logp_ptr + ids, tl.load(tgt_logit_ptr + offs_r, mask=row_mask, other=0.0) - lse, mask=row_mask)
+    if ENTROPY:
+        tl.store(ent_ptr + ids, ent, mask=row_mask)
+
+
+@triton.heuristics({**_HEURISTICS, "HAS_ENT_COEF": lambda a: a["ent_coef_ptr"] is not None})
+@triton.jit
+def dlogits_kernel(
+    hidden_ptr,  # (R, H) the group's rows
+    weight_ptr,  # (V, H)
+    bias_ptr,  # (V,) or None
+    targets_ptr,  # (N,) int64
+    rows_ptr,  # (R,) int64 ids or None
+    coef_ptr,  # (N,) float32
+    ent_coef_ptr,  # (N,) float32 or None
+    lse_ptr,  # (N,) float32
+    ent_ptr,  # (N,) float32 (read with HAS_ENT_COEF)
+    dz_ptr,  # (R, >= v_end - v_start) hidden's dtype out, row stride stride_dz
+    row0,
+    R,
+    v_start,
+    v_end,
+    H,
+    stride_h,
+    stride_w,
+    stride_dz,
+    scale,
+    inv_temp,
+    softcap,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    HAS_ENT_COEF: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    pid_n, pid_v = grouped_tile_ids(R, v_end - v_start, BLOCK_N, BLOCK_V, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = offs_n < R
+    raw = raw_logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, R, v_end, H, stride_h, stride_w,
+        HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
+    )  # fmt: skip
+    z, dz_draw = apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
+    ids = _row_ids(rows_ptr, row0, offs_n, row_mask, HAS_ROWS)
+    tgt = tl.load(targets_ptr + ids, mask=row_mask, other=-1)
+    c = tl.load(coef_ptr + ids, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + ids, mask=row_mask, other=0.0)
+    ec = c * 0.0
+    ent = c * 0.0
+    if HAS_ENT_COEF:
+        ec = tl.load(ent_coef_ptr + ids, mask=row_mask, other=0.0)
+        ent = tl.load(ent_ptr + ids, mask=row_mask, other=0.0)
+    onehot = offs_v[None, :] == tgt[:, None]
+    g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
+    # Tensor cores take dz in the input dtype, as PyTorch's own low-precision backward rounds its logits gradient.
+    dz_ptrs = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz + (offs_v - v_start)[None, :]
+    live = row_mask[:, None] & (offs_v < v_end)[None, :]
+    tl.store(dz_ptrs, to_store(g, dz_ptr.dtype.element_ty, UPCAST_DOT), mask=live)
+
+
+def _configs(prob: Problem, configs):
+    return CONFIGS_FP32 if prob.dtype == torch.float32 else configs
+
+
+def rows_per_group(prob: Problem, budget: int, grad: bool, entropy: bool) -> tuple[int, int]:
+    """(rows per group, dz chunk width) so the workspace fits ``budget`` bytes; (0, 0) when 16 rows do not fit.
+
+    Per row: the tile partials (8 or 12 B per tile), the gathered hidden row
+    when some rows are ignored (e H) and, for gradients, the float32 dhidden
+    row (4 H) and the dz chunk row (e C). Fixed, for gradients: the chunk of
+    the weight cast to hidden's dtype when its dtype differs (e C H). The
+    chunk starts at the whole vocabulary (at most MAX_CHUNK) and halves while
+    fewer than 256 rows fit; 10% of the budget stays free.
+    """
+    N, V, H = prob.shape
+    e = prob.hidden.element_size()
+    tiles = triton.cdiv(V, min_block_v(_configs(prob, FORWARD_CONFIGS), INTERPRETER_CONFIG))
+    base = (12 if entropy else 8) * tiles + 4 + (e * H if prob.rows is not None else 0)
+    usable = int(0.9 * budget)
+    chunk = min(V, MAX_CHUNK)
+    while True:
+        per_row = base + ((4 * H + e * chunk) if grad else 0)
+        fixed = chunk * H * e if grad and prob.weight.dtype != prob.dtype else 0
+        rows = (usable - fixed) // per_row
+        if rows >= min(256, max(prob.n, 16)) or chunk <= 256 or not grad:
+            break
+        chunk //= 2
+    return (int(rows), chunk) if rows >= 16 else (0, 0)
+
+
+def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
+    """Statistics of the group's ``r`` rows into ``out`` (partials, then their reduction)."""
+    N, V, H = prob.shape
+    dev = h.device
+    fwd_configs = _configs(prob, FORWARD_CONFIGS)
+    tiles_max = triton.cdiv(V, min_block_v(fwd_configs, INTERPRETER_CONFIG))
+    parts = torch.empty(3 if entropy else 2, tiles_max * r, dtype=torch.float32, device=dev)
+    tgt_logit = torch.empty(r, dtype=torch.float32, device=dev)
+    args = dict(
+        hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
+        part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if entropy else None, tgt_logit_ptr=tgt_logit,
+        row0=row0, R=r, V=V, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0), **prob.head_args(),
+        **dot_flags(prob.dtype),
+    )  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+
+    meta = launch(lse_partials_kernel, fwd_configs, INTERPRETER_CONFIG, grid, args)
+    reduce_args = dict(
+        part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if entropy else None, tgt_logit_ptr=tgt_logit,
+        rows_ptr=ids, logp_ptr=out.logp, lse_ptr=out.lse, ent_ptr=out.entropy if entropy else None,
+        row0=row0, R=r, tiles=triton.cdiv(V, meta["BLOCK_V"]), **REDUCE_CONFIG,
+    )  # fmt: skip
+    launch_fixed(lse_reduce_kernel, (triton.cdiv(r, REDUCE_CONFIG["BLOCK_R"]),), reduce_args)
+
+
+def run(prob: Problem, out, *, rows: int, chunk: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend)."""
+    N, V, H = prob.shape
+    dtype = prob.dtype
+    grad = coef is not None
+    dev = prob.hidden.device
+    width = min(chunk, V) if grad else 0
+    dz_buf = torch.empty(min(rows, prob.n) * width, dtype=dtype, device=dev) if grad else None
+    dh_acc = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=dev) if grad and needs[0] else None
+    for g, r0 in enumerate(range(0, prob.n, rows)):
+        r1 = min(prob.n, r0 + rows)
+        r = r1 - r0
+        h, ids, row0 = prob.group(r0, r1)
+        if not stats_given:
+            _forward_group(prob, out, h, ids, row0, r, entropy or ent_coef is not None)
+        if not grad:
+            continue
+        dz_full = dz_buf[: r * width].view(r, width)
+        for v0 in range(0, V, width):
+            v1 = min(V, v0 + width)
+            dz = dz_full[:, : v1 - v0]
+            args = dict(
+                hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
+                coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, dz_ptr=dz,
+                row0=row0, R=r, v_start=v0, v_end=v1, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0),
+                stride_dz=dz.stride(0), **prob.head_args(), **dot_flags(dtype),
+            )  # fmt: skip
+
+            def grid(meta, w=v1 - v0, r=r):
+                return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
+
+            launch(dlogits_kernel, _configs(prob, DLOGITS_CONFIGS), INTERPRETER_CONFIG, grid, args, key=("H",))
+            w_chunk = prob.weight[v0:v1]
+            if w_chunk.dtype != dtype:
+                w_chunk = w_chunk.to(dtype)
+            if needs[0]:
+                mm_into(dh_acc[:r], dz, w_chunk, accumulate=v0 > 0)
+            if needs[1]:
+                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=g > 0)
+            if needs[2]:
+                out.dbias[v0:v1] += dz.sum(0, dtype=torch.float32)
+        if needs[0]:
+            if ids is None:
+                out.dhidden[r0:r1] = dh_acc[:r]
+            else:
+                out.dhidden.index_copy_(0, ids, dh_acc[:r].to(out.dhidden.dtype))
