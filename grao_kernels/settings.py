@@ -17,7 +17,6 @@ attribute                      environment variable                    meaning
 ``native_build_dir``           ``GRAO_KERNELS_BUILD_DIR``              where the native extension is built
 ``triton_mode``                ``GRAO_KERNELS_TRITON_MODE``            "auto", "chunked" or "fused"
 ``triton_config``              ``GRAO_KERNELS_TRITON_CONFIG``          pinned launch config (``"BLOCK_N=64,..."``)
-``triton_filter``              ``GRAO_KERNELS_TRITON_FILTER``          skip negligible gradient tiles
 =============================  ======================================  =====================================
 
 The old per-backend budget variables ``GRAO_KERNELS_TORCH_BUDGET_MB`` and
@@ -65,7 +64,6 @@ class Settings:
     native_build_dir: str | None = None
     triton_mode: str = "auto"
     triton_config: str | None = None
-    triton_filter: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -79,7 +77,6 @@ class Settings:
             native_build_dir=env("GRAO_KERNELS_BUILD_DIR") or None,
             triton_mode=env("GRAO_KERNELS_TRITON_MODE", "auto"),
             triton_config=env("GRAO_KERNELS_TRITON_CONFIG") or None,
-            triton_filter=env("GRAO_KERNELS_TRITON_FILTER", "0") == "1",
         )
 
     def budget(self, per_call: int | None, default: int) -> int:

@@ -168,8 +168,9 @@ def ours_logprobs(backend):
 
 def ours_atomic(inp):
     """The fused single-kernel backward (fp32 atomics) instead of the default dz chunks + cuBLAS."""
-    from grao_kernels.backends import triton_backend
     from grao_kernels.triton_kernels.logprob_backward import CONFIGS
+
+    from grao_kernels.backends import triton_backend
 
     mode = triton_backend._backward_mode
     triton_backend.set_backward_mode("atomic")

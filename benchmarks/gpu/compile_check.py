@@ -59,7 +59,7 @@ def record(dtypes):
 
     from grao_kernels.backends import Head, triton_backend
     from grao_kernels.settings import settings
-    from grao_kernels.triton_kernels import common, group_ops
+    from grao_kernels.triton_kernels import common
 
     torch.manual_seed(0)
     common.recorder = []
@@ -85,10 +85,6 @@ def record(dtypes):
                 head = Head(temperature=0.7, logit_scale=0.5, softcap=30.0)
                 triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
                 triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef)
-        rewards = torch.randn(4, 5)
-        adv = group_ops.group_advantages(rewards, 1e-6)
-        coef, n = group_ops.token_coefficients(adv, torch.randint(0, V, (20, 48)), -100, 0.5, 0.6)
-        group_ops.sequence_logp(torch.randn(20, 48), n)
         return common.recorder
     finally:
         common.recorder = None

@@ -48,7 +48,6 @@ from ..triton_kernels.common import (
     fp32_output_gemm,
     unavailable_reason,  # noqa: F401  (part of the backend contract)
 )
-from ..triton_kernels.group_ops import group_advantages, sequence_logp, token_coefficients  # noqa: F401  (hooks)
 from . import Head, Stats
 
 # Working memory beyond inputs and returned gradients: 1 GiB holds ~1700 rows
@@ -176,21 +175,3 @@ def grad(
     ent_coef = None if ent_coef is None else ent_coef.reshape(-1).float().contiguous()
     _sweep(prob, out, budget, entropy=has_ent, coef=coef, ent_coef=ent_coef, stats_given=given, needs=needs)
     return Stats(out.logp, out.lse, out.entropy), out.dhidden, out.dweight, out.dbias
-
-
-# ----------------------------------------------------------------------------
-# The previous interface, used by grao_kernels/_functions.py until it calls forward/grad.
-
-
-def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index):
-    budget = settings.budget(None, DEFAULT_BUDGET)
-    s = forward(hidden, weight, bias, targets, Head(temperature=temperature), ignore_index, budget=budget)
-    return s.logp, s.lse
-
-
-def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
-    # The saved lse alone is not a Stats (no log-probs): recompute them.
-    budget = settings.budget(None, DEFAULT_BUDGET)
-    head = Head(temperature=temperature)
-    stats, dh, dw, db = grad(hidden, weight, bias, targets, head, ignore_index, coef=coef, budget=budget)
-    return stats.logp, dh, dw, db
