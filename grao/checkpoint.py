@@ -106,8 +106,8 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that finished saving (its manifest and trainer state exist), or None."""
-    done = [p for p in step_dirs(run_dir) if (p / MANIFEST).is_file() and (p / STATE_FILE).is_file()]
+    """The newest checkpoint (one with a trainer state: a save in progress is still ``.tmp``), or None."""
+    done = [p for p in step_dirs(run_dir) if (p / STATE_FILE).is_file()]
     return done[-1] if done else None
 
 
@@ -121,12 +121,14 @@ def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: in
 
 
 def verify(directory: Path) -> str | None:
-    """Why ``directory`` is not an intact checkpoint (a missing or truncated file), or None when it is."""
-    files = manifest_files(directory)
-    if files is None:
-        return f"{directory / MANIFEST} is missing or unreadable (the save did not finish)"
-    if STATE_FILE not in files:
+    """Why ``directory`` is not an intact checkpoint (a missing or truncated file), or None when it is.
+
+    A checkpoint without a manifest (written before manifests existed) is
+    checked only by loading it (:func:`load`).
+    """
+    if not (directory / STATE_FILE).is_file():
         return f"{directory} has no {STATE_FILE}"
+    files = manifest_files(directory) or {}
     for name, size in files.items():
         path = directory / name
         if not path.is_file():
