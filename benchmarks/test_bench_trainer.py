@@ -58,38 +58,32 @@ def _full_logits_loss(hidden, weight, targets, rewards, *, bias=None, beta, lam,
 
 
 class _Step:
-    """A trainer of one variant and a timed step split into its three phases."""
+    """A trainer of one variant (its loss a constructor argument) and a timed step split into its three phases."""
 
     def __init__(self, device: str, model: str, variant: str):
-        import grao.trainer as gt
+        from grao import GRAO, Trainer
 
-        self._gt, self._orig = gt, gt.grao_loss
-        self.variant = variant
         self.threads = torch.get_num_threads()
         self.tmp = tempfile.TemporaryDirectory(prefix="grao-bench-")
-        self.trainer = gt.Trainer(_config(device, model, self.tmp.name))
+        cfg = _config(device, model, self.tmp.name)
+        loss = GRAO(cfg.beta, cfg.lam, cfg.loss_backend, fn=_full_logits_loss) if variant == "full_logits" else None
+        self.trainer = Trainer(cfg, loss=loss)
         self.device = str(self.trainer.runtime.device)
         self.i = 0
 
     def __call__(self) -> dict:
         tr, dev = self.trainer, self.device
         self.i += 1
-        self._gt.grao_loss = _full_logits_loss if self.variant == "full_logits" else self._orig
-        try:
-            t0 = time.perf_counter()
-            ro = tr.rollout(tr.prompts_for_step(self.i), self.i)
-            sync(dev)
-            t1 = time.perf_counter()
-            stats = tr.accumulate_gradients(ro)
-            sync(dev)
-            t2 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.max_grad_norm)
-            tr.optimizer.step()
-            tr.scheduler.step()
-            sync(dev)
-            t3 = time.perf_counter()
-        finally:
-            self._gt.grao_loss = self._orig
+        t0 = time.perf_counter()
+        ro = tr.rollout(tr.prompts_for_step(self.i), self.i)
+        sync(dev)
+        t1 = time.perf_counter()
+        stats = tr.accumulate_gradients(ro)
+        sync(dev)
+        t2 = time.perf_counter()
+        tr.optimizer_step()
+        sync(dev)
+        t3 = time.perf_counter()
         return {
             "generation_s": t1 - t0,
             "fwd_bwd_s": t2 - t1,

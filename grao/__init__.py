@@ -4,10 +4,23 @@
 
     from grao import TrainConfig, Trainer
     Trainer(TrainConfig(steps=10, output_dir="runs/x")).train()
+    Trainer(cfg, loss=my_loss)  # any callable LossBatch -> LossOutput (see grao.losses)
 """
 
 from .config import ConfigError, TrainConfig
 from .data import DataError, Example, load_jsonl
+from .losses import GRAO, Loss, LossBatch, LossOutput
 from .trainer import Trainer
 
-__all__ = ["ConfigError", "DataError", "Example", "TrainConfig", "Trainer", "load_jsonl"]
+__all__ = [
+    "GRAO",
+    "ConfigError",
+    "DataError",
+    "Example",
+    "Loss",
+    "LossBatch",
+    "LossOutput",
+    "TrainConfig",
+    "Trainer",
+    "load_jsonl",
+]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -19,21 +21,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from . import config as config_mod  # noqa: E402
 
-EXIT_INTERRUPTED = 130
+EXIT_CONFIG = 2  # a setting, data file or model the run cannot use (as argparse's usage errors)
+EXIT_FAILED = 1  # the run failed part-way (reward, disk); what it had done is checkpointed
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("config keys (override the --config file)")
-    for name, f in config_mod.FIELDS.items():
-        default = f.default if f.default is not config_mod.dataclasses.MISSING else f.default_factory()
-        kind = config_mod._base_type(name)[0].__name__
-        group.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            default=argparse.SUPPRESS,
-            metavar=kind.upper(),
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
-        )
+def say(message: str) -> None:
+    print(f"grao: {message}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,8 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (no arguments: the embedded demo)")
     t.add_argument("--config", help="YAML or TOML file of config keys")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    _add_config_flags(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --output-dir an earlier run used, deleting that run's files (and nothing else)",
+    )
+    config_mod.add_arguments(t)
     e = sub.add_parser("eval", help="mean reward, RAS and NAG on held-out prompts")
     e.add_argument(
         "--run",
@@ -61,28 +59,42 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> int:
-    from .trainer import Trainer, latest_checkpoint
+    from .checkpoint import latest
+    from .rewards import RewardError
+    from .run_dir import CONFIG
+    from .trainer import Trainer
 
-    overrides = {k: v for k, v in vars(args).items() if k in config_mod.FIELDS}
+    overrides = config_mod.from_arguments(args)
     cfg = config_mod.load(args.config, overrides)
-    saved = Path(cfg.output_dir) / "config.yaml"
-    if args.resume and saved.is_file():  # resume with the run's own config, then the file and flags given now
+    saved = Path(cfg.output_dir) / CONFIG
+    if args.resume and saved.is_file():  # the run's own config, then the file and flags given now
         cfg = config_mod.load(args.config, overrides, base=config_mod.load(saved))
-    trainer = Trainer(cfg, resume=args.resume)
-    where = f"resuming at step {trainer.step}" if args.resume else "from scratch"
-    print(f"grao: training {cfg.model} on {cfg.data} ({where}) -> {cfg.output_dir}", file=sys.stderr)
-    done = trainer.train()
-    ckpt = latest_checkpoint(cfg.output_dir)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    where = f"resuming at step {trainer.step} from {trainer.checkpoint}" if args.resume else "from scratch"
+    say(f"training {cfg.model} on {cfg.data} ({where}) -> {cfg.output_dir}")
+    resume = f"grao train --output-dir {shlex.quote(cfg.output_dir)} --resume"
+    try:
+        done = trainer.train()
+    except RewardError as exc:
+        say(f"error: {exc}")
+        ckpt = latest(cfg.output_dir)
+        if trainer.step > 0 and ckpt is not None:
+            say(f"the {trainer.step} step(s) done are in {ckpt}; fix the reward, then continue with: {resume}")
+        return EXIT_FAILED
     if not done:
-        print(
-            f"grao: stopped at step {trainer.step}; checkpoint {ckpt}. Continue with: "
-            f"grao train --output-dir {cfg.output_dir} --resume",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
+        ckpt = latest(cfg.output_dir)
+        if ckpt is None:  # stopped in the step-0 evaluation: there is nothing to resume
+            say(
+                f"stopped by {trainer.stopped_by} before the first step finished; nothing was saved to resume from. "
+                "To start again, rerun the same command with --overwrite"
+            )
+        else:
+            say(f"stopped by {trainer.stopped_by} at step {trainer.step}; checkpoint {ckpt}. Continue with: {resume}")
+        signum = getattr(signal, trainer.stopped_by, signal.SIGINT) if trainer.stopped_by else signal.SIGINT
+        return 128 + int(signum)
     summary = _summary(Path(cfg.output_dir) / "metrics.jsonl")
     print(json.dumps(summary))
-    print(f"grao: done; metrics, plot.png and checkpoints in {cfg.output_dir}", file=sys.stderr)
+    say(f"done; metrics, plot.png and checkpoints in {cfg.output_dir}")
     return 0
 
 
@@ -102,25 +114,26 @@ def _summary(metrics: Path) -> dict:
 
 
 def evaluate_cmd(args) -> int:
-    from . import evaluate, models, rewards
-    from .data import load_jsonl
-    from .trainer import latest_checkpoint, load_examples
+    from . import evaluate, models, rewards, runtime
+    from .checkpoint import latest
+    from .data import load_examples, load_jsonl
+    from .run_dir import CONFIG, INITIAL
 
     run = Path(args.run or config_mod.TrainConfig.output_dir)
-    saved = run / "config.yaml"
+    saved = run / CONFIG
     if not saved.is_file() and (args.model is None or args.data is None):
         raise config_mod.ConfigError(f"{run} is not a run directory (no config.yaml): give --model and --data")
     cfg = config_mod.load(saved) if saved.is_file() else config_mod.TrainConfig(data=args.data, model=args.model)
-    model_dir = args.model or latest_checkpoint(run)
+    model_dir = args.model or latest(run)
     if model_dir is None:
         raise config_mod.ConfigError(f"no checkpoint in {run / 'checkpoints'}")
     baseline = args.baseline
     if baseline is None and saved.is_file():  # the run's starting model
-        baseline = run / "initial" if (run / "initial").is_dir() else cfg.model
+        baseline = run / INITIAL if (run / INITIAL).is_dir() else cfg.model
     examples = load_jsonl(args.data) if args.data else load_examples(cfg)[1]
-    runtime = models.choose_runtime(cfg.device, cfg.precision, cfg.attn_implementation)
+    rt = runtime.choose(cfg.device, cfg.precision, cfg.attn_implementation)
     reward = rewards.resolve(
-        args.reward or cfg.reward, "demo" if not args.data and cfg.data == "demo" else "file", runtime.device
+        args.reward or cfg.reward, "demo" if not args.data and cfg.data == "demo" else "file", rt.device
     )
     opts = dict(
         max_new_tokens=args.max_new_tokens or cfg.max_new_tokens,
@@ -132,8 +145,8 @@ def evaluate_cmd(args) -> int:
     )
 
     def run_model(path):
-        model = models.load_model(path, runtime.attn_implementation).to(runtime.device)
-        return evaluate.evaluate(model, models.load_tokenizer(path), examples, reward, runtime, **opts)
+        model = models.load_model(path, rt.attn_implementation).to(rt.device)
+        return evaluate.evaluate(model, models.load_tokenizer(path), examples, reward, rt, **opts)
 
     res = run_model(model_dir)
     out = {"model": str(model_dir), "prompts": len(examples), "eval/reward": res.mean_reward, "eval/ras": res.ras}
@@ -166,19 +179,25 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .models import ModelError
+    from .rewards import RewardError
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; save_pretrained's would interleave with it
 
     try:
         return train(args) if args.command == "train" else evaluate_cmd(args)
     except (config_mod.ConfigError, DataError, ModelError) as exc:
-        print(f"grao: error: {exc}", file=sys.stderr)
-        return 2
+        say(f"error: {exc}")
+        return EXIT_CONFIG
+    except (RewardError, CheckpointError) as exc:
+        say(f"error: {exc}")
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        print("\ngrao: aborted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(file=sys.stderr)
+        say("aborted")
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

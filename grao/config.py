@@ -1,29 +1,43 @@
-"""Trainer configuration: one dataclass, loaded from YAML/TOML and overridden by command-line flags.
+"""Trainer configuration: one dataclass that validates itself, read from YAML/TOML and overridden by flags.
 
 The defaults are the embedded demo: ``grao train`` with no arguments trains
 the built-in tiny MoE on the bundled synthetic task (:mod:`grao.demo_task`).
+Every key is also a ``grao train`` flag (:func:`add_arguments`), so the flags,
+the file keys and the Python fields are one list.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from grao_kernels.backends import BACKENDS
 
 
 class ConfigError(ValueError):
     """A configuration file or value the trainer cannot use; the message says which key and why."""
 
 
-def _key(default, help: str = ""):
-    """A config key: its default and the one-line help ``grao train --help`` shows."""
+def _key(default, help: str = "", *, resume_safe: bool = False):
+    """A config key: its default, the one-line help ``grao train --help`` shows, and whether ``--resume`` may change it.
+
+    A key is resume-safe when a resumed run that changes it is still the same
+    run: how long it goes on, how often it evaluates or saves, and how each
+    step is computed (device, kernels, micro-batches), not what it computes.
+    """
+    meta = {"help": help, "resume_safe": resume_safe}
     if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -39,10 +53,10 @@ class TrainConfig:
     eval_size: int = _key(64, "held-out prompts evaluated")
     demo_train_size: int = _key(4000, "training prompts of the demo task")
     reward: str = _key("auto", "auto (demo for demo data, else edit), demo, exact, edit, model:DIR or module:function")
-    output_dir: str = _key("runs/demo", "run directory: config, metrics, plot, checkpoints")
+    output_dir: str = _key("runs/demo", "run directory: config, metrics, plot, checkpoints", resume_safe=True)
     seed: int = _key(0, "seeds the data order, the model init and each step's sampling")
     # the GRAO step (arXiv 2508.07750, Eq. 3-4)
-    steps: int = _key(200, "optimizer steps")
+    steps: int = _key(200, "optimizer steps (a resumed run may extend it; the lr schedule stretches)", resume_safe=True)
     prompts_per_step: int = _key(16, "P, prompts per step")
     group_size: int = _key(8, "G, sampled completions per prompt")
     temperature: float = _key(0.7, "sampling temperature of the completions")
@@ -50,7 +64,7 @@ class TrainConfig:
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
     beta: float = _key(0.5, "imitation weight")
     lam: float = _key(0.6, "alignment weight")
-    loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native")
+    loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)
     router_aux_loss_coef: float | None = _key(None, "MoE load-balancing weight (default: the model config's)")
     # optimisation
     lr: float = _key(3e-3, "peak AdamW learning rate")
@@ -59,26 +73,41 @@ class TrainConfig:
     lr_schedule: str = _key("cosine", "after warmup: cosine, linear or constant")
     min_lr_ratio: float = _key(0.1, "final learning rate / peak for cosine and linear")
     max_grad_norm: float = _key(1.0, "gradient clipping norm")
-    micro_batch_prompts: int = _key(0, "prompt groups per forward/backward, gradients accumulated; 0 = all P at once")
-    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass")
+    micro_batch_prompts: int = _key(
+        0, "prompt groups per forward/backward, gradients accumulated; 0 = all P at once", resume_safe=True
+    )
+    gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass", resume_safe=True)
     # runtime
-    device: str = _key("auto", "auto, cpu, cuda, cuda:1, ...")
-    precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
-    attn_implementation: str = _key("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager")
-    threads: int = _key(0, "torch CPU threads; 0 = 1 for tiny-moe on CPU (its tiny matmuls only lose to thread sync)")
+    device: str = _key("auto", "auto, cpu, cuda, cuda:1, ...", resume_safe=True)
+    precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", resume_safe=True)
+    attn_implementation: str = _key(
+        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager", resume_safe=True
+    )
+    threads: int = _key(
+        0, "torch CPU threads; 0 = 1 for tiny-moe on CPU (its tiny matmuls only lose to thread sync)", resume_safe=True
+    )
     # evaluation, checkpoints, logging
-    eval_every: int = _key(25, "evaluate every this many steps (and at step 0 and the end)")
-    eval_batch_size: int = _key(64, "prompts per generate call in evaluation")
+    eval_every: int = _key(25, "evaluate every this many steps (and at step 0 and the end)", resume_safe=True)
+    eval_batch_size: int = _key(64, "prompts per generate call in evaluation", resume_safe=True)
     eval_greedy: bool = _key(True, "greedy decoding in evaluation (false: sample at temperature)")
-    save_every: int = _key(100, "checkpoint every this many steps (and at the end)")
-    keep_checkpoints: int = _key(2, "checkpoints kept, newest first")
-    plot: bool = _key(True, "write plot.png at the end")
-    progress: bool = _key(True, "show a progress bar")
+    save_every: int = _key(100, "checkpoint every this many steps (and at the end)", resume_safe=True)
+    keep_checkpoints: int = _key(2, "checkpoints kept, newest first", resume_safe=True)
+    plot: bool = _key(True, "write plot.png at the end", resume_safe=True)
+    progress: bool = _key(True, "show a progress bar", resume_safe=True)
 
+    def __post_init__(self) -> None:
+        for name in FIELDS:
+            setattr(self, name, _check_type(name, getattr(self, name)))
+        validate(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 CHOICES = {
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
+    "loss_backend": ("auto", *BACKENDS),
+    "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
 }
 POSITIVE = (
     "steps",
@@ -93,23 +122,45 @@ POSITIVE = (
     "keep_checkpoints",
     "demo_train_size",
 )
-NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads", "weight_decay", "beta", "lam", "min_lr_ratio")
+NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads")
+# (low, high, low inclusive) for every float key. The upper bounds reject values that cannot be meant: an AdamW
+# lr above 1 moves every weight by about 1 per step, weight decay above 1 shrinks weights past zero, and loss weights
+# or a temperature beyond 1e3 swamp every other term (the paper uses beta 0.5, lambda 0.6, temperature 0.7).
+RANGES = {
+    "lr": (0.0, 1.0, False),
+    "weight_decay": (0.0, 1.0, True),
+    "beta": (0.0, 1e3, True),
+    "lam": (0.0, 1e3, True),
+    "router_aux_loss_coef": (0.0, 1e3, True),
+    "temperature": (0.0, 1e3, False),
+    "min_lr_ratio": (0.0, 1.0, True),
+    "max_grad_norm": (0.0, math.inf, False),
+}
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-
-def _base_type(name: str):
-    """(type, optional) of a field, from its annotation string."""
-    hints = typing.get_type_hints(TrainConfig)
-    tp = hints[name]
-    args = typing.get_args(tp)
+def _base_type(name: str) -> tuple[type, bool]:
+    """(type, optional) of a field, from its annotation."""
+    tp = typing.get_type_hints(TrainConfig)[name]
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        non_none = [a for a in args if a is not type(None)]
-        return non_none[0], True
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
     return tp, False
 
 
+def _check_type(name: str, value):
+    """``value`` as the field's type (an int is a fine float); ConfigError naming the key otherwise."""
+    tp, optional = _base_type(name)
+    if value is None and optional:
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    article = "an" if tp.__name__[0] in "aeiou" else "a"
+    raise ConfigError(f"{name!r} must be {article} {tp.__name__}, got {value!r}")
+
+
 def _coerce(name: str, value, source: str):
+    """A file or command-line value (strings from flags) converted to the field's type."""
     tp, optional = _base_type(name)
     where = f"{name!r} ({source})"
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
@@ -162,8 +213,40 @@ def _coerce(name: str, value, source: str):
     return str(value)
 
 
+def validate(cfg: TrainConfig) -> None:
+    """Ranges and choices of every key (types are checked on construction); ConfigError naming the first bad key."""
+    for name in POSITIVE:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name!r} must be >= 1, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name!r} must be >= 0, got {getattr(cfg, name)}")
+    for name, (low, high, low_inclusive) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        above_low = value >= low if low_inclusive else value > low
+        if math.isnan(value) or not above_low or value > high or (math.isinf(value) and high != math.inf):
+            span = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{')' if high == math.inf else ']'}"
+            raise ConfigError(f"{name!r} must be a finite number in {span}, got {value}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name!r} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(
+                f"'device' must be auto or a torch device such as cpu, cuda, cuda:1; got {cfg.device!r}"
+            ) from None
+    if cfg.micro_batch_prompts > cfg.prompts_per_step:
+        raise ConfigError(
+            f"'micro_batch_prompts' ({cfg.micro_batch_prompts}) must be <= 'prompts_per_step' ({cfg.prompts_per_step})"
+        )
+
+
 def update(cfg: TrainConfig, values: dict, source: str) -> TrainConfig:
-    """A copy of ``cfg`` with ``values`` applied; unknown keys and wrong types raise ConfigError."""
+    """A copy of ``cfg`` with ``values`` applied; unknown keys, wrong types and bad values raise ConfigError."""
     new = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -172,31 +255,7 @@ def update(cfg: TrainConfig, values: dict, source: str) -> TrainConfig:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(FIELDS)}"
             raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
         new[name] = _coerce(name, value, source)
-    cfg = dataclasses.replace(cfg, **new)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: TrainConfig) -> None:
-    for name in POSITIVE:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name!r} must be >= 1, got {getattr(cfg, name)}")
-    for name in NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name!r} must be >= 0, got {getattr(cfg, name)}")
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"{name!r} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
-    if not cfg.temperature > 0:
-        raise ConfigError(f"'temperature' must be > 0, got {cfg.temperature}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"'lr' must be > 0, got {cfg.lr}")
-    if not cfg.max_grad_norm > 0:
-        raise ConfigError(f"'max_grad_norm' must be > 0, got {cfg.max_grad_norm}")
-    if cfg.micro_batch_prompts > cfg.prompts_per_step:
-        raise ConfigError(
-            f"'micro_batch_prompts' ({cfg.micro_batch_prompts}) must be <= 'prompts_per_step' ({cfg.prompts_per_step})"
-        )
+    return dataclasses.replace(cfg, **new)
 
 
 def read_file(path: str | Path) -> dict:
@@ -204,7 +263,10 @@ def read_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:
@@ -241,9 +303,43 @@ def load(path: str | Path | None = None, overrides: dict | None = None, base: Tr
         cfg = update(cfg, read_file(path), str(path))
     if overrides:
         cfg = update(cfg, overrides, "command line")
-    validate(cfg)
     return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def write(cfg: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    with Path(path).open("w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def resume_conflicts(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """``key: saved -> new`` for each key that differs from the saved run and that a resumed run may not change."""
+    return [
+        f"{name}: {getattr(saved, name)!r} -> {getattr(cfg, name)!r}"
+        for name, f in FIELDS.items()
+        if not f.metadata["resume_safe"] and getattr(saved, name) != getattr(cfg, name)
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--dashed-name`` flag per config key; unset flags stay out of the namespace (see :func:`from_arguments`)."""
+    group = parser.add_argument_group("config keys (override the --config file)")
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=_base_type(name)[0].__name__.upper(),
+            help=f"{f.metadata['help']} (default: {default!r})",
+        )
+
+
+def from_arguments(args: argparse.Namespace) -> dict:
+    """The config keys given as flags, as strings to pass to :func:`load` as ``overrides``."""
+    return {name: value for name, value in vars(args).items() if name in FIELDS}

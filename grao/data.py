@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -23,6 +23,7 @@ class DataError(ValueError):
 class Example:
     prompt: str
     reference: str
+    where: str = field(default="", compare=False)  # "file:line" for error messages; empty for generated examples
 
 
 def split_hh(chosen: str) -> tuple[str, str]:
@@ -59,8 +60,12 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -68,9 +73,45 @@ def load_jsonl(path: str | Path) -> list[Example]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
             try:
-                examples.append(parse_record(record))
+                ex = parse_record(record)
             except ValueError as exc:
                 raise DataError(f"{path}:{lineno}: {exc}") from None
+            examples.append(Example(ex.prompt, ex.reference, f"{path}:{lineno}"))
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples
+
+
+def load_examples(cfg) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples of a TrainConfig's ``data`` and ``eval_data``.
+
+    ``eval_data`` unset: the demo's own held-out set for demo data, else the
+    last ``eval_size`` examples of the data file (removed from training).
+    """
+    from . import demo_task  # it builds Examples: imported here, not at the top
+
+    held_out = None
+    if cfg.data == "demo":
+        train, held_out = demo_task.make_splits(cfg.demo_train_size, cfg.eval_size, cfg.seed)
+    else:
+        train = load_jsonl(cfg.data)
+    if cfg.eval_data == "demo":
+        held_out = demo_task.make_splits(0, cfg.eval_size, cfg.seed)[1]
+    elif cfg.eval_data is not None:
+        held_out = load_jsonl(cfg.eval_data)[: cfg.eval_size]
+    elif held_out is None:
+        if len(train) < 2:
+            raise DataError(f"{cfg.data} has {len(train)} example(s): too few to hold some out")
+        k = min(cfg.eval_size, len(train) // 2)
+        train, held_out = train[:-k], train[-k:]
+    return train, held_out
+
+
+def check_prompts(examples: list[Example], encode) -> None:
+    """DataError naming the first example whose prompt ``encode`` turns into no tokens (nothing to generate from)."""
+    for i, ex in enumerate(examples):
+        if not encode(ex.prompt):
+            where = ex.where or f"example {i}"
+            raise DataError(
+                f"{where}: the prompt {ex.prompt!r} tokenises to nothing; a prompt needs at least one token"
+            )

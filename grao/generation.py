@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from .runtime import autocast
 
 
 def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
@@ -15,12 +15,6 @@ def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
 def encode_reference(tokenizer, reference: str) -> list[int]:
     """Reference answer ids followed by eos, as a sampled completion that stopped would end."""
     return tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-def autocast(runtime):
-    if runtime.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=runtime.device.type, dtype=runtime.autocast_dtype)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

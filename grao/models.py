@@ -6,8 +6,6 @@ and the demo tokenizer is trained offline on the task's own text.
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,30 +53,6 @@ def build_demo_tokenizer():
     )
 
 
-@dataclass
-class Runtime:
-    device: torch.device
-    autocast_dtype: torch.dtype | None  # bf16 autocast on CUDA; None = full fp32
-    attn_implementation: str
-
-
-def choose_runtime(device: str = "auto", precision: str = "auto", attn_implementation: str = "auto") -> Runtime:
-    """Device, mixed precision and attention kernel: bf16 + flash-attention 2 on CUDA when available."""
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ModelError(f"device {device!r} was asked for but CUDA is not available")
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
-    autocast = torch.bfloat16 if precision == "bf16" else None
-    if attn_implementation == "auto":
-        flash = dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-        attn_implementation = "flash_attention_2" if flash else "sdpa"
-    return Runtime(dev, autocast, attn_implementation)
-
-
 def tiny_moe(tokenizer, overrides: dict | None = None, attn_implementation: str = "sdpa", seed: int = 0):
     """The built-in tiny Qwen3-MoE (4 experts, top-2) with random weights drawn from ``seed``."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
@@ -105,7 +79,10 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"tokenizer directory {str(path)!r} does not exist (no hub downloads: give a local path)")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
     if tok.eos_token_id is None:
         raise ModelError(f"the tokenizer in {path} has no eos token; completions need one to stop")
     if tok.pad_token_id is None:
@@ -114,20 +91,26 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def check_source(model: str, tokenizer: str | None) -> None:
+    """ModelError unless ``model`` is 'tiny-moe' or a directory with a config.json and ``tokenizer`` unset or a directory."""
+    if model != TINY_MOE and not (Path(model) / "config.json").is_file():
+        raise ModelError(
+            f"model {model!r} is neither 'tiny-moe' nor a local Hugging Face model directory with a config.json"
+        )
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise ModelError(f"tokenizer directory {tokenizer!r} does not exist (no hub downloads: give a local path)")
+
+
 def load_model(path: str | Path, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"model {str(path)!r} is neither 'tiny-moe' nor a local Hugging Face model directory with a config.json"
-        )
+    check_source(str(path), None)
     return AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=torch.float32, attn_implementation=attn_implementation
     )
 
 
-def load(model: str, tokenizer: str | None, overrides: dict, runtime: Runtime, seed: int):
+def load(model: str, tokenizer: str | None, overrides: dict, runtime, seed: int):
     """(model, tokenizer) on ``runtime.device`` in fp32 master weights."""
     if model == TINY_MOE:
         tok = load_tokenizer(tokenizer) if tokenizer else build_demo_tokenizer()
@@ -175,3 +158,40 @@ def moe_info(model) -> tuple[int, int] | None:
     if experts and top_k and hasattr(cfg, "router_aux_loss_coef"):
         return int(experts), int(top_k)
     return None
+
+
+def aux_loss_coef(model, configured: float | None) -> float:
+    """The router load-balancing weight: the configured one, else the model config's, else 0."""
+    return float(configured if configured is not None else getattr(model.config, "router_aux_loss_coef", 0.0))
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask: torch.Tensor, groups: int = 1):
+    """Switch-Transformer load-balancing loss (arXiv 2101.03961, Eq. 4-6) over all layers, padding excluded.
+
+    ``router_logits``: one (S*T, E) tensor per MoE layer; ``attention_mask`` (S, T).
+    The S sequences are split into ``groups`` equal consecutive groups and the
+    loss is computed within each, returned as a (groups,) tensor; with
+    ``groups=1`` it is transformers' ``load_balancing_loss_func``. Also returns
+    each expert's share of the routed (token, slot) assignments, (E,).
+    """
+    mask = attention_mask.reshape(groups, -1).float()  # (groups, tokens per group)
+    counts = torch.zeros(groups, num_experts, device=mask.device)
+    prob_sum = torch.zeros(groups, num_experts, device=mask.device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1).view(groups, -1, num_experts)
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(2).float()
+        counts = counts + (chosen * mask[..., None]).sum(1)
+        prob_sum = prob_sum + (probs * mask[..., None]).sum(1)
+    rows = mask.sum(1, keepdim=True) * len(router_logits)
+    aux = num_experts * ((counts / rows) * (prob_sum / rows)).sum(1)
+    load = counts.sum(0)
+    return aux, (load / load.sum().clamp(min=1)).detach()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

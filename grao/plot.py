@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 TERMS = ("exploration", "imitation", "alignment")
@@ -20,11 +19,11 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of a metrics.jsonl."""
+    from .run_dir import read_metrics as read_lines
+
     train, evals = [], []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            (evals if "eval/reward" in rec else train).append(rec)
+    for rec in read_lines(Path(path))[0]:
+        (evals if "eval/reward" in rec else train).append(rec)
     return train, evals
 
 

@@ -12,12 +12,16 @@ Built-ins, selected by name in the config's ``reward`` key:
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import demo_task
+from .config import ConfigError
 
 Reward = Callable[[list[str], list[str], list[str]], list[float]]
 
@@ -56,7 +60,7 @@ class RewardModel:
 
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(f"reward model directory {str(path)!r} does not exist")
+            raise ConfigError(f"'reward': reward model directory {str(path)!r} does not exist")
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if self.tokenizer.pad_token is None:
@@ -82,7 +86,7 @@ BUILTIN: dict[str, Reward] = {"demo": demo_task.reward, "exact": exact_match, "e
 
 
 def resolve(spec: str, data: str = "demo", device: torch.device | str = "cpu") -> Reward:
-    """The reward named by a config value (see the module docstring); ValueError for an unknown one."""
+    """The reward named by a config value (see the module docstring); ConfigError for an unknown one."""
     if spec == "auto":
         spec = "demo" if data == "demo" else "edit"
     if spec in BUILTIN:
@@ -94,19 +98,45 @@ def resolve(spec: str, data: str = "demo", device: torch.device | str = "cpu") -
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward {spec!r}: cannot import {name!r} from {module!r} ({exc})") from None
+            raise ConfigError(f"'reward' {spec!r}: cannot import {name!r} from {module!r} ({exc})") from None
         if not callable(fn):
-            raise ValueError(f"reward {spec!r} is not callable")
+            raise ConfigError(f"'reward' {spec!r} is not callable")
         return fn
-    raise ValueError(f"unknown reward {spec!r}: use auto, {', '.join(BUILTIN)}, model:DIR or package.module:function")
+    raise ConfigError(f"unknown reward {spec!r}: use auto, {', '.join(BUILTIN)}, model:DIR or package.module:function")
+
+
+class RewardError(RuntimeError):
+    """A reward function that raised or returned something other than one finite number per completion."""
+
+
+def qualified_name(reward: Reward) -> str:
+    """``module.qualname`` of a reward function (or of its class, for a callable object)."""
+    target = reward if hasattr(reward, "__qualname__") else type(reward)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
+def _is_number(value) -> bool:
+    # bool is an int and "0.5" converts with float(): neither is a score, both hide a bug in the reward
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def score(reward: Reward, prompts: list[str], completions: list[str], references: list[str]) -> list[float]:
-    """Call ``reward`` and check it returned one finite number per completion."""
-    values = list(reward(prompts, completions, references))
+    """Call ``reward``; RewardError naming it unless it returns one finite real number per completion."""
+    who = f"reward {qualified_name(reward)}"
+    try:
+        values = reward(prompts, completions, references)
+    except Exception as exc:
+        raise RewardError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise RewardError(f"{who} returned {values!r}; expected a list of {len(completions)} numbers")
+    values = list(values)
     if len(values) != len(completions):
-        raise ValueError(f"the reward returned {len(values)} values for {len(completions)} completions")
-    out = [float(v) for v in values]
-    if not all(v == v and abs(v) != float("inf") for v in out):
-        raise ValueError(f"the reward returned a non-finite value: {out}")
-    return out
+        raise RewardError(f"{who} returned {len(values)} values for {len(completions)} completions")
+    for i, v in enumerate(values):
+        if not _is_number(v):
+            raise RewardError(f"{who} returned {v!r} ({type(v).__name__}) for completion {i}; expected a real number")
+        if not math.isfinite(v):
+            raise RewardError(f"{who} returned {v!r} for completion {i} ({completions[i]!r}); rewards must be finite")
+    return [float(v) for v in values]

@@ -13,9 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 from grao import cli, config, evaluate, models  # noqa: E402
+from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
 from grao.data import DataError, Example, load_jsonl, parse_record  # noqa: E402
-from grao.trainer import TIME_KEYS, Trainer, latest_checkpoint  # noqa: E402
+from grao.losses import GRAO, LossBatch, LossOutput  # noqa: E402
+from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
 
 TRAIN_KEYS = (
     "reward/samples",
@@ -144,6 +146,47 @@ def test_micro_batches_accumulate_to_the_one_batch_gradient(tmp_path):
             torch.testing.assert_close(g_split[name], g, rtol=1e-4, atol=1e-6, msg=f"{name}, micro-batch {mb}")
         for key in ("loss", "objective/exploration", "objective/imitation", "objective/alignment", "moe/aux_loss"):
             assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6)
+
+
+class Float64ReferenceGRAO:
+    """The GRAO loss of the float64 eager oracle (logits materialised), as a trainer loss."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch: LossBatch) -> LossOutput:
+        from grao_kernels.reference import reference_grao
+
+        self.calls += 1
+        bias = None if batch.bias is None else batch.bias.double()
+        ref = reference_grao(
+            batch.hidden.double(),
+            batch.weight.double(),
+            batch.targets,
+            batch.rewards.double(),
+            bias=bias,
+            ignore_index=batch.ignore_index,
+        )
+        share = len(batch.groups) / batch.num_groups
+        metrics = {f"objective/{t}": float(ref[t].detach()) * share for t in GRAO.TERMS}
+        return LossOutput(ref["loss"].float() * share, metrics)
+
+
+def test_the_loss_is_a_constructor_argument(tmp_path):
+    # the trainer's default loss and the float64 oracle plugged in through the seam, micro-batched differently
+    default = Trainer(small(tmp_path / "a", prompts_per_step=3))
+    rollout = default.rollout(default.prompts_for_step(1), 1)
+    stats = default.accumulate_gradients(rollout)
+    oracle_loss = Float64ReferenceGRAO()
+    oracle = Trainer(small(tmp_path / "b", prompts_per_step=3, micro_batch_prompts=2), loss=oracle_loss)
+    oracle_stats = oracle.accumulate_gradients(rollout)
+    assert oracle_loss.calls == 2  # groups (0, 1), then (2,)
+    for key in ("loss", "objective/exploration", "objective/imitation", "objective/alignment"):
+        assert oracle_stats[key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), key
+    g_default, g_oracle = _grads(default.model), _grads(oracle.model)
+    assert g_default.keys() == g_oracle.keys()
+    for name, g in g_default.items():
+        torch.testing.assert_close(g_oracle[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
@@ -376,7 +419,7 @@ def test_rewards_builtin_importable_and_local_reward_model(tmp_path):
 def test_load_balancing_loss_matches_transformers():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    from grao.trainer import load_balancing_loss
+    from grao.models import load_balancing_loss
 
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
     logits = tuple(torch.randn(20, 4) for _ in range(3))

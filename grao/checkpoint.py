@@ -1,0 +1,183 @@
+"""Checkpoints: ``checkpoints/step-NNNNNN/`` holds the model and tokenizer (``save_pretrained``), the trainer state
+(optimizer, scheduler, RNG, step: ``trainer_state.pt``) and ``manifest.json``, the size of every file in it.
+
+A directory is written as ``<name>.tmp`` and renamed when complete, so a crash or a full disk never leaves a
+half-written directory under the final name; the manifest lets a resume notice a file truncated afterwards and
+lets ``--overwrite`` delete exactly the files the trainer wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"step-\d{6}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the directory or file."""
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def manifest_files(directory: Path) -> dict[str, int] | None:
+    """{relative path: size} recorded when ``directory`` was written; None without a readable manifest."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def save_pretrained(directory: str | Path, model, tokenizer, state: dict | None = None) -> Path:
+    """Model, tokenizer and optionally the trainer ``state`` into ``directory``, complete or not at all.
+
+    Any failure (a full disk, a permission error) removes the partial ``.tmp``
+    and raises CheckpointError; what was at ``directory`` before is untouched.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftover; the .tmp name is only ever ours
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        if directory.exists() and not remove_written(directory):
+            raise CheckpointError(f"{directory} holds files the trainer did not write; not replacing it")
+        tmp.rename(directory)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, CheckpointError):
+            raise
+        reason = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"could not write {directory}: {reason}") from exc
+    return directory
+
+
+def remove_written(directory: Path) -> bool:
+    """Delete the files ``directory``'s manifest lists (and the manifest); True when the directory is gone.
+
+    Files the trainer did not write stay, and so does the directory holding them.
+    """
+    files = manifest_files(directory)
+    for name in files or ():
+        (directory / name).unlink(missing_ok=True)
+    if files is not None:
+        (directory / MANIFEST).unlink(missing_ok=True)
+    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+    if any(directory.iterdir()):
+        return False
+    directory.rmdir()
+    return True
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Files in ``directory`` that its manifest does not list (all of them without a manifest)."""
+    listed = set(manifest_files(directory) or ()) | {MANIFEST}
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and str(p.relative_to(directory)) not in listed
+    )
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """``checkpoints/step-NNNNNN`` directories, oldest first (complete or not)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint (one with a trainer state: a save in progress is still ``.tmp``), or None."""
+    done = [p for p in step_dirs(run_dir) if (p / STATE_FILE).is_file()]
+    return done[-1] if done else None
+
+
+def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
+    """``checkpoints/step-NNNNNN`` for ``step``, then all but the newest ``keep`` complete checkpoints deleted."""
+    final = save_pretrained(step_dir(run_dir, step), model, tokenizer, state)
+    complete = [p for p in step_dirs(run_dir) if manifest_files(p) is not None]
+    for old in complete[:-keep]:
+        remove_written(old)
+    return final
+
+
+def verify(directory: Path) -> str | None:
+    """Why ``directory`` is not an intact checkpoint (a missing or truncated file), or None when it is.
+
+    A checkpoint without a manifest (written before manifests existed) is
+    checked only by loading it (:func:`load`).
+    """
+    if not (directory / STATE_FILE).is_file():
+        return f"{directory} has no {STATE_FILE}"
+    files = manifest_files(directory) or {}
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or altered)"
+    return None
+
+
+def load(directory: Path, load_model, load_tokenizer) -> tuple:
+    """(model, tokenizer, state) of an intact checkpoint; CheckpointError naming the file that is not."""
+    reason = verify(directory)
+    if reason is not None:
+        raise CheckpointError(reason)
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged pickle/zip raises anything from EOFError to RuntimeError
+        raise CheckpointError(f"{directory / STATE_FILE} cannot be read ({type(exc).__name__}: {exc})") from exc
+    try:
+        model, tokenizer = load_model(directory), load_tokenizer(directory)
+    except Exception as exc:
+        raise CheckpointError(f"the model in {directory} cannot be loaded ({type(exc).__name__}: {exc})") from exc
+    return model, tokenizer, state
+
+
+def load_latest(run_dir: str | Path, load_model, load_tokenizer) -> tuple[Path, tuple, list[str]]:
+    """(checkpoint, (model, tokenizer, state), why each newer one was skipped) for the newest intact checkpoint."""
+    skipped = []
+    for directory in reversed(step_dirs(run_dir)):
+        try:
+            return directory, load(directory, load_model, load_tokenizer), skipped
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    detail = f": {'; '.join(skipped)}" if skipped else ""
+    raise CheckpointError(f"--resume: no intact checkpoint in {Path(run_dir) / CHECKPOINTS}{detail}")
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng(rng: dict) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,85 @@
+"""The training objective as a value: the trainer calls ``loss(batch) -> LossOutput`` once per micro-batch.
+
+The trainer owns sampling, scoring, the backbone forward and the optimizer; a
+loss owns the formula. It receives the backbone's final hidden states and the
+lm_head weight (never the logits), the completion targets, the rewards and the
+group layout of one micro-batch, and returns its share of the step's loss with
+the terms to log. Any callable with that signature is a loss: other methods
+(SFT, DPO, GRPO, ...) and the benchmarks' variants plug in as
+``Trainer(cfg, loss=...)``, without touching the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from grao_kernels import grao_loss
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """One micro-batch of whole prompt groups, group-major: ``len(groups) * (group_size + 1)`` sequences.
+
+    Sequence ``s`` belongs to the micro-batch's prompt ``s // (G+1)`` (prompt
+    ``groups[s // (G+1)]`` of the step) and is that prompt's reference answer
+    when ``s % (G+1) == G``; the others are its G sampled completions.
+    """
+
+    hidden: torch.Tensor  # (S, T, H) final hidden states, in the compute dtype (bf16 under autocast)
+    weight: torch.Tensor  # (V, H) lm_head weight, same dtype
+    bias: torch.Tensor | None  # (V,) lm_head bias or None
+    targets: torch.Tensor  # (S, T) int64: targets[s, t] is the token position t predicts; ignore_index elsewhere
+    rewards: torch.Tensor  # (len(groups), G+1) float32, the reference's reward last
+    group_size: int  # G, sampled completions per prompt
+    groups: range  # which of the step's prompt groups these are
+    num_groups: int  # P, prompt groups in the whole step
+    ignore_index: int = -100
+
+
+@dataclass
+class LossOutput:
+    """``loss``: this micro-batch's share of the step's loss (the trainer sums the shares, then backpropagates each);
+    ``metrics``: detached terms to log, in the same convention (their sum over micro-batches is the step's value)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+class Loss(Protocol):
+    def __call__(self, batch: LossBatch) -> LossOutput: ...
+
+
+class GRAO:
+    """The GRAO objective (arXiv 2508.07750, Eq. 3-4) through ``grao_kernels.grao_loss``, or any function with
+    grao_loss's signature and result (``fn``; e.g. a full-logits reference for a benchmark).
+
+    ``grao_loss`` averages over the prompts it is given, so a micro-batch of m
+    of the P groups is weighted m / P: the shares sum to the one-batch loss
+    (advantages are computed within each group, so splitting between groups
+    changes nothing else).
+    """
+
+    TERMS = ("exploration", "imitation", "alignment")
+
+    def __init__(self, beta: float = 0.5, lam: float = 0.6, backend: str = "auto", fn: Callable = grao_loss):
+        self.beta, self.lam, self.backend, self.fn = beta, lam, backend, fn
+
+    def __call__(self, batch: LossBatch) -> LossOutput:
+        out = self.fn(
+            batch.hidden,
+            batch.weight,
+            batch.targets,
+            batch.rewards,
+            bias=batch.bias,
+            beta=self.beta,
+            lam=self.lam,
+            ignore_index=batch.ignore_index,
+            backend=self.backend,
+        )
+        share = len(batch.groups) / batch.num_groups
+        metrics = {f"objective/{t}": float(getattr(out, t)) * share for t in self.TERMS}
+        return LossOutput(out.loss * share, metrics)
