@@ -48,9 +48,14 @@ def _config(device: str, model: str, out_dir: str):
     )
 
 
-def _full_logits_loss(hidden, weight, targets, rewards, *, bias=None, beta, lam, ignore_index, backend="auto"):
+def _full_logits_loss(
+    hidden, weight, targets, rewards, *, group_size, bias=None, beta, lam, ignore_index, backend="auto"
+):
     from grao_kernels import GRAOOutput
     from grao_kernels.reference import reference_grao
+
+    if rewards.shape[1] != group_size + 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} do not hold group_size + 1 = {group_size + 1} columns")
 
     r = reference_grao(hidden, weight, targets, rewards, bias=bias, beta=beta, lam=lam, ignore_index=ignore_index)
     terms = (r[k].detach().float() for k in ("advantages", "seq_logp", "exploration", "imitation", "alignment"))

@@ -74,6 +74,7 @@ class GRAO:
             batch.weight,
             batch.targets,
             batch.rewards,
+            group_size=batch.group_size,
             bias=batch.bias,
             beta=self.beta,
             lam=self.lam,
