@@ -1,9 +1,12 @@
-// Row-wise float32 loops used on each logits tile while it sits in L2:
-// scale/bias/max, exp-and-sum, and scaling to dlogits. AVX2+FMA intrinsics
-// when the compiler targets them (the loader adds -mavx2 -mfma only on CPUs
-// that have them), a scalar loop otherwise.
+// Row-wise float32 loops used on each logits tile while it sits in L2: the
+// head (scale, bias, softcap) with the row max, the softmax partial sums, and
+// the logits gradient. AVX2+FMA intrinsics when the compiler targets them (the
+// loader adds -mavx2 -mfma only on CPUs that have them), a scalar loop
+// otherwise. Which columns take the vector path depends only on the tile
+// width, never on the thread, so results do not depend on the schedule.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -17,15 +20,20 @@
 
 namespace grao {
 
+// Arguments of exp below this are flushed to exactly 0 (e^-87.3 ~ 1e-38,
+// negligible in any sum): a -inf logit (a masked vocabulary entry) has
+// probability exactly 0, and the clamped argument stays finite, so
+// p * log p terms give 0, never 0 * -inf.
+constexpr float kExpLo = -87.33654f;
+
+// exp(x) for x <= 0 (0 below kExpLo), NaN propagating.
+static inline float exp_nonpos(float x) { return x < kExpLo ? 0.0f : std::exp(x); }
+
 #if GRAO_AVX2
-// exp for x <= 0 (every argument here is a logit minus its row maximum or
-// log-sum-exp). Cephes expf: x = n ln2 + r with |r| <= ln2/2, degree-5
-// polynomial for e^r, 2^n through the exponent bits; about 1 ulp. Inputs
-// below -87.3 are clamped there (e^-87.3 ~ 1e-38, negligible in any sum);
-// NaN propagates because max_ps returns its second operand on NaN.
-static inline __m256 exp256_nonpos(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  x = _mm256_max_ps(lo, x);
+// exp for x <= 0: Cephes expf, x = n ln2 + r with |r| <= ln2/2, degree-5
+// polynomial for e^r, 2^n through the exponent bits; about 1 ulp. ``x`` must
+// already be clamped to >= kExpLo (see clamp_lo).
+static inline __m256 exp256_core(__m256 x) {
   __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
   fx = _mm256_floor_ps(fx);
   // ln2 split in two so that fx * ln2 is exact to float precision.
@@ -44,6 +52,37 @@ static inline __m256 exp256_nonpos(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
+// max(x, kExpLo); NaN stays NaN (max_ps returns its second operand on NaN).
+static inline __m256 clamp_lo(__m256 x) { return _mm256_max_ps(_mm256_set1_ps(kExpLo), x); }
+
+// exp(x) given xc = clamp_lo(x): exactly 0 where x < kExpLo.
+static inline __m256 exp256_flushed(__m256 x, __m256 xc) {
+  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
+  return _mm256_andnot_ps(under, exp256_core(xc));
+}
+
+// tanh, Eigen's float rational approximation (odd degree-13 over even
+// degree-6) on [-7.9, 7.9], saturating outside (|error| < 3e-7 there, a few
+// ulp inside).
+static inline __m256 tanh256(__m256 x) {
+  const __m256 lim = _mm256_set1_ps(7.90531110763549805f);
+  x = _mm256_min_ps(lim, _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(2.00018790482477e-13f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-8.60467152213735e-11f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(5.12229709037114e-08f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(1.48572235717979e-05f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(6.37261928875436e-04f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(4.89352455891786e-03f));
+  p = _mm256_mul_ps(x, p);
+  __m256 q = _mm256_set1_ps(1.19825839466702e-06f);
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(1.18534705686654e-04f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(2.26843463243900e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(4.89352518554385e-03f));
+  return _mm256_div_ps(p, q);
+}
+
 static inline float hmax256(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -59,96 +98,108 @@ static inline float hsum256(__m256 v) {
 }
 #endif
 
-// z[j] = z[j] * inv_t + bias_scaled[j] (bias_scaled = bias / T, may be null);
-// returns max_j z[j]. fma keeps one rounding in both the vector and the tail.
-static inline float scale_bias_max(float* z, int64_t n, float inv_t, const float* bias_scaled) {
+// The head on one row of raw products, in place:
+//   z[j] = cap_out * tanh(z[j] * mul + bias_scaled[j])   (cap_out > 0: softcap)
+//   z[j] = z[j] * mul + bias_scaled[j]                   (otherwise)
+// bias_scaled = bias * mul (may be null). Returns max_j z[j] (-inf when every
+// entry is masked by a -inf bias).
+static inline float head_max(float* z, int64_t n, float mul, const float* bias_scaled, float cap_out) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
 #if GRAO_AVX2
-  const __m256 vt = _mm256_set1_ps(inv_t);
-  __m256 vm0 = _mm256_set1_ps(m), vm1 = vm0;
-  if (bias_scaled) {
-    for (; j + 16 <= n; j += 16) {
-      __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(z + j), vt, _mm256_loadu_ps(bias_scaled + j));
-      __m256 b = _mm256_fmadd_ps(_mm256_loadu_ps(z + j + 8), vt, _mm256_loadu_ps(bias_scaled + j + 8));
+  const __m256 vmul = _mm256_set1_ps(mul), vcap = _mm256_set1_ps(cap_out);
+  __m256 vm = _mm256_set1_ps(m);
+  if (cap_out > 0.0f || bias_scaled || mul != 1.0f) {
+    for (; j + 8 <= n; j += 8) {
+      __m256 a = _mm256_loadu_ps(z + j);
+      a = bias_scaled ? _mm256_fmadd_ps(a, vmul, _mm256_loadu_ps(bias_scaled + j)) : _mm256_mul_ps(a, vmul);
+      if (cap_out > 0.0f) a = _mm256_mul_ps(vcap, tanh256(a));
       _mm256_storeu_ps(z + j, a);
-      _mm256_storeu_ps(z + j + 8, b);
-      vm0 = _mm256_max_ps(vm0, a);
-      vm1 = _mm256_max_ps(vm1, b);
-    }
-  } else if (inv_t != 1.0f) {
-    for (; j + 16 <= n; j += 16) {
-      __m256 a = _mm256_mul_ps(_mm256_loadu_ps(z + j), vt);
-      __m256 b = _mm256_mul_ps(_mm256_loadu_ps(z + j + 8), vt);
-      _mm256_storeu_ps(z + j, a);
-      _mm256_storeu_ps(z + j + 8, b);
-      vm0 = _mm256_max_ps(vm0, a);
-      vm1 = _mm256_max_ps(vm1, b);
+      vm = _mm256_max_ps(vm, a);
     }
   } else {
-    for (; j + 16 <= n; j += 16) {
-      vm0 = _mm256_max_ps(vm0, _mm256_loadu_ps(z + j));
-      vm1 = _mm256_max_ps(vm1, _mm256_loadu_ps(z + j + 8));
-    }
+    for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(z + j));
   }
-  m = hmax256(_mm256_max_ps(vm0, vm1));
+  m = hmax256(vm);
 #endif
   for (; j < n; ++j) {
-    float v = bias_scaled ? std::fma(z[j], inv_t, bias_scaled[j]) : z[j] * inv_t;
+    float v = bias_scaled ? std::fma(z[j], mul, bias_scaled[j]) : z[j] * mul;
+    if (cap_out > 0.0f) v = cap_out * std::tanh(v);
     z[j] = v;
     m = v > m ? v : m;
   }
   return m;
 }
 
-// z[j] = exp(z[j] - shift) in place (when store) and returns the sum.
-static inline float exp_sum(float* z, int64_t n, float shift, bool store) {
+// Softmax partial sums of one row shifted by ``shift``: returns
+// s = sum_j exp(z[j] - shift) and, when q is not null, sets
+// *q = sum_j exp(z[j] - shift) (z[j] - shift) (for the entropy).
+static inline float exp_sums(const float* z, int64_t n, float shift, float* q) {
   int64_t j = 0;
-  float s = 0.0f;
+  float s = 0.0f, sq = 0.0f;
 #if GRAO_AVX2
   const __m256 vs = _mm256_set1_ps(shift);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 qa0 = _mm256_setzero_ps(), qa1 = _mm256_setzero_ps();
   for (; j + 16 <= n; j += 16) {
-    __m256 a = exp256_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + j), vs));
-    __m256 b = exp256_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + j + 8), vs));
-    if (store) {
-      _mm256_storeu_ps(z + j, a);
-      _mm256_storeu_ps(z + j + 8, b);
+    const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(z + j), vs);
+    const __m256 x1 = _mm256_sub_ps(_mm256_loadu_ps(z + j + 8), vs);
+    const __m256 c0 = clamp_lo(x0), c1 = clamp_lo(x1);
+    const __m256 e0 = exp256_flushed(x0, c0), e1 = exp256_flushed(x1, c1);
+    acc0 = _mm256_add_ps(acc0, e0);
+    acc1 = _mm256_add_ps(acc1, e1);
+    if (q) {
+      qa0 = _mm256_fmadd_ps(e0, c0, qa0);
+      qa1 = _mm256_fmadd_ps(e1, c1, qa1);
     }
-    acc0 = _mm256_add_ps(acc0, a);
-    acc1 = _mm256_add_ps(acc1, b);
   }
   s = hsum256(_mm256_add_ps(acc0, acc1));
+  sq = hsum256(_mm256_add_ps(qa0, qa1));
 #endif
   for (; j < n; ++j) {
-    float e = std::exp(z[j] - shift);
-    if (store) z[j] = e;
+    const float x = z[j] - shift, xc = std::max(x, kExpLo);
+    const float e = exp_nonpos(x);
     s += e;
+    sq += e * xc;
   }
+  if (q) *q = sq;
   return s;
 }
 
-// z[j] = exp(z[j] - shift) * scale in place: dlogits straight from the logits
-// when the log-sum-exp is already known.
-static inline void exp_scale(float* z, int64_t n, float shift, float scale) {
+// The logits gradient of one row, in place over its logits z (before the
+// one-hot term, which the caller adds at the target):
+//   d = z[j] - lse,  p = exp(d)
+//   z[j] = p * (a + b * d) * slope,   slope = 1 - (z[j] * inv_cap)^2 (CAP) or 1
+// with a = -k (coef + ent_coef ent), b = -k ent_coef (ENT; b = 0 otherwise),
+// k = logit_scale / temperature: the chain rule of the backend contract.
+// d is clamped at kExpLo where p is 0, so a masked entry gives 0.
+template <bool ENT, bool CAP>
+static inline void dlogits(float* z, int64_t n, float lse, float a, float b, float inv_cap) {
   int64_t j = 0;
 #if GRAO_AVX2
-  const __m256 vs = _mm256_set1_ps(shift), vc = _mm256_set1_ps(scale);
+  const __m256 vl = _mm256_set1_ps(lse), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  const __m256 vic = _mm256_set1_ps(inv_cap), one = _mm256_set1_ps(1.0f);
   for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(z + j, _mm256_mul_ps(exp256_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + j), vs)), vc));
+    const __m256 zz = _mm256_loadu_ps(z + j);
+    const __m256 x = _mm256_sub_ps(zz, vl), xc = clamp_lo(x);
+    __m256 g = exp256_flushed(x, xc);
+    g = ENT ? _mm256_mul_ps(g, _mm256_fmadd_ps(vb, xc, va)) : _mm256_mul_ps(g, va);
+    if (CAP) {
+      const __m256 t = _mm256_mul_ps(zz, vic);
+      g = _mm256_mul_ps(g, _mm256_fnmadd_ps(t, t, one));
+    }
+    _mm256_storeu_ps(z + j, g);
   }
 #endif
-  for (; j < n; ++j) z[j] = std::exp(z[j] - shift) * scale;
-}
-
-// z[j] *= scale.
-static inline void scale_inplace(float* z, int64_t n, float scale) {
-  int64_t j = 0;
-#if GRAO_AVX2
-  const __m256 vc = _mm256_set1_ps(scale);
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(z + j, _mm256_mul_ps(_mm256_loadu_ps(z + j), vc));
-#endif
-  for (; j < n; ++j) z[j] *= scale;
+  for (; j < n; ++j) {
+    const float x = z[j] - lse, xc = std::max(x, kExpLo);
+    float g = exp_nonpos(x) * (ENT ? std::fma(b, xc, a) : a);
+    if (CAP) {
+      const float t = z[j] * inv_cap;
+      g *= 1.0f - t * t;
+    }
+    z[j] = g;
+  }
 }
 
 // acc[j] += z[j].

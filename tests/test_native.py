@@ -8,12 +8,8 @@ directly so that block and tile edges are exercised at small sizes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,8 @@ import torch
 from utils import assert_close
 
 from grao_kernels.backends import native_backend
+from grao_kernels.reference import reference_logprobs, reference_lse
+from grao_kernels.settings import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +33,13 @@ def ops():
     return native_backend.ops()
 
 
+HEADS = {
+    "plain": dict(temperature=1.0, logit_scale=1.0, softcap=None),
+    "temperature-scale": dict(temperature=0.7, logit_scale=1.3, softcap=None),
+    "softcap": dict(temperature=1.3, logit_scale=0.8, softcap=3.0),
+}
+
+
 def make_case(N, H, V, *, bias, ignore_every=3, dtype=torch.float32):
     h = torch.randn(N, H, dtype=torch.float64)
     w = torch.randn(V, H, dtype=torch.float64) / H**0.5 * 2
@@ -42,44 +47,55 @@ def make_case(N, H, V, *, bias, ignore_every=3, dtype=torch.float32):
     t = torch.randint(0, V, (N,))
     if ignore_every:
         t[::ignore_every] = -100
-    c = torch.randn(N, dtype=torch.float64)
+    c, ec = torch.randn(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
     # The oracle sees exactly the (rounded) inputs the kernel sees.
     h, w = h.to(dtype).double(), w.to(dtype).double()
     b = None if b is None else b.to(dtype).double()
-    return h, w, b, t, c
+    return h, w, b, t, c, ec
 
 
-def oracle(h, w, b, t, c, temperature):
-    """float64 logp, lse and gradients of sum_t c_t logp_t (eager, full logits)."""
+def oracle(h, w, b, t, c, ec, head):
+    """float64 (logp, lse, entropy) and the gradients of sum c logp + sum ec ent, from reference.py."""
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     b = None if b is None else b.clone().requires_grad_()
-    z = h @ w.T
-    if b is not None:
-        z = z + b
-    z = z / temperature
+    logp, ent = reference_logprobs(h, w, t, bias=b, return_entropy=True, **head)
     valid = t != -100
-    lse = torch.where(valid, z.logsumexp(-1), 0.0)
-    logp = torch.where(valid, z.log_softmax(-1).gather(1, torch.where(valid, t, 0)[:, None])[:, 0], 0.0)
-    (c * logp).sum().backward()
-    return logp.detach(), lse.detach(), h.grad, w.grad, None if b is None else b.grad
+    lse = torch.where(valid, reference_lse(h, w, bias=b, **head), 0.0)
+    loss = (c * logp).sum() + (0.0 if ec is None else (ec * ent).sum())
+    grads = torch.autograd.grad(loss, [x for x in (h, w, b) if x is not None])
+    return logp.detach(), lse.detach(), ent.detach(), grads[0], grads[1], (grads[2] if b is not None else None)
 
 
-def run_ops(ops, h, w, b, t, c, temperature, rows, tile, dtype=torch.float32):
+def head_args(head):
+    return float(head["temperature"]), float(head["logit_scale"]), head["softcap"]
+
+
+def run_ops(ops, h, w, b, t, c, ec, head, rows, tile, dtype=torch.float32, needs=(True, True, True)):
+    """Forward with entropy, the one-sweep grad and the grad reusing the forward's statistics."""
     h, w = h.to(dtype), w.to(dtype)
     b = None if b is None else b.to(dtype)
-    logp, lse = ops.linear_logprobs_forward(h, w, b, t, temperature, -100, rows, tile)
-    g = ops.linear_logprobs_grad(h, w, b, t, c.float(), temperature, -100, None, rows, tile)
-    g_lse = ops.linear_logprobs_grad(h, w, b, t, c.float(), temperature, -100, lse, rows, tile)
-    return logp, lse, g, g_lse
+    c = c.float()
+    ec = None if ec is None else ec.float()
+    logp, lse, ent = ops.linear_logprobs_forward(h, w, b, t, *head_args(head), -100, True, rows, tile)
+    common = (*head_args(head), -100, *needs, rows, tile)
+    one = ops.linear_logprobs_grad(h, w, b, t, c, ec, None, None, *common)
+    reuse = ops.linear_logprobs_grad(h, w, b, t, c, ec, lse, None if ec is None else ent, *common)
+    return (logp, lse, ent), one, reuse
 
 
-def check_against_oracle(result, expected, *, rtol, atol, bias):
-    logp, lse, g, g_lse = result
-    e_logp, e_lse, e_dh, e_dw, e_db = expected
+def check_against_oracle(result, expected, *, rtol, atol, bias, entropy):
+    (logp, lse, ent), *grads = result
+    e_logp, e_lse, e_ent, e_dh, e_dw, e_db = expected
     assert_close(logp, e_logp, rtol=rtol, atol=atol, name="forward logp")
     assert_close(lse, e_lse, rtol=rtol, atol=atol, name="forward lse")
-    for label, (lp, dh, dw, db) in (("one-sweep", g), ("given lse", g_lse)):
+    assert_close(ent, e_ent, rtol=rtol, atol=atol, name="forward entropy")
+    for label, (lp, ls, en, dh, dw, db) in zip(("one-sweep", "given stats"), grads):
         assert_close(lp, e_logp, rtol=rtol, atol=atol, name=f"{label} logp")
+        assert_close(ls, e_lse, rtol=rtol, atol=atol, name=f"{label} lse")
+        if entropy:
+            assert_close(en, e_ent, rtol=rtol, atol=atol, name=f"{label} entropy")
+        else:
+            assert en.numel() == 0
         assert_close(dh, e_dh, rtol=rtol, atol=atol, name=f"{label} dhidden")
         assert_close(dw, e_dw, rtol=rtol, atol=atol, name=f"{label} dweight")
         if bias:
@@ -91,41 +107,110 @@ def check_against_oracle(result, expected, *, rtol, atol, bias):
 # (rows per block, vocab per tile): several row blocks and a ragged last tile,
 # one row block with one tile, and tiles narrower than a vector register.
 @pytest.mark.parametrize("rows,tile", [(16, 96), (512, 4096), (7, 5)])
-@pytest.mark.parametrize("bias,temperature", [(False, 1.0), (True, 0.7)])
-def test_ops_match_float64_at_block_and_tile_edges(ops, rows, tile, bias, temperature):
-    h, w, b, t, c = make_case(70, 24, 1003, bias=bias)
-    result = run_ops(ops, h, w, b, t, c, temperature, rows, tile)
-    check_against_oracle(result, oracle(h, w, b, t, c, temperature), rtol=2e-5, atol=2e-5, bias=bias)
+@pytest.mark.parametrize("bias,head", [(False, "plain"), (True, "temperature-scale"), (True, "softcap")])
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_ops_match_float64_at_block_and_tile_edges(ops, rows, tile, bias, head, entropy):
+    h, w, b, t, c, ec = make_case(70, 24, 1003, bias=bias)
+    ec = ec if entropy else None
+    result = run_ops(ops, h, w, b, t, c, ec, HEADS[head], rows, tile)
+    expected = oracle(h, w, b, t, c, ec, HEADS[head])
+    check_against_oracle(result, expected, rtol=2e-5, atol=2e-5, bias=bias, entropy=entropy)
 
 
-def test_bfloat16_inputs_accumulate_in_float32(ops):
+@pytest.mark.parametrize("head", ["plain", "softcap"])
+def test_bfloat16_inputs_accumulate_in_float32(ops, head):
     # The oracle gets the same bf16-rounded values in float64, so the only
     # error left is float32 accumulation: far below bf16 resolution.
-    h, w, b, t, c = make_case(40, 32, 777, bias=True, dtype=torch.bfloat16)
-    result = run_ops(ops, h, w, b, t, c, 1.3, 16, 128, dtype=torch.bfloat16)
-    check_against_oracle(result, oracle(h, w, b, t, c, 1.3), rtol=2e-5, atol=2e-5, bias=True)
-    assert all(x.dtype == torch.float32 for x in result[2][:3])
+    h, w, b, t, c, ec = make_case(40, 32, 777, bias=True, dtype=torch.bfloat16)
+    result = run_ops(ops, h, w, b, t, c, ec, HEADS[head], 16, 128, dtype=torch.bfloat16)
+    expected = oracle(h, w, b, t, c, ec, HEADS[head])
+    check_against_oracle(result, expected, rtol=2e-5, atol=2e-5, bias=True, entropy=True)
+    assert all(x.dtype == torch.float32 for x in result[1][:5])
 
 
-def test_one_and_two_threads_give_identical_results(ops):
-    # Tiles are grouped into chunks independent of the thread count and summed
-    # in chunk order, so the results are bitwise equal, not merely close.
-    h, w, b, t, c = make_case(300, 48, 5000, bias=True)
-    args = (h.float(), w.float(), b.float(), t, c.float(), 0.9, -100, None, 64, 256)
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)])
+def test_gradients_not_needed_are_empty_and_the_rest_unchanged(ops, needs):
+    h, w, b, t, c, ec = make_case(50, 16, 700, bias=True)
+    _, full, full_reuse = run_ops(ops, h, w, b, t, c, ec, HEADS["softcap"], 16, 64)
+    _, part, part_reuse = run_ops(ops, h, w, b, t, c, ec, HEADS["softcap"], 16, 64, needs=needs)
+    for f, p in ((full, part), (full_reuse, part_reuse)):
+        for name, a, e in zip(("logp", "lse", "entropy"), p[:3], f[:3]):
+            assert torch.equal(a, e), name
+        for name, need, a, e in zip(("dhidden", "dweight", "dbias"), needs, p[3:], f[3:]):
+            if need:
+                assert torch.equal(a, e), name
+            else:
+                assert a.numel() == 0, name
+
+
+def masked_case(V, ranges, target_masked):
+    h, w, b, t, c, ec = make_case(30, 16, V, bias=True)
+    for lo, hi in ranges:
+        b[lo:hi] = -float("inf")
+    allowed = torch.isfinite(b).nonzero().squeeze(1)
+    t = torch.where(t == -100, t, allowed[torch.randint(0, allowed.numel(), t.shape)])
+    if target_masked:
+        t[1] = ranges[0][0]
+    return h, w, b, t, c, ec
+
+
+# A masked first tile, fully masked tiles in the middle of a chunk and at the
+# end, a target whose own logit is masked; tiles of 64 so that they are many.
+@pytest.mark.parametrize("target_masked", [False, True], ids=["targets-allowed", "a-target-masked"])
+@pytest.mark.parametrize("head", ["plain", "softcap"])
+def test_masked_tiles_and_targets_match_the_reference(ops, target_masked, head):
+    h, w, b, t, c, ec = masked_case(1000, [(0, 192), (320, 640), (900, 1000)], target_masked)
+    (logp, lse, ent), *grads = run_ops(ops, h, w, b, t, c, ec, HEADS[head], 8, 64)
+    e_logp, e_lse, e_ent, *e_grads = oracle(h, w, b, t, c, ec, HEADS[head])
+    # Only a soft-capped head keeps a masked logit finite (tanh(-inf) = -1).
+    finite = torch.isfinite(e_logp)
+    assert target_masked == (not bool(finite.all())) or HEADS[head]["softcap"] is not None
+    for label, lp in (("forward", logp), ("one-sweep", grads[0][0]), ("given stats", grads[1][0])):
+        assert torch.equal(torch.isfinite(lp), finite), f"{label} logp: -inf exactly where the reference has it"
+        assert_close(lp[finite], e_logp[finite], rtol=2e-5, atol=2e-5, name=f"{label} logp")
+    assert_close(lse, e_lse, rtol=2e-5, atol=2e-5, name="lse")
+    assert_close(ent, e_ent, rtol=2e-5, atol=2e-5, name="entropy")
+    for label, g in zip(("one-sweep", "given stats"), grads):
+        assert_close(g[2], e_ent, rtol=2e-5, atol=2e-5, name=f"{label} entropy")
+        for name, a, e in zip(("dhidden", "dweight", "dbias"), g[3:], e_grads):
+            assert_close(a, e, rtol=2e-5, atol=2e-5, name=f"{label} {name}")
+
+
+def _with_threads(n, fn):
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = ops.linear_logprobs_grad(*args)
-        torch.set_num_threads(2)
-        two = ops.linear_logprobs_grad(*args)
+        torch.set_num_threads(n)
+        return fn()
     finally:
         torch.set_num_threads(before)
-    for name, a, e in zip(("logp", "dhidden", "dweight", "dbias"), one, two):
+
+
+@pytest.mark.parametrize("rows", [64, 1024])
+def test_one_and_two_threads_give_bitwise_identical_results(ops, rows):
+    # Every sum has an order fixed by the block sizes and each GEMM runs on
+    # one BLAS thread, so the results are bitwise equal, not merely close;
+    # 1024-row blocks (the default up to V = 16384) once showed dweight
+    # differing in the last bits.
+    h, w, b, t, c, ec = make_case(1600, 64, 3000, bias=True, ignore_every=5)
+    h, w, b, c, ec = h.float(), w.float(), b.float(), c.float(), ec.float()
+    head = head_args(HEADS["softcap"])
+
+    def call():
+        fwd = ops.linear_logprobs_forward(h, w, b, t, *head, -100, True, rows, 256)
+        common = (*head, -100, True, True, True, rows, 256)
+        one = ops.linear_logprobs_grad(h, w, b, t, c, ec, None, None, *common)
+        reuse = ops.linear_logprobs_grad(h, w, b, t, c, ec, fwd[1], fwd[2], *common)
+        return (*fwd, *one, *reuse[3:])
+
+    names = ("logp", "lse", "entropy") + tuple(f"one-sweep {n}" for n in ("logp", "lse", "entropy", "dh", "dw", "db"))
+    names += tuple(f"given-stats {n}" for n in ("dh", "dw", "db"))
+    one, two = _with_threads(1, call), _with_threads(2, call)
+    for name, a, e in zip(names, one, two):
         assert torch.equal(a, e), f"{name}: max difference {(a - e).abs().max().item():.3e}"
 
 
 def test_non_contiguous_inputs_give_the_contiguous_result(ops):
-    h, w, b, t, c = (x.float() if x.is_floating_point() else x for x in make_case(50, 16, 300, bias=True))
+    h, w, b, t, c, ec = (x.float() if x.is_floating_point() else x for x in make_case(50, 16, 300, bias=True))
     # Strided views of the same values: a transposed hidden, every other
     # column of a wider weight, a strided bias, targets and coefficients.
     h_nc = h.T.contiguous().T
@@ -135,123 +220,97 @@ def test_non_contiguous_inputs_give_the_contiguous_result(ops):
     b_nc = torch.stack([b, b], 1)[:, 0]
     t_nc = torch.stack([t, t], 1)[:, 0]
     c_nc = torch.stack([c, c], 1)[:, 0]
-    assert not any(x.is_contiguous() for x in (h_nc, w_nc, b_nc, t_nc, c_nc))
-    ref = ops.linear_logprobs_grad(h, w, b, t, c, 1.0, -100, None, 16, 64)
-    got = ops.linear_logprobs_grad(h_nc, w_nc, b_nc, t_nc, c_nc, 1.0, -100, None, 16, 64)
-    for name, a, e in zip(("logp", "dhidden", "dweight", "dbias"), got, ref):
+    ec_nc = torch.stack([ec, ec], 1)[:, 0]
+    assert not any(x.is_contiguous() for x in (h_nc, w_nc, b_nc, t_nc, c_nc, ec_nc))
+    common = (1.0, 1.0, None, -100, True, True, True, 16, 64)
+    ref = ops.linear_logprobs_grad(h, w, b, t, c, ec, None, None, *common)
+    got = ops.linear_logprobs_grad(h_nc, w_nc, b_nc, t_nc, c_nc, ec_nc, None, None, *common)
+    for name, a, e in zip(("logp", "lse", "entropy", "dhidden", "dweight", "dbias"), got, ref):
         assert_close(a, e, rtol=1e-6, atol=1e-7, name=name)
-    fwd = ops.linear_logprobs_forward(h_nc, w_nc, b_nc, t_nc, 1.0, -100, 16, 64)
+    fwd = ops.linear_logprobs_forward(h_nc, w_nc, b_nc, t_nc, 1.0, 1.0, None, -100, True, 16, 64)
     assert_close(fwd[0], ref[0], rtol=1e-6, atol=1e-7, name="forward logp")
+    assert_close(fwd[2], ref[2], rtol=1e-6, atol=1e-7, name="forward entropy")
 
 
 def test_torch_compile_traces_the_ops_without_graph_breaks(ops):
-    h, w, b, t, c = (x.float() if x.is_floating_point() else x for x in make_case(33, 16, 200, bias=True))
+    h, w, b, t, c, ec = (x.float() if x.is_floating_point() else x for x in make_case(33, 16, 200, bias=True))
 
-    def f(h, w, b, t, c):
-        logp, lse = torch.ops.grao_native.linear_logprobs_forward(h, w, b, t, 1.0, -100, 16, 64)
-        _, dh, dw, db = torch.ops.grao_native.linear_logprobs_grad(h, w, b, t, c, 1.0, -100, lse, 16, 64)
-        return (logp * 2).sum(), dh.sum() + dw.sum() + db.sum()
+    def f(h, w, b, t, c, ec):
+        logp, lse, ent = torch.ops.grao_native.linear_logprobs_forward(h, w, b, t, 1.0, 0.5, 4.0, -100, True, 16, 64)
+        _, _, _, dh, dw, db = torch.ops.grao_native.linear_logprobs_grad(
+            h, w, b, t, c, ec, lse, ent, 1.0, 0.5, 4.0, -100, True, False, True, 16, 64
+        )
+        return (logp * 2).sum() + ent.sum(), dh.sum() + dw.numel() + db.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    got, expected = compiled(h, w, b, t, c), f(h, w, b, t, c)
+    got, expected = compiled(h, w, b, t, c, ec), f(h, w, b, t, c, ec)
     for a, e in zip(got, expected):
         assert_close(a, e, rtol=1e-6, atol=1e-6, name="compiled")
 
 
 def test_opcheck_schema_and_fake_implementations(ops):
-    h, w, b, t, c = (x.float() if x.is_floating_point() else x for x in make_case(9, 8, 40, bias=True))
+    h, w, b, t, c, ec = (x.float() if x.is_floating_point() else x for x in make_case(9, 8, 40, bias=True))
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(ops.linear_logprobs_forward.default, (h, w, b, t, 1.0, -100, 4, 16), test_utils=utils)
     torch.library.opcheck(
-        ops.linear_logprobs_grad.default, (h, w, None, t, c, 1.0, -100, None, 4, 16), test_utils=utils
+        ops.linear_logprobs_forward.default, (h, w, b, t, 1.0, 1.0, None, -100, True, 4, 16), test_utils=utils
+    )
+    torch.library.opcheck(
+        ops.linear_logprobs_grad.default,
+        (h, w, None, t, c, None, None, None, 1.0, 1.0, None, -100, True, True, True, 4, 16),
+        test_utils=utils,
+    )
+    _, lse, ent = ops.linear_logprobs_forward(h, w, b, t, 0.9, 1.0, 2.0, -100, True, 4, 16)
+    torch.library.opcheck(
+        ops.linear_logprobs_grad.default,
+        (h, w, b, t, c, ec, lse, ent, 0.9, 1.0, 2.0, -100, False, True, False, 4, 16),
+        test_utils=utils,
     )
 
 
 def test_op_errors_are_readable(ops):
     h, w = torch.randn(4, 8), torch.randn(10, 6)
+    t = torch.zeros(4, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"hidden \[4, 8\] has H=8 but weight \[10, 6\] has H=6"):
-        ops.linear_logprobs_forward(h, w, None, torch.zeros(4, dtype=torch.long), 1.0, -100, 4, 4)
+        ops.linear_logprobs_forward(h, w, None, t, 1.0, 1.0, None, -100, False, 4, 4)
     with pytest.raises(RuntimeError, match=r"targets hold ids in \[0, 12\], outside \[0, V=10\)"):
-        ops.linear_logprobs_forward(h, torch.randn(10, 8), None, torch.tensor([0, 12, -100, 3]), 1.0, -100, 4, 4)
+        ops.linear_logprobs_forward(
+            h, torch.randn(10, 8), None, torch.tensor([0, 12, -100, 3]), 1.0, 1.0, None, -100, False, 4, 4
+        )
+    with pytest.raises(RuntimeError, match=r"softcap must be None or finite and > 0"):
+        ops.linear_logprobs_forward(h, torch.randn(10, 8), None, t, 1.0, 1.0, -1.0, -100, False, 4, 4)
     with pytest.raises(RuntimeError, match=r"coef must have shape \(4,\)"):
         ops.linear_logprobs_grad(
-            h, torch.randn(10, 8), None, torch.zeros(4, dtype=torch.long), torch.ones(3), 1.0, -100, None, 4, 4
+            h,
+            torch.randn(10, 8),
+            None,
+            t,
+            torch.ones(3),
+            None,
+            None,
+            None,
+            1.0,
+            1.0,
+            None,
+            -100,
+            True,
+            True,
+            True,
+            4,
+            4,
         )
 
 
-def _run_python(code: str, env_update: dict[str, str]) -> dict:
-    env = {**os.environ, **env_update}
-    env.pop("GRAO_KERNELS_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_without_a_compiler_auto_warns_once_and_native_raises(tmp_path):
-    out = _run_python(
-        """
-        import json, warnings
-        import torch
-        from grao_kernels import grao_loss
-        h, w = torch.randn(2, 3, 8), torch.randn(20, 8)
-        t, r = torch.randint(0, 20, (2, 3)), torch.randn(1, 2)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            auto = grao_loss(h, w, t, r).loss
-            again = grao_loss(h, w, t, r).loss
-        ref = grao_loss(h, w, t, r, backend="torch").loss
-        try:
-            grao_loss(h, w, t, r, backend="native")
-            err = None
-        except ValueError as e:
-            err = str(e)
-        print(json.dumps({"warnings": [str(x.message) for x in caught if x.category is RuntimeWarning],
-                          "same": bool(auto == ref) and bool(again == ref), "err": err}))
-        """,
-        {"CXX": "/nonexistent/c++", "GRAO_KERNELS_BUILD_DIR": str(tmp_path)},
-    )
-    assert len(out["warnings"]) == 1 and "'native' is unavailable" in out["warnings"][0], out
-    assert "no C++ compiler" in out["warnings"][0]
-    assert out["same"]
-    assert out["err"] is not None and "backend 'native' cannot run" in out["err"] and "no C++ compiler" in out["err"]
-
-
-def test_import_compiles_nothing(tmp_path):
-    out = _run_python(
-        """
-        import json, os, sys
-        import grao_kernels
-        from grao_kernels.backends import native_backend
-        print(json.dumps({"state": sorted(native_backend._state), "files": os.listdir(sys.argv[-1])
-                          if os.path.isdir(sys.argv[-1]) else []}))
-        """,
-        {"GRAO_KERNELS_BUILD_DIR": str(tmp_path / "build")},
-    )
-    assert out == {"state": [], "files": []}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("GRAO_KERNELS_TEST_COLD_BUILD") != "1",
-    reason="compiles the extension twice from scratch; set GRAO_KERNELS_TEST_COLD_BUILD=1",
-)
-def test_concurrent_first_use_builds_share_one_cache(tmp_path):
-    code = (
-        "import torch\n"
-        "from grao_kernels.backends import native_backend as nb\n"
-        "print(nb.unavailable_reason(torch.device('cpu')))\n"
-    )
-    env = {**os.environ, "GRAO_KERNELS_BUILD_DIR": str(tmp_path)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outs):
-        assert p.returncode == 0 and stdout.strip() == "None", stderr[-3000:]
-    assert len(list(tmp_path.glob("grao_native_*/grao_native_*.so"))) == 1
+@pytest.mark.parametrize("V,H", [(65536, 256), (151936, 1024), (16384, 256), (1000, 64)])
+@pytest.mark.parametrize("budget_mib", [1, 64, 256, 4096])
+def test_plan_blocks_fill_the_budget_within_the_row_bounds(V, H, budget_mib):
+    # The one-sweep working memory is a rows x V float32 block of logits plus
+    # 16 rows x H float32 dh partials: as many rows (a multiple of 16) as the
+    # budget holds, clamped to [_MIN_ROWS, _MAX_ROWS].
+    budget = budget_mib * 2**20
+    rows, tile = native_backend.plan_blocks(V, H, one_sweep=True, budget=budget)
+    lo, hi = native_backend._MIN_ROWS, native_backend._MAX_ROWS
+    per_row = 4 * (V + 16 * H)
+    assert rows % 16 == 0 and lo <= rows <= hi and tile == settings.native_tile_vocab
+    assert rows == lo or rows * per_row <= budget
+    assert rows == hi or (rows + 16) * per_row > budget

@@ -27,21 +27,24 @@ from pathlib import Path
 
 import torch
 
+from ..settings import settings
+from . import Head, Stats
+
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _SOURCES = ("grao_cpu.cpp",)
 _HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
 
-# Working memory of the one-sweep gradient: one (rows x V) float32 block of
-# exponentials. 64 MiB gives 256-row blocks at V = 65536.
-_budget = int(float(os.environ.get("GRAO_KERNELS_NATIVE_BUDGET_MB", 64)) * 2**20)
+# Working memory of a call (``budget``) when neither the call nor the settings
+# give one: 64 MiB holds 256-row blocks of float32 logits at V = 65536.
+DEFAULT_BUDGET = 64 * 2**20
 # dw and W are streamed once per row block: 16 V H bytes against 6 R V H
 # FLOPs, i.e. roughly 27 / R of the GEMM time at 100 GFLOP/s and 10 GB/s.
 # Below 192 rows that costs more than the memory saved, so the budget yields
 # (117 MB at V = 151936).
 _MIN_ROWS, _MAX_ROWS = 192, 1024
-# Vocabulary entries per tile: a 256 x 256 float32 logits tile and its 256-row
-# slice of W (H = 256) together fit a 1 MiB L2.
-_TILE_VOCAB = int(os.environ.get("GRAO_KERNELS_NATIVE_TILE_VOCAB", 256))
+# The dh partial sums: one (rows x H) float32 block per chunk of tiles
+# (kChunks in csrc/linear_logprobs_cpu.h).
+_CHUNKS = 16
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" on success, "reason" on failure
@@ -121,19 +124,27 @@ def _load() -> None:
 
 def _register_fakes() -> None:
     @torch.library.register_fake("grao_native::linear_logprobs_forward")
-    def _(hidden, weight, bias, targets, temperature, ignore_index, block_rows, tile_vocab):
-        n = hidden.shape[0]
-        return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    def _(hidden, weight, bias, targets, temperature, logit_scale, softcap, ignore_index, entropy, rows, tile):
+        n, f32 = hidden.shape[0], torch.float32
+        return (
+            hidden.new_empty(n, dtype=f32),
+            hidden.new_empty(n, dtype=f32),
+            hidden.new_empty(n if entropy else 0, dtype=f32),
+        )
 
     @torch.library.register_fake("grao_native::linear_logprobs_grad")
-    def _(hidden, weight, bias, targets, coef, temperature, ignore_index, lse, block_rows, tile_vocab):
-        f32 = torch.float32
-        db = weight.new_empty(weight.shape[0] if bias is not None else 0, dtype=f32)
+    def _(
+        hidden, weight, bias, targets, coef, ent_coef, lse, entropy, temperature, logit_scale, softcap,
+        ignore_index, need_hidden, need_weight, need_bias, rows, tile,
+    ):  # fmt: skip
+        n, f32 = hidden.shape[0], torch.float32
         return (
-            hidden.new_empty(hidden.shape[0], dtype=f32),
-            hidden.new_empty(hidden.shape, dtype=f32),
-            weight.new_empty(weight.shape, dtype=f32),
-            db,
+            hidden.new_empty(n, dtype=f32),
+            hidden.new_empty(n, dtype=f32),
+            hidden.new_empty(n if ent_coef is not None else 0, dtype=f32),
+            hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=f32),
+            weight.new_empty(weight.shape if need_weight else (0,), dtype=f32),
+            weight.new_empty(weight.shape[0] if need_bias and bias is not None else 0, dtype=f32),
         )
 
 
@@ -162,40 +173,50 @@ def ops():
     return _state["ops"]
 
 
-def set_memory_budget(nbytes: int) -> None:
-    """Bound the (rows x V) float32 working buffer of the one-sweep gradient, in bytes (default 64 MiB)."""
-    global _budget
-    if int(nbytes) < 2**20:
-        raise ValueError(f"memory budget must be at least 1 MiB, got {nbytes} bytes")
-    _budget = int(nbytes)
-
-
-def plan_blocks(V: int, H: int, lse_known: bool) -> tuple[int, int]:
-    """(rows per block, vocabulary entries per tile) for the kernels.
+def plan_blocks(V: int, H: int, one_sweep: bool, budget: int) -> tuple[int, int]:
+    """(rows per block, vocabulary entries per tile) for the kernels within ``budget`` bytes.
 
     dw is read and written once per row block, so blocks are as large as the
-    memory budget allows. The one-sweep gradient holds a block of
-    exponentials, rows x V float32; with a known lse (and for the forward)
-    only one tile per thread is live and the bound is the 16 per-chunk dh
-    partials, 16 x rows x H float32. Below ``_MIN_ROWS`` rows the budget
+    budget allows. The one-sweep gradient holds a block of logits, rows x V
+    float32, and the dh partials, 16 x rows x H float32; with known
+    statistics (and for the forward) only one tile per thread is live and
+    the bound is the dh partials alone. Below ``_MIN_ROWS`` rows the budget
     yields (see there).
     """
-    per_row = 4 * (16 * H if lse_known else V)
-    rows = _budget // max(per_row, 1)
-    rows = max(_MIN_ROWS, min(_MAX_ROWS // 2 if lse_known else _MAX_ROWS, rows // 16 * 16))
-    return int(rows), _TILE_VOCAB
+    per_row = 4 * (_CHUNKS * H + (V if one_sweep else 0))
+    rows = int(budget) // max(per_row, 1)
+    rows = max(_MIN_ROWS, min(_MAX_ROWS if one_sweep else _MAX_ROWS // 2, rows // 16 * 16))
+    return int(rows), int(settings.native_tile_vocab)
 
 
-def linear_logprobs_forward(hidden, weight, bias, targets, temperature, ignore_index):
-    rows, tile = plan_blocks(*weight.shape, lse_known=True)
-    return tuple(
-        ops().linear_logprobs_forward(hidden, weight, bias, targets, float(temperature), int(ignore_index), rows, tile)
-    )
+def _softcap(head: Head) -> float | None:
+    return None if head.softcap is None else float(head.softcap)
 
 
-def linear_logprobs_grad(hidden, weight, bias, targets, coef, temperature, ignore_index, lse=None):
-    rows, tile = plan_blocks(*weight.shape, lse_known=lse is not None)
-    logp, dh, dw, db = ops().linear_logprobs_grad(
-        hidden, weight, bias, targets, coef, float(temperature), int(ignore_index), lse, rows, tile
-    )
-    return logp, dh, dw, (db if bias is not None else None)
+def forward(hidden, weight, bias, targets, head, ignore_index, *, entropy, budget):
+    rows, tile = plan_blocks(*weight.shape, one_sweep=False, budget=budget)
+    logp, lse, ent = ops().linear_logprobs_forward(
+        hidden, weight, bias, targets, float(head.temperature), float(head.logit_scale), _softcap(head),
+        int(ignore_index), bool(entropy), rows, tile,
+    )  # fmt: skip
+    return Stats(logp, lse, ent if entropy else None)
+
+
+def grad(hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef, stats, needs, budget):
+    need_h, need_w, need_b = (bool(x) for x in needs)
+    need_b = need_b and bias is not None
+    if not (need_h or need_w or need_b):
+        out = forward(hidden, weight, bias, targets, head, ignore_index, entropy=ent_coef is not None, budget=budget)
+        return out, None, None, None
+    # The saved statistics are reused (one fused pass per tile) only when they
+    # hold everything the gradient needs.
+    reuse = stats is not None and (ent_coef is None or stats.entropy is not None)
+    lse = stats.lse if reuse else None
+    ent = stats.entropy if reuse and ent_coef is not None else None
+    rows, tile = plan_blocks(*weight.shape, one_sweep=not reuse, budget=budget)
+    logp, lse, ent, dh, dw, db = ops().linear_logprobs_grad(
+        hidden, weight, bias, targets, coef, ent_coef, lse, ent, float(head.temperature), float(head.logit_scale),
+        _softcap(head), int(ignore_index), need_h, need_w, need_b, rows, tile,
+    )  # fmt: skip
+    out = Stats(logp, lse, ent if ent_coef is not None else None)
+    return out, (dh if need_h else None), (dw if need_w else None), (db if need_b else None)
