@@ -1,10 +1,11 @@
-"""Native CPU backend: the C++ kernels in ``csrc/``, compiled on first use.
+"""Native CPU backend: the C++ kernels in ``grao_kernels/csrc/``, compiled on first use.
 
 Launcher only: it compiles and loads the extension (``torch.utils.cpp_extension.load``,
 cached per source hash), registers fake implementations of the
 ``grao_native::`` ops so ``torch.compile`` traces through them, picks the
 block sizes and calls the ops. The kernels, their schedule and the FLOP/byte
-floor are described in ``csrc/linear_logprobs_cpu.h``.
+floor are described in ``csrc/linear_logprobs_cpu.h``. The sources ship inside
+the package (package data), so a wheel install builds them as a checkout does.
 
 Nothing is compiled at import: the first ``unavailable_reason(cpu)`` builds
 (about a minute) or loads the cached library. Where the build goes:
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _SOURCES = ("grao_cpu.cpp",)
 _HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
 
@@ -87,7 +88,7 @@ def _load() -> None:
 
     for name in _SOURCES + _HEADERS:
         if not (_CSRC / name).is_file():
-            raise RuntimeError(f"its sources are missing ({_CSRC / name}); install from a source checkout")
+            raise RuntimeError(f"its source {_CSRC / name} is missing: the grao-kernels installation is incomplete")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (install g++ or set CXX)")
