@@ -1,26 +1,36 @@
-"""Native CPU backend: the C++ kernels in ``csrc/``, compiled on first use.
+"""Native CPU backend: the C++ kernels in ``grao_kernels/csrc/``, compiled on first use.
 
-Launcher only: it compiles and loads the extension (``torch.utils.cpp_extension.load``,
-cached per source hash), registers fake implementations of the
-``grao_native::`` ops so ``torch.compile`` traces through them, picks the
-block sizes and calls the ops. The kernels, their schedule and the FLOP/byte
-floor are described in ``csrc/linear_logprobs_cpu.h``.
+Launcher only: it compiles and loads the extension (``torch.utils.cpp_extension``),
+registers fake implementations of the ``grao_native::`` ops so
+``torch.compile`` traces through them, picks the block sizes and calls the
+ops. The kernels, their schedule and the FLOP/byte floor are described in
+``csrc/linear_logprobs_cpu.h``. The sources ship inside the package (package
+data), so a wheel install builds the same library as a source checkout.
 
 Nothing is compiled at import: the first ``unavailable_reason(cpu)`` builds
 (about a minute) or loads the cached library. Where the build goes:
 ``$GRAO_KERNELS_BUILD_DIR``, else ``$XDG_CACHE_HOME/grao_kernels``, else
-``~/.cache/grao_kernels``; one sub-directory per source/flags/torch hash.
-Concurrent first uses in several processes are serialised by the lock file
-``cpp_extension`` keeps in that directory. Needs a C++ compiler (``$CXX`` or
-``c++``) and the ``ninja`` pip package; without them the backend reports
-itself unavailable and ``backend="auto"`` uses the torch backend.
+``~/.cache/grao_kernels``; one sub-directory per build key, the hash of what
+the library depends on: the sources, the flags (CPU capability included), the
+torch and Python versions, the compiler's identity (its ``--version``) and the
+machine. A sub-directory whose build completed holds ``build.json``; then the
+library is loaded as is, without ninja, so a second install, venv, source
+location or ``ninja`` on PATH with the same key reuses it. Building is
+serialised per key by an ``flock`` on ``build.lock`` (released by the kernel
+if a build is killed), so concurrent first uses in several processes share
+one build. Needs a C++ compiler (``$CXX`` or ``c++``) and, to build, the
+``ninja`` pip package; without them the backend reports itself unavailable
+and ``backend="auto"`` uses the torch backend.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -30,9 +40,10 @@ import torch
 from ..settings import settings
 from . import Head, Stats
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _SOURCES = ("grao_cpu.cpp",)
 _HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
+_LDFLAGS = ("-fopenmp",)
 
 # Working memory of a call (``budget``) when neither the call nor the settings
 # give one: 64 MiB holds 256-row blocks of float32 logits at V = 65536.
@@ -59,14 +70,42 @@ def _flags() -> list[str]:
     return flags
 
 
-def _build_name(flags: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in _SOURCES + _HEADERS:
-        h.update((_CSRC / name).read_bytes())
-    h.update(" ".join(flags).encode())
-    h.update(torch.__version__.encode())
-    h.update(sys.version.encode())
-    return f"grao_native_{h.hexdigest()[:12]}"
+def _compiler_identity(cxx: str) -> str:
+    """The first line of ``cxx --version``, without the name it was called by.
+
+    GCC starts the line with its argv[0] (``c++``, ``g++``, ``x86_64-linux-gnu-g++``),
+    so the same compiler reached through another name or path is one identity.
+    """
+    try:
+        proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"the C++ compiler {cxx!r} does not run: {exc}") from exc
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the C++ compiler {cxx!r} does not run: `{cxx} --version` exited {proc.returncode}")
+    first = lines[0].split(maxsplit=1)
+    if len(first) == 2 and first[0] == Path(cxx).name:
+        return first[1]
+    return lines[0]
+
+
+def _build_key(flags: list[str], compiler: str) -> dict[str, object]:
+    """Everything the compiled library depends on (and nothing it does not:
+    no paths, so equivalent toolchains share one build)."""
+    return {
+        "sources": {name: hashlib.sha256((_CSRC / name).read_bytes()).hexdigest() for name in _SOURCES + _HEADERS},
+        "flags": flags,
+        "ldflags": list(_LDFLAGS),
+        "torch": [torch.__version__, torch.version.git_version],
+        "python": sys.version,
+        "compiler": compiler,
+        "machine": platform.machine(),
+    }
+
+
+def _build_name(key: dict[str, object]) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return f"grao_native_{digest[:12]}"
 
 
 def build_dir() -> Path:
@@ -85,41 +124,92 @@ def _summarise(exc: BaseException) -> str:
     return "; ".join(picked)[:600]
 
 
-def _load() -> None:
-    from torch.utils import cpp_extension
-
+def _library() -> tuple[Path, dict[str, object]]:
+    """The path of the compiled library for this toolchain (built or not) and its build key."""
     for name in _SOURCES + _HEADERS:
         if not (_CSRC / name).is_file():
-            raise RuntimeError(f"its sources are missing ({_CSRC / name}); install from a source checkout")
+            raise RuntimeError(f"its source {_CSRC / name} is missing: the grao-kernels installation is incomplete")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (install g++ or set CXX)")
-    if not cpp_extension.is_ninja_available():
-        raise RuntimeError("the 'ninja' build tool is missing (pip install ninja)")
-    flags = _flags()
-    name = _build_name(flags)
-    directory = build_dir() / name
-    directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / f"{name}.so").exists():
-        print(
-            f"grao_kernels: compiling the native CPU backend into {directory} (first use, about a minute)",
-            file=sys.stderr,
-            flush=True,
-        )
+    key = _build_key(_flags(), _compiler_identity(cxx))
+    name = _build_name(key)
+    return build_dir() / name / f"{name}.so", key
+
+
+def _load() -> None:
+    lib, key = _library()
+    directory = lib.parent
+    done = directory / "build.json"
+    if not done.is_file():
+        _build(lib, key, done)
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(_CSRC / s) for s in _SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(_CSRC)],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
-        raise RuntimeError(f"building it in {directory} failed: {_summarise(exc)}") from exc
+        torch.ops.load_library(str(lib))
+    except Exception as exc:
+        raise RuntimeError(f"loading {lib} failed ({_summarise(exc)}); delete {directory} to rebuild it") from exc
     _register_fakes()
+
+
+def _ninja_dir() -> str | None:
+    """None when ``ninja`` is on PATH, else the directory of the ninja pip
+    package's executable (a venv used without activating it)."""
+    if shutil.which("ninja") is not None:
+        return None
+    candidates = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        candidates.insert(0, ninja.BIN_DIR)
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate and shutil.which("ninja", path=candidate) is not None:
+            return candidate
+    raise RuntimeError("the 'ninja' build tool is missing (pip install ninja)")
+
+
+def _build(lib: Path, key: dict[str, object], done: Path) -> None:
+    """Compile ``lib`` unless another process completes it first; ``done`` marks a finished build."""
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    ninja_dir = _ninja_dir()
+    directory = lib.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    print(
+        f"grao_kernels: compiling the native CPU backend into {directory} (first use, about a minute)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with open(directory / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held until the build is done; freed if this process dies
+        if done.is_file():  # built by another process while this one waited
+            return
+        # cpp_extension's own lock file is stale if a build was killed: under
+        # the flock no other process is building here.
+        (directory / "lock").unlink(missing_ok=True)
+        path = os.environ.get("PATH", "")
+        try:
+            if ninja_dir is not None:
+                os.environ["PATH"] = ninja_dir + os.pathsep + path
+            cpp_extension.load(
+                name=lib.stem,
+                sources=[str(_CSRC / s) for s in _SOURCES],
+                extra_cflags=key["flags"],
+                extra_ldflags=list(_LDFLAGS),
+                extra_include_paths=[str(_CSRC)],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+            raise RuntimeError(f"building it in {directory} failed: {_summarise(exc)}") from exc
+        finally:
+            os.environ["PATH"] = path
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, done)
 
 
 def _register_fakes() -> None:
