@@ -8,8 +8,12 @@ directly so that block and tile edges are exercised at small sizes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -314,3 +318,114 @@ def test_plan_blocks_fill_the_budget_within_the_row_bounds(V, H, budget_mib):
     assert rows % 16 == 0 and lo <= rows <= hi and tile == settings.native_tile_vocab
     assert rows == lo or rows * per_row <= budget
     assert rows == hi or (rows + 16) * per_row > budget
+
+
+def _run_python(code: str, env_update: dict[str, str]) -> dict:
+    env = {**os.environ, **env_update}
+    env.pop("GRAO_KERNELS_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_HASH_OUTPUTS = """
+    import hashlib, json, torch
+    from grao_kernels import grao_loss
+    from grao_kernels.backends import native_backend
+    torch.set_num_threads(int(__import__("os").environ["THREADS"]))
+    g = torch.Generator().manual_seed(0)
+    S, T, H, V = 12, 100, 64, 3000  # 1200 rows, 1024-row blocks at V = 3000
+    h = torch.randn(S, T, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 8).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_()
+    t = torch.randint(0, V, (S, T), generator=g)
+    t[:, :3] = -100
+    r = torch.randn(4, 3, generator=g)
+    assert native_backend.plan_blocks(V, H, one_sweep=True, budget=native_backend.DEFAULT_BUDGET)[0] == 1024
+    out = grao_loss(h, w, t, r, group_size=2, bias=b, softcap=5.0, backend="native")
+    out.loss.backward()
+    tensors = [out.loss.detach(), out.seq_logp, h.grad, w.grad, b.grad]
+    print(json.dumps([hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest() for x in tensors]))
+"""
+
+
+def test_results_are_bitwise_identical_across_processes_and_thread_counts(ops):
+    # The public loss and its gradients, in fresh processes with one and two
+    # threads; the second lets MKL nest threads inside ATen's region, which
+    # the kernels' one-BLAS-thread pin must neutralise.
+    nested = {"MKL_DYNAMIC": "FALSE", "OMP_MAX_ACTIVE_LEVELS": "2"}
+    build = {"GRAO_KERNELS_BUILD_DIR": str(native_backend.build_dir())}
+    one = _run_python(_HASH_OUTPUTS, {**build, "THREADS": "1"})
+    two = _run_python(_HASH_OUTPUTS, {**build, "THREADS": "2", **nested})
+    again = _run_python(_HASH_OUTPUTS, {**build, "THREADS": "2"})
+    names = ("loss", "seq_logp", "dhidden", "dweight", "dbias")
+    assert one == two == again, [n for n, a, b, c in zip(names, one, two, again) if not a == b == c]
+
+
+def test_without_a_compiler_auto_warns_once_and_native_raises(tmp_path):
+    out = _run_python(
+        """
+        import json, warnings
+        import torch
+        from grao_kernels import grao_loss
+        h, w = torch.randn(2, 3, 8), torch.randn(20, 8)
+        t, r = torch.randint(0, 20, (2, 3)), torch.randn(1, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            auto = grao_loss(h, w, t, r).loss
+            again = grao_loss(h, w, t, r).loss
+        ref = grao_loss(h, w, t, r, backend="torch").loss
+        try:
+            grao_loss(h, w, t, r, backend="native")
+            err = None
+        except ValueError as e:
+            err = str(e)
+        print(json.dumps({"warnings": [str(x.message) for x in caught if x.category is RuntimeWarning],
+                          "same": bool(auto == ref) and bool(again == ref), "err": err}))
+        """,
+        {"CXX": "/nonexistent/c++", "GRAO_KERNELS_BUILD_DIR": str(tmp_path)},
+    )
+    assert len(out["warnings"]) == 1 and "'native' is unavailable" in out["warnings"][0], out
+    assert "no C++ compiler" in out["warnings"][0]
+    assert out["same"]
+    assert out["err"] is not None and "backend 'native' cannot run" in out["err"] and "no C++ compiler" in out["err"]
+
+
+def test_import_compiles_nothing(tmp_path):
+    out = _run_python(
+        """
+        import json, os, sys
+        import grao_kernels
+        from grao_kernels.backends import native_backend
+        print(json.dumps({"state": sorted(native_backend._state), "files": os.listdir(sys.argv[-1])
+                          if os.path.isdir(sys.argv[-1]) else []}))
+        """,
+        {"GRAO_KERNELS_BUILD_DIR": str(tmp_path / "build")},
+    )
+    assert out == {"state": [], "files": []}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("GRAO_KERNELS_TEST_COLD_BUILD") != "1",
+    reason="compiles the extension twice from scratch; set GRAO_KERNELS_TEST_COLD_BUILD=1",
+)
+def test_concurrent_first_use_builds_share_one_cache(tmp_path):
+    code = (
+        "import torch\n"
+        "from grao_kernels.backends import native_backend as nb\n"
+        "print(nb.unavailable_reason(torch.device('cpu')))\n"
+    )
+    env = {**os.environ, "GRAO_KERNELS_BUILD_DIR": str(tmp_path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0 and stdout.strip() == "None", stderr[-3000:]
+    assert len(list(tmp_path.glob("grao_native_*/grao_native_*.so"))) == 1

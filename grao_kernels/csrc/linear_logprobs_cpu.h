@@ -29,7 +29,8 @@
 // dh is summed per chunk, then over chunks in order, and every other sum
 // (a tile's statistics, dw and db of a tile) belongs to one tile, so the
 // order of every floating-point sum outside the GEMMs is fixed by (R, VT)
-// alone, whatever the thread count or schedule.
+// alone, whatever the thread count or schedule; each GEMM runs on one BLAS
+// thread (BlasOneThread), so its own order is fixed too.
 //
 //   stats, per tile: Z = h_blk W_t^T (R x VT, in L2), z = head(Z + b),
 //     m = rowmax, s = rowsum exp(z - m), q = rowsum exp(z - m) (z - m)
@@ -57,6 +58,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
@@ -100,12 +102,64 @@ inline at::Tensor view2d(float* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(p, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
+// One BLAS thread per GEMM, whatever the caller's thread settings.
+//
+// The order of the sums inside a GEMM is BLAS's choice, and MKL may make it
+// from the number of threads it may use. Inside ATen's OpenMP region (two or
+// more threads) MKL runs sequentially by default; with one thread,
+// at::parallel_for runs the body inline, outside any region, where MKL's
+// limit is whatever torch.set_num_threads or MKL_NUM_THREADS left it. Pinning
+// MKL to one thread on every calling thread for the duration of a chunk loop
+// makes every GEMM take the same sequential path in both cases (also with
+// MKL_DYNAMIC=FALSE and nested OpenMP, where MKL would otherwise spawn
+// threads inside the region), so the thread count cannot change a result by
+// construction rather than by MKL's defaults.
+//
+// MKL_Set_Num_Threads_Local (the C entry point; mkl_set_num_threads_local is
+// the Fortran one, taking a pointer) is looked up at run time, so the
+// extension links and runs against a PyTorch built without MKL (OpenBLAS,
+// Accelerate); there the guard does nothing and README's determinism note
+// says what holds.
+class BlasOneThread {
+ public:
+  BlasOneThread() {
+    if (set_local() != nullptr) previous_ = set_local()(1);
+  }
+  ~BlasOneThread() {
+    // MKL: 0 restores the global setting, which is what previous_ holds when
+    // no local setting was active.
+    if (set_local() != nullptr) set_local()(previous_);
+  }
+  BlasOneThread(const BlasOneThread&) = delete;
+  BlasOneThread& operator=(const BlasOneThread&) = delete;
+
+  // Whether the guard has an effect here (PyTorch is linked with MKL).
+  static bool active() { return set_local() != nullptr; }
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal set_local() {
+    static const SetLocal fn = [] {
+      void* sym = dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local");
+      // libtorch_cpu (which carries MKL) is loaded without RTLD_GLOBAL.
+      if (sym == nullptr) {
+        if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) sym = dlsym(lib, "MKL_Set_Num_Threads_Local");
+      }
+      return reinterpret_cast<SetLocal>(sym);
+    }();
+    return fn;
+  }
+  int previous_ = 0;
+};
+
 // Calls body(chunk, thread) once for every chunk in [0, n_chunks), handing
-// chunks out dynamically to the threads of ATen's pool.
+// chunks out dynamically to the threads of ATen's pool, each thread's GEMMs
+// on one BLAS thread.
 template <typename F>
 inline void for_each_chunk(int64_t n_chunks, int n_threads, const F& body) {
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    const BlasOneThread one_blas_thread;
     const int tid = at::get_thread_num();
     for (int64_t c = next.fetch_add(1); c < n_chunks; c = next.fetch_add(1)) body(c, tid);
   });
