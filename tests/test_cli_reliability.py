@@ -443,6 +443,17 @@ def test_a_bad_setting_is_one_error_line_with_status_2_and_nothing_written(tmp_p
     assert snapshot(tmp_path) == before and not run.exists()
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+def test_an_output_dir_without_write_permission_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert cli.main(["train", *FAST, "--output-dir", str(locked / "run")]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == err.strip().splitlines()[-1:], err
+    assert f"'output_dir' '{locked / 'run'}' is not writable" in err
+    assert not any(locked.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks that a device absent here is refused")
 def test_a_device_or_backend_this_machine_lacks_is_refused_before_loading(tmp_path):
     cuda = grao("train", *FAST, "--device", "cuda", "--output-dir", str(tmp_path / "a"))
