@@ -474,7 +474,8 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        say(f"{name} received; finishing this step and saving a checkpoint ({name} again aborts without one)")
-        self.stopped_by = name
+        # Re-armed before the message: a second signal sent on seeing it must abort, not reach this handler.
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        self.stopped_by = name
+        say(f"{name} received; finishing this step and saving a checkpoint ({name} again aborts without one)")

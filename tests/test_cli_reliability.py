@@ -177,6 +177,114 @@ def test_ctrl_c_in_the_step_0_evaluation_offers_no_resume_that_cannot_work(tmp_p
     assert "--resume" not in err and "nothing was saved to resume from" in err and "--overwrite" in err
 
 
+PAUSING_REWARD = """
+import json, os, time
+from pathlib import Path
+from grao.demo_task import reward as demo
+
+def pausing(prompts, completions, references):
+    # With GRAO_TEST_PAUSE=<run dir>:<k>: once training step k is logged, touch GRAO_TEST_MARKER and
+    # sleep, so that the test's signals land in the next call (step k+1's rollout when step k neither
+    # evaluates nor ends the run). Otherwise the demo reward.
+    if os.environ.get("GRAO_TEST_PAUSE"):
+        run, k = os.environ["GRAO_TEST_PAUSE"].rsplit(":", 1)
+        log = Path(run) / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        if any('"loss"' in ln and json.loads(ln)["step"] == int(k) for ln in lines):
+            open(os.environ["GRAO_TEST_MARKER"], "w").close()
+            time.sleep(60)
+    return demo(prompts, completions, references)
+"""
+
+
+def _pausing(tmp_path: Path, run: Path, after_step: int) -> tuple[dict, Path]:
+    """Environment for ``--reward pausingreward:pausing`` pausing in step ``after_step + 1``, and its marker file."""
+    (tmp_path / "pausingreward.py").write_text(PAUSING_REWARD)
+    marker = tmp_path / "paused"
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "GRAO_TEST_MARKER": str(marker)}
+    return {**env, "GRAO_TEST_PAUSE": f"{run}:{after_step}"}, marker
+
+
+def _read_stderr_until(proc: subprocess.Popen, text: str) -> str:
+    """stderr lines up to the first containing ``text`` (or up to EOF)."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            break
+    return "".join(seen)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_same_signal_twice_aborts_at_once_without_saving(tmp_path, sig):
+    run = tmp_path / "run"
+    env, marker = _pausing(tmp_path, run, after_step=1)
+    args = ("train", *FAST, "--steps", "3", "--eval-every", "100", "--reward", "pausingreward:pausing")
+    proc = spawn(*args, "--output-dir", str(run), env=env)
+    try:
+        wait_for(marker.exists, "step 2's rollout")  # step 1 is checkpointed; step 2 sleeps in its reward
+        proc.send_signal(sig)
+        err = _read_stderr_until(proc, "received")  # the first one is handled: finish the step, then save
+        proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=30)  # well before the reward's sleep ends
+        err += rest
+    finally:
+        proc.kill()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 128 + sig and "aborted" in err, err
+    else:
+        assert proc.returncode == -sig, err  # the default action: killed by the signal
+    assert f"{sig.name} again aborts without one" in err
+    assert checkpoints(run) == ["step-000001"] and not list((run / "checkpoints").glob("*.tmp"))
+    assert train_steps(run) == [1]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_logs_and_ends_as_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from grao.trainer import TIME_KEYS
+
+    args = (
+        "train",
+        *FAST,
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--reward",
+        "pausingreward:pausing",
+    )
+    full, run = tmp_path / "full", tmp_path / "run"
+    env, marker = _pausing(tmp_path, run, after_step=3)
+    plain = {k: v for k, v in env.items() if k != "GRAO_TEST_PAUSE"}
+    uninterrupted = grao(*args, "--output-dir", str(full), env=plain)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    proc = spawn(*args, "--output-dir", str(run), env=env)
+    try:
+        wait_for(marker.exists, "step 4's rollout")  # step 2 is checkpointed, step 3 logged after it
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert checkpoints(run) == ["step-000002"] and train_steps(run) == [1, 2, 3]
+
+    resumed = grao("train", "--output-dir", str(run), "--resume", env=plain)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = metrics(full), metrics(run)
+    assert [ln["step"] for ln in b] == [ln["step"] for ln in a]  # step 3's line from before the kill is gone
+    for la, lb in zip(a, b):
+        assert la.keys() == lb.keys()
+        for k in la.keys() - set(TIME_KEYS):
+            assert lb[k] == pytest.approx(la[k], rel=1e-5, abs=1e-6), (la["step"], k)
+    wa, wb = (load_file(r / "checkpoints" / "step-000004" / "model.safetensors") for r in (full, run))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------------- resume robustness
 
 
@@ -249,6 +357,7 @@ def _raise(completions):
 REWARDS = {
     "raises": (_raise, "raised ZeroDivisionError: the judge divided by zero"),
     "nan": (lambda c: [math.nan] * len(c), "returned nan"),
+    "inf": (lambda c: [0.5] * (len(c) - 1) + [-math.inf], "returned -inf for completion 3"),
     "wrong_length": (lambda c: [0.5] * (len(c) - 1), "returned 3 values for 4 completions"),
     "string": (lambda c: ["0.5"] * len(c), "returned '0.5' (str)"),
     "bool": (lambda c: [True] * len(c), "returned True (bool)"),
@@ -332,6 +441,17 @@ def test_a_bad_setting_is_one_error_line_with_status_2_and_nothing_written(tmp_p
     assert error_lines(err) == err.strip().splitlines()[-1:], err
     assert message in err
     assert snapshot(tmp_path) == before and not run.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+def test_an_output_dir_without_write_permission_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert cli.main(["train", *FAST, "--output-dir", str(locked / "run")]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == err.strip().splitlines()[-1:], err
+    assert f"'output_dir' '{locked / 'run'}' is not writable" in err
+    assert not any(locked.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks that a device absent here is refused")

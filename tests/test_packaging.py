@@ -260,3 +260,87 @@ def test_ninja_of_a_venv_that_is_not_activated_is_found(monkeypatch, tmp_path):
     (venv_bin / "ninja").write_text("#!/bin/sh\nexit 0\n")
     (venv_bin / "ninja").chmod(0o755)
     assert native_backend._ninja_dir() is None  # on PATH: nothing to add
+
+
+def _run_python(code: str, **env: str) -> dict:
+    """``code`` in a fresh interpreter on this checkout; its last stdout line, parsed as JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=_clean_env(PYTHONPATH=str(ROOT), **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_without_a_compiler_auto_warns_once_and_native_raises(tmp_path):
+    out = _run_python(
+        """
+        import json, warnings
+        import torch
+        from grao_kernels import grao_loss
+        h, w = torch.randn(2, 3, 8), torch.randn(20, 8)
+        t, r = torch.randint(0, 20, (2, 3)), torch.randn(1, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            auto = grao_loss(h, w, t, r, group_size=1).loss
+            again = grao_loss(h, w, t, r, group_size=1).loss
+        ref = grao_loss(h, w, t, r, group_size=1, backend="torch").loss
+        try:
+            grao_loss(h, w, t, r, group_size=1, backend="native")
+            err = None
+        except ValueError as e:
+            err = str(e)
+        print(json.dumps({"warnings": [str(x.message) for x in caught if x.category is RuntimeWarning],
+                          "same": bool(auto == ref) and bool(again == ref), "err": err}))
+        """,
+        CXX="/nonexistent/c++",
+        GRAO_KERNELS_BUILD_DIR=str(tmp_path),
+    )
+    assert len(out["warnings"]) == 1 and "'native' is unavailable" in out["warnings"][0], out
+    assert "no C++ compiler" in out["warnings"][0]
+    assert out["same"]
+    assert out["err"] is not None and "backend 'native' cannot run" in out["err"] and "no C++ compiler" in out["err"]
+    assert not any(tmp_path.iterdir())  # nothing built, nothing left behind
+
+
+def test_import_compiles_nothing(tmp_path):
+    out = _run_python(
+        """
+        import json, os, sys
+        import grao_kernels
+        from grao_kernels.backends import native_backend
+        build = native_backend.build_dir()
+        print(json.dumps({"state": sorted(native_backend._state), "built": build.exists()}))
+        """,
+        GRAO_KERNELS_BUILD_DIR=str(tmp_path / "build"),
+    )
+    assert out == {"state": [], "built": False}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("GRAO_KERNELS_TEST_COLD_BUILD") != "1",
+    reason="compiles the extension from scratch; set GRAO_KERNELS_TEST_COLD_BUILD=1",
+)
+def test_concurrent_first_use_builds_share_one_cache(tmp_path):
+    code = (
+        "import torch\n"
+        "from grao_kernels.backends import native_backend as nb\n"
+        "print(nb.unavailable_reason(torch.device('cpu')))\n"
+    )
+    env = _clean_env(PYTHONPATH=str(ROOT), GRAO_KERNELS_BUILD_DIR=str(tmp_path))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outs):
+        assert p.returncode == 0 and stdout.strip() == "None", stderr[-3000:]
+    (lib,) = tmp_path.glob("grao_native_*/grao_native_*.so")
+    assert (lib.parent / "build.json").is_file()
