@@ -1,10 +1,14 @@
-"""Held-out evaluation: mean reward, RAS and NAG (arXiv 2508.07750, made precise).
+"""Held-out evaluation: mean reward, RAS and NAG as defined in arXiv 2508.07750 (Sec. 4.1).
 
-- RAS (reference alignment score): share of prompts whose model response gets a
-  strictly higher reward than the prompt's reference answer.
-- NAG (net alignment gain): share of prompts whose response from the trained
-  model gets a strictly higher reward than the starting model's response.
-Ties count as no win in both.
+Per prompt, two responses are compared by their rewards: a win, a tie (equal
+rewards) or a loss. Over n prompts:
+
+- RAS (response alignment score), against the prompt's reference answer:
+  ``RAS = (wins + ties) / n``, in [0, 1]: the share of responses at least as
+  good as the reference.
+- NAG (net alignment gain), the trained model against the starting model:
+  ``NAG = (wins - losses) / n``, in [-1, 1]: negative when training made more
+  responses worse than better.
 """
 
 from __future__ import annotations
@@ -17,16 +21,27 @@ from . import generation, rewards
 from .data import Example
 
 
+def win_tie_loss(rewards: list[float], other: list[float], name: str) -> tuple[int, int, int]:
+    """Counts of prompts where ``rewards`` beats, ties and loses to ``other`` (paired by position)."""
+    if len(rewards) != len(other) or not rewards:
+        raise ValueError(
+            f"{name} needs two equally long, non-empty reward lists, got {len(rewards)} and {len(other)} values"
+        )
+    wins = sum(a > b for a, b in zip(rewards, other))
+    ties = sum(a == b for a, b in zip(rewards, other))
+    return wins, ties, len(rewards) - wins - ties
+
+
 def ras(model_rewards: list[float], reference_rewards: list[float]) -> float:
-    if len(model_rewards) != len(reference_rewards) or not model_rewards:
-        raise ValueError("ras needs two equally long, non-empty reward lists")
-    return sum(m > r for m, r in zip(model_rewards, reference_rewards)) / len(model_rewards)
+    """(wins + ties) / n of the model's responses against the reference answers."""
+    wins, ties, _ = win_tie_loss(model_rewards, reference_rewards, "ras")
+    return (wins + ties) / len(model_rewards)
 
 
 def nag(trained_rewards: list[float], baseline_rewards: list[float]) -> float:
-    if len(trained_rewards) != len(baseline_rewards) or not trained_rewards:
-        raise ValueError("nag needs two equally long, non-empty reward lists")
-    return sum(t > b for t, b in zip(trained_rewards, baseline_rewards)) / len(trained_rewards)
+    """(wins - losses) / n of the trained model's responses against the starting model's."""
+    wins, _, losses = win_tie_loss(trained_rewards, baseline_rewards, "nag")
+    return (wins - losses) / len(trained_rewards)
 
 
 @dataclass

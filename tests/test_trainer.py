@@ -251,12 +251,34 @@ def test_bad_data_lines_name_file_and_line(tmp_path, line, message):
 
 def test_ras_and_nag_on_a_hand_computed_example():
     model = [0.9, 0.5, 0.2, 1.0]
-    reference = [0.8, 0.5, 0.4, 0.1]  # wins on prompts 0 and 3; the tie on 1 is not a win
-    baseline = [0.1, 0.6, 0.2, 0.3]  # trained beats baseline on 0 and 3; loses on 1; ties on 2
-    assert evaluate.ras(model, reference) == 0.5
-    assert evaluate.nag(model, baseline) == 0.5
+    reference = [0.8, 0.5, 0.4, 0.1]  # wins on prompts 0 and 3, ties on 1, loses on 2
+    baseline = [0.1, 0.6, 0.2, 0.3]  # trained wins on 0 and 3, loses on 1, ties on 2
+    assert evaluate.win_tie_loss(model, reference, "ras") == (2, 1, 1)
+    assert evaluate.ras(model, reference) == 0.75  # a tie counts for RAS
+    assert evaluate.nag(model, baseline) == 0.25  # (2 wins - 1 loss) / 4
     res = evaluate.EvalResult(["a"] * 4, model, reference)
-    assert res.mean_reward == pytest.approx(0.65) and res.ras == 0.5
+    assert res.mean_reward == pytest.approx(0.65) and res.ras == 0.75
+
+
+@pytest.mark.parametrize(
+    "trained,baseline,ras,nag",
+    [
+        ([-1, -1, 0, 1], [1, 1, 0, 1], 0.5, -0.5),  # a pairwise judge's verdicts: mostly worse, NAG < 0
+        ([0, 0, 0], [0, 0, 0], 1.0, 0.0),  # all ties: as good as the reference, no net gain
+        ([1, 1], [0, -1], 1.0, 1.0),
+        ([-1], [1], 0.0, -1.0),
+    ],
+)
+def test_ras_counts_ties_and_nag_is_net_of_losses(trained, baseline, ras, nag):
+    assert evaluate.ras(trained, baseline) == ras
+    assert evaluate.nag(trained, baseline) == nag
+
+
+def test_ras_and_nag_need_paired_rewards():
+    with pytest.raises(ValueError, match="ras needs two equally long.*3 and 2"):
+        evaluate.ras([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="nag needs"):
+        evaluate.nag([], [])
 
 
 def test_eval_cli_reports_reward_ras_and_nag(tmp_path, capsys):
