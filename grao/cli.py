@@ -145,8 +145,9 @@ def evaluate_cmd(args) -> int:
     )
 
     def run_model(path):
-        model = models.load_model(path, rt.attn_implementation).to(rt.device)
-        return evaluate.evaluate(model, models.load_tokenizer(path), examples, reward, rt, **opts)
+        model = models.load_model(path, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
+        tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
+        return evaluate.evaluate(model, tokenizer, examples, reward, rt, **opts)
 
     res = run_model(model_dir)
     out = {"model": str(model_dir), "prompts": len(examples), "eval/reward": res.mean_reward, "eval/ras": res.ras}

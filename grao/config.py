@@ -45,6 +45,9 @@ class TrainConfig:
     # what to train
     model: str = _key("tiny-moe", "'tiny-moe' (built-in, random weights) or a local Hugging Face causal-LM directory")
     tokenizer: str | None = _key(None, "tokenizer directory (default: the model's; the demo's for tiny-moe)")
+    trust_remote_code: bool = _key(
+        False, "run the Python code a local model or tokenizer directory ships (its auto_map); only for code you trust"
+    )
     model_overrides: dict = _key({}, 'tiny-moe config fields, e.g. {"num_hidden_layers": 4} (JSON on the command line)')
     data: str = _key("demo", "'demo' or a JSONL file of {prompt, reference} or HH-RLHF {chosen, rejected} lines")
     eval_data: str | None = _key(
@@ -66,6 +69,11 @@ class TrainConfig:
     lam: float = _key(0.6, "alignment weight")
     loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)
     router_aux_loss_coef: float | None = _key(None, "MoE load-balancing weight (default: the model config's)")
+    router_bias_update_rate: float = _key(
+        0.0,
+        "DeepSeek-V3 auxiliary-loss-free balancing: after each step every expert's router bias moves this much "
+        "toward balance (0 = off; arXiv 2412.19437 uses 0.001)",
+    )
     # optimisation
     lr: float = _key(3e-3, "peak AdamW learning rate")
     weight_decay: float = _key(0.01, "AdamW weight decay")
@@ -125,13 +133,15 @@ POSITIVE = (
 NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads")
 # (low, high, low inclusive) for every float key. The upper bounds reject values that cannot be meant: an AdamW
 # lr above 1 moves every weight by about 1 per step, weight decay above 1 shrinks weights past zero, and loss weights
-# or a temperature beyond 1e3 swamp every other term (the paper uses beta 0.5, lambda 0.6, temperature 0.7).
+# or a temperature beyond 1e3 swamp every other term (the paper uses beta 0.5, lambda 0.6, temperature 0.7), and a
+# router bias step above 1 outweighs the sigmoid scores in [0, 1] it is added to.
 RANGES = {
     "lr": (0.0, 1.0, False),
     "weight_decay": (0.0, 1.0, True),
     "beta": (0.0, 1e3, True),
     "lam": (0.0, 1e3, True),
     "router_aux_loss_coef": (0.0, 1e3, True),
+    "router_bias_update_rate": (0.0, 1.0, True),
     "temperature": (0.0, 1e3, False),
     "min_lr_ratio": (0.0, 1.0, True),
     "max_grad_norm": (0.0, math.inf, False),

@@ -119,6 +119,11 @@ class Trainer:
         self.cfg, self.run_dir, self.overwrite = cfg, Path(cfg.output_dir), overwrite
         self.runtime = runtime.choose(cfg.device, cfg.precision, cfg.attn_implementation)
         runtime.check_loss_backend(cfg.loss_backend, self.runtime.device)
+        if cfg.warmup_steps >= cfg.steps:
+            say(
+                f"warning: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate is still "
+                "warming up at the last step and never decays; lower warmup_steps for a run this short"
+            )
         run_dir.check_writable(self.run_dir)
         if resume:
             self._check_resumable()
@@ -135,21 +140,30 @@ class Trainer:
         if resume:
             self.checkpoint, (self.model, self.tokenizer, state), skipped = checkpoint.load_latest(
                 self.run_dir,
-                lambda d: models.load_model(d, self.runtime.attn_implementation).to(self.runtime.device),
-                models.load_tokenizer,
+                lambda d: models.load_model(d, self.runtime.attn_implementation, cfg.trust_remote_code).to(
+                    self.runtime.device
+                ),
+                lambda d: models.load_tokenizer(d, cfg.trust_remote_code),
             )
             for reason in skipped:
                 say(f"warning: {reason}; falling back to an older checkpoint")
         else:
             self.checkpoint = None
             self.model, self.tokenizer = models.load(
-                cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed
+                cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
             )
         data.check_prompts(
             self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
         )
         self.moe = models.moe_info(self.model)
         self.aux_coef = models.aux_loss_coef(self.model, cfg.router_aux_loss_coef)
+        self.router_scoring = models.router_scoring(self.model)
+        self.router_biases = []  # updated after each step by auxiliary-loss-free balancing
+        if cfg.router_bias_update_rate > 0:
+            try:
+                self.router_biases = models.correction_biases(self.model)
+            except models.ModelError as exc:
+                raise ConfigError(f"'router_bias_update_rate' is {cfg.router_bias_update_rate}: {exc}") from None
         if cfg.gradient_checkpointing:
             models.enable_activation_checkpointing(self.model)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
@@ -291,6 +305,9 @@ class Trainer:
         """One optimizer step on the rollout: :meth:`accumulate_gradients`, then :meth:`optimizer_step`."""
         stats = self.accumulate_gradients(rollout)
         stats.update(self.optimizer_step())
+        counts = stats.pop("moe/layer_counts", None)
+        if self.router_biases and counts is not None:
+            models.update_router_bias(self.router_biases, counts, self.cfg.router_bias_update_rate)
         return stats
 
     def accumulate_gradients(self, rollout: Rollout) -> dict:
@@ -311,14 +328,16 @@ class Trainer:
         backbone = models.backbone(model)
         weight, bias = models.output_head(model)
         rewards_dev = rollout.rewards.to(device)
-        total, terms, aux_total, load_total, n_tokens = 0.0, {}, 0.0, None, 0
+        total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
+        layers = len(models.routers(model)) if self.moe else 0
+        counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=device)
         for start in range(0, P, mb):
             groups = range(start, min(P, start + mb))
             ids, mask, targets = build_batch(rollout, groups, self.tokenizer.pad_token_id, device)
             n_tokens += int(mask.sum())
-            extra = {"output_router_logits": True} if self.moe else {}
-            with runtime.autocast(self.runtime):
-                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+            capture = models.capture_routing(model, self.moe.top_k) if self.moe else contextlib.nullcontext([])
+            with runtime.autocast(self.runtime), capture as routing:
+                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
             batch = losses.LossBatch(
                 *self._in_compute_dtype(out.last_hidden_state, weight, bias),
                 targets=targets,
@@ -330,19 +349,27 @@ class Trainer:
             )
             res = self.loss(batch)
             loss = res.loss
-            if self.moe and getattr(out, "router_logits", None):
-                aux, load = models.load_balancing_loss(out.router_logits, *self.moe, mask, groups=len(groups))
+            if routing:
+                aux, _ = models.load_balancing_loss(
+                    [r.logits for r in routing],
+                    *self.moe,
+                    mask,
+                    groups=len(groups),
+                    chosen=[r.chosen for r in routing],
+                    scoring=self.router_scoring,
+                )
                 loss = loss + self.aux_coef * aux.sum() / P
                 aux_total += float(aux.detach().sum()) / P
-                share = load * (len(groups) / P)
-                load_total = share if load_total is None else load_total + share
+                counts += models.expert_counts(routing, layers, self.moe, mask, self.router_scoring)
             loss.backward()
             total += float(loss.detach())
             for key, value in res.metrics.items():
                 terms[key] = terms.get(key, 0.0) + float(value)
         stats = {"loss": total, **terms, "moe/aux_loss": aux_total, "train_tokens": n_tokens}
-        if load_total is not None:
-            stats["moe/expert_load"] = [round(float(x), 4) for x in load_total]
+        if counts.sum() > 0:
+            load = counts.sum(0) / counts.sum()
+            stats["moe/expert_load"] = [round(float(x), 4) for x in load]
+            stats["moe/layer_counts"] = counts
         return stats
 
     def _in_compute_dtype(self, hidden, weight, bias):
