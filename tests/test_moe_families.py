@@ -150,6 +150,27 @@ def test_expert_load_counts_the_experts_the_router_chose(family_dirs, family):
             torch.testing.assert_close(r.chosen.sort(-1).values, expected)
 
 
+def test_deepseek_micro_batches_give_the_one_batch_gradient_and_load(tmp_path, family_dirs):
+    cfg = small(tmp_path, model=str(family_dirs["deepseek_v3"]), prompts_per_step=4, router_aux_loss_coef=0.5)
+    trainer = Trainer(cfg)
+    rollout = trainer.rollout(trainer.prompts_for_step(1), 1)
+
+    def grads():
+        return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    whole = trainer.accumulate_gradients(rollout)
+    g_whole = grads()
+    assert any("gate.weight" in n for n in g_whole)  # the balance loss reaches the router
+    for mb in (1, 3):
+        trainer.cfg.micro_batch_prompts = mb
+        split = trainer.accumulate_gradients(rollout)
+        g_split = grads()
+        for name, g in g_whole.items():
+            torch.testing.assert_close(g_split[name], g, rtol=1e-4, atol=1e-6, msg=f"{name}, micro-batch {mb}")
+        assert split["moe/aux_loss"] == pytest.approx(whole["moe/aux_loss"], rel=1e-5)
+        torch.testing.assert_close(split["moe/layer_counts"], whole["moe/layer_counts"])
+
+
 def test_deepseek_group_limited_choice_is_not_a_plain_top_k(family_dirs):
     model = models.load_model(family_dirs["deepseek_v3"])
     routing, mask = _forward_routing(model, models.load_tokenizer(family_dirs["deepseek_v3"]))
