@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -281,7 +282,7 @@ def _custom_code_dir(path):
     return path
 
 
-def test_trust_remote_code_is_an_explicit_key(tmp_path):
+def test_trust_remote_code_is_an_explicit_key(tmp_path, family_dirs):
     path = _custom_code_dir(tmp_path / "custom")
     assert models.remote_code_files(path) == ["config.json"]
     with pytest.raises(models.ModelError, match="auto_map.*trust_remote_code: true"):
@@ -289,6 +290,13 @@ def test_trust_remote_code_is_an_explicit_key(tmp_path):
     trainer = Trainer(small(tmp_path / "b", model=str(path), steps=1, trust_remote_code=True))
     assert type(trainer.model).__name__ == "TinyCustomForCausalLM"  # the directory's own class ran
     assert trainer.train() is True
+    # a type transformers has (Moonlight ships code for deepseek_v3) loads natively with the key off
+    native = tmp_path / "moonlight-like"
+    shutil.copytree(family_dirs["deepseek_v3"], native)
+    config = json.loads((native / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}  # a file not there
+    (native / "config.json").write_text(json.dumps(config))
+    assert type(models.load_model(native)).__name__ == "DeepseekV3ForCausalLM"
 
 
 def test_warmup_longer_than_the_run_warns(tmp_path, capsys):
