@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from test_trainer import read_lines, small  # noqa: E402
+from utils import read_lines, small  # noqa: E402
 
 from grao import models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402

@@ -12,9 +12,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
+from utils import read_lines, small  # noqa: E402
+
 from grao import cli, config, evaluate, models  # noqa: E402
 from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
-from grao.config import ConfigError, TrainConfig  # noqa: E402
+from grao.config import ConfigError  # noqa: E402
 from grao.data import DataError, Example, load_jsonl, parse_record  # noqa: E402
 from grao.losses import GRAO, LossBatch, LossOutput  # noqa: E402
 from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
@@ -40,31 +42,6 @@ def _restore_threads_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
-
-
-def small(tmp_path, **kw) -> TrainConfig:
-    """A few seconds of the demo: 2 prompts x 3 samples, tiny data, no progress bar."""
-    base = dict(
-        steps=2,
-        prompts_per_step=2,
-        group_size=3,
-        max_new_tokens=4,
-        demo_train_size=32,
-        eval_size=4,
-        eval_every=1,
-        save_every=1,
-        warmup_steps=1,
-        lr=1e-2,
-        progress=False,
-        plot=False,
-        output_dir=str(tmp_path / "run"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def read_lines(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_step_run_of_the_tiny_moe(tmp_path):

@@ -4,6 +4,8 @@ table, and the comparisons of kernel results against the float64 oracle
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -128,3 +130,33 @@ def assert_within_torch_error(actual, oracle, torch_same_dtype, *, factor, floor
         raise AssertionError(
             f"{name}: relative L2 error {err:.3e} exceeds {factor} x PyTorch's own {torch_err:.3e} + {floor:.1e}"
         )
+
+
+# The trainer on the built-in demo: a tiny run configuration and its metrics.
+
+
+def small(tmp_path, **kw):
+    """A trainer config for a few seconds of the demo: 2 prompts x 3 samples, tiny data, no progress bar."""
+    from grao.config import TrainConfig
+
+    base = dict(
+        steps=2,
+        prompts_per_step=2,
+        group_size=3,
+        max_new_tokens=4,
+        demo_train_size=32,
+        eval_size=4,
+        eval_every=1,
+        save_every=1,
+        warmup_steps=1,
+        lr=1e-2,
+        progress=False,
+        plot=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
