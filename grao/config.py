@@ -22,6 +22,8 @@ import torch
 
 from grao_kernels.backends import BACKENDS
 
+from .methods import GRPO_LOSS_TYPES, METHODS
+
 
 class ConfigError(ValueError):
     """A configuration file or value the trainer cannot use; the message says which key and why."""
@@ -62,6 +64,8 @@ class TrainConfig:
     temperature: float = _key(0.7, "sampling temperature of the completions")
     max_new_tokens: int = _key(8, "longest completion, in tokens")
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
+    method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
+    grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
     beta: float = _key(0.5, "imitation weight")
     lam: float = _key(0.6, "alignment weight")
     loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)
@@ -104,6 +108,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 CHOICES = {
+    "method": METHODS,
+    "grpo_loss_type": GRPO_LOSS_TYPES,
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),

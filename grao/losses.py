@@ -38,6 +38,7 @@ class LossBatch:
     groups: range  # which of the step's prompt groups these are
     num_groups: int  # P, prompt groups in the whole step
     ignore_index: int = -100
+    step_token_counts: torch.Tensor | None = None  # (P, G+1) completion tokens of every sequence of the whole step
 
 
 @dataclass

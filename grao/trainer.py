@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, config, data, evaluate, generation, losses, models, rewards, run_dir, runtime
+from . import checkpoint, config, data, evaluate, generation, losses, methods, models, rewards, run_dir, runtime
 from .config import ConfigError, TrainConfig
 from .data import Example
 from .generation import encode_prompt, encode_reference
@@ -127,7 +127,7 @@ class Trainer:
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples = data.load_examples(cfg)
         self.reward = reward if reward is not None else rewards.resolve(cfg.reward, cfg.data, self.runtime.device)
-        self.loss = loss if loss is not None else losses.GRAO(cfg.beta, cfg.lam, cfg.loss_backend)
+        self.loss = loss if loss is not None else methods.from_config(cfg)
         self.callbacks = list(callbacks)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
@@ -311,6 +311,7 @@ class Trainer:
         backbone = models.backbone(model)
         weight, bias = models.output_head(model)
         rewards_dev = rollout.rewards.to(device)
+        token_counts = torch.tensor([[len(c) for c in g] for g in rollout.completion_ids])
         total, terms, aux_total, load_total, n_tokens = 0.0, {}, 0.0, None, 0
         for start in range(0, P, mb):
             groups = range(start, min(P, start + mb))
@@ -327,6 +328,7 @@ class Trainer:
                 groups=groups,
                 num_groups=P,
                 ignore_index=IGNORE_INDEX,
+                step_token_counts=token_counts,
             )
             res = self.loss(batch)
             loss = res.loss
