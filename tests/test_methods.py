@@ -60,7 +60,7 @@ def run(loss, batch, splits, *, counts=True):
         total = total + out.loss
         for key, value in out.metrics.items():
             metrics[key] = metrics.get(key, 0.0) + value
-    return total, grads(total, h, w, b), metrics
+    return total.detach(), grads(total, h, w, b), metrics
 
 
 def oracle(formula, batch):
