@@ -66,6 +66,7 @@ class TrainConfig:
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
     method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
     grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
+    dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
     beta: float = _key(0.5, "imitation weight")
     lam: float = _key(0.6, "alignment weight")
     loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)
@@ -136,6 +137,7 @@ RANGES = {
     "lr": (0.0, 1.0, False),
     "weight_decay": (0.0, 1.0, True),
     "beta": (0.0, 1e3, True),
+    "dpo_beta": (0.0, 1e3, False),
     "lam": (0.0, 1e3, True),
     "router_aux_loss_coef": (0.0, 1e3, True),
     "temperature": (0.0, 1e3, False),

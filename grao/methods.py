@@ -14,22 +14,27 @@ the mean log-prob over the completion tokens of sequence s, n_s their number.
 * ``sft``: :class:`SFT`, the NLL of the reference answers.
 * ``grpo``: :class:`GRPO`, on-policy GRPO with advantages over the G samples
   and TRL's loss aggregations (``grpo_loss_type``).
+* ``dpo``: :class:`DPO`, the reference answer against the lowest-scored
+  sample, with a frozen reference model (``dpo_beta``). DPO's loss is not
+  linear in the log-probs: it differentiates through
+  ``grao_kernels.fused_linear_logprobs`` instead (still no logits).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from grao_kernels import grao_coefficients, group_advantages, linear_logprob_loss
+from grao_kernels import fused_linear_logprobs, grao_coefficients, group_advantages, linear_logprob_loss
 from grao_kernels.api import sequence_logp
 
 from .losses import GRAO, LossBatch, LossOutput
 
-METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo")
+METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
-def from_config(cfg) -> GRAO | GRAOTerms | SFT | GRPO:
+def from_config(cfg) -> GRAO | GRAOTerms | SFT | GRPO | DPO:
     """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation."""
     m, backend = cfg.method, cfg.loss_backend
     if m == "grao":
@@ -44,6 +49,8 @@ def from_config(cfg) -> GRAO | GRAOTerms | SFT | GRPO:
         return SFT(backend)
     if m == "grpo":
         return GRPO(cfg.grpo_loss_type, max_completion_length=cfg.max_new_tokens, backend=backend)
+    if m == "dpo":
+        return DPO(cfg.dpo_beta, backend=backend)
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
 
 
@@ -201,3 +208,51 @@ class GRPO:
             seq_coef, mean = -adv / max(self._sample_tokens(batch), 1), False
         out = _sweep(batch, _spread(seq_coef, batch.targets, batch.ignore_index, mean=mean), self.backend)
         return LossOutput(out.loss, {"objective/policy": -float(out.loss.detach())})
+
+
+class DPO:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7) on each prompt's reference answer and one sample::
+
+        z_p  = beta * [(log pi(y_p) - log pi_ref(y_p)) - (log pi(o_p) - log pi_ref(o_p))]
+        loss = (1/P) sum_p -log sigmoid(z_p)
+
+    log pi(s) is the SUM of the completion tokens' log-probs (DPO's sequence
+    likelihood, not GRAO's mean J); chosen y_p = the reference answer,
+    rejected o_p = the group's lowest-scored sample (the first on ties).
+    pi_ref is the frozen starting model: the trainer computes its token
+    log-probs under no_grad (``LossBatch.reference_logp``) for a loss with
+    ``needs_reference_model``. The other G - 1 samples get no gradient.
+    """
+
+    needs_reference_model = True
+
+    def __init__(self, beta: float = 0.1, *, backend: str = "auto"):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < float("inf"):
+            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        self.beta, self.backend = float(beta), backend
+
+    def __call__(self, batch: LossBatch) -> LossOutput:
+        if batch.reference_logp is None:
+            raise ValueError("DPO needs the frozen reference model's token log-probs: LossBatch.reference_logp is None")
+        if tuple(batch.reference_logp.shape) != tuple(batch.targets.shape):
+            raise ValueError(
+                f"reference_logp shape {tuple(batch.reference_logp.shape)} does not match targets "
+                f"{tuple(batch.targets.shape)}"
+            )
+        G, m = batch.group_size, len(batch.groups)
+        logp = fused_linear_logprobs(
+            batch.hidden,
+            batch.weight,
+            batch.targets,
+            bias=batch.bias,
+            ignore_index=batch.ignore_index,
+            backend=self.backend,
+        )
+        ignored = batch.targets == batch.ignore_index
+        ref = torch.where(ignored, 0.0, batch.reference_logp.detach().float())
+        delta = (logp.sum(1) - ref.sum(1)).view(m, G + 1)
+        rejected = batch.rewards[:, :G].argmin(1).to(delta.device)
+        margin = self.beta * (delta[:, G] - delta.gather(1, rejected[:, None])[:, 0])
+        loss = F.softplus(-margin).sum() / batch.num_groups  # -log sigmoid(z) = softplus(-z)
+        share = float(margin.detach().sum()) / batch.num_groups
+        return LossOutput(loss, {"objective/dpo": float(loss.detach()), "dpo/margin": share})

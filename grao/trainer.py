@@ -6,8 +6,9 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
   2. update: run the backbone over the P (G+1) sequences (group-major,
      reference last, targets = ignore_index at prompt and padding positions)
      and hand its final hidden states with the lm_head weight to the loss
-     (:class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
-     constructor gets another); the lm_head never runs, so the (tokens x
+     (the config's ``method``, :mod:`grao.methods`: by default
+     :class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
+     constructor gets another loss); the lm_head never runs, so the (tokens x
      vocabulary) logits never exist. MoE models add the router load-balancing
      loss. Then gradient clipping, AdamW and the learning-rate schedule.
 
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from grao_kernels import fused_linear_logprobs
 
 from . import checkpoint, config, data, evaluate, generation, losses, methods, models, rewards, run_dir, runtime
 from .config import ConfigError, TrainConfig
@@ -148,6 +151,9 @@ class Trainer:
         data.check_prompts(
             self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
         )
+        # The frozen starting policy, for losses that compare against it (DPO): loaded afresh from the config, so a
+        # resumed run gets the same one.
+        self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
         self.moe = models.moe_info(self.model)
         self.aux_coef = models.aux_loss_coef(self.model, cfg.router_aux_loss_coef)
         if cfg.gradient_checkpointing:
@@ -320,6 +326,7 @@ class Trainer:
             extra = {"output_router_logits": True} if self.moe else {}
             with runtime.autocast(self.runtime):
                 out = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+            ref_logp = None if self.reference_model is None else self._reference_logp(ids, mask, targets)
             batch = losses.LossBatch(
                 *self._in_compute_dtype(out.last_hidden_state, weight, bias),
                 targets=targets,
@@ -329,6 +336,7 @@ class Trainer:
                 num_groups=P,
                 ignore_index=IGNORE_INDEX,
                 step_token_counts=token_counts,
+                reference_logp=ref_logp,
             )
             res = self.loss(batch)
             loss = res.loss
@@ -346,6 +354,21 @@ class Trainer:
         if load_total is not None:
             stats["moe/expert_load"] = [round(float(x), 4) for x in load_total]
         return stats
+
+    def _frozen_start(self) -> torch.nn.Module:
+        cfg = self.cfg
+        model, _ = models.load(cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed)
+        return model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _reference_logp(self, ids, mask, targets) -> torch.Tensor:
+        """(S, T) token log-probs of the frozen reference model, through the fused path (no logits)."""
+        with runtime.autocast(self.runtime):
+            out = models.backbone(self.reference_model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(self.reference_model))
+        return fused_linear_logprobs(
+            hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=self.cfg.loss_backend
+        )
 
     def _in_compute_dtype(self, hidden, weight, bias):
         """(hidden, weight, bias) in the autocast dtype, so the loss sees what the lm_head would under autocast."""

@@ -16,9 +16,15 @@ pytest.importorskip("transformers")
 from grao import cli, config  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
 from grao.losses import GRAO, LossBatch  # noqa: E402
-from grao.methods import GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
+from grao.methods import DPO, GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
 from grao.trainer import Trainer  # noqa: E402
-from grao_kernels.reference import reference_grao, reference_grpo, reference_sft  # noqa: E402
+from grao_kernels.reference import (  # noqa: E402
+    reference_dpo,
+    reference_grao,
+    reference_grpo,
+    reference_logprobs,
+    reference_sft,
+)
 
 P, G, T, H, V = 3, 3, 7, 8, 37  # V not a power of two; make_batch pads, ignores prompts, empties one row, ties a group
 K = G + 1
@@ -35,6 +41,13 @@ def batch():
 
 def token_counts(targets):
     return (targets != -100).sum(1).view(P, K)
+
+
+def frozen_logp(batch):
+    """(S, T) token log-probs of a 'frozen reference model': the batch's head with a perturbed weight."""
+    hidden, weight, bias, targets, _ = batch
+    other = weight + 0.3 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    return reference_logprobs(hidden, other, targets, bias=bias).detach()
 
 
 def run(loss, batch, splits, *, counts=True):
@@ -55,6 +68,7 @@ def run(loss, batch, splits, *, counts=True):
                 groups=groups,
                 num_groups=P,
                 step_token_counts=token_counts(targets) if counts else None,
+                reference_logp=frozen_logp(batch)[rows],
             )
         )
         total = total + out.loss
@@ -96,6 +110,10 @@ def grpo_formula(loss_type):
     return formula
 
 
+def dpo_formula(h, w, b, targets, rewards):
+    return reference_dpo(h, w, targets, rewards, frozen_logp((h, w, b, targets, rewards)), beta=0.7, bias=b)
+
+
 CASES = {
     "grao-no-exploration": (GRAOTerms(BETA, LAM, exploration=0.0, backend="torch"), grao_without("exploration")),
     "grao-no-imitation": (GRAOTerms(0.0, LAM, backend="torch"), grao_without("imitation")),
@@ -108,6 +126,7 @@ CASES = {
     "grpo": (GRPO("grpo", backend="torch"), grpo_formula("grpo")),
     "dr_grpo": (GRPO("dr_grpo", max_completion_length=T, backend="torch"), grpo_formula("dr_grpo")),
     "dapo": (GRPO("dapo", backend="torch"), grpo_formula("dapo")),
+    "dpo": (DPO(0.7, backend="torch"), dpo_formula),
 }
 
 
@@ -138,7 +157,7 @@ def test_grao_terms_log_the_weighted_terms_and_weight_one_is_grao(batch, explora
 def test_dapo_needs_the_step_token_count_for_micro_batches(batch):
     whole, _, _ = run(GRPO("dapo", backend="torch"), batch, WHOLE, counts=False)  # one batch counts its own tokens
     want, _ = oracle(grpo_formula("dapo"), batch)
-    assert float(whole) == pytest.approx(float(want), rel=1e-5)
+    assert float(whole) == pytest.approx(float(want.detach()), rel=1e-5)
     with pytest.raises(ValueError, match="step_token_counts"):
         run(GRPO("dapo", backend="torch"), batch, SPLIT, counts=False)
 
@@ -152,7 +171,7 @@ def test_grpo_arguments_are_checked():
 
 def test_method_is_a_validated_config_key_that_resume_may_not_change():
     with pytest.raises(ConfigError, match="'method' must be one of grao, grao-no-exploration"):
-        TrainConfig(method="dpo")
+        TrainConfig(method="ppo")
     with pytest.raises(ConfigError, match="'grpo_loss_type' must be one of grpo, dr_grpo, dapo"):
         TrainConfig(grpo_loss_type="bnpo")
     assert config.resume_conflicts(TrainConfig(), TrainConfig(method="sft")) == ["method: 'grao' -> 'sft'"]
@@ -199,3 +218,19 @@ def test_grpo_from_the_command_line(tmp_path, loss_type):
     assert config.load(out / "config.yaml").grpo_loss_type == loss_type
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(ln["loss"]) for ln in lines if "loss" in ln)
+
+
+def test_dpo_starts_at_log_2_against_its_frozen_reference_which_stays_frozen(tmp_path):
+    cfg = TrainConfig(**FLAGS, method="dpo", dpo_beta=0.5, lr=1e-2, plot=False, output_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg)
+    frozen = {n: p.detach().clone() for n, p in trainer.reference_model.named_parameters()}
+    first = trainer.train_step(1)
+    # before its first update the policy is the starting model: every margin is 0 and -log sigmoid(0) = log 2
+    assert first["objective/dpo"] == pytest.approx(math.log(2), rel=1e-5)
+    assert first["dpo/margin"] == pytest.approx(0.0, abs=1e-5)
+    second = trainer.train_step(2)
+    assert second["objective/dpo"] != pytest.approx(math.log(2), rel=1e-4)  # the policy moved away from it
+    for name, p in trainer.reference_model.named_parameters():
+        assert torch.equal(p, frozen[name]), name
+    with pytest.raises(ValueError, match="reference_logp is None"):
+        DPO()(LossBatch(*[None] * 3, targets=None, rewards=None, group_size=1, groups=range(1), num_groups=1))
