@@ -22,6 +22,8 @@ import torch
 
 from grao_kernels.backends import BACKENDS
 
+from .methods import GRPO_LOSS_TYPES, METHODS
+
 
 class ConfigError(ValueError):
     """A configuration file or value the trainer cannot use; the message says which key and why."""
@@ -65,6 +67,9 @@ class TrainConfig:
     temperature: float = _key(0.7, "sampling temperature of the completions")
     max_new_tokens: int = _key(8, "longest completion, in tokens")
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
+    method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
+    grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
+    dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
     beta: float = _key(0.5, "imitation weight")
     lam: float = _key(0.6, "alignment weight")
     loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)
@@ -112,6 +117,8 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 CHOICES = {
+    "method": METHODS,
+    "grpo_loss_type": GRPO_LOSS_TYPES,
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),
@@ -139,6 +146,7 @@ RANGES = {
     "lr": (0.0, 1.0, False),
     "weight_decay": (0.0, 1.0, True),
     "beta": (0.0, 1e3, True),
+    "dpo_beta": (0.0, 1e3, False),
     "lam": (0.0, 1e3, True),
     "router_aux_loss_coef": (0.0, 1e3, True),
     "router_bias_update_rate": (0.0, 1.0, True),

@@ -38,6 +38,8 @@ class LossBatch:
     groups: range  # which of the step's prompt groups these are
     num_groups: int  # P, prompt groups in the whole step
     ignore_index: int = -100
+    step_token_counts: torch.Tensor | None = None  # (P, G+1) completion tokens of every sequence of the whole step
+    reference_logp: torch.Tensor | None = None  # (S, T) the frozen reference model's, for needs_reference_model losses
 
 
 @dataclass

@@ -30,10 +30,12 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 def term_shares(train: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
     """(steps, shares): |term| / (|exploration| + |imitation| + |alignment|) per step.
 
-    Steps where every term is 0 (each group's rewards tied, so no advantage) are left out.
+    Steps without the terms (other methods) or where every term is 0 (each group's rewards tied, so no advantage) are left out.
     """
     steps, shares = [], {t: [] for t in TERMS}
     for rec in train:
+        if not all(f"objective/{t}" in rec for t in TERMS):  # a method without GRAO's terms (sft, grpo)
+            continue
         mags = [abs(rec[f"objective/{t}"]) for t in TERMS]
         total = sum(mags)
         if total > 0:

@@ -6,8 +6,9 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
   2. update: run the backbone over the P (G+1) sequences (group-major,
      reference last, targets = ignore_index at prompt and padding positions)
      and hand its final hidden states with the lm_head weight to the loss
-     (:class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
-     constructor gets another); the lm_head never runs, so the (tokens x
+     (the config's ``method``, :mod:`grao.methods`: by default
+     :class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
+     constructor gets another loss); the lm_head never runs, so the (tokens x
      vocabulary) logits never exist. MoE models add the router load-balancing
      loss. Then gradient clipping, AdamW and the learning-rate schedule.
 
@@ -31,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, config, data, evaluate, generation, losses, models, rewards, run_dir, runtime
+from grao_kernels import fused_linear_logprobs
+
+from . import checkpoint, config, data, evaluate, generation, losses, methods, models, rewards, run_dir, runtime
 from .config import ConfigError, TrainConfig
 from .data import Example
 from .generation import encode_prompt, encode_reference
@@ -132,7 +135,7 @@ class Trainer:
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples = data.load_examples(cfg)
         self.reward = reward if reward is not None else rewards.resolve(cfg.reward, cfg.data, self.runtime.device)
-        self.loss = loss if loss is not None else losses.GRAO(cfg.beta, cfg.lam, cfg.loss_backend)
+        self.loss = loss if loss is not None else methods.from_config(cfg)
         self.callbacks = list(callbacks)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
@@ -155,6 +158,9 @@ class Trainer:
         data.check_prompts(
             self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
         )
+        # The frozen starting policy, for losses that compare against it (DPO): loaded afresh from the config, so a
+        # resumed run gets the same one.
+        self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
         self.moe = models.moe_info(self.model)
         self.aux_coef = models.aux_loss_coef(self.model, cfg.router_aux_loss_coef)
         self.router_scoring = models.router_scoring(self.model)
@@ -328,6 +334,7 @@ class Trainer:
         backbone = models.backbone(model)
         weight, bias = models.output_head(model)
         rewards_dev = rollout.rewards.to(device)
+        token_counts = torch.tensor([[len(c) for c in g] for g in rollout.completion_ids])
         total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
         layers = len(models.routers(model)) if self.moe else 0
         counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=device)
@@ -338,6 +345,7 @@ class Trainer:
             capture = models.capture_routing(model, self.moe.top_k) if self.moe else contextlib.nullcontext([])
             with runtime.autocast(self.runtime), capture as routing:
                 out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            ref_logp = None if self.reference_model is None else self._reference_logp(ids, mask, targets)
             batch = losses.LossBatch(
                 *self._in_compute_dtype(out.last_hidden_state, weight, bias),
                 targets=targets,
@@ -346,6 +354,8 @@ class Trainer:
                 groups=groups,
                 num_groups=P,
                 ignore_index=IGNORE_INDEX,
+                step_token_counts=token_counts,
+                reference_logp=ref_logp,
             )
             res = self.loss(batch)
             loss = res.loss
@@ -371,6 +381,23 @@ class Trainer:
             stats["moe/expert_load"] = [round(float(x), 4) for x in load]
             stats["moe/layer_counts"] = counts
         return stats
+
+    def _frozen_start(self) -> torch.nn.Module:
+        cfg = self.cfg
+        model, _ = models.load(
+            cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
+        )
+        return model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _reference_logp(self, ids, mask, targets) -> torch.Tensor:
+        """(S, T) token log-probs of the frozen reference model, through the fused path (no logits)."""
+        with runtime.autocast(self.runtime):
+            out = models.backbone(self.reference_model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(self.reference_model))
+        return fused_linear_logprobs(
+            hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=self.cfg.loss_backend
+        )
 
     def _in_compute_dtype(self, hidden, weight, bias):
         """(hidden, weight, bias) in the autocast dtype, so the loss sees what the lm_head would under autocast."""

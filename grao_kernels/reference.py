@@ -165,3 +165,77 @@ def reference_grao(
         "imitation": imitation,
         "alignment": alignment,
     }
+
+
+def reference_sft(hidden, weight, targets, is_reference, *, bias=None, ignore_index=-100, dtype=None, **head):
+    """SFT on the reference answers: ``-(1/P) sum_p J(y_p)``, J the mean log-prob over a sequence's
+    completion tokens, over the P sequences where ``is_reference`` (S,) is True; the others are ignored."""
+    logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
+    refs = is_reference.nonzero().squeeze(1).tolist()
+    total = 0.0
+    for s in refs:
+        n = int((targets[s] != ignore_index).sum())
+        total = total + logp[s].sum() / max(n, 1)
+    return -total / len(refs)
+
+
+def reference_grpo(
+    hidden,
+    weight,
+    targets,
+    rewards,
+    *,
+    loss_type="grpo",
+    max_completion_length=None,
+    bias=None,
+    ignore_index=-100,
+    eps=1e-6,
+    dtype=None,
+    **head,
+):
+    """On-policy GRPO (one update per rollout, no KL) as TRL aggregates it, with materialised logits.
+
+    ``rewards`` (P, G): the sampled completions only, row-major, so sequence
+    ``p * G + i`` is completion i of prompt p. Advantages are normalised within
+    each row (:func:`reference_advantages`); each token's loss is ``-A logp``
+    (the clipped ratio is 1 on-policy, so this has TRL's gradient), and
+    ``loss_type`` aggregates the tokens as TRL does over B = P G completions:
+    ``grpo`` the mean over completions of each one's token mean, ``dr_grpo``
+    the token sum / (B * max_completion_length), ``dapo`` the token sum / the
+    number of completion tokens.
+    """
+    logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
+    adv = reference_advantages(rewards, eps).reshape(-1).to(logp.dtype)
+    mask = targets != ignore_index
+    per_token = torch.where(mask, -adv[:, None] * logp, 0.0)
+    B = rewards.numel()
+    if loss_type == "grpo":
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "dr_grpo":
+        return per_token.sum() / (B * max_completion_length)
+    if loss_type == "dapo":
+        return per_token.sum() / mask.sum().clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def reference_dpo(
+    hidden, weight, targets, rewards, reference_logp, *, beta=0.1, bias=None, ignore_index=-100, dtype=None, **head
+):
+    """DPO (arXiv 2305.18290, Eq. 7) per group of the (P, G+1) group-major batch: chosen = the reference answer
+    (last), rejected = the first of the G samples with the lowest reward; sequence log-likelihoods are token
+    sums, ``reference_logp`` (S, T) the frozen model's token log-probs. Mean over groups of -log sigmoid(z)."""
+    logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
+    mask = targets != ignore_index
+    P, K = rewards.shape
+    total = 0.0
+    for p in range(P):
+        samples = rewards[p, : K - 1].tolist()
+        worst = samples.index(min(samples))
+        chosen, rejected = p * K + K - 1, p * K + worst
+
+        def delta(s):
+            return logp[s][mask[s]].sum() - reference_logp[s][mask[s]].to(logp.dtype).sum()
+
+        z = beta * (delta(chosen) - delta(rejected))
+        total = total - torch.nn.functional.logsigmoid(z)
+    return total / P
