@@ -306,13 +306,62 @@ def test_fp32_output_gemm_never_upcasts_silently(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("no fp32-output GEMM for these operands")
 
-    monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
     monkeypatch.setattr(torch, "addmm", fail)
     monkeypatch.setattr(torch, "mm", fail)
-    with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
-        common.mm_into(acc, a, b, accumulate=True)
-    with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
-        common.mm_into(acc, a, b)
+    for addmm_fp32_c in (True, False):  # torch >= 2.11, and 2.8-2.10
+        monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
+        monkeypatch.setattr(common, "_ADDMM_FP32_C", addmm_fp32_c)
+        with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
+            common.mm_into(acc, a, b, accumulate=True)
+        with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
+            common.mm_into(acc, a, b)
+
+
+def _cuda_gemms_of(monkeypatch, version):
+    """torch.mm / torch.addmm with CUDA's out_dtype rules of torch ``version`` on CPU tensors; returns the calls.
+
+    torch 2.8 and 2.9 reject a float32 C with bf16 operands in ``addmm(out_dtype=float32)``; 2.11 takes it.
+    """
+    real_mm, calls = torch.mm, []
+    plain = lambda t: t.as_subclass(torch.Tensor)  # noqa: E731
+
+    def mm(a, b, out_dtype=None, out=None):
+        calls.append(("mm", out_dtype))
+        assert out_dtype == torch.float32 and a.dtype == b.dtype == torch.bfloat16
+        prod = plain(a).float() @ plain(b).float()  # exact float32 products, float32 sums
+        return prod if out is None else plain(out).copy_(prod)
+
+    def addmm(c, a, b, out_dtype=None, out=None):
+        calls.append(("addmm", c.dtype))
+        if version < (2, 10) and c.dtype != a.dtype:
+            raise RuntimeError(f"self and mat2 must have the same dtype, but got {c.dtype} and {a.dtype}")
+        return plain(out).copy_(plain(c) + plain(a).float() @ plain(b).float())
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    return real_mm, calls
+
+
+@pytest.mark.parametrize("version", [(2, 9), (2, 11)], ids=["torch2.9", "torch2.11"])
+def test_fp32_accumulation_uses_a_gemm_this_torch_has(monkeypatch, version):
+    """dW/dhidden accumulate bf16 products into float32 on every torch >= 2.8: addmm with a float32 C
+    only where torch takes it, else mm(out_dtype=float32) and an add, in bounded row slices."""
+    from grao_kernels.triton_kernels import common
+
+    a, b = torch.randn(7, 8).bfloat16(), torch.randn(8, 5).bfloat16()
+    start = torch.randn(7, 5)
+    acc = start.clone().as_subclass(_CudaLooking)
+    monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
+    monkeypatch.setattr(common, "_ADDMM_FP32_C", version >= (2, 11))
+    monkeypatch.setattr(common, "SLICE_BYTES", 2 * 5 * 4)  # two rows of float32 per slice
+    real_mm, calls = _cuda_gemms_of(monkeypatch, version)
+    common.mm_into(acc, a, b, accumulate=True)
+    want = start + real_mm(a.float(), b.float())
+    assert_close(acc.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-6, name="accumulated")
+    if version >= (2, 11):
+        assert calls == [("addmm", torch.float32)]
+    else:
+        assert calls == [("mm", torch.float32)] * 4  # 7 rows in slices of 2
 
 
 def test_fp32_output_gemm_on_old_torch_warns_and_rounds(monkeypatch):
