@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-from utils import assert_close, assert_within_torch_error, rel_l2
+from utils import assert_close, assert_within_torch_error, grads, leaves, rel_l2
 
-from grao_kernels import fused_linear_logprobs, grao_loss
+from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss
 from grao_kernels.backends import Head, Stats, resolve, unavailable_reason
-from grao_kernels.reference import reference_grao
+from grao_kernels.reference import reference_grao, reference_linear_loss, reference_logprobs
 from grao_kernels.settings import settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -477,6 +477,77 @@ def test_fused_linear_logprobs_backward(tb, mode):
     gh, gw = torch.autograd.grad((logp * up).sum(), (h, w))
     _, dh, dw, _ = _reference(hidden, weight, b, targets, Head(temperature=1.2), up)
     assert rel_l2(gh, dh) <= 1e-5 and rel_l2(gw, dw) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
+def test_entropy_and_linear_loss_through_each_sweep(tb, mode, dtype, tol):
+    """fused_linear_logprobs(return_entropy=True) and linear_logprob_loss(entropy_coef=) with bias, logit scale,
+    soft-cap and temperature: values and gradients against float64 (bf16: against PyTorch's own bf16 error)."""
+    settings.triton_mode = mode
+    hidden, weight, b, targets = _inputs(23, 20, 83, True, dtype, 0.3, scale=2.0)
+    head = dict(temperature=0.9, logit_scale=1.3, softcap=3.0)
+    up_logp, up_ent = torch.randn(23, device=DEVICE), torch.randn(23, device=DEVICE)
+    coef, ent_coef = torch.randn(23, device=DEVICE), torch.randn(23, device=DEVICE) * 0.1
+
+    def ours(h, w, bb):
+        out = fused_linear_logprobs(h, w, targets, bias=bb, return_entropy=True, backend="triton", **head)
+        loss = linear_logprob_loss(h, w, targets, coef, entropy_coef=ent_coef, bias=bb, backend="triton", **head)
+        return out, loss.loss
+
+    def ref(h, w, bb):
+        logp, ent = reference_logprobs(h, w, targets, bias=bb, return_entropy=True, **head)
+        loss = reference_linear_loss(
+            h, w, targets, coef.to(h.dtype), entropy_coef=ent_coef.to(h.dtype), bias=bb, **head
+        )
+        return logp, ent, loss
+
+    xs = leaves(hidden, weight, b)
+    out, loss = ours(*xs)
+    got_lp = grads((out.logp * up_logp).sum() + (out.entropy * up_ent).sum(), *xs)
+    got_loss = grads(loss, *xs)
+    x64 = leaves(hidden, weight, b, dtype=torch.float64)
+    logp64, ent64, loss64 = ref(*x64)
+    want_lp = grads((logp64 * up_logp.double()).sum() + (ent64 * up_ent.double()).sum(), *x64)
+    want_loss = grads(loss64, *x64)
+    # The sweeps compute the softmax in float32 from the given values: tight on the statistics in any dtype.
+    assert_close(out.logp, logp64, rtol=1e-5, atol=2e-5, name="logp")
+    assert_close(out.entropy, ent64, rtol=1e-5, atol=2e-5, name="entropy")
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * (1 + abs(loss64.item()))
+    if tol is None:
+        for got, want in ((got_lp, want_lp), (got_loss, want_loss)):
+            for name, g, w in zip(("dhidden", "dweight", "dbias"), got, want):
+                assert rel_l2(g, w) <= 1e-5, f"{name}: relative L2 {rel_l2(g, w):.2e}"
+        return
+    xs_same = leaves(hidden, weight, b)
+    logp_s, ent_s, loss_s = ref(*xs_same)
+    same_lp = grads((logp_s * up_logp).sum() + (ent_s * up_ent).sum(), *xs_same)
+    same_loss = grads(loss_s, *xs_same)
+    for got, want, same in ((got_lp, want_lp, same_lp), (got_loss, want_loss, same_loss)):
+        for name, g, w, sm in zip(("dhidden", "dweight", "dbias"), got, want, same):
+            assert g.dtype == dtype
+            assert_within_torch_error(g, w, sm, factor=tol[0], floor=tol[1], name=name)
+
+
+def test_memory_budget_of_a_call_chooses_the_sweep(monkeypatch):
+    """backend='triton' with the default triton_mode ('auto'): a call's memory_budget= decides which sweep runs."""
+    from grao_kernels.triton_kernels import chunked, fused
+
+    monkeypatch.setattr(settings, "triton_mode", "auto")
+    ran = []
+    for module in (chunked, fused):
+        real = module.run
+        monkeypatch.setattr(module, "run", lambda *a, _m=module, _r=real, **k: ran.append(_m.__name__) or _r(*a, **k))
+    hidden, weight, _, targets = _inputs(100, 16, 4000, False, torch.float32, 0.0)
+    h = hidden.clone().requires_grad_(True)
+    # 100 rows of 16 KB of float32 logits: 64 MiB holds them all, 1 MiB (the least budget) only 58.
+    for budget, sweep in ((64 * 2**20, "chunked"), (2**20, "fused")):
+        ran.clear()
+        logp = fused_linear_logprobs(h, weight, targets, backend="triton", memory_budget=budget)
+        logp.sum().backward()
+        assert ran and all(name.endswith(sweep) for name in ran), (budget, ran)
+    ref = reference_logprobs(hidden.double(), weight.double(), targets)
+    assert_close(logp, ref, rtol=1e-5, atol=2e-5, name="logp of the fused sweep")
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
