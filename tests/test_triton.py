@@ -596,6 +596,41 @@ def test_compile_check_derives_the_jit_specialisation():
     assert "divisible_by_16=['hidden_ptr', 'weight_ptr'" in out
 
 
+def test_compile_check_specialises_arguments_as_this_triton_does():
+    """The compile check's argument specialisation equals the JIT's own (triton's native specialiser) for each kind
+    of argument the kernels take: 1 is a constant, multiples of 16 and 16-byte aligned pointers get the hint."""
+    sys.path.insert(0, os.path.dirname(_COMPILE_CHECK))
+    try:
+        import compile_check
+    finally:
+        sys.path.pop(0)
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    buf = torch.empty(64)
+    for value in (
+        1,
+        16,
+        17,
+        48,
+        2**31,
+        None,
+        0.5,
+        True,
+        buf,
+        buf[1:],
+        buf.bfloat16(),
+        torch.empty(8, dtype=torch.int64),
+    ):
+        ty, key = native(BaseBackend, value, False, True, True)[:2]
+        ours, const, div16 = compile_check.specialise(value)
+        assert ours == ty, (value, ours, ty)
+        if ty == "constexpr":
+            assert const == key, (value, const, key)
+        elif ty != "u1" and not ty.startswith("fp"):
+            assert div16 == (key == "D"), (value, div16, key)
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter never lowers a kernel: compile the JIT's variants for sm_90 down to cubin (bundled ptxas)."""
