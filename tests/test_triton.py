@@ -444,7 +444,7 @@ def test_grao_loss_end_to_end_small_tiles(tb, mode, dtype, tol):
     targets[2] = -100  # a completion without tokens
     targets, rewards = targets.to(DEVICE), torch.randn(P, G + 1).to(DEVICE)
     leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
-    out = grao_loss(*leaves[:2], targets, rewards, bias=leaves[2], temperature=0.8, backend="triton")
+    out = grao_loss(*leaves[:2], targets, rewards, group_size=G, bias=leaves[2], temperature=0.8, backend="triton")
     got = torch.autograd.grad(out.loss, leaves)
 
     def ref(dt):
