@@ -15,11 +15,11 @@ import sys
 
 import pytest
 import torch
-from utils import assert_close, assert_within_torch_error, rel_l2
+from utils import assert_close, assert_within_torch_error, grads, leaves, rel_l2
 
-from grao_kernels import fused_linear_logprobs, grao_loss
+from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss
 from grao_kernels.backends import Head, Stats, resolve, unavailable_reason
-from grao_kernels.reference import reference_grao
+from grao_kernels.reference import reference_grao, reference_linear_loss, reference_logprobs
 from grao_kernels.settings import settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -306,13 +306,62 @@ def test_fp32_output_gemm_never_upcasts_silently(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("no fp32-output GEMM for these operands")
 
-    monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
     monkeypatch.setattr(torch, "addmm", fail)
     monkeypatch.setattr(torch, "mm", fail)
-    with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
-        common.mm_into(acc, a, b, accumulate=True)
-    with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
-        common.mm_into(acc, a, b)
+    for addmm_fp32_c in (True, False):  # torch >= 2.11, and 2.8-2.10
+        monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
+        monkeypatch.setattr(common, "_ADDMM_FP32_C", addmm_fp32_c)
+        with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
+            common.mm_into(acc, a, b, accumulate=True)
+        with pytest.raises(RuntimeError, match="no fp32-output GEMM"):
+            common.mm_into(acc, a, b)
+
+
+def _cuda_gemms_of(monkeypatch, version):
+    """torch.mm / torch.addmm with CUDA's out_dtype rules of torch ``version`` on CPU tensors; returns the calls.
+
+    torch 2.8 and 2.9 reject a float32 C with bf16 operands in ``addmm(out_dtype=float32)``; 2.11 takes it.
+    """
+    real_mm, calls = torch.mm, []
+    plain = lambda t: t.as_subclass(torch.Tensor)  # noqa: E731
+
+    def mm(a, b, out_dtype=None, out=None):
+        calls.append(("mm", out_dtype))
+        assert out_dtype == torch.float32 and a.dtype == b.dtype == torch.bfloat16
+        prod = plain(a).float() @ plain(b).float()  # exact float32 products, float32 sums
+        return prod if out is None else plain(out).copy_(prod)
+
+    def addmm(c, a, b, out_dtype=None, out=None):
+        calls.append(("addmm", c.dtype))
+        if version < (2, 10) and c.dtype != a.dtype:
+            raise RuntimeError(f"self and mat2 must have the same dtype, but got {c.dtype} and {a.dtype}")
+        return plain(out).copy_(plain(c) + plain(a).float() @ plain(b).float())
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    return real_mm, calls
+
+
+@pytest.mark.parametrize("version", [(2, 9), (2, 11)], ids=["torch2.9", "torch2.11"])
+def test_fp32_accumulation_uses_a_gemm_this_torch_has(monkeypatch, version):
+    """dW/dhidden accumulate bf16 products into float32 on every torch >= 2.8: addmm with a float32 C
+    only where torch takes it, else mm(out_dtype=float32) and an add, in bounded row slices."""
+    from grao_kernels.triton_kernels import common
+
+    a, b = torch.randn(7, 8).bfloat16(), torch.randn(8, 5).bfloat16()
+    start = torch.randn(7, 5)
+    acc = start.clone().as_subclass(_CudaLooking)
+    monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
+    monkeypatch.setattr(common, "_ADDMM_FP32_C", version >= (2, 11))
+    monkeypatch.setattr(common, "SLICE_BYTES", 2 * 5 * 4)  # two rows of float32 per slice
+    real_mm, calls = _cuda_gemms_of(monkeypatch, version)
+    common.mm_into(acc, a, b, accumulate=True)
+    want = start + real_mm(a.float(), b.float())
+    assert_close(acc.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-6, name="accumulated")
+    if version >= (2, 11):
+        assert calls == [("addmm", torch.float32)]
+    else:
+        assert calls == [("mm", torch.float32)] * 4  # 7 rows in slices of 2
 
 
 def test_fp32_output_gemm_on_old_torch_warns_and_rounds(monkeypatch):
@@ -395,7 +444,7 @@ def test_grao_loss_end_to_end_small_tiles(tb, mode, dtype, tol):
     targets[2] = -100  # a completion without tokens
     targets, rewards = targets.to(DEVICE), torch.randn(P, G + 1).to(DEVICE)
     leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
-    out = grao_loss(*leaves[:2], targets, rewards, bias=leaves[2], temperature=0.8, backend="triton")
+    out = grao_loss(*leaves[:2], targets, rewards, group_size=G, bias=leaves[2], temperature=0.8, backend="triton")
     got = torch.autograd.grad(out.loss, leaves)
 
     def ref(dt):
@@ -428,6 +477,77 @@ def test_fused_linear_logprobs_backward(tb, mode):
     gh, gw = torch.autograd.grad((logp * up).sum(), (h, w))
     _, dh, dw, _ = _reference(hidden, weight, b, targets, Head(temperature=1.2), up)
     assert rel_l2(gh, dh) <= 1e-5 and rel_l2(gw, dw) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
+def test_entropy_and_linear_loss_through_each_sweep(tb, mode, dtype, tol):
+    """fused_linear_logprobs(return_entropy=True) and linear_logprob_loss(entropy_coef=) with bias, logit scale,
+    soft-cap and temperature: values and gradients against float64 (bf16: against PyTorch's own bf16 error)."""
+    settings.triton_mode = mode
+    hidden, weight, b, targets = _inputs(23, 20, 83, True, dtype, 0.3, scale=2.0)
+    head = dict(temperature=0.9, logit_scale=1.3, softcap=3.0)
+    up_logp, up_ent = torch.randn(23, device=DEVICE), torch.randn(23, device=DEVICE)
+    coef, ent_coef = torch.randn(23, device=DEVICE), torch.randn(23, device=DEVICE) * 0.1
+
+    def ours(h, w, bb):
+        out = fused_linear_logprobs(h, w, targets, bias=bb, return_entropy=True, backend="triton", **head)
+        loss = linear_logprob_loss(h, w, targets, coef, entropy_coef=ent_coef, bias=bb, backend="triton", **head)
+        return out, loss.loss
+
+    def ref(h, w, bb):
+        logp, ent = reference_logprobs(h, w, targets, bias=bb, return_entropy=True, **head)
+        loss = reference_linear_loss(
+            h, w, targets, coef.to(h.dtype), entropy_coef=ent_coef.to(h.dtype), bias=bb, **head
+        )
+        return logp, ent, loss
+
+    xs = leaves(hidden, weight, b)
+    out, loss = ours(*xs)
+    got_lp = grads((out.logp * up_logp).sum() + (out.entropy * up_ent).sum(), *xs)
+    got_loss = grads(loss, *xs)
+    x64 = leaves(hidden, weight, b, dtype=torch.float64)
+    logp64, ent64, loss64 = ref(*x64)
+    want_lp = grads((logp64 * up_logp.double()).sum() + (ent64 * up_ent.double()).sum(), *x64)
+    want_loss = grads(loss64, *x64)
+    # The sweeps compute the softmax in float32 from the given values: tight on the statistics in any dtype.
+    assert_close(out.logp, logp64, rtol=1e-5, atol=2e-5, name="logp")
+    assert_close(out.entropy, ent64, rtol=1e-5, atol=2e-5, name="entropy")
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * (1 + abs(loss64.item()))
+    if tol is None:
+        for got, want in ((got_lp, want_lp), (got_loss, want_loss)):
+            for name, g, w in zip(("dhidden", "dweight", "dbias"), got, want):
+                assert rel_l2(g, w) <= 1e-5, f"{name}: relative L2 {rel_l2(g, w):.2e}"
+        return
+    xs_same = leaves(hidden, weight, b)
+    logp_s, ent_s, loss_s = ref(*xs_same)
+    same_lp = grads((logp_s * up_logp).sum() + (ent_s * up_ent).sum(), *xs_same)
+    same_loss = grads(loss_s, *xs_same)
+    for got, want, same in ((got_lp, want_lp, same_lp), (got_loss, want_loss, same_loss)):
+        for name, g, w, sm in zip(("dhidden", "dweight", "dbias"), got, want, same):
+            assert g.dtype == dtype
+            assert_within_torch_error(g, w, sm, factor=tol[0], floor=tol[1], name=name)
+
+
+def test_memory_budget_of_a_call_chooses_the_sweep(monkeypatch):
+    """backend='triton' with the default triton_mode ('auto'): a call's memory_budget= decides which sweep runs."""
+    from grao_kernels.triton_kernels import chunked, fused
+
+    monkeypatch.setattr(settings, "triton_mode", "auto")
+    ran = []
+    for module in (chunked, fused):
+        real = module.run
+        monkeypatch.setattr(module, "run", lambda *a, _m=module, _r=real, **k: ran.append(_m.__name__) or _r(*a, **k))
+    hidden, weight, _, targets = _inputs(100, 16, 4000, False, torch.float32, 0.0)
+    h = hidden.clone().requires_grad_(True)
+    # 100 rows of 16 KB of float32 logits: 64 MiB holds them all, 1 MiB (the least budget) only 58.
+    for budget, sweep in ((64 * 2**20, "chunked"), (2**20, "fused")):
+        ran.clear()
+        logp = fused_linear_logprobs(h, weight, targets, backend="triton", memory_budget=budget)
+        logp.sum().backward()
+        assert ran and all(name.endswith(sweep) for name in ran), (budget, ran)
+    ref = reference_logprobs(hidden.double(), weight.double(), targets)
+    assert_close(logp, ref, rtol=1e-5, atol=2e-5, name="logp of the fused sweep")
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():
@@ -474,6 +594,41 @@ def test_compile_check_derives_the_jit_specialisation():
         assert kernel in out
     assert "'bias_ptr': 'constexpr'" in out and "'bias_ptr': '*bf16'" in out
     assert "divisible_by_16=['hidden_ptr', 'weight_ptr'" in out
+
+
+def test_compile_check_specialises_arguments_as_this_triton_does():
+    """The compile check's argument specialisation equals the JIT's own (triton's native specialiser) for each kind
+    of argument the kernels take: 1 is a constant, multiples of 16 and 16-byte aligned pointers get the hint."""
+    sys.path.insert(0, os.path.dirname(_COMPILE_CHECK))
+    try:
+        import compile_check
+    finally:
+        sys.path.pop(0)
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    buf = torch.empty(64)
+    for value in (
+        1,
+        16,
+        17,
+        48,
+        2**31,
+        None,
+        0.5,
+        True,
+        buf,
+        buf[1:],
+        buf.bfloat16(),
+        torch.empty(8, dtype=torch.int64),
+    ):
+        ty, key = native(BaseBackend, value, False, True, True)[:2]
+        ours, const, div16 = compile_check.specialise(value)
+        assert ours == ty, (value, ours, ty)
+        if ty == "constexpr":
+            assert const == key, (value, const, key)
+        elif ty != "u1" and not ty.startswith("fp"):
+            assert div16 == (key == "D"), (value, div16, key)
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from packaging.version import Version
 
 from ..settings import settings
 
@@ -342,7 +341,16 @@ def min_block_v(configs, interpreter_config: dict) -> int:
     return min(c.kwargs["BLOCK_V"] for c in configs)
 
 
-_OUT_DTYPE_GEMM = Version(torch.__version__.split("+")[0]) >= Version("2.8")
+# torch.__version__ is a TorchVersion, which compares with tuples (no packaging import needed).
+# torch >= 2.8: mm/addmm take out_dtype=torch.float32 for bf16/fp16 operands on CUDA.
+_OUT_DTYPE_GEMM = torch.__version__ >= (2, 8)
+# addmm(out_dtype=float32) accepts a float32 C (the accumulator itself) only after
+# pytorch/pytorch#167931 (Nov 2025); 2.8 and 2.9 reject it ("self and mat2 must have
+# the same dtype"). 2.11 is the first release checked on a GPU here; 2.10 takes the
+# sliced path below, which is correct on every torch >= 2.8.
+_ADDMM_FP32_C = torch.__version__ >= (2, 11)
+# The sliced accumulation's float32 temporary: at most this many bytes at once.
+SLICE_BYTES = 64 * 2**20
 _warned_rounded: set[str] = set()
 
 
@@ -360,11 +368,17 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
     """``out = a @ b`` (``out += a @ b`` with ``accumulate``), accumulated in float32.
 
     ``a`` and ``b`` share a dtype. A bfloat16/float16 product into a float32
-    ``out`` keeps float32 all the way (cuBLAS ``out_dtype``; beta = 1 when
-    accumulating); into an ``out`` of the inputs' dtype it is rounded once on
-    writing. Never upcasts the operands on a GPU: on a torch without
-    ``out_dtype`` the product is rounded to the inputs' dtype before it is
-    added, with a one-time warning.
+    ``out`` keeps float32 all the way and never upcasts the operands on a GPU:
+
+    * torch >= 2.11: one cuBLAS call, ``beta = 1`` into ``out`` when accumulating;
+    * torch 2.8-2.10: ``torch.mm(out_dtype=float32)`` then ``add_``, in row
+      slices of at most ``SLICE_BYTES`` of float32 temporary (the same numbers,
+      one more pass over ``out``);
+    * older torch: the product is rounded to the inputs' dtype before it is
+      added, with a one-time warning.
+
+    Into an ``out`` of the inputs' dtype the product is rounded once on
+    writing. Errors of the GEMM propagate: nothing is retried another way.
     """
     if out.dtype == a.dtype:
         if accumulate:
@@ -375,12 +389,7 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
         # CPU tensors only run under the interpreter: torch has no CPU fp32-output bf16 GEMM.
         prod = a.float() @ b.float()
         out.add_(prod) if accumulate else out.copy_(prod)
-    elif _OUT_DTYPE_GEMM:
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
-    else:
+    elif not _OUT_DTYPE_GEMM:
         if repr(a.dtype) not in _warned_rounded:
             _warned_rounded.add(repr(a.dtype))
             warnings.warn(
@@ -391,3 +400,11 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
             )
         prod = torch.mm(a, b)
         out.add_(prod) if accumulate else out.copy_(prod)
+    elif not accumulate:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif _ADDMM_FP32_C:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        step = max(1, SLICE_BYTES // (4 * max(out.shape[1], 1)))
+        for r0 in range(0, out.shape[0], step):
+            out[r0 : r0 + step].add_(torch.mm(a[r0 : r0 + step], b, out_dtype=torch.float32))
