@@ -23,6 +23,7 @@ from utils import (
     grads,
     leaves,
     make_batch,
+    rel_l2,
 )
 
 from grao_kernels import GRAOLoss, fused_linear_logprobs, grao_loss, group_advantages, linear_logprob_loss
@@ -289,8 +290,10 @@ def test_upstream_gradient_scales_the_loss_gradients(device, backend):
 
 @pytest.mark.parametrize("device,backend", ON_DEVICE)
 def test_autocast_does_not_change_the_result_and_inputs_are_used_as_given(device, backend):
-    """The kernels compute from the given values (bfloat16 hidden, float32 weight) in float32,
-    with or without an enclosing autocast, to float32 accuracy against the float64 oracle."""
+    """The kernels compute from the given values (bfloat16 hidden, float32 weight), with or without an
+    enclosing autocast: torch and native in float32, to float32 accuracy against the float64 oracle;
+    triton in the activations' dtype, i.e. against the oracle of the weight rounded to bfloat16, with
+    gradients through a bfloat16 logits gradient."""
     hidden, weight, b, targets, _ = make_batch(1, 2, 5, 16, 101, True, torch.float32, device=device)
     hidden = hidden.to(torch.bfloat16)
     h, w, bb = leaves(hidden, weight, b)
@@ -300,10 +303,16 @@ def test_autocast_does_not_change_the_result_and_inputs_are_used_as_given(device
         cast = fused_linear_logprobs(hidden, weight, targets, bias=b, return_entropy=True, backend=backend)
     assert torch.equal(cast.logp, plain.logp) and torch.equal(cast.entropy, plain.entropy)
 
-    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
+    in_activation_dtype = backend == "triton"
+    used_weight = weight.to(hidden.dtype) if in_activation_dtype else weight
+    h64, w64, b64 = leaves(hidden, used_weight, b, dtype=torch.float64)
     ref_logp, ref_ent = reference_logprobs(h64, w64, targets, bias=b64, return_entropy=True)
     assert_close(plain.logp, ref_logp, **FP32_VALUES, name="logp")
     assert_close(plain.entropy, ref_ent, **FP32_VALUES, name="entropy")
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     want = grads(ref_logp.sum() + ref_ent.sum(), h64, w64, b64)
-    assert_grads_close(got[1:], want[1:], names=("weight", "bias"))
+    if in_activation_dtype:
+        for name, g, ref in zip(("weight", "bias"), got[1:], want[1:]):
+            assert rel_l2(g, ref) < 2e-2, f"{name}: relative L2 error {rel_l2(g, ref):.2e} (bfloat16 logits gradient)"
+    else:
+        assert_grads_close(got[1:], want[1:], names=("weight", "bias"))
