@@ -5,7 +5,8 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      reference answer, with the reward;
   2. update: run the backbone over the P (G+1) sequences (group-major,
      reference last, targets = ignore_index at prompt and padding positions)
-     and hand its final hidden states with the lm_head weight to the loss
+     and hand its final hidden states with the lm_head weight and the head's
+     logit scale and soft cap (read from the model config) to the loss
      (:class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
      constructor gets another); the lm_head never runs, so the (tokens x
      vocabulary) logits never exist. MoE models add the router load-balancing
@@ -145,6 +146,9 @@ class Trainer:
             self.model, self.tokenizer = models.load(
                 cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed
             )
+        # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
+        # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
+        self.head = models.logit_head(self.model, cfg.loss_backend)
         data.check_prompts(
             self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
         )
@@ -327,6 +331,8 @@ class Trainer:
                 groups=groups,
                 num_groups=P,
                 ignore_index=IGNORE_INDEX,
+                logit_scale=self.head.logit_scale,
+                softcap=self.head.softcap,
             )
             res = self.loss(batch)
             loss = res.loss
