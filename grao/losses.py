@@ -1,10 +1,10 @@
 """The training objective as a value: the trainer calls ``loss(batch) -> LossOutput`` once per micro-batch.
 
 The trainer owns sampling, scoring, the backbone forward and the optimizer; a
-loss owns the formula. It receives the backbone's final hidden states and the
-lm_head weight (never the logits), the completion targets, the rewards and the
-group layout of one micro-batch, and returns its share of the step's loss with
-the terms to log. Any callable with that signature is a loss: other methods
+loss owns the formula. It receives the backbone's final hidden states, the
+lm_head weight and the head's logit scale and soft cap (never the logits),
+the completion targets, the rewards and the group layout of one micro-batch,
+and returns its share of the step's loss with the terms to log. Any callable with that signature is a loss: other methods
 (SFT, DPO, GRPO, ...) and the benchmarks' variants plug in as
 ``Trainer(cfg, loss=...)``, without touching the trainer.
 """
@@ -40,6 +40,10 @@ class LossBatch:
     ignore_index: int = -100
     step_token_counts: torch.Tensor | None = None  # (P, G+1) completion tokens of every sequence of the whole step
     reference_logp: torch.Tensor | None = None  # (S, T) the frozen reference model's, for needs_reference_model losses
+    # The model's logits are softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) (no tanh without
+    # softcap): grao.models.LogitHead, read from the model config; pass both to every grao_kernels call.
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
 
 @dataclass
@@ -80,6 +84,8 @@ class GRAO:
             bias=batch.bias,
             beta=self.beta,
             lam=self.lam,
+            logit_scale=batch.logit_scale,
+            softcap=batch.softcap,
             ignore_index=batch.ignore_index,
             backend=self.backend,
         )

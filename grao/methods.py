@@ -71,6 +71,8 @@ def _sweep(batch: LossBatch, token_coef: torch.Tensor, backend: str):
         batch.targets,
         token_coef,
         bias=batch.bias,
+        logit_scale=batch.logit_scale,
+        softcap=batch.softcap,
         ignore_index=batch.ignore_index,
         backend=backend,
     )
@@ -245,6 +247,8 @@ class DPO:
             batch.weight,
             batch.targets,
             bias=batch.bias,
+            logit_scale=batch.logit_scale,
+            softcap=batch.softcap,
             ignore_index=batch.ignore_index,
             backend=self.backend,
         )

@@ -5,7 +5,8 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      reference answer, with the reward;
   2. update: run the backbone over the P (G+1) sequences (group-major,
      reference last, targets = ignore_index at prompt and padding positions)
-     and hand its final hidden states with the lm_head weight to the loss
+     and hand its final hidden states with the lm_head weight and the head's
+     logit scale and soft cap (read from the model config) to the loss
      (the config's ``method``, :mod:`grao.methods`: by default
      :class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
      constructor gets another loss); the lm_head never runs, so the (tokens x
@@ -155,6 +156,9 @@ class Trainer:
             self.model, self.tokenizer = models.load(
                 cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
             )
+        # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
+        # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
+        self.head = models.logit_head(self.model, cfg.loss_backend)
         data.check_prompts(
             self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
         )
@@ -356,6 +360,8 @@ class Trainer:
                 ignore_index=IGNORE_INDEX,
                 step_token_counts=token_counts,
                 reference_logp=ref_logp,
+                logit_scale=self.head.logit_scale,
+                softcap=self.head.softcap,
             )
             res = self.loss(batch)
             loss = res.loss
@@ -395,8 +401,16 @@ class Trainer:
         with runtime.autocast(self.runtime):
             out = models.backbone(self.reference_model)(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(self.reference_model))
+        head = self.head  # the reference model is the starting model: the same head
         return fused_linear_logprobs(
-            hidden, weight, targets, bias=bias, ignore_index=IGNORE_INDEX, backend=self.cfg.loss_backend
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            logit_scale=head.logit_scale,
+            softcap=head.softcap,
+            ignore_index=IGNORE_INDEX,
+            backend=self.cfg.loss_backend,
         )
 
     def _in_compute_dtype(self, hidden, weight, bias):

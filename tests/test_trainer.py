@@ -142,6 +142,8 @@ class Float64ReferenceGRAO:
             batch.targets,
             batch.rewards.double(),
             bias=bias,
+            logit_scale=batch.logit_scale,
+            softcap=batch.softcap,
             ignore_index=batch.ignore_index,
         )
         share = len(batch.groups) / batch.num_groups
