@@ -50,8 +50,9 @@ def frozen_logp(batch):
     return reference_logprobs(hidden, other, targets, bias=bias).detach()
 
 
-def run(loss, batch, splits, *, counts=True):
-    """The step's loss (the micro-batches' shares summed) and its gradients w.r.t. hidden, weight, bias."""
+def run(loss, batch, splits, *, counts=True, **head):
+    """The step's loss (the micro-batches' shares summed) and its gradients w.r.t. hidden, weight, bias;
+    ``head``: the LossBatch's logit_scale / softcap."""
     hidden, weight, bias, targets, rewards = batch
     h, w, b = leaves(hidden, weight, bias)
     total, metrics = 0.0, {}
@@ -69,6 +70,7 @@ def run(loss, batch, splits, *, counts=True):
                 num_groups=P,
                 step_token_counts=token_counts(targets) if counts else None,
                 reference_logp=frozen_logp(batch)[rows],
+                **head,
             )
         )
         total = total + out.loss
@@ -77,41 +79,49 @@ def run(loss, batch, splits, *, counts=True):
     return total.detach(), grads(total, h, w, b), metrics
 
 
-def oracle(formula, batch):
-    """``formula(hidden, weight, bias, targets, rewards)`` in float64 and its gradients."""
+def oracle(formula, batch, **head):
+    """``formula(hidden, weight, bias, targets, rewards, **head)`` in float64 and its gradients."""
     hidden, weight, bias, targets, rewards = batch
     h, w, b = leaves(hidden, weight, bias, dtype=torch.float64)
-    value = formula(h, w, b, targets, rewards)
+    value = formula(h, w, b, targets, rewards, **head)
     return value, grads(value, h, w, b)
 
 
 def grao_without(*dropped, exploration=1.0):
     """The float64 GRAO loss (reference_grao's terms) with the ``dropped`` terms removed."""
 
-    def formula(h, w, b, targets, rewards):
-        ref = reference_grao(h, w, targets, rewards, bias=b, beta=BETA, lam=LAM)
+    def formula(h, w, b, targets, rewards, **head):
+        ref = reference_grao(h, w, targets, rewards, bias=b, beta=BETA, lam=LAM, **head)
         weights = {"exploration": exploration, "imitation": 1.0, "alignment": 1.0}
         return -sum(weights[t] * ref[t] for t in GRAO.TERMS if t not in dropped)
 
     return formula
 
 
-def sft_formula(h, w, b, targets, rewards):
-    return reference_sft(h, w, targets, torch.arange(P * K) % K == G, bias=b)
+def sft_formula(h, w, b, targets, rewards, **head):
+    return reference_sft(h, w, targets, torch.arange(P * K) % K == G, bias=b, **head)
 
 
 def grpo_formula(loss_type):
-    def formula(h, w, b, targets, rewards):
+    def formula(h, w, b, targets, rewards, **head):
         samples = torch.arange(P * K) % K != G  # GRPO's groups hold the G samples only
         return reference_grpo(
-            h[samples], w, targets[samples], rewards[:, :G], bias=b, loss_type=loss_type, max_completion_length=T
+            h[samples],
+            w,
+            targets[samples],
+            rewards[:, :G],
+            bias=b,
+            loss_type=loss_type,
+            max_completion_length=T,
+            **head,
         )
 
     return formula
 
 
-def dpo_formula(h, w, b, targets, rewards):
-    return reference_dpo(h, w, targets, rewards, frozen_logp((h, w, b, targets, rewards)), beta=0.7, bias=b)
+def dpo_formula(h, w, b, targets, rewards, **head):
+    frozen = frozen_logp((h, w, b, targets, rewards))
+    return reference_dpo(h, w, targets, rewards, frozen, beta=0.7, bias=b, **head)
 
 
 CASES = {
@@ -139,6 +149,19 @@ def test_method_loss_and_gradients_match_the_float64_formula(batch, name, splits
     assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"{name} loss")
     assert_grads_close(got_grads, want_grads)
     assert float(want_grads[0].abs().sum()) > 0  # the batch has signal: a zero gradient would not pass unnoticed
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_methods_use_the_model_logit_head(batch, name):
+    # a Granite-like scale and a Gemma-like soft cap on the logits, through the LossBatch
+    head = {"logit_scale": 0.5, "softcap": 3.0}
+    loss, formula = CASES[name]
+    want, want_grads = oracle(formula, batch, **head)
+    got, got_grads, _ = run(loss, batch, SPLIT, **head)
+    assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"{name} loss")
+    assert_grads_close(got_grads, want_grads)
+    plain, _ = oracle(formula, batch)
+    assert abs(float(plain) - float(want)) > 1e-3  # the head changes the loss: ignoring it would not pass
 
 
 @pytest.mark.parametrize("exploration", [0.0, 1.0])
