@@ -158,6 +158,7 @@ def evaluate_cmd(args) -> int:
         greedy=cfg.eval_greedy and not args.sample,
         temperature=cfg.temperature,
         seed=cfg.seed,
+        chat_template=cfg.chat_template,
     )
     decoding = "greedy" if opts["greedy"] else f"sampling at temperature {opts['temperature']:g}"
     source = f"the run's {saved}" if saved.is_file() else "the defaults (no run config.yaml)"

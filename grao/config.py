@@ -65,6 +65,9 @@ class TrainConfig:
     temperature: float = _key(0.7, "sampling temperature of the completions")
     max_new_tokens: int = _key(8, "longest completion, in tokens")
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
+    chat_template: bool = _key(
+        False, "render each prompt as a user message through the tokenizer's chat template (when it has one)"
+    )
     beta: float = _key(0.5, "imitation weight")
     lam: float = _key(0.6, "alignment weight")
     loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)

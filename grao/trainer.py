@@ -163,8 +163,11 @@ class Trainer:
                     config.lora_targets(cfg),
                     cfg.seed,
                 )
+        if cfg.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
         data.check_prompts(
-            self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
+            self.train_examples + self.eval_examples,
+            lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
         )
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         self.moe = models.moe_info(inner)
@@ -311,7 +314,7 @@ class Trainer:
         """Sample G completions per prompt (seeded by step, so a resumed run samples the same), then score them and
         each prompt's reference answer; rewards (P, G+1), the reference's last."""
         cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
-        prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens) for ex in examples]
+        prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         sampled = generation.generate(
             self.model,
@@ -441,6 +444,7 @@ class Trainer:
             greedy=cfg.eval_greedy,
             temperature=cfg.temperature,
             seed=cfg.seed,
+            chat_template=cfg.chat_template,
         )
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards

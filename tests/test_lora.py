@@ -15,9 +15,10 @@ peft = pytest.importorskip("peft")
 from utils import read_lines, small  # noqa: E402
 
 import grao_kernels.backends as kernel_backends  # noqa: E402
-from grao import cli, models  # noqa: E402
+from grao import cli, evaluate, models  # noqa: E402
 from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
+from grao.generation import encode_prompt  # noqa: E402
 from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
 
 LORA = dict(lora_rank=4, lora_alpha=8.0)
@@ -92,8 +93,8 @@ def test_lora_trains_only_the_adapters_and_the_head_gets_no_weight_gradient(tmp_
     assert f"trainable parameters: {adapter_numel:,} of {total:,}" in capsys.readouterr().err
 
 
-def test_saved_adapter_reloads_onto_the_base_and_reproduces_the_trained_logits(tmp_path):
-    trainer = Trainer(small(tmp_path, steps=2, **LORA))
+def test_saved_adapter_reloads_onto_the_base_and_reproduces_the_trained_logits(tmp_path, monkeypatch, capsys):
+    trainer = Trainer(small(tmp_path, steps=2, max_new_tokens=3, eval_greedy=False, temperature=0.9, **LORA))
     assert trainer.train() is True
     ckpt = latest_checkpoint(tmp_path / "run")
     assert models.is_adapter(ckpt)
@@ -107,8 +108,24 @@ def test_saved_adapter_reloads_onto_the_base_and_reproduces_the_trained_logits(t
     with reloaded.disable_adapter():
         assert not torch.allclose(_logits(reloaded, ids), _logits(trainer.model, ids), atol=1e-4)
 
-    # grao eval loads the adapter onto the run's base
+    # grao eval loads the adapter onto the run's base and generates with the run's settings, also when given
+    # only the checkpoint
+    calls = []
+    real_evaluate = evaluate.evaluate
+
+    def spy(model, *args, **kwargs):
+        calls.append((type(model).__name__, kwargs))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate", spy)
+    capsys.readouterr()
     assert cli.main(["eval", "--run", str(tmp_path / "run")]) == 0
+    assert cli.main(["eval", "--model", str(ckpt)]) == 0
+    assert [name for name, _ in calls] == ["PeftModel", "Qwen3MoeForCausalLM"] * 2  # the checkpoint, then initial/
+    for _, kwargs in calls:
+        assert (kwargs["max_new_tokens"], kwargs["greedy"], kwargs["temperature"]) == (3, False, 0.9)
+    err = capsys.readouterr().err
+    assert err.count("generating up to 3 new tokens, sampling at temperature 0.9, as set by the run's") == 2
 
 
 def test_resume_from_a_lora_checkpoint_matches_an_uninterrupted_run(tmp_path):
@@ -141,3 +158,26 @@ def test_lora_targets_are_checked(tmp_path):
         small(tmp_path, lora_rank=4, lora_dropout=1.0)
     with pytest.raises(models.ModelError, match="no_such_proj"):
         Trainer(small(tmp_path, lora_rank=4, lora_target_modules="no_such_proj"))
+
+
+TEMPLATE = "<eos>{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+
+
+def test_chat_template_renders_prompts_only_when_switched_on(tmp_path):
+    tok = models.build_demo_tokenizer()
+    plain = encode_prompt(tok, "cab=", 512)
+    assert encode_prompt(tok, "cab=", 512, chat_template=True) == plain  # no template: the prompt as written
+    tok.chat_template = TEMPLATE
+    rendered = tok("<eos>cab==", add_special_tokens=False)["input_ids"]
+    assert rendered[0] == tok.eos_token_id and len(rendered) == len(plain) + 2
+    assert encode_prompt(tok, "cab=", 512, chat_template=True) == rendered
+    assert encode_prompt(tok, "cab=", 512) == plain
+    assert encode_prompt(tok, "cab=", 3, chat_template=True) == rendered[-3:]
+
+    tok.save_pretrained(tmp_path / "tok")
+    trainer = Trainer(small(tmp_path, tokenizer=str(tmp_path / "tok"), chat_template=True))
+    examples = trainer.prompts_for_step(1)
+    rollout = trainer.rollout(examples, 1)
+    for ex, ids in zip(examples, rollout.prompt_ids):
+        assert ids == encode_prompt(trainer.tokenizer, ex.prompt, 512, chat_template=True)
+        assert ids[0] == trainer.tokenizer.eos_token_id and ids != encode_prompt(trainer.tokenizer, ex.prompt, 512)
