@@ -276,6 +276,11 @@ def validate(cfg: TrainConfig) -> None:
             "'lora_target_modules' must not name lm_head: the fused loss reads the head's weight directly, "
             "so it stays frozen and adapter-free"
         )
+    if cfg.lora_rank and cfg.router_bias_update_rate > 0:
+        raise ConfigError(
+            "'router_bias_update_rate' > 0 with 'lora_rank' > 0: a LoRA checkpoint saves only the adapters, "
+            "so the updated router biases would be lost on resume; use one of the two"
+        )
     if cfg.micro_batch_prompts > cfg.prompts_per_step:
         raise ConfigError(
             f"'micro_batch_prompts' ({cfg.micro_batch_prompts}) must be <= 'prompts_per_step' ({cfg.prompts_per_step})"

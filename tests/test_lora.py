@@ -156,6 +156,8 @@ def test_lora_targets_are_checked(tmp_path):
         small(tmp_path, lora_rank=4, lora_target_modules="q_proj,lm_head")
     with pytest.raises(ConfigError, match="lora_dropout"):
         small(tmp_path, lora_rank=4, lora_dropout=1.0)
+    with pytest.raises(ConfigError, match="router_bias_update_rate"):
+        small(tmp_path, lora_rank=4, router_bias_update_rate=0.001)
     with pytest.raises(models.ModelError, match="no_such_proj"):
         Trainer(small(tmp_path, lora_rank=4, lora_target_modules="no_such_proj"))
 
@@ -181,3 +183,16 @@ def test_chat_template_renders_prompts_only_when_switched_on(tmp_path):
     for ex, ids in zip(examples, rollout.prompt_ids):
         assert ids == encode_prompt(trainer.tokenizer, ex.prompt, 512, chat_template=True)
         assert ids[0] == trainer.tokenizer.eos_token_id and ids != encode_prompt(trainer.tokenizer, ex.prompt, 512)
+
+
+def test_bf16_base_with_fp32_adapters_trains_with_checkpointing_and_micro_batches(tmp_path):
+    cfg = small(tmp_path, steps=1, lora_base_dtype="bf16", gradient_checkpointing=True, micro_batch_prompts=1, **LORA)
+    trainer = Trainer(cfg)
+    adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert {p.dtype for p in adapters.values()} == {torch.float32}
+    assert {p.dtype for n, p in trainer.model.named_parameters() if n not in adapters} == {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in adapters.items()}
+    assert trainer.train() is True
+    line = [ln for ln in read_lines(tmp_path / "run") if "loss" in ln][0]
+    assert torch.isfinite(torch.tensor(line["loss"])) and line["grad_norm"] > 0
+    assert any(not torch.equal(before[n], p) for n, p in adapters.items())
