@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from utils import read_lines, small  # noqa: E402
+from utils import read_lines, restore_threads_and_seed, small  # noqa: E402, F401 (a fixture)
 
 import grao_kernels.backends as kernel_backends  # noqa: E402
 from grao import cli, evaluate, models  # noqa: E402
@@ -24,12 +24,7 @@ from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads_and_seed():
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 
 
 def _base_state(trainer) -> dict[str, torch.Tensor]:
