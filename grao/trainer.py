@@ -481,8 +481,9 @@ class Trainer:
                 run_dir.clear(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.write(self.cfg, self.run_dir / run_dir.CONFIG)
-            if self.cfg.model == models.TINY_MOE:
+            if self.cfg.model == models.TINY_MOE and self.initial_model is not None:
                 checkpoint.save_pretrained(self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer)
+            self.initial_model = None  # saved once (a later train() call must not save a trained model as the start)
         else:
             note = run_dir.cut_metrics(self.run_dir, self.step)
             if note:
