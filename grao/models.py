@@ -418,7 +418,10 @@ def add_lora(model, rank: int, alpha: float, dropout: float, targets: list[str],
     over a bf16 base. ModelError when a target is the lm_head or matches no
     module.
     """
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ModuleNotFoundError:
+        raise ModelError("lora_rank > 0 needs peft: pip install peft (it is in the train extra)") from None
 
     head = _head_name(model)
     if head in targets or head.rsplit(".", 1)[-1] in targets:

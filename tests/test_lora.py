@@ -3,6 +3,7 @@ checkpoints hold the adapter, which reloads onto the base and resumes (CPU, seco
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 from utils import read_lines, restore_threads_and_seed, small  # noqa: E402, F401 (a fixture)
 
@@ -25,6 +25,7 @@ LORA = dict(lora_rank=4, lora_alpha=8.0)
 
 
 pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (train extra)")
 
 
 def _base_state(trainer) -> dict[str, torch.Tensor]:
@@ -42,6 +43,7 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
+@needs_peft
 def test_lora_trains_only_the_adapters_and_the_head_gets_no_weight_gradient(tmp_path, monkeypatch, capsys):
     needs = []
     real_module = kernel_backends.module
@@ -59,6 +61,8 @@ def test_lora_trains_only_the_adapters_and_the_head_gets_no_weight_gradient(tmp_
 
     seen = needs
     monkeypatch.setattr(kernel_backends, "module", lambda name: Spy(real_module(name)))
+
+    import peft
 
     trainer = Trainer(small(tmp_path, steps=3, **LORA))
     assert isinstance(trainer.model, peft.PeftModel)
@@ -88,12 +92,15 @@ def test_lora_trains_only_the_adapters_and_the_head_gets_no_weight_gradient(tmp_
     assert f"trainable parameters: {adapter_numel:,} of {total:,}" in capsys.readouterr().err
 
 
+@needs_peft
 def test_saved_adapter_reloads_onto_the_base_and_reproduces_the_trained_logits(tmp_path, monkeypatch, capsys):
     trainer = Trainer(small(tmp_path, steps=2, max_new_tokens=3, eval_greedy=False, temperature=0.9, **LORA))
     assert trainer.train() is True
     ckpt = latest_checkpoint(tmp_path / "run")
     assert models.is_adapter(ckpt)
     assert not (ckpt / "model.safetensors").exists()  # the adapter only, not a copy of the frozen base
+
+    import peft
 
     base = models.load_model(tmp_path / "run" / "initial")
     reloaded = peft.PeftModel.from_pretrained(base, ckpt)
@@ -123,7 +130,10 @@ def test_saved_adapter_reloads_onto_the_base_and_reproduces_the_trained_logits(t
     assert err.count("generating up to 3 new tokens, sampling at temperature 0.9, as set by the run's") == 2
 
 
+@needs_peft
 def test_resume_from_a_lora_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    import peft
+
     full = Trainer(small(tmp_path / "a", steps=3, **LORA))
     assert full.train() is True
 
@@ -146,6 +156,7 @@ def test_resume_from_a_lora_checkpoint_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@needs_peft
 def test_lora_targets_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         small(tmp_path, lora_rank=4, lora_target_modules="q_proj,lm_head")
@@ -180,6 +191,7 @@ def test_chat_template_renders_prompts_only_when_switched_on(tmp_path):
         assert ids[0] == trainer.tokenizer.eos_token_id and ids != encode_prompt(trainer.tokenizer, ex.prompt, 512)
 
 
+@needs_peft
 def test_bf16_base_with_fp32_adapters_trains_with_checkpointing_and_micro_batches(tmp_path):
     cfg = small(tmp_path, steps=1, lora_base_dtype="bf16", gradient_checkpointing=True, micro_batch_prompts=1, **LORA)
     trainer = Trainer(cfg)
