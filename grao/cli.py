@@ -45,15 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--run",
         default=None,
-        help="a run directory: its last checkpoint, its start model as baseline, "
-        "its held-out set and reward (default: runs/demo)",
+        help="a run directory: its last checkpoint, its start model as baseline, its held-out set, reward and "
+        "generation settings (default: the run holding --model's checkpoint, else runs/demo)",
     )
     e.add_argument("--model", help="model directory to evaluate (default: the run's last checkpoint)")
     e.add_argument("--baseline", help="starting model directory for NAG (default: the run's starting model)")
     e.add_argument("--data", help="JSONL of held-out prompts (default: the run's held-out set)")
     e.add_argument("--reward", help="reward (default: the run's)")
-    e.add_argument("--max-new-tokens", type=int)
-    e.add_argument("--sample", action="store_true", help="sample at the run's temperature instead of greedy decoding")
+    e.add_argument("--max-new-tokens", type=int, help="longest response (default: the run's max_new_tokens)")
+    e.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample at the run's temperature (default: the run's eval_greedy, greedy unless it was false)",
+    )
     e.add_argument("--output", help="also write the results (with every response) to this JSON file")
     return p
 
@@ -113,13 +117,25 @@ def _summary(metrics: Path) -> dict:
     }
 
 
+def _run_of(model_dir: str | None) -> Path | None:
+    """The run directory a ``checkpoints/step-NNNNNN`` model directory belongs to, or None."""
+    from .checkpoint import CHECKPOINTS
+    from .run_dir import CONFIG
+
+    if model_dir is None:
+        return None
+    path = Path(model_dir).resolve()
+    run = path.parent.parent
+    return run if path.parent.name == CHECKPOINTS and (run / CONFIG).is_file() else None
+
+
 def evaluate_cmd(args) -> int:
     from . import evaluate, models, rewards, runtime
     from .checkpoint import latest
     from .data import load_examples, load_jsonl
     from .run_dir import CONFIG, INITIAL
 
-    run = Path(args.run or config_mod.TrainConfig.output_dir)
+    run = Path(args.run or _run_of(args.model) or config_mod.TrainConfig.output_dir)
     saved = run / CONFIG
     if not saved.is_file() and (args.model is None or args.data is None):
         raise config_mod.ConfigError(f"{run} is not a run directory (no config.yaml): give --model and --data")
@@ -139,13 +155,23 @@ def evaluate_cmd(args) -> int:
         max_new_tokens=args.max_new_tokens or cfg.max_new_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens,
         batch_size=cfg.eval_batch_size,
-        greedy=not args.sample,
+        greedy=cfg.eval_greedy and not args.sample,
         temperature=cfg.temperature,
         seed=cfg.seed,
+        chat_template=cfg.chat_template,
     )
+    decoding = "greedy" if opts["greedy"] else f"sampling at temperature {opts['temperature']:g}"
+    source = f"the run's {saved}" if saved.is_file() else "the defaults (no run config.yaml)"
+    say(f"generating up to {opts['max_new_tokens']} new tokens, {decoding}, as set by {source}")
 
     def run_model(path):
-        model = models.load_model(path, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
+        if models.is_adapter(path):  # a LoRA checkpoint: its adapter on the base the run started from
+            base_dir = run / INITIAL if cfg.model == models.TINY_MOE else cfg.model
+            base = models.load_model(base_dir, rt.attn_implementation, cfg.trust_remote_code)
+            base = base.to(rt.device, models.lora_base_dtype(cfg.lora_base_dtype, rt.device))
+            model = models.load_adapter(base, path, trainable=False)
+        else:
+            model = models.load_model(path, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
         tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
         return evaluate.evaluate(model, tokenizer, examples, reward, rt, **opts)
 

@@ -70,6 +70,9 @@ class TrainConfig:
     method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
     grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
     dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
+    chat_template: bool = _key(
+        False, "render each prompt as a user message through the tokenizer's chat template (when it has one)"
+    )
     beta: float = _key(0.5, "imitation weight")
     lam: float = _key(0.6, "alignment weight")
     loss_backend: str = _key("auto", "grao_kernels backend: auto, torch, triton or native", resume_safe=True)
@@ -78,6 +81,17 @@ class TrainConfig:
         0.0,
         "DeepSeek-V3 auxiliary-loss-free balancing: after each step every expert's router bias moves this much "
         "toward balance (0 = off; arXiv 2412.19437 uses 0.001)",
+    )
+    # LoRA (peft): a frozen base with trained low-rank adapters; the lm_head stays frozen and still feeds the loss
+    lora_rank: int = _key(0, "LoRA adapter rank r; 0 = off (full fine-tuning)")
+    lora_alpha: float = _key(16.0, "LoRA scaling numerator: the adapter update is (alpha / r) B A")
+    lora_dropout: float = _key(0.0, "dropout on the LoRA adapters' input, in [0, 1)")
+    lora_target_modules: str = _key(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated names of the Linear modules that get adapters (never the lm_head)",
+    )
+    lora_base_dtype: str = _key(
+        "auto", "dtype of the frozen LoRA base: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16", resume_safe=True
     )
     # optimisation
     lr: float = _key(3e-3, "peak AdamW learning rate")
@@ -123,6 +137,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "lora_base_dtype": ("auto", "fp32", "bf16"),
 }
 POSITIVE = (
     "steps",
@@ -137,7 +152,7 @@ POSITIVE = (
     "keep_checkpoints",
     "demo_train_size",
 )
-NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads")
+NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads", "lora_rank")
 # (low, high, low inclusive) for every float key. The upper bounds reject values that cannot be meant: an AdamW
 # lr above 1 moves every weight by about 1 per step, weight decay above 1 shrinks weights past zero, and loss weights
 # or a temperature beyond 1e3 swamp every other term (the paper uses beta 0.5, lambda 0.6, temperature 0.7), and a
@@ -153,6 +168,8 @@ RANGES = {
     "temperature": (0.0, 1e3, False),
     "min_lr_ratio": (0.0, 1.0, True),
     "max_grad_norm": (0.0, math.inf, False),
+    "lora_alpha": (0.0, 1e4, False),
+    "lora_dropout": (0.0, 1.0, True),
 }
 
 
@@ -257,10 +274,30 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"'device' must be auto or a torch device such as cpu, cuda, cuda:1; got {cfg.device!r}"
             ) from None
+    if cfg.lora_dropout >= 1:
+        raise ConfigError(f"'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
+    targets = lora_targets(cfg)
+    if cfg.lora_rank and not targets:
+        raise ConfigError("'lora_target_modules' names no module: give comma-separated Linear module names")
+    if "lm_head" in targets:
+        raise ConfigError(
+            "'lora_target_modules' must not name lm_head: the fused loss reads the head's weight directly, "
+            "so it stays frozen and adapter-free"
+        )
+    if cfg.lora_rank and cfg.router_bias_update_rate > 0:
+        raise ConfigError(
+            "'router_bias_update_rate' > 0 with 'lora_rank' > 0: a LoRA checkpoint saves only the adapters, "
+            "so the updated router biases would be lost on resume; use one of the two"
+        )
     if cfg.micro_batch_prompts > cfg.prompts_per_step:
         raise ConfigError(
             f"'micro_batch_prompts' ({cfg.micro_batch_prompts}) must be <= 'prompts_per_step' ({cfg.prompts_per_step})"
         )
+
+
+def lora_targets(cfg: TrainConfig) -> list[str]:
+    """The module names of ``lora_target_modules``, in order, blanks dropped."""
+    return [name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
 
 
 def update(cfg: TrainConfig, values: dict, source: str) -> TrainConfig:

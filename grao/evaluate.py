@@ -71,8 +71,9 @@ def respond(
     greedy: bool = True,
     temperature: float = 0.7,
     seed: int = 0,
+    chat_template: bool = False,
 ) -> list[str]:
-    prompt_ids = [generation.encode_prompt(tokenizer, ex.prompt, max_prompt_tokens) for ex in examples]
+    prompt_ids = [generation.encode_prompt(tokenizer, ex.prompt, max_prompt_tokens, chat_template) for ex in examples]
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
         torch.manual_seed(seed)
         ids = generation.generate(

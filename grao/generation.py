@@ -7,8 +7,18 @@ import torch
 from .runtime import autocast
 
 
-def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Prompt ids with the tokenizer's special tokens (e.g. BOS), keeping the last ``max_tokens``."""
+def encode_prompt(tokenizer, prompt: str, max_tokens: int, chat_template: bool = False) -> list[int]:
+    """Prompt ids with the tokenizer's special tokens (e.g. BOS), keeping the last ``max_tokens``.
+
+    With ``chat_template`` and a tokenizer that has one, the prompt is one
+    user message rendered through the template with the assistant's turn
+    opened (the template writes its own special tokens).
+    """
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"][-max_tokens:]
 
 

@@ -21,6 +21,7 @@ Everything else is a call into a module named for its job: ``runtime``
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -144,9 +145,7 @@ class Trainer:
         if resume:
             self.checkpoint, (self.model, self.tokenizer, state), skipped = checkpoint.load_latest(
                 self.run_dir,
-                lambda d: models.load_model(d, self.runtime.attn_implementation, cfg.trust_remote_code).to(
-                    self.runtime.device
-                ),
+                self._load_checkpoint_model,
                 lambda d: models.load_tokenizer(d, cfg.trust_remote_code),
             )
             for reason in skipped:
@@ -156,29 +155,52 @@ class Trainer:
             self.model, self.tokenizer = models.load(
                 cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
             )
+            self.initial_model = self.model  # what ``initial/`` holds for the demo
+            if cfg.lora_rank:
+                if cfg.model == models.TINY_MOE:  # tiny by construction: keep the full-weight base for initial/
+                    self.initial_model = copy.deepcopy(self.model)
+                self.model = models.add_lora(
+                    self.model.to(models.lora_base_dtype(cfg.lora_base_dtype, self.runtime.device)),
+                    cfg.lora_rank,
+                    cfg.lora_alpha,
+                    cfg.lora_dropout,
+                    config.lora_targets(cfg),
+                    cfg.seed,
+                )
+        if cfg.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
+        inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
         # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
-        self.head = models.logit_head(self.model, cfg.loss_backend)
+        self.head = models.logit_head(inner, cfg.loss_backend)
         data.check_prompts(
-            self.train_examples + self.eval_examples, lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens)
+            self.train_examples + self.eval_examples,
+            lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
         )
         # The frozen starting policy, for losses that compare against it (DPO): loaded afresh from the config, so a
         # resumed run gets the same one.
         self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
-        self.moe = models.moe_info(self.model)
-        self.aux_coef = models.aux_loss_coef(self.model, cfg.router_aux_loss_coef)
-        self.router_scoring = models.router_scoring(self.model)
+        self.moe = models.moe_info(inner)
+        self.aux_coef = models.aux_loss_coef(inner, cfg.router_aux_loss_coef)
+        self.router_scoring = models.router_scoring(inner)
         self.router_biases = []  # updated after each step by auxiliary-loss-free balancing
         if cfg.router_bias_update_rate > 0:
             try:
-                self.router_biases = models.correction_biases(self.model)
+                self.router_biases = models.correction_biases(inner)
             except models.ModelError as exc:
                 raise ConfigError(f"'router_bias_update_rate' is {cfg.router_bias_update_rate}: {exc}") from None
         if cfg.gradient_checkpointing:
-            models.enable_activation_checkpointing(self.model)
+            models.enable_activation_checkpointing(inner)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
 
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.trainable_params, self.total_params = models.parameter_counts(self.model)
+        lora = f"; LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}, base frozen" if cfg.lora_rank else ""
+        say(
+            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_params / max(1, self.total_params):.2f}%){lora}"
+        )
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         self.saved_step: int | None = None
@@ -187,6 +209,17 @@ class Trainer:
         self.stopped_by: str | None = None  # the signal (or request_stop) that ends the run early
         if state is not None:
             self._restore(state)
+
+    def _load_checkpoint_model(self, directory: Path):
+        """A checkpoint's model: the whole model, or (LoRA) its adapter on the frozen base the run started from
+        (``initial/`` for the demo, else ``cfg.model``)."""
+        cfg, rt = self.cfg, self.runtime
+        if not models.is_adapter(directory):
+            return models.load_model(directory, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
+        base_dir = self.run_dir / run_dir.INITIAL if cfg.model == models.TINY_MOE else cfg.model
+        base = models.load_model(base_dir, rt.attn_implementation, cfg.trust_remote_code)
+        base = base.to(rt.device, models.lora_base_dtype(cfg.lora_base_dtype, rt.device))
+        return models.load_adapter(base, directory, trainable=True)
 
     def _check_resumable(self) -> None:
         if not checkpoint.step_dirs(self.run_dir):
@@ -217,8 +250,14 @@ class Trainer:
         with self._stop_on_signals():
             try:
                 self._start_run()
-                if self.step == 0:
-                    self.log(self.evaluate())  # the starting model: the baseline of eval/nag
+                if self.step == 0:  # the starting model: the baseline of eval/nag
+                    self.log(
+                        {
+                            **self.evaluate(),
+                            "params/trainable": self.trainable_params,
+                            "params/total": self.total_params,
+                        }
+                    )
                 while self.step < cfg.steps and self.stopped_by is None:
                     step = self.step + 1
                     metrics = self.train_step(step)
@@ -285,7 +324,7 @@ class Trainer:
         """Sample G completions per prompt (seeded by step, so a resumed run samples the same), then score them and
         each prompt's reference answer; rewards (P, G+1), the reference's last."""
         cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
-        prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens) for ex in examples]
+        prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
         torch.manual_seed(cfg.seed * 1_000_003 + step)
         sampled = generation.generate(
             self.model,
@@ -335,18 +374,19 @@ class Trainer:
         mb = self.cfg.micro_batch_prompts or P
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        backbone = models.backbone(model)
-        weight, bias = models.output_head(model)
+        inner = models.unwrap(model)
+        backbone = models.backbone(inner)
+        weight, bias = models.output_head(inner)  # frozen under LoRA: the loss computes no weight gradient
         rewards_dev = rollout.rewards.to(device)
         token_counts = torch.tensor([[len(c) for c in g] for g in rollout.completion_ids])
         total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
-        layers = len(models.routers(model)) if self.moe else 0
+        layers = len(models.routers(inner)) if self.moe else 0
         counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=device)
         for start in range(0, P, mb):
             groups = range(start, min(P, start + mb))
             ids, mask, targets = build_batch(rollout, groups, self.tokenizer.pad_token_id, device)
             n_tokens += int(mask.sum())
-            capture = models.capture_routing(model, self.moe.top_k) if self.moe else contextlib.nullcontext([])
+            capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
             with runtime.autocast(self.runtime), capture as routing:
                 out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
             ref_logp = None if self.reference_model is None else self._reference_logp(ids, mask, targets)
@@ -445,6 +485,7 @@ class Trainer:
             greedy=cfg.eval_greedy,
             temperature=cfg.temperature,
             seed=cfg.seed,
+            chat_template=cfg.chat_template,
         )
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
@@ -481,8 +522,9 @@ class Trainer:
                 run_dir.clear(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.write(self.cfg, self.run_dir / run_dir.CONFIG)
-            if self.cfg.model == models.TINY_MOE:
-                checkpoint.save_pretrained(self.run_dir / run_dir.INITIAL, self.model, self.tokenizer)
+            if self.cfg.model == models.TINY_MOE and self.initial_model is not None:
+                checkpoint.save_pretrained(self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer)
+            self.initial_model = None  # saved once (a later train() call must not save a trained model as the start)
         else:
             note = run_dir.cut_metrics(self.run_dir, self.step)
             if note:

@@ -160,3 +160,12 @@ def small(tmp_path, **kw):
 
 def read_lines(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def restore_threads_and_seed():
+    """The trainer runs the tiny MoE on one thread: give the rest of the suite its thread count back; seed 0 first."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
