@@ -307,3 +307,24 @@ def test_autocast_does_not_change_the_result_and_inputs_are_used_as_given(device
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     want = grads(ref_logp.sum() + ref_ent.sum(), h64, w64, b64)
     assert_grads_close(got[1:], want[1:], names=("weight", "bias"))
+
+
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_losses_and_gradients_under_autocast_equal_those_without(device, backend):
+    """Forward and backward inside an enclosing autocast give bitwise the results without it, so every
+    backend computes the same (float32 from the given values) whatever autocast says."""
+    hidden, weight, b, targets, rewards = make_batch(2, 2, 5, 16, 101, True, torch.float32, device=device)
+
+    def run():
+        h, w, bb = leaves(hidden, weight, b)
+        out = grao_loss(h, w, targets, rewards, group_size=2, bias=bb, softcap=3.0, backend=backend)
+        lp = fused_linear_logprobs(h, w, targets, bias=bb, logit_scale=0.5, return_entropy=True, backend=backend)
+        loss = out.loss + (lp.logp.sum() + 0.1 * lp.entropy.sum()) / targets.numel()
+        return [loss.detach(), *grads(loss, h, w, bb)]
+
+    plain = run()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cast = run()
+    for name, x, y in zip(("loss", "dhidden", "dweight", "dbias"), cast, plain):
+        assert x.dtype == y.dtype == torch.float32, name
+        assert torch.equal(x, y), name
