@@ -27,16 +27,25 @@ def shuffled_groups(completions, T, H, V, *, bias=False, device="cpu"):
     return tuple(None if t is None else t.to(device) for t in tensors)
 
 
+# The logits' head: plain, Granite-like (a scale, with a temperature), Gemma-like (a soft cap after a scale).
+HEADS = [
+    pytest.param({}, id="plain"),
+    pytest.param(dict(logit_scale=0.125, temperature=0.8), id="scale-temp"),
+    pytest.param(dict(logit_scale=3.0, softcap=2.5), id="scale-softcap"),
+]
+
+
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("device,backend", ON_DEVICE)
-def test_shuffled_rows_and_unequal_group_sizes_match_float64_reference(device, backend):
+def test_shuffled_rows_and_unequal_group_sizes_match_float64_reference(device, backend, head):
     hidden, weight, b, targets, rewards, ids, ref = shuffled_groups([3, 1, 5], 6, 16, 77, bias=True, device=device)
     h, w, bb = leaves(hidden, weight, b)
-    out = grao_loss(h, w, targets, rewards, group_ids=ids, is_reference=ref, bias=bb, lam=0.8, backend=backend)
+    out = grao_loss(h, w, targets, rewards, group_ids=ids, is_reference=ref, bias=bb, lam=0.8, backend=backend, **head)
     got = grads(out.loss, h, w, bb)
 
     h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
     want_out = reference_grao(
-        h64, w64, targets, rewards.cpu(), group_ids=ids.cpu(), is_reference=ref.cpu(), bias=b64, lam=0.8
+        h64, w64, targets, rewards.cpu(), group_ids=ids.cpu(), is_reference=ref.cpu(), bias=b64, lam=0.8, **head
     )
     want = grads(want_out["loss"], h64, w64, b64)
 
@@ -66,13 +75,14 @@ def test_per_sequence_form_of_a_group_major_batch_is_the_same_loss():
     assert torch.equal(flat.seq_coef, grao_coefficients(rewards, group_size=G).seq_coef)
 
 
+@pytest.mark.parametrize("head", HEADS[::2])
 @pytest.mark.parametrize("device,backend", ON_DEVICE)
-def test_groups_split_across_micro_batches_accumulate_the_full_batch_gradients(device, backend):
+def test_groups_split_across_micro_batches_accumulate_the_full_batch_gradients(device, backend, head):
     """Coefficients once on the whole batch, then one linear_logprob_loss per micro-batch of
     arbitrary rows (groups split between them): the accumulated gradients are the full batch's."""
     hidden, weight, b, targets, rewards, ids, ref = shuffled_groups([2, 4, 3], 5, 12, 61, bias=True, device=device)
     h, w, bb = leaves(hidden, weight, b)
-    full = grao_loss(h, w, targets, rewards, group_ids=ids, is_reference=ref, bias=bb, backend=backend)
+    full = grao_loss(h, w, targets, rewards, group_ids=ids, is_reference=ref, bias=bb, backend=backend, **head)
     want = grads(full.loss, h, w, bb)
 
     coefs = grao_coefficients(rewards, group_ids=ids, is_reference=ref)
@@ -81,7 +91,7 @@ def test_groups_split_across_micro_batches_accumulate_the_full_batch_gradients(d
     rows = torch.randperm(rewards.numel(), device=device)
     for mb in rows.tensor_split(3):
         piece = linear_logprob_loss(
-            h[mb], w, targets[mb], coefs.token_coef(targets[mb], rows=mb), bias=bb, backend=backend
+            h[mb], w, targets[mb], coefs.token_coef(targets[mb], rows=mb), bias=bb, backend=backend, **head
         )
         piece.loss.backward()
         total += piece.loss.item()

@@ -316,3 +316,24 @@ def test_autocast_does_not_change_the_result_and_inputs_are_used_as_given(device
             assert rel_l2(g, ref) < 2e-2, f"{name}: relative L2 error {rel_l2(g, ref):.2e} (bfloat16 logits gradient)"
     else:
         assert_grads_close(got[1:], want[1:], names=("weight", "bias"))
+
+
+@pytest.mark.parametrize("device,backend", ON_DEVICE)
+def test_losses_and_gradients_under_autocast_equal_those_without(device, backend):
+    """Forward and backward inside an enclosing autocast give bitwise the results without it: every
+    backend computes from the given (float32) values whatever autocast says."""
+    hidden, weight, b, targets, rewards = make_batch(2, 2, 5, 16, 101, True, torch.float32, device=device)
+
+    def run():
+        h, w, bb = leaves(hidden, weight, b)
+        out = grao_loss(h, w, targets, rewards, group_size=2, bias=bb, softcap=3.0, backend=backend)
+        lp = fused_linear_logprobs(h, w, targets, bias=bb, logit_scale=0.5, return_entropy=True, backend=backend)
+        loss = out.loss + (lp.logp.sum() + 0.1 * lp.entropy.sum()) / targets.numel()
+        return [loss.detach(), *grads(loss, h, w, bb)]
+
+    plain = run()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cast = run()
+    for name, x, y in zip(("loss", "dhidden", "dweight", "dbias"), cast, plain):
+        assert x.dtype == y.dtype == torch.float32, name
+        assert torch.equal(x, y), name
