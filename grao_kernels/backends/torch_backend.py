@@ -52,9 +52,11 @@ def plan_blocks(V: int, H: int, low_precision: bool, budget: int, buffers: int =
     float32 hidden block and its dhidden block (8·H bytes). Per vocab entry of
     a tile, when the weight is not float32: its float32 copy (4·H).
     """
-    # 10% + 1 MiB stay free for the O(N) vectors (coefficients, log-probs, row
-    # indices) and BLAS scratch.
-    budget = max(int(0.9 * budget) - 2**20, budget // 2)
+    # 10% + 4 MiB (at least a quarter of the budget) stay free for the O(N)
+    # vectors (coefficients, log-probs, row indices) and the BLAS scratch: the
+    # GEMMs pack panels of their tile operands, a few MB that does not shrink
+    # with the tiles (tests/test_memory.py holds an 8 MiB budget to its bound).
+    budget = max(int(0.9 * budget) - 4 * 2**20, budget // 4)
     per_elem = 4 * buffers + 2
     w_bytes = 4 * H * V if low_precision else 0
     rows = (budget - w_bytes) // (per_elem * V + 8 * H) if budget > w_bytes else 0
@@ -126,12 +128,15 @@ def _row_dot(a, b):
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _tile_sums(z, entropy):
+def _tile_sums(z, entropy, keep=True):
     """Softmax partial sums of one logits tile, shifted by its (finite) row maximum m.
 
     Returns ``(m, s, q, e)`` with ``s = sum exp(z - m)``, ``q = sum exp(z - m) (z - m)``
     (None without ``entropy``) and ``e = exp(z - m)``. ``z`` is left holding
     ``z - m``, or ``exp(z - m)`` itself (then ``e is z``) without ``entropy``.
+    With ``keep=False`` the caller needs only the sums: ``e`` is None, and the
+    entropy's products are formed in the exponentials' own buffer (a batched
+    row dot would have BLAS pack copies of both tiles).
     """
     m = z.amax(1)
     z.sub_(m[:, None])
@@ -139,6 +144,9 @@ def _tile_sums(z, entropy):
         e = z.exp_()
         return m, e.sum(1), None, e
     e = z.exp()
+    if not keep:
+        s = e.sum(1)
+        return m, s, e.mul_(z).sum(1), None
     return m, e.sum(1), _row_dot(e, z), e
 
 
@@ -167,9 +175,9 @@ def _block_stats(h, weight, bias, head, vt, full, entropy):
     acc = None
     for _, _, w, b in _tiles(weight, bias, vt, full):
         z = _logits(h, w, b, head)
-        m, s, q, _ = _tile_sums(z, entropy)
+        m, s, q, _ = _tile_sums(z, entropy, keep=False)
         acc = _merge(acc, m, s, q)
-        del z  # free the tile before the next one is allocated
+        del z, _  # free the tile before the next one is allocated
     return _finish(acc, entropy)
 
 
@@ -249,7 +257,7 @@ def _block_grad(h, weight, bias, tgt, c, ec, head, vt, full, lse, ent, needs, dw
         r = ((local >= 0) & (local < v1 - v0)).nonzero().squeeze(1)
         g = _dlogits(p, logp, slope, (r, local[r]), c, ec, ent, k)
         _accumulate(g, h, w, v0, v1, dh, dw, db)
-        del z, p, g  # free the tile before the next one is allocated
+        del z, p, g, logp, slope  # free the tile and every view of it before the next one is allocated
     return lse, ent, dh
 
 
