@@ -1,7 +1,7 @@
 """Benchmark suite: ``pytest benchmarks/ --benchmark-only`` from the repository root.
 
 Cases run shape-major (the floor and all methods and modes of one shape, then the next shape) so that the
-per-shape caches in ``grao_bench`` (inputs, GEMM floor, memory probes) hold one shape at a time. The command
+per-shape caches in ``harness`` (inputs, GEMM floor, memory probes) hold one shape at a time. The command
 line, the session's wall time and the skipped cases with their reasons are written next to ``--benchmark-json``
 as ``<name>.session.json`` for the report.
 """
@@ -35,9 +35,9 @@ def pytest_collection_modifyitems(config, items):
 
     The floor is then measured minutes, not the whole session, away from the methods compared with it.
     """
-    from grao_bench import all_shapes
+    from harness import CPU_SHAPES, GPU_SHAPES
 
-    rank = {s: i for i, s in enumerate(all_shapes())}
+    rank = {s: i for i, s in enumerate(CPU_SHAPES + GPU_SHAPES)}
 
     def key(item):
         params = getattr(getattr(item, "callspec", None), "params", {})

@@ -16,9 +16,7 @@ import time
 
 import pytest
 import torch
-from grao_bench import device_name, rounds, run_isolated, sync
-
-from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from harness import device_name, fresh, peak_meter, rounds, sync
 
 VARIANTS = ("grao_loss", "full_logits")
 # ~1B parameters: 12 MoE layers of 16 experts (top-2) of 3 x 2048 x 768, plus attention.
@@ -107,16 +105,9 @@ def _probe(device: str, model: str, variant: str) -> dict:
     step = _Step(device, model, variant)
     try:
         step()
-        cuda = device == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            reset_peak_rss()
-            base = rss_bytes()
+        peak = peak_meter(device)
         res = step()
-        res["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+        res["peak_mem_bytes"] = peak()
         return res
     finally:
         step.close()
@@ -131,7 +122,7 @@ def _probe_cached(device: str, model: str, variant: str) -> dict:
         if device != "cpu":
             _probes[key] = _probe(device, model, variant)
         else:
-            _probes[key] = run_isolated(f"trainer probe {key}", _probe, device, model, variant)
+            _probes[key] = fresh(f"trainer probe {key}", _probe, device, model, variant)
     return _probes[key]
 
 
@@ -169,7 +160,7 @@ def test_trainer_step(benchmark, device, model, variant):
     try:
         step()  # warm: first generation, optimizer state allocation
         phases = []
-        n_rounds, _ = rounds_for(device)
+        n_rounds, _ = rounds(device)
         benchmark.pedantic(lambda: phases.append(step()), rounds=n_rounds, warmup_rounds=0, iterations=1)
     finally:
         step.close()
@@ -198,9 +189,3 @@ def test_trainer_step(benchmark, device, model, variant):
             "peak_mem_bytes": mem["peak_mem_bytes"],
         }
     )
-
-
-def rounds_for(device: str):
-    from grao_bench import Shape
-
-    return rounds(Shape(device, 0, 0, 0, "float32"))

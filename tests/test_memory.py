@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(__file__)
+PROBE = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "harness.py")
 MiB = 2**20
 
 
@@ -18,7 +18,7 @@ def peak(N, H, V, *extra):
     # free, so the RSS high-water mark tracks live allocations, not heap slack.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_peak_memory.py"), str(N), str(H), str(V), *extra],
+        [sys.executable, PROBE, "probe", str(N), str(H), str(V), *extra],
         check=True,
         capture_output=True,
         text=True,
