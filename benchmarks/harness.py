@@ -50,7 +50,6 @@ BETA, LAM, ENT = 0.5, 0.6, 0.01  # GRAO's beta and lambda; the entropy bonus wei
 FACTOR, FLOOR = 2.0, 1e-3  # gate: relative L2 error <= FACTOR x naive eager's own error + FLOOR
 
 
-# ----------------------------------------------------------------------------
 # device and shapes
 
 
@@ -112,7 +111,6 @@ def shape_skip_reason(shape: Shape) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------
 # the one input factory
 
 
@@ -168,7 +166,6 @@ def grad_bytes(inp: dict) -> int:
     return sum(inp[k].numel() * inp[k].element_size() for k in ("hidden", "weight"))
 
 
-# ----------------------------------------------------------------------------
 # methods: one entry each in METHODS
 
 
@@ -182,7 +179,6 @@ class Method:
     skip: Callable = lambda m, shape: None  # (method, shape) -> reason or None
     backend: str | None = None
     settings: dict = field(default_factory=dict)  # grao_kernels.settings attributes set around each call
-    negated: bool = False  # returns -logp (a cross-entropy) instead of logp
 
     def skip_reason(self, shape: Shape, op: str) -> str | None:
         if op not in self.ops:
@@ -223,7 +219,7 @@ def _weighted(logp, inp):
     return logp.detach().float(), (inp["coef"] * logp.float()).sum()
 
 
-def _ours(m: Method, inp: dict, op: str):
+def _ours_fwd(m: Method, inp: dict, op: str):
     h, w, t = inp["hidden"], inp["weight"], inp["targets"]
     if op == "logprobs":
         return _weighted(grao_kernels.fused_linear_logprobs(h, w, t, backend=m.backend), inp)
@@ -310,6 +306,9 @@ def _liger_flce_skip(m: Method, shape: Shape) -> str | None:
     return _importable("liger_kernel.transformers.functional")(m, shape)
 
 
+LIGER_GRPO = "liger_kernel.chunked_loss"
+
+
 @functools.cache
 def _liger_grpo_module(compiled: bool, S: int):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -334,33 +333,26 @@ def _liger_grpo(m: Method, inp: dict, op: str):
     return None, loss
 
 
-def _ours_methods() -> list[Method]:
-    out = []
-    for b in gk_backends.BACKENDS:
-        modes = [("chunked", "chunked"), ("fused", "fused")] if b == "triton" else [(None, None)]
-        for suffix, mode in modes:
-            key = f"grao_kernels[{b}{'-' + suffix if suffix else ''}]"
-            label = f"grao_kernels ({b}{', ' + mode if mode else ''})"
-            out.append(Method(key, label, OPS, _ours, "ours", _ours_skip, b, {"triton_mode": mode} if mode else {}))
-    return out
+def _ours(backend: str, mode: str | None = None) -> Method:
+    """grao_kernels on one backend (and, for triton, one ``settings.triton_mode``)."""
+    key, label = (f"{backend}-{mode}", f"{backend}, {mode}") if mode else (backend, backend)
+    extra = {"triton_mode": mode} if mode else {}
+    return Method(f"grao_kernels[{key}]", f"grao_kernels ({label})", OPS, _ours_fwd, "ours", _ours_skip, backend, extra)
 
 
 # Adding a peer or a mode is one entry here.
 METHODS: dict[str, Method] = {
     m.key: m
     for m in [
-        *_ours_methods(),
+        _ours("torch"),
+        _ours("native"),
+        _ours("triton", "chunked"),
+        _ours("triton", "fused"),
         Method("naive", "naive PyTorch (eager, full logits)", OPS, _naive),
-        Method("cce", "Cut Cross-Entropy", ("logprobs",), _cce, skip=_importable("cut_cross_entropy"), negated=True),
+        Method("cce", "Cut Cross-Entropy", ("logprobs",), _cce, skip=_importable("cut_cross_entropy")),
         Method("trl", "TRL chunked log-prob", ("logprobs",), _trl, skip=_importable("trl.kernels.chunked_logprob")),
-        Method("liger_flce", "Liger fused linear CE", ("logprobs",), _liger_flce, skip=_liger_flce_skip, negated=True),
-        Method(
-            "liger_grpo",
-            "Liger fused linear GRPO",
-            ("grao",),
-            _liger_grpo,
-            skip=_importable("liger_kernel.chunked_loss"),
-        ),
+        Method("liger_flce", "Liger fused linear CE", ("logprobs",), _liger_flce, skip=_liger_flce_skip),
+        Method("liger_grpo", "Liger fused linear GRPO", ("grao",), _liger_grpo, skip=_importable(LIGER_GRPO)),
     ]
 }
 
@@ -376,7 +368,6 @@ def warm_up(m: Method, op: str, shape: Shape) -> None:
     sync(shape.device)
 
 
-# ----------------------------------------------------------------------------
 # the oracle, sketches and the gate
 
 
@@ -424,26 +415,14 @@ def rel_l2(a, b) -> float:
     return num / den if den else num
 
 
-def errors(got: dict, ref: dict) -> dict:
-    """Relative L2 error of each quantity of ``got`` against the oracle (dH, dW estimated on their sketches)."""
-    return {k: rel_l2(got[k], ref[k]) for k in ("value", "dh", "dw") if got.get(k) is not None}
-
-
-def gate(errs: dict, naive_errs: dict) -> list[str]:
-    """The quantities whose error exceeds FACTOR x naive eager's error in the same dtype + FLOOR (empty: pass)."""
-    return [k for k, e in errs.items() if not e <= FACTOR * naive_errs.get(k, 0.0) + FLOOR]
-
-
-# ----------------------------------------------------------------------------
 # memory: one probe, run in a fresh process on CPU
 
 
 def peak_meter(device: str) -> Callable[[], int]:
     """Start a measurement: the returned function gives the peak memory above the present state so far.
 
-    GPU: ``torch.cuda.max_memory_allocated``. CPU: the RSS high-water mark (reset here), meaningful in a fresh
-    process, with a fixed mmap threshold so that every large block goes back to the system on free and the mark
-    tracks live allocations (plus allocator slack: an over-estimate, never an under-estimate).
+    GPU: ``torch.cuda.max_memory_allocated``. CPU (in a fresh process): the RSS high-water mark, reset here, with a
+    fixed mmap threshold so that freed large blocks go back to the system and the mark tracks live allocations.
     """
     cuda = device.startswith("cuda")
     sync(device)
@@ -546,21 +525,18 @@ def cached(kind: str, *args):
 
 
 def check(key: str, op: str, shape: Shape) -> tuple[dict, dict, dict, list[str]]:
-    """(memory probe, errors, naive eager's errors, quantities failing the gate) of ``key`` at ``shape``."""
-    ref = cached("oracle", shape, op)
-    got = cached("probe", key, op, shape)
-    errs, naive = errors(got, ref), errors(cached("probe", "naive", op, shape), ref)
-    return got, errs, naive, gate(errs, naive)
+    """The gate: (memory probe, errors, naive eager's errors, the quantities failing) of ``key`` at ``shape``.
 
-
-def gate_message(key: str, op: str, shape: Shape, errs: dict, naive: dict, bad: list[str]) -> str:
-    return (
-        f"{METHODS[key].label} ({op}) fails the gate at {shape.id} on {bad}: errors {errs}, "
-        f"allowed {FACTOR} x naive's {naive} + {FLOOR}"
+    Errors: relative L2 against the float64 oracle (dH, dW estimated on their sketches). A quantity fails when its
+    error exceeds FACTOR x that of naive eager in the same dtype + FLOOR.
+    """
+    ref, got, naive = cached("oracle", shape, op), cached("probe", key, op, shape), cached("probe", "naive", op, shape)
+    errs, base = (
+        {k: rel_l2(r[k], ref[k]) for k in ("value", "dh", "dw") if r.get(k) is not None} for r in (got, naive)
     )
+    return got, errs, base, [k for k, e in errs.items() if not e <= FACTOR * base.get(k, 0.0) + FLOOR]
 
 
-# ----------------------------------------------------------------------------
 # GEMM floor and timing
 
 
@@ -639,6 +615,7 @@ def compare(shapes, cases, reps: int, deadline_s: float | None = None, log=print
             row.update({k: mem[k] for k in ("peak_full", "working_full", "grad_bytes", "memory_method")}, status="ok")
             res["grad_bytes"] = mem["grad_bytes"]
             inp = inp or make_inputs(shape)
+            warm_up(m, op, shape)  # in this process too: lazy imports and compilation stay out of the timing
             timers[(key, op)] = functools.partial(m.run, inp, op)
             log(f"[{shape.id}] {key} {op}: errors {row['errors']}, peak {mem['peak_full'] / 2**20:.0f} MiB")
         times = {k: [] for k in timers}
@@ -665,7 +642,6 @@ def compare(shapes, cases, reps: int, deadline_s: float | None = None, log=print
     return {"device": device_name(shapes[0].device) if shapes else "", "torch": torch.__version__, "results": results}
 
 
-# ----------------------------------------------------------------------------
 # the pytest-benchmark suite: forward, backward and forward+backward of each method against the floor
 
 MODES = ("forward", "backward", "full")
@@ -688,14 +664,12 @@ def rounds(device: str) -> tuple[int, int]:
     return int(os.environ.get("GRAO_BENCH_ROUNDS", 1 if device == "cpu" else 5)), int(device != "cpu")
 
 
-def _record(benchmark, shape: Shape | None, **info) -> None:
-    if shape is not None:
-        info.update({k: getattr(shape, k) for k in ("device", "N", "V", "H", "dtype")}, shape=shape.id)
+def _record(benchmark, shape: Shape, floor: dict, mode: str, **info) -> None:
+    """The row of one timed case in ``extra_info``: its time against the floor of ``mode`` at ``shape``."""
     t = benchmark.stats.stats.min
-    info.update(device_name=device_name(info["device"]), time_s=t)
-    if "N" in info:
-        info["tokens_per_s"] = info["N"] / t
-    benchmark.extra_info.update(info)
+    info.update({k: getattr(shape, k) for k in ("device", "N", "V", "H", "dtype")}, shape=shape.id, mode=mode)
+    info.update(device_name=device_name(shape.device), time_s=t, tokens_per_s=shape.N / t, floor_s=floor[mode])
+    benchmark.extra_info.update(info, x_floor=t / floor[mode], floor_gemm_gflops=floor["gemm_gflops"])
 
 
 _inputs: dict = {}
@@ -712,7 +686,7 @@ def run_case(benchmark, op: str, key: str, mode: str, shape: Shape) -> None:
         pytest.skip(reason)
     try:
         mem, errs, naive, bad = check(key, op, shape)  # before any timing: a fast wrong number is never recorded
-        assert not bad, gate_message(key, op, shape, errs, naive, bad)
+        assert not bad, f"{m.label} ({op}) fails the gate at {shape.id} on {bad}: {errs}; naive eager's {naive}"
         _time_case(benchmark, op, m, mode, shape, mem, errs)
     except torch.cuda.OutOfMemoryError:
         _inputs.clear()
@@ -757,27 +731,13 @@ def _time_case(benchmark, op, m, mode, shape, mem, errs) -> None:
     del out
     if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test, nothing to record
         return
-    t = benchmark.stats.stats.min
-    _record(
-        benchmark,
-        shape,
-        op=op,
-        method=m.key,
-        label=m.label,
-        kind=m.kind,
-        mode=mode,
-        floor_s=floor[mode],
-        x_floor=t / floor[mode],
-        floor_gemm_gflops=floor["gemm_gflops"],
-        # Peak above the inputs; the backward's is that of the whole step it ends (its forward's saved state
-        # included). "working" leaves out the returned gradients, which every method allocates alike.
-        peak_mem_bytes=mem["peak_forward"] if mode == "forward" else mem["peak_full"],
-        peak_working_bytes=mem["working_forward"] if mode == "forward" else mem["working_full"],
-        grad_bytes=mem["grad_bytes"],
-        memory_method=mem["memory_method"],
-        errors=errs,
-        checked_against="float64 oracle",
-    )
+    part = "forward" if mode == "forward" else "full"
+    # Peak above the inputs; the backward's is that of the whole step it ends (its forward's saved state included).
+    # "working" leaves out the returned gradients, which every method allocates alike.
+    mem = {"peak_mem_bytes": mem["peak_" + part], "peak_working_bytes": mem["working_" + part], **mem}
+    keep = ("peak_mem_bytes", "peak_working_bytes", "grad_bytes", "memory_method")
+    info = dict(op=op, method=m.key, label=m.label, kind=m.kind, errors=errs)
+    _record(benchmark, shape, floor, mode, **info, **{k: mem[k] for k in keep})
 
 
 def run_floor(benchmark, shape: Shape) -> None:
@@ -793,35 +753,20 @@ def run_floor(benchmark, shape: Shape) -> None:
     floor_gemms.cache_clear()
     if benchmark.stats is None:
         return
+    info = dict(op="floor", method="gemm_floor", label="GEMM floor (logits, dH, dW)", kind="floor", peak_mem_bytes=None)
     _record(
-        benchmark,
-        shape,
-        op="floor",
-        method="gemm_floor",
-        label="GEMM floor (logits, dH, dW)",
-        kind="floor",
-        mode="full",
-        floor_s=floor["full"],
-        x_floor=benchmark.stats.stats.min / floor["full"],
-        floor_gemm_gflops=floor["gemm_gflops"],
-        floor_forward_s=floor["forward"],
-        floor_backward_s=floor["backward"],
-        peak_mem_bytes=None,
+        benchmark, shape, floor, "full", **info, floor_forward_s=floor["forward"], floor_backward_s=floor["backward"]
     )
 
 
-# ----------------------------------------------------------------------------
-# command line: the memory probe of tests/test_memory.py
-
-
 def main(argv=None) -> int:
+    """``python benchmarks/harness.py probe N H V [...]``: one memory probe (tests/test_memory.py) as JSON."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Print one fresh-process memory probe as JSON.")
     ap.add_argument("what", choices=["probe"])
-    ap.add_argument("N", type=int)
-    ap.add_argument("H", type=int)
-    ap.add_argument("V", type=int)
+    for dim in ("N", "H", "V"):
+        ap.add_argument(dim, type=int)
     ap.add_argument("--naive", action="store_true", help="the eager reference instead of grao_kernels")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--op", choices=OPS, default="grao")

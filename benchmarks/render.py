@@ -34,31 +34,19 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        runs.append(
-            {
-                "path": os.path.relpath(path, ROOT),
-                "datetime": data.get("datetime", "?"),
-                "commit": (data.get("commit_info") or {}).get("id", "?"),
-                "dirty": (data.get("commit_info") or {}).get("dirty"),
-                "cpu": (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw", "?"),
-                "python": (data.get("machine_info") or {}).get("python_version", "?"),
-            }
-        )
+        ci, mi = data.get("commit_info") or {}, data.get("machine_info") or {}
+        run = {"path": os.path.relpath(path, ROOT), "datetime": data.get("datetime", "?"), "commit": ci.get("id", "?")}
+        run.update(dirty=ci.get("dirty"), cpu=mi.get("cpu", {}).get("brand_raw", "?"), python=mi.get("python_version"))
+        runs.append(run)
         for b in data["benchmarks"]:
-            e = dict(b.get("extra_info") or {})
-            if "op" not in e:
-                continue
-            e.setdefault("time_s", b["stats"]["min"])
-            e["rounds"] = b["stats"]["rounds"]
-            rows.append(e)
+            if "op" in (b.get("extra_info") or {}):
+                rows.append({"time_s": b["stats"]["min"], **b["extra_info"], "rounds": b["stats"]["rounds"]})
         side = os.path.splitext(path)[0] + ".session.json"
         if os.path.exists(side):
             with open(side) as f:
                 info = json.load(f)
             skips.extend(info.get("skips", []))
-            runs[-1].update(
-                {k: info.get(k) for k in ("command", "wall_s", "loadavg_start", "loadavg_end", "cpu_count")}
-            )
+            run.update({k: info.get(k) for k in ("command", "wall_s", "loadavg_start", "loadavg_end", "cpu_count")})
     return rows, skips, runs
 
 
@@ -78,14 +66,6 @@ def fmt_rate(r: float) -> str:
 
 def shape_key(e: dict) -> tuple:
     return (e["device"], e["H"], e["V"], e["N"], e["dtype"])
-
-
-def shape_title(e: dict) -> str:
-    return f"N={e['N']:,} tokens, V={e['V']:,}, H={e['H']:,}, {e['dtype']} on {e['device']}"
-
-
-def row_order(e: dict) -> tuple:
-    return (KIND_ORDER.get(e["kind"], 3), e["label"], list(MODE_LABEL).index(e["mode"]))
 
 
 def summary_tables(rows: list[dict]) -> list[str]:
@@ -128,8 +108,12 @@ def detail_tables(rows: list[dict]) -> list[str]:
         for e in sel:
             by_shape[shape_key(e)].append(e)
         for sk in sorted(by_shape):
-            es = sorted(by_shape[sk], key=row_order)
-            out.append(f"#### {shape_title(es[0])}\n")
+            es = sorted(
+                by_shape[sk],
+                key=lambda e: (KIND_ORDER.get(e["kind"], 3), e["label"], list(MODE_LABEL).index(e["mode"])),
+            )
+            e0 = es[0]
+            out.append(f"#### N={e0['N']:,} tokens, V={e0['V']:,}, H={e0['H']:,}, {e0['dtype']} on {e0['device']}\n")
             out.append(
                 "| method | mode | time | tokens/s | × floor | peak memory | working memory | device |\n"
                 "|---|---|---:|---:|---:|---:|---:|---|"
@@ -243,8 +227,7 @@ def plots(rows: list[dict], plot_dir: str) -> list[str]:
 def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
     rel_plots = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(md_path)))
     lines = ["<!-- Written by benchmarks/render.py from the JSON below; edits inside this region are lost. -->", ""]
-    lines.append("## Suite results\n")
-    lines.append(METHOD_NOTES)
+    lines += ["## Suite results\n", METHOD_NOTES]
     for r in runs:
         dirty = " (uncommitted changes)" if r["dirty"] else ""
         lines.append(
@@ -252,13 +235,8 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
             f"Python {r['python']}."
         )
         if r.get("command"):
-            load = ""
-            if r.get("loadavg_start") is not None:
-                load = (
-                    f"; load average {r['loadavg_start']:.1f} at the start and {r['loadavg_end']:.1f} at the end "
-                    f"on {r['cpu_count']} cores"
-                )
-            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes{load}).")
+            load = f"; load average {r['loadavg_start']:.1f} at the start and {r['loadavg_end']:.1f} at the end"
+            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes{load} on {r['cpu_count']} cores).")
     devices = sorted({e["device_name"] for e in rows})
     lines.append(f"Device: {', '.join(devices)}.\n")
     if not any(e["device"] == "cuda" for e in rows):
@@ -269,10 +247,7 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
         )
     lines += summary_tables(rows)
     if plot_names:
-        lines.append("### Plots (forward+backward)\n")
-        for n in plot_names:
-            lines.append(f"![{n}]({rel_plots}/{n})")
-        lines.append("")
+        lines += ["### Plots (forward+backward)\n", *(f"![{n}]({rel_plots}/{n})" for n in plot_names), ""]
     lines.append("### Per shape\n")
     lines += detail_tables(rows)
     lines += trainer_table(rows)
