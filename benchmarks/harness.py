@@ -607,7 +607,7 @@ def compare(shapes, cases, reps: int, deadline_s: float | None = None, log=print
             try:
                 mem, row["errors"], res.setdefault("naive_errors", {})[op], bad = check(key, op, shape)
             except Exception as exc:  # a peer's version mismatch or an out-of-memory must not hide the other rows
-                row["status"] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+                row["status"] = f"error: {str(exc).strip().splitlines()[-1][:200]}"  # the child's last traceback line
                 continue
             if bad:  # a fast wrong number is never timed
                 row["status"] = "FAIL: " + ", ".join(bad)
