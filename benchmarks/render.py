@@ -12,6 +12,7 @@ Markdown file and keeps everything else byte for byte.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -159,22 +160,17 @@ def skip_section(skips: list[dict]) -> list[str]:
     """One line per (shape set, reason): how many cases, and which methods or tests."""
     if not skips:
         return []
-    groups = defaultdict(lambda: [0, set()])
+    groups = defaultdict(list)
     for s in skips:
-        test = s["nodeid"].split("::")[-1]
-        name, _, inner = test.partition("[")
+        name, _, inner = s["nodeid"].split("::")[-1].partition("[")
         parts = inner.rstrip("]").split("-")
-        device = parts[0] if parts else "?"
         # test_logprobs[cpu-N128-V32000-H256-float32-cce-forward] -> "cce"; other tests by their name
         what = "-".join(parts[5:-1]) if name in ("test_logprobs", "test_grao") and len(parts) > 6 else name
-        g = groups[(device, s["reason"])]
-        g[0] += 1
-        g[1].add(what)
+        groups[(parts[0], s["reason"])].append(what)
     out = ["### Skipped cases\n", "| shape set | cases | methods / tests | reason |", "|---|---:|---|---|"]
-    for (device, reason), (n, whats) in sorted(groups.items()):
-        out.append(f"| {device} | {n} | {', '.join(sorted(whats))} | {reason} |")
-    out.append("")
-    return out
+    for (device, reason), whats in sorted(groups.items()):
+        out.append(f"| {device} | {len(whats)} | {', '.join(sorted(set(whats)))} | {reason} |")
+    return [*out, ""]
 
 
 def plots(rows: list[dict], plot_dir: str) -> list[str]:
@@ -365,12 +361,9 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--plots", default=os.path.join(HERE, "plots"))
     args = ap.parse_args(argv)
-    paths = args.json
-    if not paths:
-        res = os.path.join(HERE, "results")
-        paths = sorted(
-            os.path.join(res, f) for f in os.listdir(res) if f.endswith(".json") and not f.endswith(".session.json")
-        )
+    paths = args.json or sorted(
+        p for p in glob.glob(os.path.join(HERE, "results", "*.json")) if not p.endswith(".session.json")
+    )
     if not paths:
         print("no benchmark JSON found; run `make bench` first", file=sys.stderr)
         return 1
