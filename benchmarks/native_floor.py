@@ -49,7 +49,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(2)
         shapes = [harness.Shape("cpu", N, V, H) for N, H, V in SHAPES[args.shapes]]
         data = harness.compare(shapes, CASES, args.reps, log=lambda s: print(s, file=sys.stderr, flush=True))
-        data["command"] = f"python benchmarks/native_floor.py --reps {args.reps} --shapes {args.shapes}"
+        for res in data["results"]:
+            res["command"] = f"python benchmarks/native_floor.py --reps {args.reps} --shapes {args.shapes}"
+        if json_path.exists():  # keep the saved results of the shapes this run did not measure
+            done = [r["shape"] for r in data["results"]]
+            kept = [r for r in json.loads(json_path.read_text()).get("results", []) if r["shape"] not in done]
+            data["results"] = kept + data["results"]
     text = render.compare_markdown(data, "Native CPU backend vs the GEMM floor")
     print(text)
     if not args.no_write:

@@ -328,7 +328,8 @@ def compare_markdown(data: dict, title: str) -> str:
             + (f", {sh['ignored']:.0%} ignored targets" * bool(sh["ignored"])),
             "",
             f"Floor {fmt_time(res['floor_s'])} ({6 * N * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
-            f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; naive eager's errors: {naive or '–'}.",
+            f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; naive eager's errors: {naive or '–'}."
+            + (f" Command: `{res['command']}`." if res.get("command") else ""),
             "",
             "| method | op | time | × floor | × floor, CPU time | peak extra | workspace | % of fp32 logits "
             "| err value | err dH | err dW | check |",
