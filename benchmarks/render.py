@@ -265,8 +265,8 @@ How to read these numbers:
   larger of the forward's peak and the step's peak less the gradients (`grao_loss` and Liger's GRPO loss hold
   the finished gradients from their forward on, so their forward's peak is taken less the gradients too).
 - Every method is first checked against the float64 oracle (`grao_kernels/reference.py`): the relative L2 error
-  of its log-probs (or loss) and of dH and dW (estimated on a random projection) must be at most 2× that of the
-  naive eager computation in the same dtype + 1e-3, or the case fails instead of recording a time.
+  of its log-probs (or loss) and of dH and dW (estimated on a random projection) must be at most 2× that of
+  eager PyTorch in the inputs' dtype (the same reference, row by row) + 1e-3, or the case fails unrecorded.
 - Peers: Cut Cross-Entropy's `linear_cross_entropy(..., reduction="none")` (= −log-probs; on CPU only its
   `torch_compile` implementation runs, and it materialises the logits); TRL's `ChunkedLogProbFunction` with its
   trainer's vocabulary chunk (32768); Liger's `LigerFusedLinearGRPOLoss` (`loss_type="grpo"`, no KL, one chunk
@@ -298,7 +298,7 @@ COMPARE_NOTES = (
     "column uses process CPU time, less sensitive to other load on shared cores. **peak extra**: peak memory above "
     "the inputs ({memory}), including the returned gradients; **workspace** = peak extra minus those gradients, "
     "also as a share of the fp32 logits. **err**: relative L2 error against the float64 oracle (dH, dW estimated on "
-    "a random projection); **check**: within 2× naive eager's error in the same dtype + 1e-3, tested before timing."
+    "a random projection); **check**: within 2× eager PyTorch's own error in the inputs' dtype + 1e-3, tested before timing."
 )
 
 
@@ -321,14 +321,14 @@ def compare_markdown(data: dict, title: str) -> str:
         N, V, H = sh["N"], sh["V"], sh["H"]
         logits, grads = N * V * 4, res.get("grad_bytes") or 0
         naive = "; ".join(
-            f"{op}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for op, e in res.get("naive_errors", {}).items()
+            f"{op}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for op, e in res.get("eager_errors", {}).items()
         )
         lines += [
             f"### N={N:,}, H={H:,}, V={V:,}, {sh['dtype']}"
             + (f", {sh['ignored']:.0%} ignored targets" * bool(sh["ignored"])),
             "",
             f"Floor {fmt_time(res['floor_s'])} ({6 * N * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
-            f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; naive eager's errors: {naive or '–'}."
+            f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; eager PyTorch's own errors in this dtype: {naive or '–'}."
             + (f" Command: `{res['command']}`." if res.get("command") else ""),
             "",
             "| method | op | time | × floor | × floor, CPU time | peak extra | workspace | % of fp32 logits "
