@@ -1,9 +1,10 @@
 """Benchmark suite: ``pytest benchmarks/ --benchmark-only`` from the repository root.
 
 Cases run shape-major (the floor and all methods and modes of one shape, then the next shape) so that the
-per-shape caches in ``grao_bench`` (inputs, GEMM floor, memory probes) hold one shape at a time. The command
-line, the session's wall time and the skipped cases with their reasons are written next to ``--benchmark-json``
-as ``<name>.session.json`` for the report.
+per-shape caches in ``harness`` (inputs, GEMM floor, oracle, memory probes) hold one shape at a time, and the floor
+is measured minutes, not the whole session, away from the methods compared with it. The command line, the wall
+time, the load average and the skipped cases with their reasons go next to ``--benchmark-json`` as
+``<name>.session.json`` for the report.
 """
 
 from __future__ import annotations
@@ -20,31 +21,22 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 _skips: list[dict] = []
-_start = time.time()
-_load_start = os.getloadavg()[0]
+_start, _load_start = time.time(), os.getloadavg()[0]
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    yield
 
 
 def pytest_collection_modifyitems(config, items):
-    """Shape-major order across files: each shape's floor, then its grao_loss and log-prob cases, then the next.
+    from harness import CPU_SHAPES, GPU_SHAPES
 
-    The floor is then measured minutes, not the whole session, away from the methods compared with it.
-    """
-    from grao_bench import all_shapes
-
-    rank = {s: i for i, s in enumerate(all_shapes())}
-
-    def key(item):
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        shape = params.get("shape")
-        return rank.get(shape, len(rank))
-
-    items.sort(key=key)  # stable: file and parameter order are kept within a shape
+    rank = {s: i for i, s in enumerate(CPU_SHAPES + GPU_SHAPES)}
+    # stable: file and parameter order are kept within a shape
+    items.sort(
+        key=lambda item: rank.get(getattr(item, "callspec", None) and item.callspec.params.get("shape"), len(rank))
+    )
 
 
 def pytest_runtest_logreport(report):
@@ -58,16 +50,14 @@ def pytest_sessionfinish(session, exitstatus):
     if path is None:
         return
     name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path.name
-    out = os.path.splitext(name)[0] + ".session.json"
-    session_info = {
+    info = {
         "command": os.environ.get("GRAO_BENCH_COMMAND") or shlex.join(["pytest", *sys.argv[1:]]),
         "wall_s": time.time() - _start,
         "exitstatus": int(exitstatus),
-        # Other processes on the machine: the 1-minute load average when the session started and ended.
-        "loadavg_start": _load_start,
+        "loadavg_start": _load_start,  # other processes on the machine: the 1-minute load average
         "loadavg_end": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
         "skips": _skips,
     }
-    with open(out, "w") as f:
-        json.dump(session_info, f, indent=1)
+    with open(os.path.splitext(name)[0] + ".session.json", "w") as f:
+        json.dump(info, f, indent=1)

@@ -1,21 +1,24 @@
-"""Render pytest-benchmark JSON into BENCHMARKS.md tables and PNG plots.
+"""The one renderer: harness results into Markdown tables, PNG plots and BENCHMARKS.md regions.
 
 usage: python benchmarks/render.py [RESULTS.json ...] [--md BENCHMARKS.md] [--plots benchmarks/plots]
 
-Only the region between ``<!-- generated:begin -->`` and ``<!-- generated:end -->`` of the Markdown file is
-rewritten; everything else (hand-written sections, other generators' regions) is kept byte for byte. Each JSON
-may have a ``<name>.session.json`` sidecar (written by benchmarks/conftest.py): command, wall time, skipped cases.
+renders the pytest-benchmark JSON of the suite into the ``generated`` region of BENCHMARKS.md (default: every
+``benchmarks/results/*.json``; each may have the ``<name>.session.json`` sidecar that benchmarks/conftest.py
+writes: command, wall time, skipped cases). ``compare_markdown`` renders ``harness.compare`` results (the GPU
+check, the native floor). ``splice`` rewrites one ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` region of a
+Markdown file and keeps everything else byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import statistics
 import sys
 from collections import defaultdict
 
-BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODE_LABEL = {"forward": "forward", "backward": "backward", "full": "forward+backward"}
@@ -32,31 +35,19 @@ def load(paths: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        runs.append(
-            {
-                "path": os.path.relpath(path, ROOT),
-                "datetime": data.get("datetime", "?"),
-                "commit": (data.get("commit_info") or {}).get("id", "?"),
-                "dirty": (data.get("commit_info") or {}).get("dirty"),
-                "cpu": (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw", "?"),
-                "python": (data.get("machine_info") or {}).get("python_version", "?"),
-            }
-        )
+        ci, mi = data.get("commit_info") or {}, data.get("machine_info") or {}
+        run = {"path": os.path.relpath(path, ROOT), "datetime": data.get("datetime", "?"), "commit": ci.get("id", "?")}
+        run.update(dirty=ci.get("dirty"), cpu=mi.get("cpu", {}).get("brand_raw", "?"), python=mi.get("python_version"))
+        runs.append(run)
         for b in data["benchmarks"]:
-            e = dict(b.get("extra_info") or {})
-            if "op" not in e:
-                continue
-            e.setdefault("time_s", b["stats"]["min"])
-            e["rounds"] = b["stats"]["rounds"]
-            rows.append(e)
+            if "op" in (b.get("extra_info") or {}):
+                rows.append({"time_s": b["stats"]["min"], **b["extra_info"], "rounds": b["stats"]["rounds"]})
         side = os.path.splitext(path)[0] + ".session.json"
         if os.path.exists(side):
             with open(side) as f:
                 info = json.load(f)
             skips.extend(info.get("skips", []))
-            runs[-1].update(
-                {k: info.get(k) for k in ("command", "wall_s", "loadavg_start", "loadavg_end", "cpu_count")}
-            )
+            run.update({k: info.get(k) for k in ("command", "wall_s", "loadavg_start", "loadavg_end", "cpu_count")})
     return rows, skips, runs
 
 
@@ -76,14 +67,6 @@ def fmt_rate(r: float) -> str:
 
 def shape_key(e: dict) -> tuple:
     return (e["device"], e["H"], e["V"], e["N"], e["dtype"])
-
-
-def shape_title(e: dict) -> str:
-    return f"N={e['N']:,} tokens, V={e['V']:,}, H={e['H']:,}, {e['dtype']} on {e['device']}"
-
-
-def row_order(e: dict) -> tuple:
-    return (KIND_ORDER.get(e["kind"], 3), e["label"], list(MODE_LABEL).index(e["mode"]))
 
 
 def summary_tables(rows: list[dict]) -> list[str]:
@@ -126,8 +109,12 @@ def detail_tables(rows: list[dict]) -> list[str]:
         for e in sel:
             by_shape[shape_key(e)].append(e)
         for sk in sorted(by_shape):
-            es = sorted(by_shape[sk], key=row_order)
-            out.append(f"#### {shape_title(es[0])}\n")
+            es = sorted(
+                by_shape[sk],
+                key=lambda e: (KIND_ORDER.get(e["kind"], 3), e["label"], list(MODE_LABEL).index(e["mode"])),
+            )
+            e0 = es[0]
+            out.append(f"#### N={e0['N']:,} tokens, V={e0['V']:,}, H={e0['H']:,}, {e0['dtype']} on {e0['device']}\n")
             out.append(
                 "| method | mode | time | tokens/s | × floor | peak memory | working memory | device |\n"
                 "|---|---|---:|---:|---:|---:|---:|---|"
@@ -173,22 +160,17 @@ def skip_section(skips: list[dict]) -> list[str]:
     """One line per (shape set, reason): how many cases, and which methods or tests."""
     if not skips:
         return []
-    groups = defaultdict(lambda: [0, set()])
+    groups = defaultdict(list)
     for s in skips:
-        test = s["nodeid"].split("::")[-1]
-        name, _, inner = test.partition("[")
+        name, _, inner = s["nodeid"].split("::")[-1].partition("[")
         parts = inner.rstrip("]").split("-")
-        device = parts[0] if parts else "?"
         # test_logprobs[cpu-N128-V32000-H256-float32-cce-forward] -> "cce"; other tests by their name
         what = "-".join(parts[5:-1]) if name in ("test_logprobs", "test_grao") and len(parts) > 6 else name
-        g = groups[(device, s["reason"])]
-        g[0] += 1
-        g[1].add(what)
+        groups[(parts[0], s["reason"])].append(what)
     out = ["### Skipped cases\n", "| shape set | cases | methods / tests | reason |", "|---|---:|---|---|"]
-    for (device, reason), (n, whats) in sorted(groups.items()):
-        out.append(f"| {device} | {n} | {', '.join(sorted(whats))} | {reason} |")
-    out.append("")
-    return out
+    for (device, reason), whats in sorted(groups.items()):
+        out.append(f"| {device} | {len(whats)} | {', '.join(sorted(set(whats)))} | {reason} |")
+    return [*out, ""]
 
 
 def plots(rows: list[dict], plot_dir: str) -> list[str]:
@@ -240,14 +222,8 @@ def plots(rows: list[dict], plot_dir: str) -> list[str]:
 
 def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
     rel_plots = os.path.relpath(plot_dir, os.path.dirname(os.path.abspath(md_path)))
-    lines = [
-        BEGIN,
-        "",
-        "<!-- Written by benchmarks/render.py from the JSON below; edits inside this region are lost. -->",
-        "",
-    ]
-    lines.append("## Suite results\n")
-    lines.append(METHOD_NOTES)
+    lines = ["<!-- Written by benchmarks/render.py from the JSON below; edits inside this region are lost. -->", ""]
+    lines += ["## Suite results\n", METHOD_NOTES]
     for r in runs:
         dirty = " (uncommitted changes)" if r["dirty"] else ""
         lines.append(
@@ -255,13 +231,8 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
             f"Python {r['python']}."
         )
         if r.get("command"):
-            load = ""
-            if r.get("loadavg_start") is not None:
-                load = (
-                    f"; load average {r['loadavg_start']:.1f} at the start and {r['loadavg_end']:.1f} at the end "
-                    f"on {r['cpu_count']} cores"
-                )
-            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes{load}).")
+            load = f"; load average {r['loadavg_start']:.1f} at the start and {r['loadavg_end']:.1f} at the end"
+            lines.append(f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} minutes{load} on {r['cpu_count']} cores).")
     devices = sorted({e["device_name"] for e in rows})
     lines.append(f"Device: {', '.join(devices)}.\n")
     if not any(e["device"] == "cuda" for e in rows):
@@ -272,15 +243,11 @@ def generated_region(rows, skips, runs, plot_names, md_path, plot_dir) -> str:
         )
     lines += summary_tables(rows)
     if plot_names:
-        lines.append("### Plots (forward+backward)\n")
-        for n in plot_names:
-            lines.append(f"![{n}]({rel_plots}/{n})")
-        lines.append("")
+        lines += ["### Plots (forward+backward)\n", *(f"![{n}]({rel_plots}/{n})" for n in plot_names), ""]
     lines.append("### Per shape\n")
     lines += detail_tables(rows)
     lines += trainer_table(rows)
     lines += skip_section(skips)
-    lines.append(END)
     return "\n".join(lines)
 
 
@@ -297,9 +264,9 @@ How to read these numbers:
   forward+backward step. **working memory** leaves out the returned gradients (the same for every method): the
   larger of the forward's peak and the step's peak less the gradients (`grao_loss` and Liger's GRPO loss hold
   the finished gradients from their forward on, so their forward's peak is taken less the gradients too).
-- Every method is first checked against `grao_kernels` (torch backend; that backend against the naive eager
-  reference): log-probs (or loss) and random projections of dH and dW must agree to 2e-3 (float32) / 5e-2
-  (bf16) of the reference's largest magnitude, or the case fails instead of recording a time.
+- Every method is first checked against the float64 oracle (`grao_kernels/reference.py`): the relative L2 error
+  of its log-probs (or loss) and of dH and dW (estimated on a random projection) must be at most 2× that of
+  eager PyTorch in the inputs' dtype (the same reference, row by row) + 1e-3, or the case fails unrecorded.
 - Peers: Cut Cross-Entropy's `linear_cross_entropy(..., reduction="none")` (= −log-probs; on CPU only its
   `torch_compile` implementation runs, and it materialises the logits); TRL's `ChunkedLogProbFunction` with its
   trainer's vocabulary chunk (32768); Liger's `LigerFusedLinearGRPOLoss` (`loss_type="grpo"`, no KL, one chunk
@@ -311,22 +278,82 @@ How to read these numbers:
 """
 
 
-DEFAULT_HEAD = """# Benchmarks
-
-Reproduce with `make bench` (or `pytest benchmarks/ --benchmark-only`); see README.md.
-
-"""
-
-
-def write_md(md_path: str, region: str) -> None:
-    text = open(md_path).read() if os.path.exists(md_path) else DEFAULT_HEAD
-    b, e = text.find(BEGIN), text.find(END)
-    if b >= 0 and e > b:
-        text = text[:b] + region + text[e + len(END) :]
+def splice(md_path: str, name: str, text: str) -> None:
+    """Replace the ``name`` region of ``md_path`` with ``text`` (appended when the file has none)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    body = open(md_path).read() if os.path.exists(md_path) else "# Benchmarks\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in body and end in body:
+        head, rest = body.split(begin, 1)
+        body = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + region + "\n"
+        body = body.rstrip("\n") + "\n\n" + block + "\n"
     with open(md_path, "w") as f:
-        f.write(text)
+        f.write(body)
+
+
+COMPARE_NOTES = (
+    "Forward+backward. **× floor**: median over repetitions of method time / the three full-size GEMMs (logits "
+    "`h·Wᵀ`, `dZ·W`, `dZᵀ·h`; 6·N·V·H FLOPs) timed back to back in the same repetition of one process; the CPU-time "
+    "column uses process CPU time, less sensitive to other load on shared cores. **peak extra**: peak memory above "
+    "the inputs ({memory}), including the returned gradients; **workspace** = peak extra minus those gradients, "
+    "also as a share of the fp32 logits. **err**: relative L2 error against the float64 oracle (dH, dW estimated on "
+    "a random projection); **check**: within 2× eager PyTorch's own error in the inputs' dtype + 1e-3, tested before timing."
+)
+
+
+def compare_markdown(data: dict, title: str) -> str:
+    """Markdown of ``harness.compare`` results: one table per shape."""
+    rows = [r for res in data["results"] for r in res["rows"] if r.get("status") == "ok"]
+    memory = rows[0]["memory_method"] if rows else "not measured"
+    lines = [
+        f"## {title}",
+        "",
+        COMPARE_NOTES.format(memory=memory),
+        "",
+        f"Device: {data['device']}; torch {data['torch']}.",
+    ]
+    if data.get("command"):
+        lines.append(f"Command: `{data['command']}`.")
+    lines.append("")
+    for res in data["results"]:
+        sh = res["shape"]
+        N, V, H = sh["N"], sh["V"], sh["H"]
+        logits, grads = N * V * 4, res.get("grad_bytes") or 0
+        naive = "; ".join(
+            f"{op}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for op, e in res.get("eager_errors", {}).items()
+        )
+        lines += [
+            f"### N={N:,}, H={H:,}, V={V:,}, {sh['dtype']}"
+            + (f", {sh['ignored']:.0%} ignored targets" * bool(sh["ignored"])),
+            "",
+            f"Floor {fmt_time(res['floor_s'])} ({6 * N * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
+            f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; eager PyTorch's own errors in this dtype: {naive or '–'}."
+            + (f" Command: `{res['command']}`." if res.get("command") else ""),
+            "",
+            "| method | op | time | × floor | × floor, CPU time | peak extra | workspace | % of fp32 logits "
+            "| err value | err dH | err dW | check |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in res["rows"]:
+            if r.get("status") != "ok" or "time_s" not in r:
+                err = r.get("errors") or {}
+                cells = " | ".join(f"{err[k]:.1e}" if k in err else "" for k in ("value", "dh", "dw"))
+                lines.append(f"| {r['label']} | {r['op']} | | | | | | | {cells} | {r.get('status')} |")
+                continue
+            e, ws = r["errors"], r["peak_full"] - r["grad_bytes"]
+            lines.append(
+                f"| {r['label']} | {r['op']} | {fmt_time(r['time_s'])} | {statistics.median(r['x_floor']):.2f} | "
+                f"{statistics.median(r['x_floor_cpu']):.2f} | {fmt_mib(r['peak_full'])} | {fmt_mib(ws)} | "
+                f"{100 * ws / logits:.1f} | {e.get('value', float('nan')):.1e} | {e['dh']:.1e} | {e['dw']:.1e} | ok |"
+            )
+        per_rep = "; ".join(
+            f"{r['label']} ({r['op']}): " + ", ".join(f"{x:.2f}" for x in r["x_floor"])
+            for r in res["rows"]
+            if r.get("x_floor")
+        )
+        lines += ["", f"Per-repetition × floor: {per_rep}.", ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -335,18 +362,15 @@ def main(argv=None) -> int:
     ap.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--plots", default=os.path.join(HERE, "plots"))
     args = ap.parse_args(argv)
-    paths = args.json
-    if not paths:
-        res = os.path.join(HERE, "results")
-        paths = sorted(
-            os.path.join(res, f) for f in os.listdir(res) if f.endswith(".json") and not f.endswith(".session.json")
-        )
+    paths = args.json or sorted(
+        p for p in glob.glob(os.path.join(HERE, "results", "*.json")) if not p.endswith(".session.json")
+    )
     if not paths:
         print("no benchmark JSON found; run `make bench` first", file=sys.stderr)
         return 1
     rows, skips, runs = load(paths)
     names = plots(rows, args.plots) if rows else []
-    write_md(args.md, generated_region(rows, skips, runs, names, args.md, args.plots))
+    splice(args.md, "generated", "\n" + generated_region(rows, skips, runs, names, args.md, args.plots))
     print(f"wrote {args.md} ({len(rows)} results, {len(skips)} skipped) and {len(names)} plots in {args.plots}")
     return 0
 

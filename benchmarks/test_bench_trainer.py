@@ -11,14 +11,13 @@ memory gap that full logits open at real vocabularies is measured by the op benc
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 
 import pytest
 import torch
-from grao_bench import device_name, rounds, run_isolated, sync
-
-from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from harness import device_name, fresh, peak_meter, rounds, sync
 
 VARIANTS = ("grao_loss", "full_logits")
 # ~1B parameters: 12 MoE layers of 16 experts (top-2) of 3 x 2048 x 768, plus attention.
@@ -130,32 +129,19 @@ def _probe(device: str, model: str, variant: str) -> dict:
     step = _Step(device, model, variant)
     try:
         step()
-        cuda = device == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            reset_peak_rss()
-            base = rss_bytes()
+        peak = peak_meter(device)
         res = step()
-        res["peak_mem_bytes"] = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+        res["peak_mem_bytes"] = peak()
         return res
     finally:
         step.close()
 
 
-_probes: dict = {}
-
-
+@functools.cache
 def _probe_cached(device: str, model: str, variant: str) -> dict:
-    key = (device, model, variant)
-    if key not in _probes:
-        if device != "cpu":
-            _probes[key] = _probe(device, model, variant)
-        else:
-            _probes[key] = run_isolated(f"trainer probe {key}", _probe, device, model, variant)
-    return _probes[key]
+    """``_probe`` in a fresh process on CPU (RSS high-water mark), in this one on a GPU."""
+    args = (device, model, variant)
+    return _probe(*args) if device != "cpu" else fresh(f"trainer probe {args}", _probe, *args)
 
 
 def _skip_reason(device: str) -> str | None:
@@ -192,7 +178,7 @@ def test_trainer_step(benchmark, device, model, variant):
     try:
         step()  # warm: first generation, optimizer state allocation
         phases = []
-        n_rounds, _ = rounds_for(device)
+        n_rounds, _ = rounds(device)
         benchmark.pedantic(lambda: phases.append(step()), rounds=n_rounds, warmup_rounds=0, iterations=1)
     finally:
         step.close()
@@ -200,30 +186,20 @@ def test_trainer_step(benchmark, device, model, variant):
         return
     best = min(phases, key=lambda p: p["generation_s"] + p["fwd_bwd_s"] + p["optimizer_s"])
     total = best["generation_s"] + best["fwd_bwd_s"] + best["optimizer_s"]
+    full = variant == "full_logits"
     benchmark.extra_info.update(
-        {
-            "op": "trainer_step",
-            "method": variant,
-            "label": f"GRAO step ({'grao_loss' if variant == 'grao_loss' else 'full logits'})",
-            "kind": "ours" if variant == "grao_loss" else "peer",
-            "mode": "step",
-            "model": model,
-            "device": device,
-            "device_name": device_name(device),
-            "dtype": "bfloat16 autocast" if device == "cuda" else "float32",
-            "time_s": total,
-            "train_tokens": best["train_tokens"],
-            "tokens_per_s": best["train_tokens"] / total,
-            "fwd_bwd_tokens_per_s": best["train_tokens"] / best["fwd_bwd_s"],
-            "generation_s": best["generation_s"],
-            "fwd_bwd_s": best["fwd_bwd_s"],
-            "optimizer_s": best["optimizer_s"],
-            "peak_mem_bytes": mem["peak_mem_bytes"],
-        }
+        best,
+        op="trainer_step",
+        method=variant,
+        label=f"GRAO step ({'full logits' if full else 'grao_loss'})",
+        kind="peer" if full else "ours",
+        mode="step",
+        model=model,
+        device=device,
+        device_name=device_name(device),
+        dtype="bfloat16 autocast" if device == "cuda" else "float32",
+        time_s=total,
+        tokens_per_s=best["train_tokens"] / total,
+        fwd_bwd_tokens_per_s=best["train_tokens"] / best["fwd_bwd_s"],
+        peak_mem_bytes=mem["peak_mem_bytes"],
     )
-
-
-def rounds_for(device: str):
-    from grao_bench import Shape
-
-    return rounds(Shape(device, 0, 0, 0, "float32"))
