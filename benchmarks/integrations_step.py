@@ -84,7 +84,11 @@ def run_variant(name, args):
         from grao.trainer import Rollout, Trainer
 
         cfg = TrainConfig(
-            output_dir=tmp, prompts_per_step=args.prompts, group_size=args.group, loss_backend=args.backend
+            output_dir=tmp,
+            prompts_per_step=args.prompts,
+            group_size=args.group,
+            loss_backend=args.backend,
+            threads=args.threads,  # the CLI's default for the tiny model is 1 thread; compare at the same count
         )
         trainer = Trainer(cfg)
         trainer.model.resize_token_embeddings(args.vocab, mean_resizing=False)
