@@ -10,11 +10,17 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install test checkstyle format bench demo gpu-check clean
 
+# torch-pin.txt holds the torch installed first, so no later dependency swaps it for another build.
+# verl is installed without its dependencies: it pins transformers<5.11 and pulls ray[default], wandb,
+# tensorboard, peft and torchdata, none of which grao_kernels.integrations.verl imports (it needs verl's
+# core_algos and protocol, whose imports the integrations extra installs).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/pip install -q --disable-pip-version-check "setuptools>=69" wheel
-	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,train]"
+	$(BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(VENV)/torch-pin.txt
+	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/torch-pin.txt --no-build-isolation -e ".[dev,train,integrations]"
+	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/torch-pin.txt --no-deps "verl==0.9.1"
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)

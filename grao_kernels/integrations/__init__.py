@@ -1,0 +1,14 @@
+"""GRAO and the fused log-probs inside other trainers.
+
+Each submodule needs its framework and imports it when the submodule itself is
+imported, never from ``import grao_kernels``:
+
+* :mod:`grao_kernels.integrations.verl` (verl >= 0.9): a ``"grao"`` advantage
+  estimator and a ``"grao"`` policy loss in verl's registries, and
+  :func:`~grao_kernels.integrations.verl.add_reference_responses`, which puts
+  each group's reference answer into a rollout ``DataProto``.
+* :mod:`grao_kernels.integrations.trl` (TRL >= 1.16): ``patch_trl(trainer)``,
+  which makes a stock ``GRPOTrainer`` compute its log-probs and entropies with
+  :func:`grao_kernels.fused_linear_logprobs`, and ``GRAOConfig`` /
+  ``GRAOTrainer``, GRAO on top of ``GRPOTrainer``.
+"""
