@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, small  # noqa: E402
+from utils import read_lines, save_tiny_llama, small  # noqa: E402
 
 from grao import models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -246,21 +246,7 @@ def test_bias_balancing_needs_a_router_bias(tmp_path):
 
 def _custom_code_dir(path):
     """A tiny Llama saved as a custom architecture whose config.json maps its classes to code in the directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = models.build_demo_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_llama(path)
     (path / "configuration_tinycustom.py").write_text(
         "from transformers import LlamaConfig\n\n\nclass TinyCustomConfig(LlamaConfig):\n"
         '    model_type = "tinycustom"\n'

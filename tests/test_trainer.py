@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, small  # noqa: E402
+from utils import read_lines, save_tiny_llama, small  # noqa: E402
 
 from grao import cli, config, evaluate, models  # noqa: E402
 from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
@@ -303,21 +303,7 @@ def test_config_file_then_flags(tmp_path, capsys):
 
 
 def test_local_dense_model_dir_with_jsonl_data(tmp_path, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = models.build_demo_tokenizer()
-    llama = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
-    tok.save_pretrained(tmp_path / "llama")
+    save_tiny_llama(tmp_path / "llama")
     path = tmp_path / "d.jsonl"
     path.write_text(
         "".join(
@@ -389,8 +375,6 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
 
 
 def test_rewards_builtin_importable_and_local_reward_model(tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from grao import rewards
 
     assert rewards.resolve("edit")(["p"], ["kitten"], ["sitting"]) == [pytest.approx(1 - 3 / 7)]
@@ -399,19 +383,9 @@ def test_rewards_builtin_importable_and_local_reward_model(tmp_path):
     assert rewards.resolve("grao.rewards:exact_match") is rewards.exact_match
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.resolve("bleu")
-    tok = models.build_demo_tokenizer()
-    rm_cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
+    save_tiny_llama(
+        tmp_path / "rm", "LlamaForSequenceClassification", hidden_size=16, intermediate_size=32, num_labels=1
     )
-    LlamaForSequenceClassification(rm_cfg).save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
     rm = rewards.resolve(f"model:{tmp_path / 'rm'}")
     scores = rm(["abc=", "ab="], ["cba", "b"], ["cba", "ba"])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)

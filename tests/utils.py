@@ -169,3 +169,27 @@ def restore_threads_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+def save_tiny_llama(path, cls_name="LlamaForCausalLM", **fields):
+    """A tiny random Llama (``cls_name`` from transformers, e.g. LlamaForSequenceClassification) with the demo
+    tokenizer, saved as a local Hugging Face model directory at ``path``; ``fields`` override its config."""
+    import transformers
+
+    from grao import models
+
+    tok = models.build_demo_tokenizer()
+    config = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config.update(fields)
+    getattr(transformers, cls_name)(transformers.LlamaConfig(**config)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return tok
