@@ -11,9 +11,9 @@ prompt's reference answer as one more row):
 * ``trl-grao``: ``GRAOTrainer.compute_loss`` + backward;
 * ``grao-train``: ``grao.Trainer.accumulate_gradients`` (the CLI's step without sampling).
 
-It reports the median time of 3 steps after one warm-up, and the peak memory of one step above the state before
-it (``harness.peak_meter``; the gradients of the whole model are part of a step), prints the table and writes it
-into the ``integrations`` region of BENCHMARKS.md.
+It reports the median time of 3 steps after one warm-up, and the peak memory of one more step above the state
+before it, the previous gradients freed (``harness.peak_meter``; the gradients of the whole model are part of a
+step), prints the table and writes it into the ``integrations`` region of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ def run_variant(name, args):
 
     step()  # warm-up: allocator, thread pools, gradient buffers
     times = [harness.timed(step, "cpu")[0] for _ in range(3)]
+    trainer.model.zero_grad(set_to_none=True)  # measured from a state without gradients: they count in the step
     peak = harness.peak_meter("cpu")
-    step()
+    loss_step()
     return {"variant": name, "time_s": statistics.median(times), "peak_mem_bytes": peak()}
 
 

@@ -369,8 +369,8 @@ def integrations_markdown(data: dict) -> str:
         f"G = {data['group']} completions of ≤ {data['completion']} tokens: {tokens} completion positions, whose "
         f"float32 logits (what the stock path would hold) are {fmt_mib(tokens * data['vocab'] * 4)}. Backend "
         f"`{data['backend']}`, {data['threads']} threads, each variant in a fresh process; median of 3 steps after "
-        "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, the model's "
-        "gradients included.",
+        "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, which holds no "
+        "gradients: the model's gradients count in the step.",
         "",
         f"Machine: {data['device']}; torch {data['torch']}. Command: `{data['command']}`.",
         "",
