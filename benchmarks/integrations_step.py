@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import sys
 import tempfile
@@ -79,6 +80,9 @@ def trl_inputs(args, pad_id, with_reference):
 def run_variant(name, args):
     """One variant's median step time and the peak memory of one more step; in a fresh process."""
     torch.set_num_threads(args.threads)
+    # Started here for its fixed mmap threshold: large blocks allocated from now on (the gradients of the steps
+    # before the measured one) go back to the system when freed, so the measured step cannot reuse them unseen.
+    harness.peak_meter("cpu")
     from grao.models import build_demo_tokenizer, tiny_moe
 
     tok = build_demo_tokenizer()
@@ -163,11 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)  # the machine line's thread count; each variant sets its own
+    load_start = os.getloadavg()[0]
     rows = [harness.fresh(f"integrations step {name}", run_variant, name, args) for name in VARIANTS]
     command = "python benchmarks/integrations_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = dict(
-        vars(args), rows=rows, command=command.strip(), device=harness.device_name("cpu"), torch=torch.__version__
-    )
+    data = dict(vars(args), rows=rows, command=command.strip(), device=harness.device_name("cpu"))
+    data.update(torch=torch.__version__, loadavg=(load_start, os.getloadavg()[0]), cpu_count=os.cpu_count())
     text = render.integrations_markdown(data)
     print(text)
     if not args.no_write:

@@ -372,7 +372,9 @@ def integrations_markdown(data: dict) -> str:
         "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, which holds no "
         "gradients: the model's gradients count in the step.",
         "",
-        f"Machine: {data['device']}; torch {data['torch']}. Command: `{data['command']}`.",
+        f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
+        f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end (other processes on shared "
+        f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
         "",
         "| variant | step time | × trl-stock | peak memory above the step's start |",
         "|---|---:|---:|---:|",
