@@ -1,53 +1,60 @@
 """One training step's loss (forward + backward) through TRL and `grao train`, at a large vocabulary, CPU.
 
-usage: python benchmarks/integrations_step.py [--vocab 151936] [--prompts 2] [--group 4] [--completion 64]
+usage: python benchmarks/integrations_step.py [--vocab 151936] [--prompts 2] [--group 4] [--completion 64] [--no-write]
 
-Each variant runs in a fresh process on the same tiny Qwen3-MoE (H = 64, random weights, vocabulary V) and the
-same batch of P prompts x G completions (GRAO variants add each prompt's reference answer as one more row):
+A front end of the harness: each variant runs in a fresh process (``harness.fresh``) on the same tiny Qwen3-MoE
+(H = 64, random weights, vocabulary V) and the same batch of P prompts x G completions (GRAO variants add each
+prompt's reference answer as one more row):
 
 * ``trl-stock``: TRL's GRPOTrainer.compute_loss (DAPO loss, TRL's own chunked fused head) + backward;
 * ``trl-patched``: the same trainer after ``grao_kernels.integrations.trl.patch_trl``;
 * ``trl-grao``: ``GRAOTrainer.compute_loss`` + backward;
 * ``grao-train``: ``grao.Trainer.accumulate_gradients`` (the CLI's step without sampling).
 
-It prints the median time of 3 steps after one warm-up, and the peak resident memory of one step above the
-resident set before it (minus nothing: the gradients of the whole model are part of a step), in a markdown table.
+It reports the median time of 3 steps after one warm-up, and the peak memory of one more step above the state
+before it, the previous gradients freed (``harness.peak_meter``; the gradients of the whole model are part of a
+step), prints the table and writes it into the ``integrations`` region of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+import render  # noqa: E402
 
 VARIANTS = ("trl-stock", "trl-patched", "trl-grao", "grao-train")
 
 
-def batch(args, tok):
-    """Prompt and completion ids: P prompts (left-padded to 16), G completions each, lengths varying."""
+def batch(args):
+    """P prompts of 16 ids, G + 1 completions each (the last: the reference answer), lengths varying; rewards."""
     g = torch.Generator().manual_seed(0)
-    rows = args.prompts * args.group
     prompt = torch.randint(3, args.vocab, (args.prompts, 16), generator=g)
     completion = torch.randint(3, args.vocab, (args.prompts, args.group + 1, args.completion), generator=g)
     lengths = torch.randint(args.completion // 2, args.completion + 1, (args.prompts, args.group + 1), generator=g)
     rewards = torch.rand(args.prompts, args.group + 1, generator=g)
-    return prompt, completion, lengths, rewards, rows
+    return prompt, completion, lengths, rewards
 
 
-def trl_inputs(args, tok, with_reference):
-    prompt, completion, lengths, rewards, _ = batch(args, tok)
+def trl_inputs(args, pad_id, with_reference):
+    """The batch as TRL's compute_loss takes it, with GRAO's coefficients or GRPO's group-normalised advantages."""
+    prompt, completion, lengths, rewards = batch(args)
     K = args.group + (1 if with_reference else 0)
     prompt_ids = prompt.repeat_interleave(K, 0)
     comp = completion[:, :K].reshape(-1, args.completion)
     mask = (torch.arange(args.completion)[None] < lengths[:, :K].reshape(-1, 1)).long()
-    comp = torch.where(mask.bool(), comp, tok.pad_token_id)
+    comp = torch.where(mask.bool(), comp, pad_id)
     inputs = {
         "prompt_ids": prompt_ids,
         "prompt_mask": torch.ones_like(prompt_ids),
@@ -65,16 +72,17 @@ def trl_inputs(args, tok, with_reference):
         inputs["advantages"] = coefs.advantages
     else:
         grouped = r.view(-1, K)
-        inputs["advantages"] = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(
-            -1
-        )
+        adv = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)
+        inputs["advantages"] = adv.view(-1)
     return inputs
 
 
 def run_variant(name, args):
-    from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-
+    """One variant's median step time and the peak memory of one more step; in a fresh process."""
     torch.set_num_threads(args.threads)
+    # Started here for its fixed mmap threshold: large blocks allocated from now on (the gradients of the steps
+    # before the measured one) go back to the system when freed, so the measured step cannot reuse them unseen.
+    harness.peak_meter("cpu")
     from grao.models import build_demo_tokenizer, tiny_moe
 
     tok = build_demo_tokenizer()
@@ -92,7 +100,7 @@ def run_variant(name, args):
         )
         trainer = Trainer(cfg)
         trainer.model.resize_token_embeddings(args.vocab, mean_resizing=False)
-        prompt, completion, lengths, rewards, _ = batch(args, tok)
+        prompt, completion, lengths, rewards = batch(args)
         rollout = Rollout(
             prompt_ids=prompt.tolist(),
             completion_ids=[
@@ -101,12 +109,7 @@ def run_variant(name, args):
             rewards=rewards,
             completions=[[""] * args.group for _ in range(args.prompts)],
         )
-        params = [p for p in trainer.model.parameters()]
-
-        def step():
-            for p in params:
-                p.grad = None
-            trainer.accumulate_gradients(rollout)
+        loss_step = functools.partial(trainer.accumulate_gradients, rollout)
     else:
         from trl import GRPOConfig, GRPOTrainer
 
@@ -130,36 +133,30 @@ def run_variant(name, args):
         data = Dataset.from_list([{"prompt": "ab=", "reference": "ba"}] * 4)
         reward = lambda completions, **kw: [0.0] * len(completions)  # noqa: E731
         if name == "trl-grao":
-            cfg = GRAOConfig(**common, grao_backend=args.backend)
-            trainer = GRAOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok)
+            trainer_cls, cfg = GRAOTrainer, GRAOConfig(**common, grao_backend=args.backend)
         else:
-            cfg = GRPOConfig(**common, loss_type="dapo")
-            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok)
-            if name == "trl-patched":
-                patch_trl(trainer, backend=args.backend)
+            trainer_cls, cfg = GRPOTrainer, GRPOConfig(**common, loss_type="dapo")
+        trainer = trainer_cls(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok)
+        if name == "trl-patched":
+            patch_trl(trainer, backend=args.backend)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
-        inputs = trl_inputs(args, tok, with_reference=name == "trl-grao")
+        inputs = trl_inputs(args, tok.pad_token_id, with_reference=name == "trl-grao")
+        loss_step = lambda: trainer.compute_loss(trainer.model, dict(inputs)).backward()  # noqa: E731
 
-        def step():
-            trainer.model.zero_grad(set_to_none=True)
-            trainer.compute_loss(trainer.model, dict(inputs)).backward()
+    def step():
+        trainer.model.zero_grad(set_to_none=True)
+        loss_step()
 
     step()  # warm-up: allocator, thread pools, gradient buffers
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    base = rss_bytes()
-    if not reset_peak_rss():
-        raise SystemExit("cannot reset the RSS high-water mark: no reliable memory measurement")
-    step()
-    peak = peak_rss_bytes() - base
-    return {"variant": name, "time_s": statistics.median(times), "peak_extra_bytes": peak}
+    times = [harness.timed(step, "cpu")[0] for _ in range(3)]
+    trainer.model.zero_grad(set_to_none=True)  # measured from a state without gradients: they count in the step
+    peak = harness.peak_meter("cpu")
+    loss_step()
+    return {"variant": name, "time_s": statistics.median(times), "peak_mem_bytes": peak()}
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--prompts", type=int, default=2)
@@ -167,33 +164,20 @@ def main():
     ap.add_argument("--completion", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="torch")
-    ap.add_argument("--variant", choices=VARIANTS)
-    args = ap.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args)))
-        return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    rows = []
-    for name in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", name] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "variant"
-        ]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    tokens = args.prompts * args.group * args.completion
-    logits_mib = tokens * args.vocab * 4 / 2**20
-    print(
-        f"V = {args.vocab}, H = 64 (tiny Qwen3-MoE), P = {args.prompts}, G = {args.group}, completions <= "
-        f"{args.completion} tokens ({tokens} completion positions; their float32 logits: {logits_mib:.0f} MiB), "
-        f"{args.threads} threads, backend {args.backend}"
-    )
-    print()
-    print("| variant | step time (s) | x trl-stock | peak memory above the step's start (MiB) |")
-    print("|---|---|---|---|")
-    ref = rows[0]["time_s"]
-    for r in rows:
-        print(f"| {r['variant']} | {r['time_s']:.3f} | {r['time_s'] / ref:.2f} | {r['peak_extra_bytes'] / 2**20:.0f} |")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)  # the machine line's thread count; each variant sets its own
+    load_start = os.getloadavg()[0]
+    rows = [harness.fresh(f"integrations step {name}", run_variant, name, args) for name in VARIANTS]
+    command = "python benchmarks/integrations_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    data = dict(vars(args), rows=rows, command=command.strip(), device=harness.device_name("cpu"))
+    data.update(torch=torch.__version__, loadavg=(load_start, os.getloadavg()[0]), cpu_count=os.cpu_count())
+    text = render.integrations_markdown(data)
+    print(text)
+    if not args.no_write:
+        render.splice(str(HERE.parent / "BENCHMARKS.md"), "integrations", text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,8 +5,9 @@ usage: python benchmarks/render.py [RESULTS.json ...] [--md BENCHMARKS.md] [--pl
 renders the pytest-benchmark JSON of the suite into the ``generated`` region of BENCHMARKS.md (default: every
 ``benchmarks/results/*.json``; each may have the ``<name>.session.json`` sidecar that benchmarks/conftest.py
 writes: command, wall time, skipped cases). ``compare_markdown`` renders ``harness.compare`` results (the GPU
-check, the native floor). ``splice`` rewrites one ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` region of a
-Markdown file and keeps everything else byte for byte.
+check, the native floor), ``integrations_markdown`` those of benchmarks/integrations_step.py. ``splice`` rewrites
+one ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` region of a Markdown file and keeps everything else byte
+for byte.
 """
 
 from __future__ import annotations
@@ -353,6 +354,36 @@ def compare_markdown(data: dict, title: str) -> str:
             if r.get("x_floor")
         )
         lines += ["", f"Per-repetition × floor: {per_rep}.", ""]
+    return "\n".join(lines)
+
+
+def integrations_markdown(data: dict) -> str:
+    """Markdown of ``benchmarks/integrations_step.py``'s results: one loss step per TRL / ``grao train`` variant."""
+    tokens = data["prompts"] * data["group"] * data["completion"]
+    lines = [
+        "<!-- Written by benchmarks/integrations_step.py; edits inside this region are lost. -->",
+        "",
+        "## One loss step through TRL and `grao train`",
+        "",
+        f"V = {data['vocab']:,}, H = 64 (tiny Qwen3-MoE, random weights), P = {data['prompts']} prompts × "
+        f"G = {data['group']} completions of ≤ {data['completion']} tokens: {tokens} completion positions, whose "
+        f"float32 logits (what the stock path would hold) are {fmt_mib(tokens * data['vocab'] * 4)}. Backend "
+        f"`{data['backend']}`, {data['threads']} threads, each variant in a fresh process; median of 3 steps after "
+        "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, which holds no "
+        "gradients: the model's gradients count in the step.",
+        "",
+        f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
+        f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end (other processes on shared "
+        f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
+        "",
+        "| variant | step time | × trl-stock | peak memory above the step's start |",
+        "|---|---:|---:|---:|",
+    ]
+    ref = data["rows"][0]["time_s"]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['variant']} | {fmt_time(r['time_s'])} | {r['time_s'] / ref:.2f} | {fmt_mib(r['peak_mem_bytes'])} |"
+        )
     return "\n".join(lines)
 
 

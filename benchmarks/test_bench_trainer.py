@@ -47,39 +47,16 @@ def _config(device: str, model: str, out_dir: str):
     )
 
 
-def _full_logits_loss(
-    hidden,
-    weight,
-    targets,
-    rewards,
-    *,
-    group_size,
-    bias=None,
-    beta,
-    lam,
-    logit_scale=1.0,
-    softcap=None,
-    ignore_index,
-    backend="auto",
-):
+def _full_logits_loss(hidden, weight, targets, rewards, *, group_size, backend="auto", **kw):
+    """``grao_loss``'s signature over ``reference_grao`` (the remaining keywords: bias, beta, lam, logit_scale,
+    softcap, ignore_index, passed through); ``backend`` is ignored."""
     from grao_kernels import GRAOOutput
     from grao_kernels.reference import reference_grao
 
     if rewards.shape[1] != group_size + 1:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not hold group_size + 1 = {group_size + 1} columns")
 
-    r = reference_grao(
-        hidden,
-        weight,
-        targets,
-        rewards,
-        bias=bias,
-        beta=beta,
-        lam=lam,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        ignore_index=ignore_index,
-    )
+    r = reference_grao(hidden, weight, targets, rewards, **kw)
     terms = (r[k].detach().float() for k in ("advantages", "seq_logp", "exploration", "imitation", "alignment"))
     return GRAOOutput(r["loss"], *terms)
 
