@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, save_tiny_llama, small  # noqa: E402
+from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
 
 from grao import models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -62,12 +62,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads_and_seed():
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 
 
 @pytest.fixture(scope="module")

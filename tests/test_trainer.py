@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, save_tiny_llama, small  # noqa: E402
+from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
 
 from grao import cli, config, evaluate, models  # noqa: E402
 from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
@@ -35,13 +35,7 @@ TRAIN_KEYS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads_and_seed():
-    # the trainer runs the tiny MoE on one thread; give the rest of the suite its thread count back
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 
 
 def test_two_step_run_of_the_tiny_moe(tmp_path):
