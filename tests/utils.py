@@ -193,3 +193,22 @@ def save_tiny_llama(path, cls_name="LlamaForCausalLM", **fields):
     getattr(transformers, cls_name)(transformers.LlamaConfig(**config)).save_pretrained(path)
     tok.save_pretrained(path)
     return tok
+
+
+def run_readme_section(heading: str, min_blocks: int = 1) -> dict:
+    """Execute the python blocks of README's section ``## heading`` in order, in one namespace, and return it."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.index("\n## ", start + 1)
+    blocks = re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+    assert len(blocks) >= min_blocks, f"README's section {heading!r} has {len(blocks)} python examples"
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"README.md ({heading}, python block {i + 1})", "exec"), namespace)
+        except Exception as exc:
+            raise AssertionError(f"README python block {i + 1} of {heading!r} failed:\n{block}") from exc
+    return namespace
