@@ -140,3 +140,22 @@ def score(reward: Reward, prompts: list[str], completions: list[str], references
         if not math.isfinite(v):
             raise RewardError(f"{who} returned {v!r} for completion {i} ({completions[i]!r}); rewards must be finite")
     return [float(v) for v in values]
+
+
+def statistics(rewards: torch.Tensor) -> dict[str, float]:
+    """Per-step statistics of a (P, G+1) reward tensor (the G samples, then the reference), for the metrics line.
+
+    ``reward/std`` and the quartiles ``reward/q25``, ``reward/q50``, ``reward/q75`` are over the P·G sampled
+    rewards (population std). ``reward/zero_std_groups`` is the share of prompts whose G+1 rewards are all
+    equal: their normalised advantages are all 0, so they give GRAO no gradient.
+    """
+    samples = rewards[:, :-1].double().flatten()
+    q25, q50, q75 = torch.quantile(samples, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    tied = (rewards == rewards[:, :1]).all(1)
+    return {
+        "reward/std": float(samples.std(correction=0)),
+        "reward/q25": q25,
+        "reward/q50": q50,
+        "reward/q75": q75,
+        "reward/zero_std_groups": float(tied.double().mean()),
+    }

@@ -295,6 +295,7 @@ class Trainer:
             "step": step,
             "reward/samples": float(r[:, :-1].mean()),
             "reward/reference": float(r[:, -1].mean()),
+            **rewards.statistics(r),
             **stats,
             "completion_len": sum(len(c) for g in rollout.completion_ids for c in g[:-1]) / r[:, :-1].numel(),
             "tokens_per_s": n_tokens / max(t2 - t1, 1e-9),

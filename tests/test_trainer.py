@@ -24,6 +24,11 @@ from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
 TRAIN_KEYS = (
     "reward/samples",
     "reward/reference",
+    "reward/std",
+    "reward/q25",
+    "reward/q50",
+    "reward/q75",
+    "reward/zero_std_groups",
     "loss",
     "objective/exploration",
     "objective/imitation",
@@ -231,6 +236,18 @@ def test_ras_and_nag_on_a_hand_computed_example():
     assert evaluate.nag(model, baseline) == 0.25  # (2 wins - 1 loss) / 4
     res = evaluate.EvalResult(["a"] * 4, model, reference)
     assert res.mean_reward == pytest.approx(0.65) and res.ras == 0.75
+
+
+def test_reward_statistics_of_a_step():
+    from grao import rewards
+
+    r = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0], [0.5, 0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5, 1.0]])
+    stats = rewards.statistics(r)  # samples: 0 1 2 3 and four 0.5s twice; the reference (last column) is left out
+    samples = torch.tensor([0.0, 1.0, 2.0, 3.0] + [0.5] * 8, dtype=torch.float64)
+    assert stats["reward/std"] == pytest.approx(float(samples.std(correction=0)))
+    # sorted: 0, eight 0.5s, 1, 2, 3; linear interpolation at 0.25·11, 0.5·11, 0.75·11
+    assert (stats["reward/q25"], stats["reward/q50"], stats["reward/q75"]) == (0.5, 0.5, pytest.approx(0.625))
+    assert stats["reward/zero_std_groups"] == pytest.approx(1 / 3)  # only the second group is tied, reference included
 
 
 @pytest.mark.parametrize(
