@@ -45,6 +45,10 @@ class LossBatch:
     logit_scale: float = 1.0
     softcap: float | None = None
 
+    def head(self) -> dict:
+        """The keyword arguments of every grao_kernels call on this batch that say how its logits are formed."""
+        return dict(bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap, ignore_index=self.ignore_index)
+
 
 @dataclass
 class LossOutput:
@@ -81,13 +85,10 @@ class GRAO:
             batch.targets,
             batch.rewards,
             group_size=batch.group_size,
-            bias=batch.bias,
             beta=self.beta,
             lam=self.lam,
-            logit_scale=batch.logit_scale,
-            softcap=batch.softcap,
-            ignore_index=batch.ignore_index,
             backend=self.backend,
+            **batch.head(),
         )
         share = len(batch.groups) / batch.num_groups
         metrics = {f"objective/{t}": float(getattr(out, t)) * share for t in self.TERMS}

@@ -70,11 +70,8 @@ def _sweep(batch: LossBatch, token_coef: torch.Tensor, backend: str):
         batch.weight,
         batch.targets,
         token_coef,
-        bias=batch.bias,
-        logit_scale=batch.logit_scale,
-        softcap=batch.softcap,
-        ignore_index=batch.ignore_index,
         backend=backend,
+        **batch.head(),
     )
 
 
@@ -246,11 +243,8 @@ class DPO:
             batch.hidden,
             batch.weight,
             batch.targets,
-            bias=batch.bias,
-            logit_scale=batch.logit_scale,
-            softcap=batch.softcap,
-            ignore_index=batch.ignore_index,
             backend=self.backend,
+            **batch.head(),
         )
         ignored = batch.targets == batch.ignore_index
         ref = torch.where(ignored, 0.0, batch.reference_logp.detach().float())
