@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from utils import FP32_GRAD_REL_L2, rel_l2
+from utils import FP32_GRAD_REL_L2, TINY_DECODER, rel_l2
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -46,15 +46,9 @@ def dense_model(tok, seed=0):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     config = Qwen3Config(
+        **TINY_DECODER,
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,

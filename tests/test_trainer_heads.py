@@ -11,22 +11,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from test_trainer import small  # noqa: E402
+from utils import TINY_DECODER, small  # noqa: E402
 
 from grao import models  # noqa: E402
 from grao.losses import GRAO  # noqa: E402
 from grao.trainer import IGNORE_INDEX, Trainer, build_batch  # noqa: E402
 from grao_kernels import fused_linear_logprobs, grao_loss  # noqa: E402
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    tie_word_embeddings=False,
-)
 # model_type, config fields, the head the trainer must read from them
 FAMILIES = [
     ("granite", dict(logits_scaling=8.0), models.LogitHead(1 / 8, None)),
@@ -50,11 +41,11 @@ def tiny_model(model_type: str, vocab_size: int = 61, seed: int = 0, **fields):
             "xlstm", hidden_size=32, embedding_dim=32, num_heads=2, num_blocks=1, vocab_size=vocab_size, **ids, **fields
         )
     elif model_type == "gemma3":  # multimodal: the head's settings live in its text config
-        text = dict(TINY, vocab_size=vocab_size, **ids, **fields)
+        text = dict(TINY_DECODER, vocab_size=vocab_size, **ids, **fields)
         vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
         config = AutoConfig.for_model("gemma3", text_config=text, vision_config=dict(vision, patch_size=14), **ids)
     else:
-        config = AutoConfig.for_model(model_type, **TINY, vocab_size=vocab_size, **ids, **fields)
+        config = AutoConfig.for_model(model_type, **TINY_DECODER, vocab_size=vocab_size, **ids, **fields)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

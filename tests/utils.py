@@ -171,6 +171,18 @@ def restore_threads_and_seed():
     torch.set_num_threads(threads)
 
 
+# The smallest decoder config the tests build models from (random weights; vocabulary and special ids added).
+TINY_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
+
+
 def save_tiny_llama(path, cls_name="LlamaForCausalLM", **fields):
     """A tiny random Llama (``cls_name`` from transformers, e.g. LlamaForSequenceClassification) with the demo
     tokenizer, saved as a local Hugging Face model directory at ``path``; ``fields`` override its config."""
@@ -179,16 +191,7 @@ def save_tiny_llama(path, cls_name="LlamaForCausalLM", **fields):
     from grao import models
 
     tok = models.build_demo_tokenizer()
-    config = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    config = dict(TINY_DECODER, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     config.update(fields)
     getattr(transformers, cls_name)(transformers.LlamaConfig(**config)).save_pretrained(path)
     tok.save_pretrained(path)
