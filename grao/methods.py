@@ -34,8 +34,9 @@ METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignmen
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
-def from_config(cfg) -> GRAO | GRAOTerms | SFT | GRPO | DPO:
-    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation."""
+def from_config(cfg, *, hidden_size: int | None = None):
+    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation; ``hidden_size``:
+    the backbone's, for a loss with parameters of its own."""
     m, backend = cfg.method, cfg.loss_backend
     if m == "grao":
         return GRAO(cfg.beta, cfg.lam, backend)
@@ -73,6 +74,18 @@ def _sweep(batch: LossBatch, token_coef: torch.Tensor, backend: str):
         backend=backend,
         **batch.head(),
     )
+
+
+def sample_token_count(batch: LossBatch) -> int:
+    """N: completion tokens of the whole step's sampled completions (not its reference answers)."""
+    if batch.step_token_counts is not None:
+        return int(batch.step_token_counts[:, : batch.group_size].sum())
+    if len(batch.groups) != batch.num_groups:
+        raise ValueError(
+            f"a token mean over the step on a micro-batch of {len(batch.groups)} of the step's {batch.num_groups} "
+            "groups needs the whole step's token counts: LossBatch.step_token_counts is None"
+        )
+    return int((batch.targets != batch.ignore_index).sum(1).view(-1, batch.group_size + 1)[:, :-1].sum())
 
 
 def _is_reference(batch: LossBatch) -> torch.Tensor:
@@ -184,17 +197,6 @@ class GRPO:
             backend,
         )
 
-    def _sample_tokens(self, batch: LossBatch) -> int:
-        """N: completion tokens of the step's sampled completions (not its reference answers)."""
-        if batch.step_token_counts is not None:
-            return int(batch.step_token_counts[:, : batch.group_size].sum())
-        if len(batch.groups) != batch.num_groups:
-            raise ValueError(
-                f"loss_type='dapo' on a micro-batch of {len(batch.groups)} of the step's {batch.num_groups} groups "
-                f"needs the whole step's token counts: LossBatch.step_token_counts is None"
-            )
-        return int((batch.targets != batch.ignore_index).sum(1).view(-1, batch.group_size + 1)[:, :-1].sum())
-
     def __call__(self, batch: LossBatch) -> LossOutput:
         G, B = batch.group_size, batch.num_groups * batch.group_size
         adv = group_advantages(batch.rewards[:, :G], eps=self.eps)
@@ -204,7 +206,7 @@ class GRPO:
         elif self.loss_type == "dr_grpo":
             seq_coef, mean = -adv / (B * self.max_completion_length), False
         else:
-            seq_coef, mean = -adv / max(self._sample_tokens(batch), 1), False
+            seq_coef, mean = -adv / max(sample_token_count(batch), 1), False
         out = _sweep(batch, _spread(seq_coef, batch.targets, batch.ignore_index, mean=mean), self.backend)
         return LossOutput(out.loss, {"objective/policy": -float(out.loss.detach())})
 
