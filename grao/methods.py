@@ -18,6 +18,9 @@ the mean log-prob over the completion tokens of sequence s, n_s their number.
   sample, with a frozen reference model (``dpo_beta``). DPO's loss is not
   linear in the log-probs: it differentiates through
   ``grao_kernels.fused_linear_logprobs`` instead (still no logits).
+* ``ppo``: :class:`grao.ppo.PPO`, clipped PPO with a value head, GAE and a KL
+  penalty to the frozen starting model in the reward (``ppo_*``,
+  ``clip_epsilon``); like DPO, through ``fused_linear_logprobs``.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from grao_kernels.api import sequence_logp
 
 from .losses import GRAO, LossBatch, LossOutput
 
-METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo")
+METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo", "ppo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 def from_config(cfg, *, hidden_size: int | None = None):
-    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation; ``hidden_size``:
-    the backbone's, for a loss with parameters of its own."""
+    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation; ``ppo``'s value
+    head needs the backbone's ``hidden_size``."""
     m, backend = cfg.method, cfg.loss_backend
     if m == "grao":
         return GRAO(cfg.beta, cfg.lam, backend)
@@ -52,6 +55,22 @@ def from_config(cfg, *, hidden_size: int | None = None):
         return GRPO(cfg.grpo_loss_type, max_completion_length=cfg.max_new_tokens, backend=backend)
     if m == "dpo":
         return DPO(cfg.dpo_beta, backend=backend)
+    if m == "ppo":
+        from .ppo import PPO  # grao.ppo builds on this module's helpers
+
+        if hidden_size is None:
+            raise ValueError("method 'ppo' builds a value head on the backbone: from_config needs its hidden_size")
+        return PPO(
+            hidden_size,
+            kl_coef=cfg.ppo_kl_coef,
+            gamma=cfg.ppo_gamma,
+            lam=cfg.ppo_gae_lambda,
+            clip_epsilon=cfg.clip_epsilon,
+            vf_clip=cfg.ppo_vf_clip,
+            vf_coef=cfg.ppo_vf_coef,
+            seed=cfg.seed,
+            backend=backend,
+        )
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
 
 
