@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from utils import assert_close, assert_grads_close, grads, leaves, make_batch, read_lines, small
+from utils import assert_close, assert_grads_close, assert_same_run, grads, leaves, make_batch, read_lines, small
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -259,21 +259,7 @@ def test_resumed_ppo_run_matches_an_uninterrupted_one(tmp_path):
     fresh = from_config(cfg, hidden_size=second.loss.value_head.in_features)
     assert not torch.equal(second.loss.value_head.weight.cpu(), fresh.value_head.weight)  # restored, not re-initialised
     assert second.train() is True
-
-    def strip(lines):
-        return [
-            {k: v for k, v in ln.items() if k not in ("tokens_per_s", "time/generate", "time/train")} for ln in lines
-        ]
-
-    a, b = strip(read_lines(tmp_path / "a" / "run")), strip(read_lines(tmp_path / "b" / "run"))
-    assert [ln["step"] for ln in a] == [ln["step"] for ln in b]
-    for la, lb in zip(a, b):
-        assert la.keys() == lb.keys()
-        for k in la:
-            assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), (la["step"], k)
-    for (n, pa), pb in zip(full.model.named_parameters(), second.model.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
-    for n, pa in full.loss.state_dict().items():
-        torch.testing.assert_close(pa, second.loss.state_dict()[n], rtol=1e-5, atol=1e-6, msg=n)
+    runs = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert_same_run(*runs, (full.model, second.model), (full.loss, second.loss))  # the loss: the value head
     state = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
     assert set(state["loss"]) == {"value_head.weight", "value_head.bias"}
