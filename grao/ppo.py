@@ -46,20 +46,18 @@ from .methods import _is_reference, sample_token_count
 WHITEN_EPS = 1e-8
 
 
-def _probability_like(name: str, value, *, low_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or not (0 < value if low_open else 0 <= value) or value > 1:
-        raise ValueError(f"{name} must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
+def _number(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    """``value`` as a float when it is a finite number in [low, high] ((low, high] with ``low_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value if low_open else low <= value) or value > high:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
+        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
     return float(value)
 
 
-def _non_negative(name: str, value, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or math.isinf(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
+def _sample_tokens(batch: LossBatch) -> torch.Tensor:
+    """(S, T) bool: the completion tokens of the micro-batch's sampled completions (not its reference answers)."""
+    return (batch.targets != batch.ignore_index) & ~_is_reference(batch)[:, None]
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -129,12 +127,12 @@ class PPO(torch.nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be an int >= 1, got {hidden_size!r}")
-        self.kl_coef = _non_negative("kl_coef", kl_coef)
-        self.gamma = _probability_like("gamma", gamma, low_open=False)
-        self.lam = _probability_like("lam", lam, low_open=False)
-        self.clip_epsilon = _non_negative("clip_epsilon", clip_epsilon, positive=True)
-        self.vf_clip = _non_negative("vf_clip", vf_clip, positive=True)
-        self.vf_coef = _non_negative("vf_coef", vf_coef)
+        self.kl_coef = _number("kl_coef", kl_coef, 0.0, math.inf)
+        self.gamma = _number("gamma", gamma, 0.0, 1.0)
+        self.lam = _number("lam", lam, 0.0, 1.0)
+        self.clip_epsilon = _number("clip_epsilon", clip_epsilon, 0.0, math.inf, low_open=True)
+        self.vf_clip = _number("vf_clip", vf_clip, 0.0, math.inf, low_open=True)
+        self.vf_coef = _number("vf_coef", vf_coef, 0.0, math.inf)
         self.backend = backend
         self.value_head = torch.nn.Linear(hidden_size, 1)
         bound = 1.0 / math.sqrt(hidden_size)
@@ -176,7 +174,7 @@ class PPO(torch.nn.Module):
     def advantages(self, batch: LossBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(whitened advantages, returns, kl) as (S, T) float64 from ``batch.old`` and ``batch.reference_logp``;
         zero outside the sampled completions' tokens."""
-        mask = (batch.targets != batch.ignore_index) & ~_is_reference(batch)[:, None]
+        mask = _sample_tokens(batch)
         old_logp, old_values = batch.old["logp"].double(), batch.old["values"].double()
         kl = torch.where(mask, old_logp - batch.reference_logp.double(), 0.0)
         T = mask.shape[1]
@@ -192,7 +190,7 @@ class PPO(torch.nn.Module):
     def forward(self, batch: LossBatch) -> LossOutput:
         self._check(batch)
         adv, returns, kl = self.advantages(batch)
-        mask = (batch.targets != batch.ignore_index) & ~_is_reference(batch)[:, None]
+        mask = _sample_tokens(batch)
         n = max(sample_token_count(batch), 1)
         logp = self._logp(batch)[mask]
         values = self.values(batch.hidden[mask])
