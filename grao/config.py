@@ -70,6 +70,12 @@ class TrainConfig:
     method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
     grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
     dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
+    clip_epsilon: float = _key(0.2, "ppo's ratio clip: the policy ratio is clipped to [1 - eps, 1 + eps]")
+    ppo_kl_coef: float = _key(0.05, "ppo's per-token KL penalty to the frozen starting model, in the reward")
+    ppo_gamma: float = _key(1.0, "ppo's discount over completion tokens")
+    ppo_gae_lambda: float = _key(0.95, "ppo's GAE lambda")
+    ppo_vf_coef: float = _key(0.1, "ppo's value-loss weight")
+    ppo_vf_clip: float = _key(0.2, "ppo's value clip: new values stay within this of the rollout's")
     chat_template: bool = _key(
         False, "render each prompt as a user message through the tokenizer's chat template (when it has one)"
     )
@@ -162,6 +168,12 @@ RANGES = {
     "weight_decay": (0.0, 1.0, True),
     "beta": (0.0, 1e3, True),
     "dpo_beta": (0.0, 1e3, False),
+    "clip_epsilon": (0.0, 1.0, False),
+    "ppo_kl_coef": (0.0, 1e3, True),
+    "ppo_gamma": (0.0, 1.0, True),
+    "ppo_gae_lambda": (0.0, 1.0, True),
+    "ppo_vf_coef": (0.0, 1e3, True),
+    "ppo_vf_clip": (0.0, 1e3, False),
     "lam": (0.0, 1e3, True),
     "router_aux_loss_coef": (0.0, 1e3, True),
     "router_bias_update_rate": (0.0, 1.0, True),

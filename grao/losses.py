@@ -7,6 +7,14 @@ the completion targets, the rewards and the group layout of one micro-batch,
 and returns its share of the step's loss with the terms to log. Any callable with that signature is a loss: other methods
 (SFT, DPO, GRPO, ...) and the benchmarks' variants plug in as
 ``Trainer(cfg, loss=...)``, without touching the trainer.
+
+Optional parts of a loss, each used by the trainer when present:
+``needs_reference_model = True`` (``LossBatch.reference_logp`` from the frozen
+starting model); ``snapshot(batch) -> dict[str, Tensor]``, called under
+no_grad on each micro-batch before the rollout's update, its result passed as
+``LossBatch.old``; and being an ``nn.Module`` with parameters (e.g. a value
+head): the trainer moves it to the device, trains its parameters with the
+model's and checkpoints its ``state_dict``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ class LossBatch:
     ignore_index: int = -100
     step_token_counts: torch.Tensor | None = None  # (P, G+1) completion tokens of every sequence of the whole step
     reference_logp: torch.Tensor | None = None  # (S, T) the frozen reference model's, for needs_reference_model losses
+    # What the loss's ``snapshot(batch)`` returned for this micro-batch before the rollout's first update (computed
+    # by the trainer under no_grad, e.g. old log-probs); None for a loss without ``snapshot``.
+    old: dict[str, torch.Tensor] | None = None
     # The model's logits are softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) (no tanh without
     # softcap): grao.models.LogitHead, read from the model config; pass both to every grao_kernels call.
     logit_scale: float = 1.0

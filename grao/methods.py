@@ -18,6 +18,9 @@ the mean log-prob over the completion tokens of sequence s, n_s their number.
   sample, with a frozen reference model (``dpo_beta``). DPO's loss is not
   linear in the log-probs: it differentiates through
   ``grao_kernels.fused_linear_logprobs`` instead (still no logits).
+* ``ppo``: :class:`grao.ppo.PPO`, clipped PPO with a value head, GAE and a KL
+  penalty to the frozen starting model in the reward (``ppo_*``,
+  ``clip_epsilon``); like DPO, through ``fused_linear_logprobs``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from grao_kernels.api import sequence_logp
 
 from .losses import GRAO, LossBatch, LossOutput
 
-METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo")
+METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo", "ppo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
-def from_config(cfg) -> GRAO | GRAOTerms | SFT | GRPO | DPO:
-    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation."""
+def from_config(cfg, *, hidden_size: int | None = None):
+    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation; ``ppo``'s value
+    head needs the backbone's ``hidden_size``."""
     m, backend = cfg.method, cfg.loss_backend
     if m == "grao":
         return GRAO(cfg.beta, cfg.lam, backend)
@@ -51,6 +55,22 @@ def from_config(cfg) -> GRAO | GRAOTerms | SFT | GRPO | DPO:
         return GRPO(cfg.grpo_loss_type, max_completion_length=cfg.max_new_tokens, backend=backend)
     if m == "dpo":
         return DPO(cfg.dpo_beta, backend=backend)
+    if m == "ppo":
+        from .ppo import PPO  # grao.ppo builds on this module's helpers
+
+        if hidden_size is None:
+            raise ValueError("method 'ppo' builds a value head on the backbone: from_config needs its hidden_size")
+        return PPO(
+            hidden_size,
+            kl_coef=cfg.ppo_kl_coef,
+            gamma=cfg.ppo_gamma,
+            lam=cfg.ppo_gae_lambda,
+            clip_epsilon=cfg.clip_epsilon,
+            vf_clip=cfg.ppo_vf_clip,
+            vf_coef=cfg.ppo_vf_coef,
+            seed=cfg.seed,
+            backend=backend,
+        )
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {m!r}")
 
 
@@ -73,6 +93,18 @@ def _sweep(batch: LossBatch, token_coef: torch.Tensor, backend: str):
         backend=backend,
         **batch.head(),
     )
+
+
+def sample_token_count(batch: LossBatch) -> int:
+    """N: completion tokens of the whole step's sampled completions (not its reference answers)."""
+    if batch.step_token_counts is not None:
+        return int(batch.step_token_counts[:, : batch.group_size].sum())
+    if len(batch.groups) != batch.num_groups:
+        raise ValueError(
+            f"a token mean over the step on a micro-batch of {len(batch.groups)} of the step's {batch.num_groups} "
+            "groups needs the whole step's token counts: LossBatch.step_token_counts is None"
+        )
+    return int((batch.targets != batch.ignore_index).sum(1).view(-1, batch.group_size + 1)[:, :-1].sum())
 
 
 def _is_reference(batch: LossBatch) -> torch.Tensor:
@@ -184,17 +216,6 @@ class GRPO:
             backend,
         )
 
-    def _sample_tokens(self, batch: LossBatch) -> int:
-        """N: completion tokens of the step's sampled completions (not its reference answers)."""
-        if batch.step_token_counts is not None:
-            return int(batch.step_token_counts[:, : batch.group_size].sum())
-        if len(batch.groups) != batch.num_groups:
-            raise ValueError(
-                f"loss_type='dapo' on a micro-batch of {len(batch.groups)} of the step's {batch.num_groups} groups "
-                f"needs the whole step's token counts: LossBatch.step_token_counts is None"
-            )
-        return int((batch.targets != batch.ignore_index).sum(1).view(-1, batch.group_size + 1)[:, :-1].sum())
-
     def __call__(self, batch: LossBatch) -> LossOutput:
         G, B = batch.group_size, batch.num_groups * batch.group_size
         adv = group_advantages(batch.rewards[:, :G], eps=self.eps)
@@ -204,7 +225,7 @@ class GRPO:
         elif self.loss_type == "dr_grpo":
             seq_coef, mean = -adv / (B * self.max_completion_length), False
         else:
-            seq_coef, mean = -adv / max(self._sample_tokens(batch), 1), False
+            seq_coef, mean = -adv / max(sample_token_count(batch), 1), False
         out = _sweep(batch, _spread(seq_coef, batch.targets, batch.ignore_index, mean=mean), self.backend)
         return LossOutput(out.loss, {"objective/policy": -float(out.loss.detach())})
 

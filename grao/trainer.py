@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import sys
@@ -137,7 +138,6 @@ class Trainer:
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples = data.load_examples(cfg)
         self.reward = reward if reward is not None else rewards.resolve(cfg.reward, cfg.data, self.runtime.device)
-        self.loss = loss if loss is not None else methods.from_config(cfg)
         self.callbacks = list(callbacks)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
@@ -173,6 +173,11 @@ class Trainer:
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
         # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
         self.head = models.logit_head(inner, cfg.loss_backend)
+        self.loss = (
+            loss if loss is not None else methods.from_config(cfg, hidden_size=models.output_head(inner)[0].shape[1])
+        )
+        if isinstance(self.loss, torch.nn.Module):  # e.g. PPO's value head: trained and checkpointed with the model
+            self.loss.to(self.runtime.device)
         data.check_prompts(
             self.train_examples + self.eval_examples,
             lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
@@ -194,6 +199,9 @@ class Trainer:
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        if isinstance(self.loss, torch.nn.Module):
+            trainable += [p for p in self.loss.parameters() if p.requires_grad]
+        self.trainable = trainable
         self.trainable_params, self.total_params = models.parameter_counts(self.model)
         lora = f"; LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}, base frozen" if cfg.lora_rank else ""
         say(
@@ -404,6 +412,10 @@ class Trainer:
                 logit_scale=self.head.logit_scale,
                 softcap=self.head.softcap,
             )
+            snapshot = getattr(self.loss, "snapshot", None)
+            if snapshot is not None:  # one update per rollout: the policy before it is this very forward's
+                with torch.no_grad():
+                    batch = dataclasses.replace(batch, old=snapshot(batch))
             res = self.loss(batch)
             loss = res.loss
             if routing:
@@ -463,7 +475,7 @@ class Trainer:
 
     def optimizer_step(self) -> dict:
         """Clip the gradient norm, take the AdamW step, advance the schedule; returns grad_norm and the lr used."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -542,6 +554,8 @@ class Trainer:
             "baseline_eval": self.baseline_eval,
             "config": config.to_dict(self.cfg),
         }
+        if isinstance(self.loss, torch.nn.Module):
+            state["loss"] = self.loss.state_dict()
         try:
             path = checkpoint.save(
                 self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints
@@ -559,6 +573,13 @@ class Trainer:
             self.save_checkpoint()
 
     def _restore(self, state: dict) -> None:
+        if isinstance(self.loss, torch.nn.Module):
+            if "loss" not in state:
+                raise checkpoint.CheckpointError(
+                    f"{self.checkpoint / checkpoint.STATE_FILE} holds no state of the {type(self.loss).__name__} loss "
+                    "(its parameters were not saved): the run cannot be resumed exactly"
+                )
+            self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state["rng"])

@@ -239,3 +239,95 @@ def reference_dpo(
         z = beta * (delta(chosen) - delta(rejected))
         total = total - torch.nn.functional.logsigmoid(z)
     return total / P
+
+
+def reference_ppo(
+    hidden,
+    weight,
+    targets,
+    rewards,
+    value_weight,
+    value_bias,
+    old_logp,
+    old_values,
+    reference_logp,
+    *,
+    kl_coef=0.05,
+    gamma=1.0,
+    lam=0.95,
+    clip_epsilon=0.2,
+    vf_clip=0.2,
+    vf_coef=0.1,
+    bias=None,
+    ignore_index=-100,
+    dtype=None,
+    **head,
+):
+    """PPO (arXiv 1707.06347) with a value head, GAE and a per-token KL penalty, written per sequence with loops.
+
+    ``rewards`` (P, G): the sampled completions only, row-major (sequence
+    ``p * G + i`` is completion i of prompt p). ``old_logp``, ``old_values``,
+    ``reference_logp`` (S, T): the policy and value head before the update and
+    the frozen model. Values are ``hidden @ value_weight.T + value_bias``. For
+    each completion's tokens t = 0..n-1: reward ``-kl_coef (old_logp -
+    reference_logp)`` plus R at t = n-1; ``delta_t = r_t + gamma V_old_{t+1} -
+    V_old_t`` (V_old_n = 0); ``A_t = delta_t + gamma lam A_{t+1}``; returns
+    ``A + V_old``; advantages whitened over each prompt's G completions'
+    tokens (population variance + 1e-8). Loss: the mean over all completion
+    tokens of the clipped policy loss plus ``vf_coef`` times the clipped
+    value loss (0.5 max of the squared errors). Returns a dict with ``loss``,
+    ``advantages`` and ``returns`` (S, T, whitened / not, 0 off the tokens),
+    ``policy``, ``value`` and ``clip_frac``.
+    """
+    logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
+    dt = logp.dtype
+    values = (hidden.to(dt) @ value_weight.to(dt).T + value_bias.to(dt))[..., 0]
+    P, G = rewards.shape
+    S, T = targets.shape
+    adv_raw = torch.zeros(S, T, dtype=torch.float64)
+    returns = torch.zeros(S, T, dtype=torch.float64)
+    positions = [(targets[s] != ignore_index).nonzero().squeeze(1).tolist() for s in range(S)]
+    for s in range(S):
+        pos = positions[s]
+        later = 0.0
+        for k in reversed(range(len(pos))):
+            t = pos[k]
+            r = -kl_coef * (float(old_logp[s, t]) - float(reference_logp[s, t]))
+            if k == len(pos) - 1:
+                r += float(rewards[s // G, s % G])
+            next_v = float(old_values[s, pos[k + 1]]) if k + 1 < len(pos) else 0.0
+            delta = r + gamma * next_v - float(old_values[s, t])
+            later = delta + gamma * lam * later
+            adv_raw[s, t] = later
+            returns[s, t] = later + float(old_values[s, t])
+    adv = torch.zeros(S, T, dtype=torch.float64)
+    for p in range(P):
+        tokens = [(s, t) for s in range(p * G, p * G + G) for t in positions[s]]
+        if not tokens:
+            continue
+        xs = torch.tensor([float(adv_raw[s, t]) for s, t in tokens], dtype=torch.float64)
+        mean, var = xs.mean(), ((xs - xs.mean()) ** 2).mean()
+        for s, t in tokens:
+            adv[s, t] = (adv_raw[s, t] - mean) / (var + 1e-8).sqrt()
+    policy, value, clipped, n = 0.0, 0.0, 0, 0
+    for s in range(S):
+        for t in positions[s]:
+            a, ret = adv[s, t].to(dt), returns[s, t].to(dt)
+            ratio = torch.exp(logp[s, t] - old_logp[s, t].to(dt))
+            pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon)
+            policy = policy + torch.maximum(pg1, pg2)
+            clipped += int(pg2 > pg1)
+            v_old = old_values[s, t].to(dt)
+            v_clip = v_old + (values[s, t] - v_old).clamp(-vf_clip, vf_clip)
+            value = value + 0.5 * torch.maximum((values[s, t] - ret) ** 2, (v_clip - ret) ** 2)
+            n += 1
+    n = max(n, 1)
+    policy, value = policy / n, value / n
+    return {
+        "loss": policy + vf_coef * value,
+        "advantages": adv,
+        "returns": returns,
+        "policy": policy,
+        "value": value,
+        "clip_frac": clipped / n,
+    }

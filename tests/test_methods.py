@@ -194,7 +194,7 @@ def test_grpo_arguments_are_checked():
 
 def test_method_is_a_validated_config_key_that_resume_may_not_change():
     with pytest.raises(ConfigError, match="'method' must be one of grao, grao-no-exploration"):
-        TrainConfig(method="ppo")
+        TrainConfig(method="reinforce")
     with pytest.raises(ConfigError, match="'grpo_loss_type' must be one of grpo, dr_grpo, dapo"):
         TrainConfig(grpo_loss_type="bnpo")
     assert config.resume_conflicts(TrainConfig(), TrainConfig(method="sft")) == ["method: 'grao' -> 'sft'"]
