@@ -12,14 +12,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
+from utils import assert_same_run, read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
 
 from grao import cli, config, evaluate, models  # noqa: E402
 from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
 from grao.data import DataError, Example, load_jsonl, parse_record  # noqa: E402
 from grao.losses import GRAO, LossBatch, LossOutput  # noqa: E402
-from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
+from grao.trainer import Trainer  # noqa: E402
 
 TRAIN_KEYS = (
     "reward/samples",
@@ -186,17 +186,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert second.step == 2
     assert second.train() is True
 
-    def strip(lines):
-        return [{k: v for k, v in ln.items() if k not in TIME_KEYS} for ln in lines]
-
-    a, b = strip(read_lines(tmp_path / "a" / "run")), strip(read_lines(tmp_path / "b" / "run"))
-    assert [ln["step"] for ln in a] == [ln["step"] for ln in b]
-    for la, lb in zip(a, b):
-        assert la.keys() == lb.keys()
-        for k in la:
-            assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), (la["step"], k)
-    for (n, pa), pb in zip(full.model.named_parameters(), second.model.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+    assert_same_run(tmp_path / "a" / "run", tmp_path / "b" / "run", full.model, second.model)
 
 
 def test_hh_rlhf_lines_are_split_at_the_last_assistant_turn(tmp_path):

@@ -162,6 +162,25 @@ def read_lines(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_run(dir_a, dir_b, model_a, model_b) -> list[dict]:
+    """Two runs logged the same steps with the same metrics (timings aside) and ended with the same parameters
+    (float32 tolerances); returns run a's metrics lines."""
+    from grao.trainer import TIME_KEYS
+
+    def strip(lines):
+        return [{k: v for k, v in ln.items() if k not in TIME_KEYS} for ln in lines]
+
+    a, b = strip(read_lines(dir_a)), strip(read_lines(dir_b))
+    assert [ln["step"] for ln in a] == [ln["step"] for ln in b]
+    for la, lb in zip(a, b):
+        assert la.keys() == lb.keys()
+        for k in la:
+            assert la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6), (la["step"], k)
+    for (n, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+    return a
+
+
 @pytest.fixture
 def restore_threads_and_seed():
     """The trainer runs the tiny MoE on one thread: give the rest of the suite its thread count back; seed 0 first."""
