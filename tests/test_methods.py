@@ -404,15 +404,26 @@ def test_each_method_trains_the_demo(tmp_path, method):
     assert (tmp_path / "run" / "plot.png").stat().st_size > 0  # the plot copes without GRAO's terms
 
 
-@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
-def test_grpo_from_the_command_line(tmp_path, loss_type):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
+KL_ITERATIONS = {
+    "grpo_kl_beta": 0.05,
+    "num_iterations": 2,
+    "clip_epsilon_high": 0.28,
+    "logprob_temperature": "sampling",
+}
+
+
+@pytest.mark.parametrize("loss_type, extra", [("dr_grpo", {}), ("dapo", {}), ("grpo", KL_ITERATIONS)])
+def test_grpo_from_the_command_line(tmp_path, loss_type, extra):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FLAGS, **extra}.items()]
     out = tmp_path / "run"
     argv = ["train", *flags, "--method", "grpo", "--grpo-loss-type", loss_type, "--plot", "false"]
     assert cli.main([*argv, "--micro-batch-prompts", "1", "--output-dir", str(out)]) == 0
-    assert config.load(out / "config.yaml").grpo_loss_type == loss_type
+    saved = config.load(out / "config.yaml")
+    assert saved.grpo_loss_type == loss_type
+    assert {k: getattr(saved, k) for k in extra} == extra
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(ln["loss"]) for ln in lines if "loss" in ln)
+    assert all(("grpo/kl" in ln) == bool(extra) for ln in lines if "loss" in ln)
 
 
 def test_dpo_starts_at_log_2_against_its_frozen_reference_which_stays_frozen(tmp_path):
