@@ -61,16 +61,40 @@ class TrainConfig:
     output_dir: str = _key("runs/demo", "run directory: config, metrics, plot, checkpoints", resume_safe=True)
     seed: int = _key(0, "seeds the data order, the model init and each step's sampling")
     # the GRAO step (arXiv 2508.07750, Eq. 3-4)
-    steps: int = _key(200, "optimizer steps (a resumed run may extend it; the lr schedule stretches)", resume_safe=True)
+    steps: int = _key(
+        200,
+        "training steps, each a rollout and num_iterations optimizer steps on it (a resumed run may extend it; "
+        "the lr schedule stretches)",
+        resume_safe=True,
+    )
     prompts_per_step: int = _key(16, "P, prompts per step")
     group_size: int = _key(8, "G, sampled completions per prompt")
     temperature: float = _key(0.7, "sampling temperature of the completions")
+    logprob_temperature: str = _key(
+        "1",
+        "temperature of the log-probs every loss (and the frozen reference model) computes: 1 (the model's own "
+        "distribution) or sampling (logits / temperature, as TRL)",
+    )
     max_new_tokens: int = _key(8, "longest completion, in tokens")
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
     method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
     grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
+    grpo_kl_beta: float = _key(
+        0.0, "grpo's weight of the k3 KL estimate to the frozen starting model, per token (0 = off, as TRL's beta)"
+    )
+    num_iterations: int = _key(
+        1,
+        "optimizer steps on each rollout (TRL's num_iterations); grpo and ppo clip their ratio to the sampling "
+        "policy's log-probs, methods without such a correction (grao, sft, dpo) take the same loss again",
+    )
+    clip_epsilon: float = _key(
+        0.2,
+        "ppo's ratio clip [1 - eps, 1 + eps]; grpo's lower clip 1 - eps (with num_iterations > 1)",
+    )
+    clip_epsilon_high: float | None = _key(
+        None, "grpo with num_iterations > 1: the ratio's upper clip 1 + clip_epsilon_high (default: clip_epsilon)"
+    )
     dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
-    clip_epsilon: float = _key(0.2, "ppo's ratio clip: the policy ratio is clipped to [1 - eps, 1 + eps]")
     ppo_kl_coef: float = _key(0.05, "ppo's per-token KL penalty to the frozen starting model, in the reward")
     ppo_gamma: float = _key(1.0, "ppo's discount over completion tokens")
     ppo_gae_lambda: float = _key(0.95, "ppo's GAE lambda")
@@ -139,6 +163,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "method": METHODS,
     "grpo_loss_type": GRPO_LOSS_TYPES,
+    "logprob_temperature": ("1", "sampling"),
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),
@@ -157,18 +182,22 @@ POSITIVE = (
     "save_every",
     "keep_checkpoints",
     "demo_train_size",
+    "num_iterations",
 )
 NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads", "lora_rank")
 # (low, high, low inclusive) for every float key. The upper bounds reject values that cannot be meant: an AdamW
 # lr above 1 moves every weight by about 1 per step, weight decay above 1 shrinks weights past zero, and loss weights
 # or a temperature beyond 1e3 swamp every other term (the paper uses beta 0.5, lambda 0.6, temperature 0.7), and a
-# router bias step above 1 outweighs the sigmoid scores in [0, 1] it is added to.
+# router bias step above 1 outweighs the sigmoid scores in [0, 1] it is added to. A lower clip 1 - clip_epsilon below 0
+# clips nothing (ratios are positive); a clip range is a ratio's distance from 1, so 1e3 bounds the upper one.
 RANGES = {
     "lr": (0.0, 1.0, False),
     "weight_decay": (0.0, 1.0, True),
     "beta": (0.0, 1e3, True),
     "dpo_beta": (0.0, 1e3, False),
+    "grpo_kl_beta": (0.0, 1e3, True),
     "clip_epsilon": (0.0, 1.0, False),
+    "clip_epsilon_high": (0.0, 1e3, False),
     "ppo_kl_coef": (0.0, 1e3, True),
     "ppo_gamma": (0.0, 1.0, True),
     "ppo_gae_lambda": (0.0, 1.0, True),

@@ -8,13 +8,24 @@ and returns its share of the step's loss with the terms to log. Any callable wit
 (SFT, DPO, GRPO, ...) and the benchmarks' variants plug in as
 ``Trainer(cfg, loss=...)``, without touching the trainer.
 
-Optional parts of a loss, each used by the trainer when present:
-``needs_reference_model = True`` (``LossBatch.reference_logp`` from the frozen
-starting model); ``snapshot(batch) -> dict[str, Tensor]``, called under
-no_grad on each micro-batch before the rollout's update, its result passed as
-``LossBatch.old``; and being an ``nn.Module`` with parameters (e.g. a value
-head): the trainer moves it to the device, trains its parameters with the
-model's and checkpoints its ``state_dict``.
+Two optional attributes of a loss ask the trainer for more (see :class:`Loss`):
+
+* ``needs_reference_model`` (bool): the trainer keeps a frozen copy of the
+  starting model and passes its token log-probs as ``LossBatch.reference_logp``.
+* ``snapshot(batch) -> dict[str, Tensor]``: what the loss needs of the policy
+  that sampled the rollout (PPO-style old log-probs, old values). With
+  ``num_iterations`` > 1 the trainer takes ``num_iterations`` optimizer steps
+  on each rollout; before the first it runs the backbone of the current,
+  not yet updated policy over each micro-batch under ``torch.no_grad`` and
+  calls ``snapshot`` on that micro-batch, then passes the result on every
+  iteration as ``LossBatch.old`` (the same micro-batch split, so its tensors
+  have the micro-batch's shapes). With ``num_iterations`` = 1 no snapshot is
+  taken and ``old`` is None: the policy updated is the one that sampled, so a
+  loss takes what it needs from the current forward, detached.
+
+A loss may also be an ``nn.Module`` with parameters (PPO's value head): the
+trainer moves it to the device, trains its parameters with the model's and
+checkpoints its ``state_dict``.
 """
 
 from __future__ import annotations
@@ -48,17 +59,27 @@ class LossBatch:
     ignore_index: int = -100
     step_token_counts: torch.Tensor | None = None  # (P, G+1) completion tokens of every sequence of the whole step
     reference_logp: torch.Tensor | None = None  # (S, T) the frozen reference model's, for needs_reference_model losses
-    # What the loss's ``snapshot(batch)`` returned for this micro-batch before the rollout's first update (computed
-    # by the trainer under no_grad, e.g. old log-probs); None for a loss without ``snapshot``.
-    old: dict[str, torch.Tensor] | None = None
     # The model's logits are softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) (no tanh without
     # softcap): grao.models.LogitHead, read from the model config; pass both to every grao_kernels call.
     logit_scale: float = 1.0
     softcap: float | None = None
+    # The log-probs are those of logits / temperature: 1 (the model's distribution) unless the config's
+    # logprob_temperature is 'sampling' (the completions' sampling temperature, as TRL does). reference_logp is taken
+    # at the same temperature.
+    temperature: float = 1.0
+    # The loss's snapshot of the policy that sampled this rollout (Loss.snapshot), the same on each of the rollout's
+    # num_iterations optimizer steps; None with num_iterations = 1 or a loss without snapshot.
+    old: dict[str, torch.Tensor] | None = None
 
     def head(self) -> dict:
         """The keyword arguments of every grao_kernels call on this batch that say how its logits are formed."""
-        return dict(bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap, ignore_index=self.ignore_index)
+        return dict(
+            bias=self.bias,
+            temperature=self.temperature,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            ignore_index=self.ignore_index,
+        )
 
 
 @dataclass
@@ -71,6 +92,9 @@ class LossOutput:
 
 
 class Loss(Protocol):
+    """``loss(batch)``; optionally ``needs_reference_model`` (bool attribute or property, default False) and
+    ``snapshot(batch) -> dict[str, Tensor]`` (called under no_grad, see the module docstring)."""
+
     def __call__(self, batch: LossBatch) -> LossOutput: ...
 
 

@@ -34,6 +34,7 @@ TRL's: kl_coef 0.05, gamma 1, lam 0.95, eps 0.2, vf_clip 0.2, vf_coef 0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -159,10 +160,10 @@ class PPO(torch.nn.Module):
             raise ValueError(
                 "PPO's KL penalty needs the frozen model's token log-probs: LossBatch.reference_logp is None"
             )
-        if batch.old is None or not {"logp", "values"} <= batch.old.keys():
+        if not {"logp", "values"} <= batch.old.keys():
             raise ValueError(
-                "PPO needs the snapshot before the update (LossBatch.old with 'logp' and 'values', from "
-                f"PPO.snapshot), got {None if batch.old is None else sorted(batch.old)}"
+                f"PPO needs the snapshot before the update (LossBatch.old with 'logp' and 'values', from "
+                f"PPO.snapshot), got {sorted(batch.old)}"
             )
         for name, t in (
             ("reference_logp", batch.reference_logp),
@@ -188,10 +189,19 @@ class PPO(torch.nn.Module):
         return whiten_groups(adv, mask, batch.group_size + 1), returns, kl
 
     def forward(self, batch: LossBatch) -> LossOutput:
+        if batch.old is None:  # one update per rollout: the policy that sampled is this forward's, detached
+            with torch.no_grad():
+                batch = dataclasses.replace(batch, old=self.snapshot(batch))
         self._check(batch)
         adv, returns, kl = self.advantages(batch)
         mask = _sample_tokens(batch)
-        n = max(sample_token_count(batch), 1)
+        n = sample_token_count(batch)
+        if n is None:
+            raise ValueError(
+                f"PPO's token mean over the step on a micro-batch of {len(batch.groups)} of the step's "
+                f"{batch.num_groups} groups needs the whole step's token counts: LossBatch.step_token_counts is None"
+            )
+        n = max(n, 1)
         logp = self._logp(batch)[mask]
         values = self.values(batch.hidden[mask])
         old_logp, old_values = batch.old["logp"][mask].float(), batch.old["values"][mask].float()

@@ -11,7 +11,9 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      :class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
      constructor gets another loss); the lm_head never runs, so the (tokens x
      vocabulary) logits never exist. MoE models add the router load-balancing
-     loss. Then gradient clipping, AdamW and the learning-rate schedule.
+     loss. Then gradient clipping, AdamW and the learning-rate schedule;
+     with ``num_iterations`` > 1, that many optimizer steps on the rollout,
+     the loss seeing its snapshot of the sampling policy (``LossBatch.old``).
 
 Everything else is a call into a module named for its job: ``runtime``
 (device, autocast), ``models``, ``data``, ``rewards``, ``evaluate``,
@@ -80,8 +82,15 @@ def build_batch(rollout: Rollout, groups: range, pad_id: int, device) -> tuple[t
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine or linear decay to ``min_lr_ratio`` (or constant)."""
-    warm, total, floor = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+    """Linear warmup, then cosine or linear decay to ``min_lr_ratio`` (or constant).
+
+    Counted in optimizer steps, as TRL does: a training step takes
+    ``num_iterations`` of them, so the warmup spans ``warmup_steps *
+    num_iterations`` optimizer steps and the decay ends after ``steps *
+    num_iterations``.
+    """
+    n = cfg.num_iterations
+    warm, total, floor = cfg.warmup_steps * n, cfg.steps * n, cfg.min_lr_ratio
 
     def f(i: int) -> float:  # i = optimizer steps taken so far
         if i < warm:
@@ -93,6 +102,20 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         return floor + (1 - floor) * decay
 
     return f
+
+
+def _mean_over_iterations(lines: list[dict]) -> dict:
+    """One metrics line for a step's optimizer steps: each number's mean (a list's, element-wise), tokens summed."""
+    out = {}
+    for key, first in lines[0].items():
+        values = [ln[key] for ln in lines]
+        if key == "train_tokens":
+            out[key] = sum(values)
+        elif isinstance(first, list):
+            out[key] = [round(sum(v) / len(v), 4) for v in zip(*values)]
+        else:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def say(message: str) -> None:
@@ -138,6 +161,7 @@ class Trainer:
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples = data.load_examples(cfg)
         self.reward = reward if reward is not None else rewards.resolve(cfg.reward, cfg.data, self.runtime.device)
+        self.logprob_temperature = cfg.temperature if cfg.logprob_temperature == "sampling" else 1.0
         self.callbacks = list(callbacks)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
@@ -182,8 +206,8 @@ class Trainer:
             self.train_examples + self.eval_examples,
             lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
         )
-        # The frozen starting policy, for losses that compare against it (DPO): loaded afresh from the config, so a
-        # resumed run gets the same one.
+        # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL): loaded afresh from the
+        # config, so a resumed run gets the same one.
         self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
         self.moe = models.moe_info(inner)
         self.aux_coef = models.aux_loss_coef(inner, cfg.router_aux_loss_coef)
@@ -360,16 +384,44 @@ class Trainer:
     # ------------------------------------------------------------------ update: loss, backward, optimizer
 
     def update(self, rollout: Rollout) -> dict:
-        """One optimizer step on the rollout: :meth:`accumulate_gradients`, then :meth:`optimizer_step`."""
-        stats = self.accumulate_gradients(rollout)
-        stats.update(self.optimizer_step())
-        counts = stats.pop("moe/layer_counts", None)
-        if self.router_biases and counts is not None:
-            models.update_router_bias(self.router_biases, counts, self.cfg.router_bias_update_rate)
-        return stats
+        """``num_iterations`` optimizer steps on the rollout, each :meth:`accumulate_gradients` then
+        :meth:`optimizer_step`, the loss seeing its :meth:`snapshot` of the policy that sampled.
 
-    def accumulate_gradients(self, rollout: Rollout) -> dict:
-        """Gradients of the step's loss (into ``.grad``), over micro-batches of whole prompt groups.
+        Returns the metrics of the step: with one iteration its own, with more
+        the mean over the iterations of each number (``lr`` too) and the sum of
+        ``train_tokens``.
+        """
+        old = self.snapshot(rollout)
+        lines = []
+        for _ in range(self.cfg.num_iterations):
+            stats = self.accumulate_gradients(rollout, old)
+            stats.update(self.optimizer_step())
+            counts = stats.pop("moe/layer_counts", None)
+            if self.router_biases and counts is not None:
+                models.update_router_bias(self.router_biases, counts, self.cfg.router_bias_update_rate)
+            lines.append(stats)
+        return lines[0] if len(lines) == 1 else _mean_over_iterations(lines)
+
+    @torch.no_grad()
+    def snapshot(self, rollout: Rollout) -> list[dict] | None:
+        """The loss's ``snapshot`` of the current policy for each micro-batch of the rollout (``LossBatch.old`` of
+        each of its optimizer steps), from a backbone forward under no_grad; None with ``num_iterations`` = 1 (the
+        policy updated is the one that sampled) or a loss without ``snapshot``."""
+        take = getattr(self.loss, "snapshot", None)
+        if take is None or self.cfg.num_iterations == 1:
+            return None
+        self.model.train()  # the mode of the updates, so dropout (if any) is that of their forwards
+        backbone = models.backbone(models.unwrap(self.model))
+        old = []
+        for groups, ids, mask, targets in self._micro_batches(rollout):
+            with runtime.autocast(self.runtime):
+                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            old.append(take(self._loss_batch(rollout, groups, out.last_hidden_state, ids, mask, targets)))
+        return old
+
+    def accumulate_gradients(self, rollout: Rollout, old: list[dict] | None = None) -> dict:
+        """Gradients of the step's loss (into ``.grad``), over micro-batches of whole prompt groups; ``old``: the
+        :meth:`snapshot` of each micro-batch, passed to the loss as ``LossBatch.old``.
 
         The loss returns each micro-batch's share of the step loss, so the
         accumulated gradient is the one-batch gradient. The MoE load-balancing
@@ -379,43 +431,24 @@ class Trainer:
         over micro-batches.
         """
         model, device = self.model, self.runtime.device
-        P, G = rollout.rewards.shape[0], rollout.rewards.shape[1] - 1
-        mb = self.cfg.micro_batch_prompts or P
+        P = rollout.rewards.shape[0]
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         inner = models.unwrap(model)
         backbone = models.backbone(inner)
-        weight, bias = models.output_head(inner)  # frozen under LoRA: the loss computes no weight gradient
-        rewards_dev = rollout.rewards.to(device)
-        token_counts = torch.tensor([[len(c) for c in g] for g in rollout.completion_ids])
         total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
         layers = len(models.routers(inner)) if self.moe else 0
         counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=device)
-        for start in range(0, P, mb):
-            groups = range(start, min(P, start + mb))
-            ids, mask, targets = build_batch(rollout, groups, self.tokenizer.pad_token_id, device)
+        batches = list(self._micro_batches(rollout))
+        if old is not None and len(old) != len(batches):
+            raise ValueError(f"old holds {len(old)} snapshots for the rollout's {len(batches)} micro-batches")
+        for k, (groups, ids, mask, targets) in enumerate(batches):
             n_tokens += int(mask.sum())
             capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
             with runtime.autocast(self.runtime), capture as routing:
                 out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-            ref_logp = None if self.reference_model is None else self._reference_logp(ids, mask, targets)
-            batch = losses.LossBatch(
-                *self._in_compute_dtype(out.last_hidden_state, weight, bias),
-                targets=targets,
-                rewards=rewards_dev[start : groups.stop],
-                group_size=G,
-                groups=groups,
-                num_groups=P,
-                ignore_index=IGNORE_INDEX,
-                step_token_counts=token_counts,
-                reference_logp=ref_logp,
-                logit_scale=self.head.logit_scale,
-                softcap=self.head.softcap,
-            )
-            snapshot = getattr(self.loss, "snapshot", None)
-            if snapshot is not None:  # one update per rollout: the policy before it is this very forward's
-                with torch.no_grad():
-                    batch = dataclasses.replace(batch, old=snapshot(batch))
+            snap = None if old is None else old[k]
+            batch = self._loss_batch(rollout, groups, out.last_hidden_state, ids, mask, targets, snap)
             res = self.loss(batch)
             loss = res.loss
             if routing:
@@ -441,6 +474,38 @@ class Trainer:
             stats["moe/layer_counts"] = counts
         return stats
 
+    def _micro_batches(self, rollout: Rollout):
+        """(groups, input_ids, attention_mask, targets) of each micro-batch of ``micro_batch_prompts`` groups."""
+        P = rollout.rewards.shape[0]
+        mb = self.cfg.micro_batch_prompts or P
+        for start in range(0, P, mb):
+            groups = range(start, min(P, start + mb))
+            yield (groups, *build_batch(rollout, groups, self.tokenizer.pad_token_id, self.runtime.device))
+
+    def _loss_batch(self, rollout, groups, hidden, ids, mask, targets, old=None) -> losses.LossBatch:
+        """What the loss gets of one micro-batch: the backbone's ``hidden`` states and the lm_head in the compute
+        dtype, the head's logit transform and the log-prob temperature, and (for a loss that needs it) the frozen
+        reference model's token log-probs at the same head and temperature."""
+        inner = models.unwrap(self.model)
+        weight, bias = models.output_head(inner)  # frozen under LoRA: the loss computes no weight gradient
+        batch = losses.LossBatch(
+            *self._in_compute_dtype(hidden, weight, bias),
+            targets=targets,
+            rewards=rollout.rewards[groups.start : groups.stop].to(self.runtime.device),
+            group_size=rollout.rewards.shape[1] - 1,
+            groups=groups,
+            num_groups=rollout.rewards.shape[0],
+            ignore_index=IGNORE_INDEX,
+            step_token_counts=torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]),
+            logit_scale=self.head.logit_scale,
+            softcap=self.head.softcap,
+            temperature=self.logprob_temperature,
+            old=old,
+        )
+        if self.reference_model is None:
+            return batch
+        return dataclasses.replace(batch, reference_logp=self._reference_logp(ids, mask, batch))
+
     def _frozen_start(self) -> torch.nn.Module:
         cfg = self.cfg
         model, _ = models.load(
@@ -449,22 +514,14 @@ class Trainer:
         return model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def _reference_logp(self, ids, mask, targets) -> torch.Tensor:
-        """(S, T) token log-probs of the frozen reference model, through the fused path (no logits)."""
+    def _reference_logp(self, ids, mask, batch: losses.LossBatch) -> torch.Tensor:
+        """(S, T) token log-probs of the frozen reference model, through the fused path (no logits), with the
+        policy's ``batch``'s head and temperature (the reference model is the starting model: the same head)."""
         with runtime.autocast(self.runtime):
             out = models.backbone(self.reference_model)(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(self.reference_model))
-        head = self.head  # the reference model is the starting model: the same head
-        return fused_linear_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            logit_scale=head.logit_scale,
-            softcap=head.softcap,
-            ignore_index=IGNORE_INDEX,
-            backend=self.cfg.loss_backend,
-        )
+        head = {**batch.head(), "bias": bias}
+        return fused_linear_logprobs(hidden, weight, batch.targets, backend=self.cfg.loss_backend, **head)
 
     def _in_compute_dtype(self, hidden, weight, bias):
         """(hidden, weight, bias) in the autocast dtype, so the loss sees what the lm_head would under autocast."""

@@ -187,27 +187,48 @@ def reference_grpo(
     *,
     loss_type="grpo",
     max_completion_length=None,
+    old_logp=None,
+    clip_epsilon=0.2,
+    clip_epsilon_high=None,
+    kl_beta=0.0,
+    reference_logp=None,
     bias=None,
     ignore_index=-100,
     eps=1e-6,
     dtype=None,
     **head,
 ):
-    """On-policy GRPO (one update per rollout, no KL) as TRL aggregates it, with materialised logits.
+    """GRPO as TRL computes it, with materialised logits.
 
     ``rewards`` (P, G): the sampled completions only, row-major, so sequence
     ``p * G + i`` is completion i of prompt p. Advantages are normalised within
-    each row (:func:`reference_advantages`); each token's loss is ``-A logp``
-    (the clipped ratio is 1 on-policy, so this has TRL's gradient), and
-    ``loss_type`` aggregates the tokens as TRL does over B = P G completions:
-    ``grpo`` the mean over completions of each one's token mean, ``dr_grpo``
-    the token sum / (B * max_completion_length), ``dapo`` the token sum / the
-    number of completion tokens.
+    each row (:func:`reference_advantages`). Each token's loss is::
+
+        -min(r A, clip(r, 1 - clip_epsilon, 1 + clip_epsilon_high) A) + kl_beta * (exp(d) - d - 1)
+
+    with ``r = exp(logp - old_logp)`` and ``d = reference_logp - logp`` (the
+    k3 KL estimate). Without ``old_logp`` (one update per rollout) the ratio
+    is 1 with gradient ``grad logp``, and the policy term is written as
+    ``-A logp`` (TRL's gradient). ``loss_type`` aggregates the tokens as TRL
+    does over B = P G completions: ``grpo`` the mean over completions of each
+    one's token mean, ``dr_grpo`` the token sum / (B * max_completion_length),
+    ``dapo`` the token sum / the number of completion tokens. ``head``:
+    temperature, logit_scale, softcap, as in :func:`reference_logits`.
     """
     logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
-    adv = reference_advantages(rewards, eps).reshape(-1).to(logp.dtype)
+    adv = reference_advantages(rewards, eps).reshape(-1).to(logp.dtype)[:, None]
     mask = targets != ignore_index
-    per_token = torch.where(mask, -adv[:, None] * logp, 0.0)
+    if old_logp is None:
+        policy = adv * logp
+    else:
+        high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+        ratio = torch.exp(logp - old_logp.to(logp.dtype))
+        policy = torch.min(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + high) * adv)
+    per_token = -policy
+    if kl_beta:
+        d = reference_logp.to(logp.dtype) - logp
+        per_token = per_token + kl_beta * (torch.exp(d) - d - 1)
+    per_token = torch.where(mask, per_token, 0.0)
     B = rewards.numel()
     if loss_type == "grpo":
         return (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 
 import pytest
 import torch
-from utils import assert_close, assert_grads_close, grads, leaves, make_batch
+from utils import FP32_VALUES, assert_close, assert_grads_close, assert_same_run, grads, leaves, make_batch, rel_l2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -17,8 +18,10 @@ from grao import cli, config  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
 from grao.losses import GRAO, LossBatch  # noqa: E402
 from grao.methods import DPO, GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
-from grao.trainer import Trainer  # noqa: E402
+from grao.trainer import Trainer, lr_lambda  # noqa: E402
+from grao_kernels import fused_linear_logprobs  # noqa: E402
 from grao_kernels.reference import (  # noqa: E402
+    reference_advantages,
     reference_dpo,
     reference_grao,
     reference_grpo,
@@ -50,9 +53,18 @@ def frozen_logp(batch):
     return reference_logprobs(hidden, other, targets, bias=bias).detach()
 
 
-def run(loss, batch, splits, *, counts=True, **head):
+def sampling_logp(batch):
+    """(S, T) token log-probs of 'the policy that sampled', a few updates ago: another perturbed weight, far enough
+    from the batch's that a good share of the ratios fall outside the clip range."""
+    hidden, weight, bias, targets, _ = batch
+    other = weight + 0.15 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(2))
+    return reference_logprobs(hidden, other, targets, bias=bias).detach()
+
+
+def run(loss, batch, splits, *, counts=True, old=False, **head):
     """The step's loss (the micro-batches' shares summed) and its gradients w.r.t. hidden, weight, bias;
-    ``head``: the LossBatch's logit_scale / softcap."""
+    ``old``: pass :func:`sampling_logp` as ``LossBatch.old["logp"]``; ``head``: the LossBatch's logit_scale /
+    softcap / temperature."""
     hidden, weight, bias, targets, rewards = batch
     h, w, b = leaves(hidden, weight, bias)
     total, metrics = 0.0, {}
@@ -70,6 +82,7 @@ def run(loss, batch, splits, *, counts=True, **head):
                 num_groups=P,
                 step_token_counts=token_counts(targets) if counts else None,
                 reference_logp=frozen_logp(batch)[rows],
+                old={"logp": sampling_logp(batch)[rows]} if old else None,
                 **head,
             )
         )
@@ -102,9 +115,13 @@ def sft_formula(h, w, b, targets, rewards, **head):
     return reference_sft(h, w, targets, torch.arange(P * K) % K == G, bias=b, **head)
 
 
-def grpo_formula(loss_type):
+def grpo_formula(loss_type, *, kl_beta=0.0, clipped=False, clip_epsilon=0.2, clip_epsilon_high=None):
+    """reference_grpo on the batch's samples; with ``clipped`` the ratio to :func:`sampling_logp`, with ``kl_beta``
+    the KL to :func:`frozen_logp`."""
+
     def formula(h, w, b, targets, rewards, **head):
         samples = torch.arange(P * K) % K != G  # GRPO's groups hold the G samples only
+        batch = (h, w, b, targets, rewards)
         return reference_grpo(
             h[samples],
             w,
@@ -113,6 +130,11 @@ def grpo_formula(loss_type):
             bias=b,
             loss_type=loss_type,
             max_completion_length=T,
+            old_logp=sampling_logp(batch)[samples] if clipped else None,
+            clip_epsilon=clip_epsilon,
+            clip_epsilon_high=clip_epsilon_high,
+            kl_beta=kl_beta,
+            reference_logp=frozen_logp(batch)[samples],
             **head,
         )
 
@@ -136,8 +158,19 @@ CASES = {
     "grpo": (GRPO("grpo", backend="torch"), grpo_formula("grpo")),
     "dr_grpo": (GRPO("dr_grpo", max_completion_length=T, backend="torch"), grpo_formula("dr_grpo")),
     "dapo": (GRPO("dapo", backend="torch"), grpo_formula("dapo")),
+    "grpo-kl": (GRPO("grpo", kl_beta=0.3, backend="torch"), grpo_formula("grpo", kl_beta=0.3)),
+    "grpo-clipped": (GRPO("grpo", backend="torch"), grpo_formula("grpo", clipped=True)),
+    "dr_grpo-clipped-kl": (
+        GRPO("dr_grpo", max_completion_length=T, kl_beta=0.3, clip_epsilon_high=0.28, backend="torch"),
+        grpo_formula("dr_grpo", kl_beta=0.3, clipped=True, clip_epsilon_high=0.28),
+    ),
+    "dapo-clipped-kl": (
+        GRPO("dapo", kl_beta=0.3, clip_epsilon=0.1, clip_epsilon_high=0.3, backend="torch"),
+        grpo_formula("dapo", kl_beta=0.3, clipped=True, clip_epsilon=0.1, clip_epsilon_high=0.3),
+    ),
     "dpo": (DPO(0.7, backend="torch"), dpo_formula),
 }
+CLIPPED = {name for name in CASES if "clipped" in name}  # their batches carry the sampling policy's log-probs
 
 
 @pytest.mark.parametrize("splits", [WHOLE, SPLIT], ids=["one-batch", "micro-batches"])
@@ -145,19 +178,23 @@ CASES = {
 def test_method_loss_and_gradients_match_the_float64_formula(batch, name, splits):
     loss, formula = CASES[name]
     want, want_grads = oracle(formula, batch)
-    got, got_grads, _ = run(loss, batch, splits)
+    got, got_grads, _ = run(loss, batch, splits, old=name in CLIPPED)
     assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"{name} loss")
     assert_grads_close(got_grads, want_grads)
     assert float(want_grads[0].abs().sum()) > 0  # the batch has signal: a zero gradient would not pass unnoticed
 
 
+@pytest.mark.parametrize(
+    "head",
+    [{"logit_scale": 0.5, "softcap": 3.0}, {"temperature": 0.7}, {"softcap": 3.0, "temperature": 1.3}],
+    ids=["scale-softcap", "temperature", "softcap-temperature"],
+)
 @pytest.mark.parametrize("name", list(CASES))
-def test_methods_use_the_model_logit_head(batch, name):
-    # a Granite-like scale and a Gemma-like soft cap on the logits, through the LossBatch
-    head = {"logit_scale": 0.5, "softcap": 3.0}
+def test_methods_use_the_model_logit_head(batch, name, head):
+    # a Granite-like scale and a Gemma-like soft cap on the logits, and the log-prob temperature, through the LossBatch
     loss, formula = CASES[name]
     want, want_grads = oracle(formula, batch, **head)
-    got, got_grads, _ = run(loss, batch, SPLIT, **head)
+    got, got_grads, _ = run(loss, batch, SPLIT, old=name in CLIPPED, **head)
     assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"{name} loss")
     assert_grads_close(got_grads, want_grads)
     plain, _ = oracle(formula, batch)
@@ -190,6 +227,141 @@ def test_grpo_arguments_are_checked():
         GRPO("ppo")
     with pytest.raises(ValueError, match="max_completion_length"):
         GRPO("dr_grpo")
+    for kw, name in [
+        ({"kl_beta": -0.1}, "kl_beta"),
+        ({"kl_beta": math.nan}, "kl_beta"),
+        ({"clip_epsilon": 0.0}, "clip_epsilon"),
+        ({"clip_epsilon": None}, "clip_epsilon"),
+        ({"clip_epsilon_high": -1.0}, "clip_epsilon_high"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
+            GRPO(**kw)
+    assert GRPO().needs_reference_model is False  # no KL: no frozen model is loaded
+    assert GRPO(kl_beta=0.01).needs_reference_model is True
+
+
+def _sample_ratios(batch, clip_low, clip_high):
+    """(clipped, inside) token counts of the batch's samples with a nonzero advantage: clipped where the ratio to
+    sampling_logp is past the clip bound in the advantage's direction (no policy gradient), inside where in range."""
+    hidden, weight, bias, targets, rewards = batch
+    ratio = torch.exp(reference_logprobs(hidden, weight, targets, bias=bias) - sampling_logp(batch))
+    adv = torch.cat([reference_advantages(rewards[:, :G]), torch.zeros(P, 1, dtype=torch.float64)], 1).reshape(-1, 1)
+    live = (targets != -100) & (adv != 0)
+    clipped = live & (((ratio < clip_low) & (adv < 0)) | ((ratio > clip_high) & (adv > 0)))
+    inside = live & (ratio >= clip_low) & (ratio <= clip_high)
+    return int(clipped.sum()), int(inside.sum())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_batch_has_clipped_tokens_and_the_loss_logs_their_share(batch, loss_type):
+    clipped, inside = _sample_ratios(batch, 0.8, 1.2)
+    assert clipped > 0 and inside > 0  # both branches of the min are exercised by the oracle comparisons
+    _, _, metrics = run(GRPO(loss_type, backend="torch"), batch, SPLIT, old=True)
+    sample_tokens = int(token_counts(batch[3])[:, :G].sum())
+    assert metrics["grpo/clip_ratio"] == pytest.approx(clipped / sample_tokens)
+    # the clipped tokens change the gradient: the ratio-1 (on-policy) gradient differs
+    _, clipped_grads, _ = run(GRPO(loss_type, backend="torch"), batch, SPLIT, old=True)
+    _, linear_grads, _ = run(GRPO(loss_type, backend="torch"), batch, SPLIT)
+    assert rel_l2(clipped_grads[0], linear_grads[0]) > 1e-2
+
+
+@pytest.mark.parametrize("kl_beta", [0.0, 0.3])
+def test_grpo_snapshot_of_the_same_policy_gives_the_on_policy_gradient(batch, kl_beta):
+    # num_iterations > 1, first iteration: the snapshot is the current policy, every ratio is 1 and nothing is clipped
+    hidden, weight, bias, targets, rewards = batch
+    loss = GRPO("dr_grpo", max_completion_length=T, kl_beta=kl_beta, backend="torch")
+    h, w, b = leaves(hidden, weight, bias)
+    whole = LossBatch(h, w, b, targets, rewards, group_size=G, groups=range(P), num_groups=P, temperature=0.7)
+    old = loss.snapshot(whole)
+    assert old.keys() == {"logp"} and not old["logp"].requires_grad
+    assert_close(old["logp"], reference_logprobs(hidden, weight, targets, bias=bias, temperature=0.7), **FP32_VALUES)
+    batches = [
+        LossBatch(
+            h[g.start * K : g.stop * K],
+            w,
+            b,
+            targets[g.start * K : g.stop * K],
+            rewards[g.start : g.stop],
+            group_size=G,
+            groups=g,
+            num_groups=P,
+            step_token_counts=token_counts(targets),
+            reference_logp=frozen_logp(batch)[g.start * K : g.stop * K],
+            temperature=0.7,
+            old=None if old is None else {"logp": old["logp"][g.start * K : g.stop * K]},
+        )
+        for g in SPLIT
+    ]
+    outs = [loss(x) for x in batches]
+    got = grads(sum(o.loss for o in outs), h, w, b)
+    assert sum(o.metrics["grpo/clip_ratio"] for o in outs) == 0.0
+    on_policy = [loss(dataclasses.replace(x, old=None)) for x in batches]
+    assert_grads_close(got, grads(sum(o.loss for o in on_policy), h, w, b))
+    # the policy term's value is TRL's, -sum_t w_t A_i (the ratios are 1), not the linear surrogate's
+    assert sum(o.metrics["objective/policy"] for o in outs) != pytest.approx(
+        sum(o.metrics["objective/policy"] for o in on_policy), abs=1e-4
+    )
+
+
+def test_grpo_needs_the_reference_and_sampling_log_probs_it_uses(batch):
+    hidden, weight, bias, targets, rewards = batch
+    plain = LossBatch(hidden, weight, bias, targets, rewards, group_size=G, groups=range(P), num_groups=P)
+    with pytest.raises(ValueError, match="KL to the reference model: LossBatch.reference_logp is None"):
+        GRPO(kl_beta=0.1, backend="torch")(plain)
+    with pytest.raises(ValueError, match=r'clipped ratio: LossBatch.old\["logp"\] is None'):
+        GRPO(backend="torch")(dataclasses.replace(plain, old={"values": targets.float()}))
+    with pytest.raises(ValueError, match=r'old\["logp"\] shape \(12, 6\) does not match targets \(12, 7\)'):
+        GRPO(backend="torch")(dataclasses.replace(plain, old={"logp": torch.zeros(P * K, T - 1)}))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("grpo_kl_beta", -0.5, r"'grpo_kl_beta' must be a finite number in \[0, 1000\]"),
+        ("num_iterations", 0, "'num_iterations' must be >= 1"),
+        ("clip_epsilon", 0.0, r"'clip_epsilon' must be a finite number in \(0, 1\]"),
+        ("clip_epsilon", 1.5, r"'clip_epsilon' must be a finite number in \(0, 1\]"),
+        ("clip_epsilon_high", 0.0, r"'clip_epsilon_high' must be a finite number in \(0, 1000\]"),
+        ("logprob_temperature", "0.7", "'logprob_temperature' must be one of 1, sampling"),
+    ],
+)
+def test_grpo_and_temperature_keys_are_validated(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{key: value})
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        config.load(overrides={key: str(value)})
+
+
+def test_grpo_keys_reach_the_loss_and_resume_may_not_change_them():
+    cfg = TrainConfig(method="grpo", grpo_kl_beta=0.04, clip_epsilon=0.1, clip_epsilon_high=0.28, num_iterations=2)
+    loss = from_config(cfg)
+    assert (loss.kl_beta, loss.clip_low, loss.clip_high) == (0.04, 0.9, 1.28) and loss.needs_reference_model
+    assert from_config(TrainConfig(method="grpo", clip_epsilon=0.3)).clip_high == pytest.approx(1.3)
+    assert (
+        config.load(overrides={"clip_epsilon_high": "none", "logprob_temperature": "sampling"}).clip_epsilon_high
+        is None
+    )
+    for key, value in [
+        ("grpo_kl_beta", 0.1),
+        ("num_iterations", 3),
+        ("clip_epsilon", 0.3),
+        ("clip_epsilon_high", 0.3),
+        ("logprob_temperature", "sampling"),
+    ]:
+        assert config.resume_conflicts(TrainConfig(), TrainConfig(**{key: value})) == [
+            f"{key}: {getattr(TrainConfig(), key)!r} -> {value!r}"
+        ]
+
+
+def test_lr_schedule_counts_optimizer_steps():
+    # num_iterations optimizer steps per training step: the same schedule over training steps, stepped n times
+    one, two = TrainConfig(steps=10, warmup_steps=3), TrainConfig(steps=10, warmup_steps=3, num_iterations=2)
+    f1, f2 = lr_lambda(one), lr_lambda(two)
+    # warmup over 3 x 2 optimizer steps: after 2i + 2 of them, the lr of one-step training step i
+    assert [f2(2 * i + 1) for i in range(3)] == pytest.approx([f1(i) for i in range(3)])
+    assert f2(0) == pytest.approx(1 / 6)  # each optimizer step of the warmup raises the lr
+    assert [f2(2 * i) for i in range(3, 10)] == pytest.approx([f1(i) for i in range(3, 10)])  # the decay, likewise
+    assert f2(19) < f2(18) < f2(17)  # and each one of the decay lowers it
 
 
 def test_method_is_a_validated_config_key_that_resume_may_not_change():
@@ -232,15 +404,26 @@ def test_each_method_trains_the_demo(tmp_path, method):
     assert (tmp_path / "run" / "plot.png").stat().st_size > 0  # the plot copes without GRAO's terms
 
 
-@pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
-def test_grpo_from_the_command_line(tmp_path, loss_type):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FLAGS.items()]
+KL_ITERATIONS = {
+    "grpo_kl_beta": 0.05,
+    "num_iterations": 2,
+    "clip_epsilon_high": 0.28,
+    "logprob_temperature": "sampling",
+}
+
+
+@pytest.mark.parametrize("loss_type, extra", [("dr_grpo", {}), ("dapo", {}), ("grpo", KL_ITERATIONS)])
+def test_grpo_from_the_command_line(tmp_path, loss_type, extra):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FLAGS, **extra}.items()]
     out = tmp_path / "run"
     argv = ["train", *flags, "--method", "grpo", "--grpo-loss-type", loss_type, "--plot", "false"]
     assert cli.main([*argv, "--micro-batch-prompts", "1", "--output-dir", str(out)]) == 0
-    assert config.load(out / "config.yaml").grpo_loss_type == loss_type
+    saved = config.load(out / "config.yaml")
+    assert saved.grpo_loss_type == loss_type
+    assert {k: getattr(saved, k) for k in extra} == extra
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(ln["loss"]) for ln in lines if "loss" in ln)
+    assert all(("grpo/kl" in ln) == bool(extra) for ln in lines if "loss" in ln)
 
 
 def test_dpo_starts_at_log_2_against_its_frozen_reference_which_stays_frozen(tmp_path):
@@ -257,3 +440,70 @@ def test_dpo_starts_at_log_2_against_its_frozen_reference_which_stays_frozen(tmp
         assert torch.equal(p, frozen[name]), name
     with pytest.raises(ValueError, match="reference_logp is None"):
         DPO()(LossBatch(*[None] * 3, targets=None, rewards=None, group_size=1, groups=range(1), num_groups=1))
+
+
+class RecordingGRPO(GRPO):
+    """GRPO that keeps, for each micro-batch it is handed, its snapshot, its current token log-probs (at the batch's
+    temperature and at 1), its reference log-probs and its temperature."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = []
+
+    def __call__(self, batch: LossBatch):
+        with torch.no_grad():
+            now = fused_linear_logprobs(batch.hidden, batch.weight, batch.targets, **batch.head())
+            at_one = fused_linear_logprobs(
+                batch.hidden, batch.weight, batch.targets, **{**batch.head(), "temperature": 1.0}
+            )
+        self.calls.append((batch.old, now, at_one, batch.reference_logp, batch.temperature))
+        return super().__call__(batch)
+
+
+def test_grpo_iterations_see_the_sampling_policy_and_the_reference_at_the_log_prob_temperature(tmp_path):
+    flags = dict(FLAGS, micro_batch_prompts=1, lr=1e-2, plot=False, output_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(**flags, method="grpo", grpo_kl_beta=0.1, num_iterations=2, logprob_temperature="sampling")
+    loss = RecordingGRPO(kl_beta=0.1, backend="torch")
+    trainer = Trainer(cfg, loss=loss)
+    metrics = trainer.train_step(1)
+    assert trainer.scheduler.last_epoch == 2  # two optimizer steps on the step's rollout
+    assert len(loss.calls) == 4  # 2 iterations x 2 micro-batches
+    first, second = loss.calls[:2], loss.calls[2:]
+    for (old, now, at_one, ref, temperature), (old2, now2, *_) in zip(first, second):
+        assert temperature == cfg.temperature == 0.7
+        # iteration 1: the snapshot and the frozen model are the policy itself, at the same temperature
+        torch.testing.assert_close(old["logp"], now, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ref, now, rtol=1e-5, atol=1e-6)
+        assert (at_one - now).abs().max() > 1e-2  # at temperature 1 they would be others
+        # iteration 2: the same snapshot, and a policy one optimizer step further
+        assert old2 is old
+        assert (now2 - old["logp"]).abs().max() > 1e-3
+    assert metrics["grpo/kl"] > 0  # the mean of iteration 1's 0 and iteration 2's KL to the moved policy
+    assert math.isfinite(metrics["grpo/clip_ratio"]) and math.isfinite(metrics["loss"])
+
+
+def test_grpo_with_kl_and_iterations_trains_and_resumes_exactly(tmp_path):
+    kw = dict(FLAGS, steps=4, save_every=2, micro_batch_prompts=1, lr=1e-2, plot=False)
+    grpo = dict(method="grpo", grpo_kl_beta=0.1, num_iterations=2, grpo_loss_type="dapo")
+    full = Trainer(TrainConfig(**kw, **grpo, output_dir=str(tmp_path / "a")))
+    frozen = {n: p.detach().clone() for n, p in full.reference_model.named_parameters()}
+    assert full.train() is True
+    assert full.scheduler.last_epoch == 8
+    for name, p in full.reference_model.named_parameters():
+        assert torch.equal(p, frozen[name]), name
+
+    def stop_after_3(trainer, step, metrics):
+        if step == 3:
+            trainer.request_stop()
+
+    cfg = TrainConfig(**kw, **grpo, output_dir=str(tmp_path / "b"))
+    assert Trainer(cfg, callbacks=[stop_after_3]).train() is False
+    # resume from step 2, as if the process died during step 3: its rollout and both iterations are redone
+    (tmp_path / "b" / "checkpoints" / "step-000003").rename(tmp_path / "b" / "checkpoints" / "x")
+    second = Trainer(cfg, resume=True)
+    assert second.step == 2 and second.scheduler.last_epoch == 4
+    assert second.train() is True
+
+    a = assert_same_run(tmp_path / "a", tmp_path / "b", (full.model, second.model))
+    assert [ln["step"] for ln in a] == [0, 1, 2, 2, 3, 4, 4]
+    assert all(math.isfinite(ln["grpo/kl"]) and math.isfinite(ln["loss"]) for ln in a if "loss" in ln)

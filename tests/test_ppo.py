@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -194,7 +195,12 @@ def test_ppo_checks_its_inputs():
     with pytest.raises(ValueError, match="reference_logp is None"):
         loss(LossBatch(hidden, weight, bias, targets, rewards, **kw, old=old))
     with pytest.raises(ValueError, match="LossBatch.old"):
-        loss(LossBatch(hidden, weight, bias, targets, rewards, **kw, reference_logp=ref_logp))
+        loss(LossBatch(hidden, weight, bias, targets, rewards, **kw, reference_logp=ref_logp, old={"logp": ref_logp}))
+    # Without a snapshot (one update per rollout) the policy that sampled is the batch's own, detached.
+    own = LossBatch(hidden, weight, bias, targets, rewards, **kw, reference_logp=ref_logp)
+    with torch.no_grad():
+        snap = loss.snapshot(own)
+    torch.testing.assert_close(loss(own).loss, loss(dataclasses.replace(own, old=snap)).loss)
     with pytest.raises(ValueError, match=r"old values shape \(12, 6\)"):
         bad = {**old, "values": old["values"][:, :-1]}
         loss(LossBatch(hidden, weight, bias, targets, rewards, **kw, reference_logp=ref_logp, old=bad))
@@ -263,3 +269,24 @@ def test_resumed_ppo_run_matches_an_uninterrupted_one(tmp_path):
     assert_same_run(*runs, (full.model, second.model), (full.loss, second.loss))  # the loss: the value head
     state = torch.load(tmp_path / "b" / "run" / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
     assert set(state["loss"]) == {"value_head.weight", "value_head.bias"}
+
+
+def test_ppo_with_several_iterations_clips_against_the_rollout_snapshot(tmp_path):
+    """With num_iterations > 1 the later updates see the snapshot of the policy that sampled: ratios move off 1."""
+    cfg = small(tmp_path, method="ppo", steps=1, num_iterations=3, clip_epsilon=0.01, ppo_vf_clip=0.01)
+    trainer = Trainer(cfg)
+    seen = []
+    loss = trainer.loss
+    forward = loss.forward
+
+    def spy(batch):
+        seen.append(batch.old)
+        return forward(batch)
+
+    loss.forward = spy
+    assert trainer.train() is True
+    assert len(seen) == 3 and all(old is not None for old in seen)
+    assert all(old is seen[0] for old in seen)  # one snapshot, reused by every iteration
+    (line,) = [ln for ln in read_lines(tmp_path / "run") if "loss" in ln]
+    assert line["ppo/clip_frac"] > 0  # the second and third updates are off-policy and clip
+    assert line["ppo/value_clip_frac"] > 0

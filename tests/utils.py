@@ -162,9 +162,10 @@ def read_lines(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(dir_a, dir_b, *modules):
+def assert_same_run(dir_a, dir_b, *modules) -> list[dict]:
     """Two runs logged the same lines (timings aside) and each ``(module_a, module_b)`` pair of ``modules`` ended
-    with the same parameters: what an interrupted and resumed run must share with an uninterrupted one."""
+    with the same parameters: what an interrupted and resumed run must share with an uninterrupted one. Returns run
+    a's metrics lines."""
     from grao.trainer import TIME_KEYS
 
     def strip(lines):
@@ -181,6 +182,7 @@ def assert_same_run(dir_a, dir_b, *modules):
         assert named_b.keys() == dict(module_a.named_parameters()).keys()
         for n, pa in module_a.named_parameters():
             torch.testing.assert_close(pa, named_b[n], rtol=1e-5, atol=1e-6, msg=n)
+    return a
 
 
 @pytest.fixture
