@@ -57,7 +57,16 @@ class TrainConfig:
     )
     eval_size: int = _key(64, "held-out prompts evaluated")
     demo_train_size: int = _key(4000, "training prompts of the demo task")
-    reward: str = _key("auto", "auto (demo for demo data, else edit), demo, exact, edit, model:DIR or module:function")
+    reward: str = _key(
+        "auto",
+        "auto (demo for demo data, else edit), demo, exact, edit, model:DIR, module:function, or a pairwise judge "
+        "R(o, y) in {-1, 0, 1}: judge-model:DIR (a local causal LM) or judge:module:function",
+    )
+    judge_template: str | None = _key(
+        None, "judge-model's prompt: a text file using {prompt}, {response}, {reference} (default: the built-in one)"
+    )
+    judge_max_new_tokens: int = _key(16, "judge-model's longest verdict reply, in tokens (greedy)")
+    judge_batch_size: int = _key(16, "judge-model's prompts per generate call", resume_safe=True)
     output_dir: str = _key("runs/demo", "run directory: config, metrics, plot, checkpoints", resume_safe=True)
     seed: int = _key(0, "seeds the data order, the model init and each step's sampling")
     # the GRAO step (arXiv 2508.07750, Eq. 3-4)
@@ -70,6 +79,11 @@ class TrainConfig:
     method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
     grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
     dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
+    dpo_rejected: str = _key(
+        "auto",
+        "dpo's rejected answer: data (each example's 'rejected', e.g. HH-RLHF; no sampling), sampled (the "
+        "lowest-scored of the G samples) or auto (data when every training example has one, else sampled)",
+    )
     chat_template: bool = _key(
         False, "render each prompt as a user message through the tokenizer's chat template (when it has one)"
     )
@@ -133,6 +147,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "method": METHODS,
     "grpo_loss_type": GRPO_LOSS_TYPES,
+    "dpo_rejected": ("auto", "data", "sampled"),
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),
@@ -151,6 +166,8 @@ POSITIVE = (
     "save_every",
     "keep_checkpoints",
     "demo_train_size",
+    "judge_max_new_tokens",
+    "judge_batch_size",
 )
 NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads", "lora_rank")
 # (low, high, low inclusive) for every float key. The upper bounds reject values that cannot be meant: an AdamW
@@ -288,6 +305,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             "'router_bias_update_rate' > 0 with 'lora_rank' > 0: a LoRA checkpoint saves only the adapters, "
             "so the updated router biases would be lost on resume; use one of the two"
+        )
+    if cfg.judge_template is not None and not cfg.reward.startswith("judge-model:"):
+        raise ConfigError(
+            f"'judge_template' is set but 'reward' is {cfg.reward!r}: the template is for a judge-model:DIR reward"
         )
     if cfg.micro_batch_prompts > cfg.prompts_per_step:
         raise ConfigError(

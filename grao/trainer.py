@@ -136,7 +136,9 @@ class Trainer:
             run_dir.check_fresh_start(self.run_dir, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples = data.load_examples(cfg)
-        self.reward = reward if reward is not None else rewards.resolve(cfg.reward, cfg.data, self.runtime.device)
+        if reward is None:
+            reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
+        self.reward = reward
         self.loss = loss if loss is not None else methods.from_config(cfg)
         self.callbacks = list(callbacks)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
@@ -296,6 +298,7 @@ class Trainer:
             "reward/samples": float(r[:, :-1].mean()),
             "reward/reference": float(r[:, -1].mean()),
             **rewards.statistics(r),
+            **rewards.pop_metrics(self.reward),  # the rollout's (a judge's counts); evaluate() pops its own
             **stats,
             "completion_len": sum(len(c) for g in rollout.completion_ids for c in g[:-1]) / r[:, :-1].numel(),
             "tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
@@ -496,6 +499,7 @@ class Trainer:
             "eval/reward": res.mean_reward,
             "eval/ras": res.ras,
             "eval/nag": evaluate.nag(res.rewards, self.baseline_eval),
+            **{f"eval/{k}": v for k, v in rewards.pop_metrics(self.reward).items()},
         }
 
     def log(self, line: dict) -> None:
