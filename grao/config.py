@@ -22,7 +22,7 @@ import torch
 
 from grao_kernels.backends import BACKENDS
 
-from .methods import GRPO_LOSS_TYPES, METHODS
+from .methods import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
 
 
 class ConfigError(ValueError):
@@ -147,7 +147,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "method": METHODS,
     "grpo_loss_type": GRPO_LOSS_TYPES,
-    "dpo_rejected": ("auto", "data", "sampled"),
+    "dpo_rejected": DPO_REJECTED,
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),
