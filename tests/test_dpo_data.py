@@ -9,7 +9,15 @@ import os
 
 import pytest
 import torch
-from utils import assert_close, assert_grads_close, grads, leaves, read_lines, restore_threads_and_seed  # noqa: F401
+from utils import (  # noqa: F401 (restore_threads_and_seed: a fixture)
+    assert_close,
+    assert_grads_close,
+    grads,
+    leaves,
+    read_lines,
+    restore_threads_and_seed,
+    small,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -71,26 +79,10 @@ def test_dpo_rejected_chooses_the_data_only_when_every_example_has_one(tmp_path)
 
 
 def hh_config(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        data=write_hh(tmp_path / "hh.jsonl", [hh_line(w) for w in WORDS]),
-        eval_size=2,  # the last 2 lines: 6 training pairs
-        method="dpo",
-        dpo_beta=0.5,
-        steps=2,
-        prompts_per_step=3,
-        group_size=2,
-        max_new_tokens=3,
-        eval_every=2,
-        save_every=2,
-        warmup_steps=1,
-        lr=1e-2,
-        loss_backend="torch",
-        progress=False,
-        plot=False,
-        output_dir=str(tmp_path / "run"),
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """utils.small's few steps, on 8 HH pairs (the last 2 held out) with dpo."""
+    data = write_hh(tmp_path / "hh.jsonl", [hh_line(w) for w in WORDS])
+    base = dict(data=data, eval_size=2, method="dpo", dpo_beta=0.5, prompts_per_step=3, group_size=2)
+    return small(tmp_path, **{**base, "eval_every": 2, "save_every": 2, "loss_backend": "torch", **kw})
 
 
 @pytest.mark.usefixtures("restore_threads_and_seed")
