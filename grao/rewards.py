@@ -358,18 +358,25 @@ def parse_verdict(text: str) -> int | None:
     """The verdict -1, 0 or 1 in a judge's reply, or None when there is none.
 
     A reply that is only a number (``1``, ``-1``, ``0``, ``+1``, optionally in
-    brackets or followed by a full stop) is that number. Otherwise the first of
-    the words better (1), worse (-1), tie / tied / equal / equally / same / draw
-    (0), as a whole word in any case, decides; a negated first word ("not
-    better") is ambiguous and gives None.
+    brackets or followed by a full stop) is that number. Otherwise the first
+    line with one of the words better (1), worse (-1), tie / tied / equal /
+    equally / same / draw (0), as a whole word in any case, decides, when it
+    names one verdict only: a line with two ("better, worse or tie", a judge
+    echoing the instructions) or a negated first word ("not better") is
+    ambiguous and gives None.
     """
     number = _NUMBER.fullmatch(text)
     if number:
         return int(number.group(1))
-    word = _WORD.search(text)
-    if word is None or _NEGATED.search(text[: word.start()]):
-        return None
-    return _WORDS[word.group(1).lower()]
+    for line in text.splitlines():
+        words = list(_WORD.finditer(line))
+        if not words:
+            continue
+        verdicts = {_WORDS[w.group(1).lower()] for w in words}
+        if len(verdicts) > 1 or _NEGATED.search(line[: words[0].start()]):
+            return None
+        return verdicts.pop()
+    return None
 
 
 class JudgeWarning(UserWarning):

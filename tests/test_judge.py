@@ -126,6 +126,10 @@ def test_judge_specs_resolve_and_name_what_is_wrong(tmp_path):
         ("-1", -1),
         ("[[0]]", 0),
         ("+1.", 1),
+        ("Worse. The reply is worse.", -1),
+        ("better, worse or tie", None),  # two verdicts on the deciding line (an echo of the instructions)
+        ("The candidate is better, the reference worse", None),
+        ("Let me think.\nTie", 0),
         ("not better", None),  # negated: ambiguous
         ("It isn't worse", None),
         ("betterment", None),  # whole words only
