@@ -28,7 +28,7 @@ from grao.data import DataError, Example, load_jsonl, parse_record, rejected_sou
 from grao.generation import encode_reference  # noqa: E402
 from grao.losses import LossBatch  # noqa: E402
 from grao.trainer import IGNORE_INDEX, Trainer, build_batch  # noqa: E402
-from grao_kernels.reference import reference_dpo  # noqa: E402
+from grao_kernels.reference import reference_dpo, reference_logprobs  # noqa: E402
 
 WORDS = ["abc", "dog", "mule", "hen", "cat", "bird", "ox", "yak"]
 
@@ -103,7 +103,9 @@ def test_a_trainer_batch_of_hh_pairs_has_the_float64_dpo_loss_and_gradient(tmp_p
     inner = models.unwrap(trainer.model)
     hidden = models.backbone(inner)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.detach()
     weight, bias = models.output_head(inner)
-    frozen = trainer._reference_logp(ids, mask, targets)
+    ref_model = trainer.reference_model  # the frozen start's token log-probs, from its materialised logits
+    ref_hidden = models.backbone(ref_model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    frozen = reference_logprobs(ref_hidden.double(), models.output_head(ref_model)[0].double(), targets).detach()
     h, w = leaves(hidden, weight.detach())
     out = trainer.loss(
         LossBatch(
@@ -116,12 +118,12 @@ def test_a_trainer_batch_of_hh_pairs_has_the_float64_dpo_loss_and_gradient(tmp_p
             groups=range(3),
             num_groups=3,
             ignore_index=IGNORE_INDEX,
-            reference_logp=frozen,
+            reference_logp=frozen.float(),
         )
     )
     assert bias is None
     h64, w64 = leaves(hidden, weight.detach(), dtype=torch.float64)
-    want = reference_dpo(h64, w64, targets, rollout.rewards, frozen.double(), beta=0.5, rejected=[0, 0, 0])
+    want = reference_dpo(h64, w64, targets, rollout.rewards, frozen, beta=0.5, rejected=[0, 0, 0])
     assert_close(out.loss.detach(), want.detach(), rtol=1e-5, atol=1e-6, name="dpo loss")
     want_grads = grads(want, h64, w64)
     assert_grads_close(grads(out.loss, h, w), want_grads, names=("hidden", "weight"))
