@@ -149,7 +149,10 @@ def evaluate_cmd(args) -> int:
     examples = load_jsonl(args.data) if args.data else load_examples(cfg)[1]
     rt = runtime.choose(cfg.device, cfg.precision, cfg.attn_implementation)
     reward = rewards.resolve(
-        args.reward or cfg.reward, "demo" if not args.data and cfg.data == "demo" else "file", rt.device
+        args.reward or cfg.reward,
+        "demo" if not args.data and cfg.data == "demo" else "file",
+        rt.device,
+        **rewards.judge_options(cfg),
     )
     opts = dict(
         max_new_tokens=args.max_new_tokens or cfg.max_new_tokens,

@@ -22,7 +22,7 @@ import torch
 
 from grao_kernels.backends import BACKENDS
 
-from .methods import GRPO_LOSS_TYPES, METHODS
+from .methods import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
 
 
 class ConfigError(ValueError):
@@ -57,7 +57,16 @@ class TrainConfig:
     )
     eval_size: int = _key(64, "held-out prompts evaluated")
     demo_train_size: int = _key(4000, "training prompts of the demo task")
-    reward: str = _key("auto", "auto (demo for demo data, else edit), demo, exact, edit, model:DIR or module:function")
+    reward: str = _key(
+        "auto",
+        "auto (demo for demo data, else edit), demo, exact, edit, model:DIR, module:function, or a pairwise judge "
+        "R(o, y) in {-1, 0, 1}: judge-model:DIR (a local causal LM) or judge:module:function",
+    )
+    judge_template: str | None = _key(
+        None, "judge-model's prompt: a text file using {prompt}, {response}, {reference} (default: the built-in one)"
+    )
+    judge_max_new_tokens: int = _key(16, "judge-model's longest verdict reply, in tokens (greedy)")
+    judge_batch_size: int = _key(16, "judge-model's prompts per generate call", resume_safe=True)
     output_dir: str = _key("runs/demo", "run directory: config, metrics, plot, checkpoints", resume_safe=True)
     seed: int = _key(0, "seeds the data order, the model init and each step's sampling")
     # the GRAO step (arXiv 2508.07750, Eq. 3-4)
@@ -95,6 +104,11 @@ class TrainConfig:
         None, "grpo with num_iterations > 1: the ratio's upper clip 1 + clip_epsilon_high (default: clip_epsilon)"
     )
     dpo_beta: float = _key(0.1, "dpo's beta, the weight of its implicit KL to the frozen starting model")
+    dpo_rejected: str = _key(
+        "auto",
+        "dpo's rejected answer: data (each example's 'rejected', e.g. HH-RLHF; no sampling), sampled (the "
+        "lowest-scored of the G samples) or auto (data when every training example has one, else sampled)",
+    )
     ppo_kl_coef: float = _key(0.05, "ppo's per-token KL penalty to the frozen starting model, in the reward")
     ppo_gamma: float = _key(1.0, "ppo's discount over completion tokens")
     ppo_gae_lambda: float = _key(0.95, "ppo's GAE lambda")
@@ -164,6 +178,7 @@ CHOICES = {
     "method": METHODS,
     "grpo_loss_type": GRPO_LOSS_TYPES,
     "logprob_temperature": ("1", "sampling"),
+    "dpo_rejected": DPO_REJECTED,
     "lr_schedule": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16"),
     "loss_backend": ("auto", *BACKENDS),
@@ -183,6 +198,8 @@ POSITIVE = (
     "keep_checkpoints",
     "demo_train_size",
     "num_iterations",
+    "judge_max_new_tokens",
+    "judge_batch_size",
 )
 NON_NEGATIVE = ("warmup_steps", "micro_batch_prompts", "threads", "lora_rank")
 # (low, high, low inclusive) for every float key. The upper bounds reject values that cannot be meant: an AdamW
@@ -329,6 +346,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             "'router_bias_update_rate' > 0 with 'lora_rank' > 0: a LoRA checkpoint saves only the adapters, "
             "so the updated router biases would be lost on resume; use one of the two"
+        )
+    if cfg.judge_template is not None and not cfg.reward.startswith("judge-model:"):
+        raise ConfigError(
+            f"'judge_template' is set but 'reward' is {cfg.reward!r}: the template is for a judge-model:DIR reward"
         )
     if cfg.micro_batch_prompts > cfg.prompts_per_step:
         raise ConfigError(

@@ -3,14 +3,22 @@
 - ``{"prompt": ..., "reference": ...}``
 - Anthropic HH-RLHF ``{"chosen": ..., "rejected": ...}``: the prompt is the
   ``chosen`` transcript up to and including its last ``"\\n\\nAssistant:"``;
-  the reference is the rest of ``chosen``.
+  the reference is the rest of ``chosen``, and the example's ``rejected``
+  answer the rest of the ``rejected`` transcript, which must start with the
+  same prompt.
+
+Either format may carry a worse answer to the same prompt as ``rejected``
+(optional; DPO's rejected answer, see ``dpo_rejected`` in :mod:`grao.config`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from .config import ConfigError
+from .methods import DPO_REJECTED
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -24,6 +32,7 @@ class Example:
     prompt: str
     reference: str
     where: str = field(default="", compare=False)  # "file:line" for error messages; empty for generated examples
+    rejected: str | None = None  # a worse answer to the same prompt (HH-RLHF's), for DPO; None when the data has none
 
 
 def split_hh(chosen: str) -> tuple[str, str]:
@@ -35,20 +44,41 @@ def split_hh(chosen: str) -> tuple[str, str]:
     return chosen[:cut], chosen[cut:]
 
 
+def _first_difference(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def split_rejected(prompt: str, rejected: str) -> str:
+    """The answer of an HH-RLHF ``rejected`` transcript to ``prompt`` (the ``chosen`` one's): the transcript
+    minus that prompt; ValueError saying where they part when it does not start with it."""
+    if not rejected.startswith(prompt):
+        at = _first_difference(prompt, rejected)
+        raise ValueError(
+            f"'rejected' does not continue the prompt of 'chosen' (the conversation up to its last "
+            f"{HH_ASSISTANT!r}): they differ from character {at} ({prompt[at : at + 30]!r} vs "
+            f"{rejected[at : at + 30]!r}); DPO needs both answers to the same prompt"
+        )
+    return rejected[len(prompt) :]
+
+
 def parse_record(record) -> Example:
     """One decoded JSON line -> Example; ValueError saying what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    rejected = record.get("rejected")
+    if rejected is not None and not isinstance(rejected, str):
+        raise ValueError(f"'rejected' must be a string, got {type(rejected).__name__}")
     if "prompt" in record and "reference" in record:
         prompt, reference = record["prompt"], record["reference"]
         if not isinstance(prompt, str) or not isinstance(reference, str):
             raise ValueError("'prompt' and 'reference' must be strings")
-        return Example(prompt, reference)
+        return Example(prompt, reference, rejected=rejected)
     if "chosen" in record:
         chosen = record["chosen"]
         if not isinstance(chosen, str):
             raise ValueError("'chosen' must be a string")
-        return Example(*split_hh(chosen))
+        prompt, reference = split_hh(chosen)
+        return Example(prompt, reference, rejected=None if rejected is None else split_rejected(prompt, rejected))
     raise ValueError(
         f"expected keys 'prompt' and 'reference' (or HH-RLHF 'chosen' and 'rejected'), got {sorted(record)}"
     )
@@ -76,7 +106,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
                 ex = parse_record(record)
             except ValueError as exc:
                 raise DataError(f"{path}:{lineno}: {exc}") from None
-            examples.append(Example(ex.prompt, ex.reference, f"{path}:{lineno}"))
+            examples.append(replace(ex, where=f"{path}:{lineno}"))
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples
@@ -115,3 +145,22 @@ def check_prompts(examples: list[Example], encode) -> None:
             raise DataError(
                 f"{where}: the prompt {ex.prompt!r} tokenises to nothing; a prompt needs at least one token"
             )
+
+
+def rejected_source(choice: str, examples: list[Example]) -> str:
+    """Where DPO's rejected answers come from under ``dpo_rejected`` = ``choice``: ``"data"`` (every example's
+    own ``rejected``) or ``"sampled"`` (the lowest-scored sample). ``auto`` is data when every example has
+    one; ``data`` with an example that has none is a ConfigError naming it."""
+    assert choice in DPO_REJECTED, choice  # TrainConfig checks the key
+    if choice == "sampled":
+        return "sampled"
+    missing = next((i for i, ex in enumerate(examples) if ex.rejected is None), None)
+    if missing is None:
+        return "data"
+    if choice == "data":
+        where = examples[missing].where or f"example {missing}"
+        raise ConfigError(
+            f"'dpo_rejected' is data but {where} has no 'rejected' answer ({sum(ex.rejected is None for ex in examples)} "
+            f"of {len(examples)} training examples lack one); use sampled or auto, or add 'rejected' to every line"
+        )
+    return "sampled"

@@ -18,8 +18,9 @@ the mean log-prob over the completion tokens of sequence s, n_s their number.
   loss aggregations (``grpo_loss_type``), an optional k3 KL to the frozen
   starting model (``grpo_kl_beta``) and, with ``num_iterations`` > 1, the
   clipped ratio to the sampling policy (``clip_epsilon``, ``clip_epsilon_high``).
-* ``dpo``: :class:`DPO`, the reference answer against the lowest-scored
-  sample, with a frozen reference model (``dpo_beta``). DPO's loss is not
+* ``dpo``: :class:`DPO`, the reference answer against the data's rejected
+  answer or the lowest-scored sample (``dpo_rejected``), with a frozen
+  reference model (``dpo_beta``). DPO's loss is not
   linear in the log-probs: it differentiates through
   ``grao_kernels.fused_linear_logprobs`` instead (still no logits).
 * ``ppo``: :class:`grao.ppo.PPO`, clipped PPO with a value head, GAE and a KL
@@ -41,6 +42,7 @@ from .losses import GRAO, LossBatch, LossOutput
 
 METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo", "ppo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+DPO_REJECTED = ("auto", "data", "sampled")  # where dpo's rejected answers come from (grao.data.rejected_source)
 
 
 def from_config(cfg, *, hidden_size: int | None = None):
@@ -344,7 +346,10 @@ class DPO:
 
     log pi(s) is the SUM of the completion tokens' log-probs (DPO's sequence
     likelihood, not GRAO's mean J); chosen y_p = the reference answer,
-    rejected o_p = the group's lowest-scored sample (the first on ties).
+    rejected o_p = the group's lowest-scored sample (the first on ties). With
+    the data's rejected answers (``dpo_rejected``: data, or auto on data that
+    has them) the trainer builds each group as that answer and the reference
+    (G = 1, nothing sampled), so o_p is the data's rejected answer.
     pi_ref is the frozen starting model: the trainer computes its token
     log-probs under no_grad (``LossBatch.reference_logp``) for a loss with
     ``needs_reference_model``. The other G - 1 samples get no gradient.

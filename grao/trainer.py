@@ -160,7 +160,15 @@ class Trainer:
             run_dir.check_fresh_start(self.run_dir, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples = data.load_examples(cfg)
-        self.reward = reward if reward is not None else rewards.resolve(cfg.reward, cfg.data, self.runtime.device)
+        # dpo's rejected answers: the data's own ("data": each group is rejected + reference, nothing is sampled)
+        # or the lowest-scored of the G samples ("sampled")
+        self.rejected_source = "sampled"
+        if cfg.method == "dpo":
+            self.rejected_source = data.rejected_source(cfg.dpo_rejected, self.train_examples)
+            say(f"dpo: rejected answers from {'the data' if self.rejected_source == 'data' else 'the G samples'}")
+        if reward is None:
+            reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
+        self.reward = reward
         self.logprob_temperature = cfg.temperature if cfg.logprob_temperature == "sampling" else 1.0
         self.callbacks = list(callbacks)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
@@ -328,6 +336,7 @@ class Trainer:
             "reward/samples": float(r[:, :-1].mean()),
             "reward/reference": float(r[:, -1].mean()),
             **rewards.statistics(r),
+            **rewards.pop_metrics(self.reward),  # the rollout's (a judge's counts); evaluate() pops its own
             **stats,
             "completion_len": sum(len(c) for g in rollout.completion_ids for c in g[:-1]) / r[:, :-1].numel(),
             "tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
@@ -355,21 +364,29 @@ class Trainer:
 
     def rollout(self, examples: list[Example], step: int) -> Rollout:
         """Sample G completions per prompt (seeded by step, so a resumed run samples the same), then score them and
-        each prompt's reference answer; rewards (P, G+1), the reference's last."""
+        each prompt's reference answer; rewards (P, G+1), the reference's last.
+
+        dpo on the data's preference pairs (``rejected_source == "data"``) samples nothing: each group's one
+        completion (G = 1) is the example's rejected answer, ended by eos like the reference.
+        """
         cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
         prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
-        sampled = generation.generate(
-            self.model,
-            tok,
-            prompt_ids,
-            self.runtime,
-            num_return=G,
-            sample=True,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
-        )
-        texts = generation.decode(tok, sampled)
+        if self.rejected_source == "data":
+            G, texts = 1, [ex.rejected for ex in examples]
+            sampled = [encode_reference(tok, text) for text in texts]
+        else:
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            sampled = generation.generate(
+                self.model,
+                tok,
+                prompt_ids,
+                self.runtime,
+                num_return=G,
+                sample=True,
+                temperature=cfg.temperature,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            texts = generation.decode(tok, sampled)
         prompts, refs = [ex.prompt for ex in examples], [ex.reference for ex in examples]
         sample_rewards = rewards.score(
             self.reward, [p for p in prompts for _ in range(G)], texts, [r for r in refs for _ in range(G)]
@@ -565,6 +582,7 @@ class Trainer:
             "eval/reward": res.mean_reward,
             "eval/ras": res.ras,
             "eval/nag": evaluate.nag(res.rewards, self.baseline_eval),
+            **{f"eval/{k}": v for k, v in rewards.pop_metrics(self.reward).items()},
         }
 
     def log(self, line: dict) -> None:

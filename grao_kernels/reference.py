@@ -240,24 +240,36 @@ def reference_grpo(
 
 
 def reference_dpo(
-    hidden, weight, targets, rewards, reference_logp, *, beta=0.1, bias=None, ignore_index=-100, dtype=None, **head
+    hidden,
+    weight,
+    targets,
+    rewards,
+    reference_logp,
+    *,
+    beta=0.1,
+    rejected=None,
+    bias=None,
+    ignore_index=-100,
+    dtype=None,
+    **head,
 ):
     """DPO (arXiv 2305.18290, Eq. 7) per group of the (P, G+1) group-major batch: chosen = the reference answer
-    (last), rejected = the first of the G samples with the lowest reward; sequence log-likelihoods are token
-    sums, ``reference_logp`` (S, T) the frozen model's token log-probs. Mean over groups of -log sigmoid(z)."""
+    (last), rejected = sequence ``rejected[p]`` of group p (a list of P indices in [0, G); default: the first of
+    the G samples with the lowest reward); sequence log-likelihoods are token sums, ``reference_logp`` (S, T)
+    the frozen model's token log-probs. Mean over groups of -log sigmoid(z)."""
     logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
     mask = targets != ignore_index
     P, K = rewards.shape
     total = 0.0
     for p in range(P):
         samples = rewards[p, : K - 1].tolist()
-        worst = samples.index(min(samples))
-        chosen, rejected = p * K + K - 1, p * K + worst
+        worst = samples.index(min(samples)) if rejected is None else rejected[p]
+        chosen, rejected_seq = p * K + K - 1, p * K + worst
 
         def delta(s):
             return logp[s][mask[s]].sum() - reference_logp[s][mask[s]].to(logp.dtype).sum()
 
-        z = beta * (delta(chosen) - delta(rejected))
+        z = beta * (delta(chosen) - delta(rejected_seq))
         total = total - torch.nn.functional.logsigmoid(z)
     return total / P
 

@@ -191,10 +191,15 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
 def test_hh_rlhf_lines_are_split_at_the_last_assistant_turn(tmp_path):
     chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: It is 4."
     ex = parse_record({"chosen": chosen, "rejected": chosen[:-5] + "5."})
-    assert ex == Example("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:", " It is 4.")
+    assert ex == Example(
+        "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant:", " It is 4.", rejected=" It 5."
+    )
     path = tmp_path / "d.jsonl"
     path.write_text(
-        json.dumps({"chosen": chosen, "rejected": "x"}) + "\n\n" + json.dumps({"prompt": "p", "reference": "r"}) + "\n"
+        json.dumps({"chosen": chosen, "rejected": chosen[:-5] + "5."})
+        + "\n\n"
+        + json.dumps({"prompt": "p", "reference": "r"})
+        + "\n"
     )
     assert load_jsonl(path) == [ex, Example("p", "r")]
 
