@@ -172,13 +172,7 @@ class Method:
     def skip_reason(self, shape: Shape, op: str) -> str | None:
         if op not in self.ops:
             return f"{self.label} has no {op} op"
-        reason = self.skip(self, shape)
-        if reason is None and self.needs:
-            try:
-                __import__(self.needs)
-            except Exception as exc:  # noqa: BLE001 - any import failure disables the peer, with its message
-                return f"{self.needs} is not importable ({type(exc).__name__}: {exc}); install the bench extra"
-        return reason
+        return self.skip(self, shape) or (import_error(self.needs) if self.needs else None)
 
     def forward(self, inp: dict, op: str):
         with _settings(self.settings):
@@ -196,6 +190,15 @@ class Method:
     def grads_in_forward(self, op: str) -> bool:
         """grao_loss, linear_logprob_loss and Liger's GRPO loss hold the finished gradients from their forward."""
         return op != "logprobs" and self.key != "naive"
+
+
+def import_error(module: str, extra: str = "bench") -> str | None:
+    """Why ``module`` cannot be imported (any failure disables what needs it, with its message), or None."""
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001
+        return f"{module} is not importable ({type(exc).__name__}: {exc}); install the {extra} extra"
+    return None
 
 
 @contextlib.contextmanager

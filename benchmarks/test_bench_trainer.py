@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 import torch
-from harness import device_name, fresh, peak_meter, rounds, timed
+from harness import device_name, fresh, import_error, peak_meter, rounds, timed
 
 VARIANTS = ("grao_loss", "full_logits")
 PHASES = ("generation_s", "fwd_bwd_s", "optimizer_s")
@@ -97,11 +97,7 @@ def _skip_reason(device: str) -> str | None:
         return "the ~1B MoE step needs a CUDA device"
     if device == "cpu" and torch.cuda.is_available():
         return "the tiny-MoE step runs on CPU-only machines (this one benchmarks CUDA)"
-    try:
-        import grao.trainer  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"the grao trainer is not importable ({type(exc).__name__}: {exc}); install the train extra"
-    return None
+    return import_error("grao.trainer", "train")
 
 
 @pytest.mark.parametrize(
