@@ -30,7 +30,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import statistics
 import sys
 import time
@@ -62,12 +61,9 @@ def bench_device() -> str:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-    except OSError:
-        m = None
-    return f"{m.group(1).strip() if m else 'CPU'}, {torch.get_num_threads()} threads"
+    import cpuinfo  # py-cpuinfo, pytest-benchmark's: the CPU name its JSON records as machine_info
+
+    return f"{cpuinfo.get_cpu_info().get('brand_raw', 'CPU')}, {torch.get_num_threads()} threads"
 
 
 def sync(device: str) -> None:
@@ -169,13 +165,14 @@ class Method:
     fwd: Callable  # (method, inp, op) -> (value or None, scalar loss)
     kind: str = "peer"  # "ours" or "peer"
     skip: Callable = lambda m, shape: None  # (method, shape) -> reason or None
-    backend: str | None = None
+    backend: str | None = None  # None for "naive": the eager reference
     settings: dict = field(default_factory=dict)  # grao_kernels.settings attributes set around each call
+    needs: str | None = None  # the peer's module: the method is skipped when it cannot be imported
 
     def skip_reason(self, shape: Shape, op: str) -> str | None:
         if op not in self.ops:
             return f"{self.label} has no {op} op"
-        return self.skip(self, shape)
+        return self.skip(self, shape) or (import_error(self.needs) if self.needs else None)
 
     def forward(self, inp: dict, op: str):
         with _settings(self.settings):
@@ -195,6 +192,15 @@ class Method:
         return op != "logprobs" and self.key != "naive"
 
 
+def import_error(module: str, extra: str = "bench") -> str | None:
+    """Why ``module`` cannot be imported (any failure disables what needs it, with its message), or None."""
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001
+        return f"{module} is not importable ({type(exc).__name__}: {exc}); install the {extra} extra"
+    return None
+
+
 @contextlib.contextmanager
 def _settings(values: dict):
     saved = {k: getattr(grao_kernels.settings, k) for k in values}
@@ -212,17 +218,24 @@ def _weighted(logp, inp):
 
 
 def _ours_fwd(m: Method, inp: dict, op: str):
-    h, w, t = inp["hidden"], inp["weight"], inp["targets"]
+    """grao_kernels on ``m.backend``, or the eager reference (``reference.py``, full logits) when it is None."""
+    h, w, t, S, T, naive = inp["hidden"], inp["weight"], inp["targets"], inp["S"], inp["T"], m.backend is None
     if op == "logprobs":
-        return _weighted(grao_kernels.fused_linear_logprobs(h, w, t, backend=m.backend), inp)
+        lp = reference_logprobs(h, w, t) if naive else grao_kernels.fused_linear_logprobs(h, w, t, backend=m.backend)
+        return _weighted(lp, inp)
     if op == "grao":
-        S, T = inp["S"], inp["T"]
-        out = grao_kernels.grao_loss(
-            h.view(S, T, -1), w, t.view(S, T), inp["rewards"], group_size=K - 1, beta=BETA, lam=LAM, backend=m.backend
-        )
+        args, kw = (h.view(S, T, -1), w, t.view(S, T), inp["rewards"]), dict(beta=BETA, lam=LAM)
+        if naive:
+            loss = reference_grao(*args, **kw)["loss"]
+        else:
+            loss = grao_kernels.grao_loss(*args, group_size=K - 1, **kw, backend=m.backend).loss
     else:
-        out = grao_kernels.linear_logprob_loss(h, w, t, inp["coef"], entropy_coef=inp["ent_coef"], backend=m.backend)
-    return out.loss.detach().float().reshape(1), out.loss
+        args, kw = (h, w, t, inp["coef"]), dict(entropy_coef=inp["ent_coef"])
+        if naive:
+            loss = reference_linear_loss(*args, **kw)
+        else:
+            loss = grao_kernels.linear_logprob_loss(*args, **kw, backend=m.backend).loss
+    return loss.detach().float().reshape(1), loss
 
 
 def _ours_skip(m: Method, shape: Shape) -> str | None:
@@ -232,29 +245,6 @@ def _ours_skip(m: Method, shape: Shape) -> str | None:
     if m.backend == "triton" and shape.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "the Triton backend on CPU tensors runs under the Triton interpreter, a debugging tool"
     return None
-
-
-def _naive(m: Method, inp: dict, op: str):
-    h, w, t = inp["hidden"], inp["weight"], inp["targets"]
-    if op == "logprobs":
-        return _weighted(reference_logprobs(h, w, t), inp)
-    if op == "grao":
-        S, T = inp["S"], inp["T"]
-        loss = reference_grao(h.view(S, T, -1), w, t.view(S, T), inp["rewards"], beta=BETA, lam=LAM)["loss"]
-    else:
-        loss = reference_linear_loss(h, w, t, inp["coef"], entropy_coef=inp["ent_coef"])
-    return loss.detach().float().reshape(1), loss
-
-
-def _importable(module: str):
-    def skip(m: Method, shape: Shape) -> str | None:
-        try:
-            __import__(module)
-        except Exception as exc:  # noqa: BLE001 - any import failure disables the peer, with its message
-            return f"{module} is not importable ({type(exc).__name__}: {exc}); install the bench extra"
-        return None
-
-    return skip
 
 
 def _cce(m: Method, inp: dict, op: str):
@@ -295,10 +285,7 @@ def _liger_flce(m: Method, inp: dict, op: str):
 def _liger_flce_skip(m: Method, shape: Shape) -> str | None:
     if shape.device == "cpu":
         return "Liger's fused linear cross-entropy is a Triton kernel, which cannot run on CPU"
-    return _importable("liger_kernel.transformers.functional")(m, shape)
-
-
-LIGER_GRPO = "liger_kernel.chunked_loss"
+    return None
 
 
 @functools.cache
@@ -333,6 +320,7 @@ def _ours(backend: str, mode: str | None = None, **knobs) -> Method:
     return Method(f"grao_kernels[{key}]", f"grao_kernels ({label})", OPS, _ours_fwd, "ours", _ours_skip, backend, extra)
 
 
+LF = "liger_kernel.transformers.functional"
 # Adding a peer or a mode is one entry here.
 METHODS: dict[str, Method] = {
     m.key: m
@@ -343,11 +331,11 @@ METHODS: dict[str, Method] = {
         # does not grow with V, and a small budget keeps "auto" choices out of its way).
         _ours("triton", "chunked", memory_budget=2**30),
         _ours("triton", "fused", memory_budget=64 * 2**20),
-        Method("naive", "naive PyTorch (eager, full logits)", OPS, _naive),
-        Method("cce", "Cut Cross-Entropy", ("logprobs",), _cce, skip=_importable("cut_cross_entropy")),
-        Method("trl", "TRL chunked log-prob", ("logprobs",), _trl, skip=_importable("trl.kernels.chunked_logprob")),
-        Method("liger_flce", "Liger fused linear CE", ("logprobs",), _liger_flce, skip=_liger_flce_skip),
-        Method("liger_grpo", "Liger fused linear GRPO", ("grao",), _liger_grpo, skip=_importable(LIGER_GRPO)),
+        Method("naive", "naive PyTorch (eager, full logits)", OPS, _ours_fwd),
+        Method("cce", "Cut Cross-Entropy", ("logprobs",), _cce, needs="cut_cross_entropy"),
+        Method("trl", "TRL chunked log-prob", ("logprobs",), _trl, needs="trl.kernels.chunked_logprob"),
+        Method("liger_flce", "Liger fused linear CE", ("logprobs",), _liger_flce, skip=_liger_flce_skip, needs=LF),
+        Method("liger_grpo", "Liger fused linear GRPO", ("grao",), _liger_grpo, needs="liger_kernel.chunked_loss"),
     ]
 }
 
@@ -577,13 +565,13 @@ def floor_times(shape: Shape) -> dict:
     }
 
 
-def timed(fn, device: str) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one synchronised call."""
+def timed(fn, device: str) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, result) of one synchronised call."""
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def compare(shapes, cases, reps: int, deadline_s: float | None = None, log=print) -> dict:
@@ -620,7 +608,7 @@ def compare(shapes, cases, reps: int, deadline_s: float | None = None, log=print
         times = {k: [] for k in timers}
         for rep in range(reps):
             for k, fn in timers.items():
-                times[k].append(timed(fn, shape.device))
+                times[k].append(timed(fn, shape.device)[:2])  # not the outputs: they would pile up
             log(
                 f"[{shape.id}] rep {rep}: "
                 + ", ".join(f"{k[0] if k != 'floor' else k} {v[-1][0]:.3f}s" for k, v in times.items())

@@ -66,8 +66,23 @@ def fmt_rate(r: float) -> str:
     return f"{r / 1e3:,.1f} k" if r >= 1e4 else f"{r:,.0f}"
 
 
+def table(head: str, rows) -> list[str]:
+    """The lines of one Markdown table: ``head`` its column names joined by " | " (a name ending in ":" is a
+    right-aligned column), ``rows`` lists of cells."""
+    cols = head.split(" | ")
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [
+        line(c.removesuffix(":") for c in cols),
+        "|" + "".join("---:|" if c[-1] == ":" else "---|" for c in cols),
+    ] + [line(r) for r in rows]
+
+
 def shape_key(e: dict) -> tuple:
     return (e["device"], e["H"], e["V"], e["N"], e["dtype"])
+
+
+def method_order(e: dict) -> tuple:
+    return (KIND_ORDER.get(e["kind"], 3), e["label"])
 
 
 def summary_tables(rows: list[dict]) -> list[str]:
@@ -78,61 +93,49 @@ def summary_tables(rows: list[dict]) -> list[str]:
         if not sel:
             continue
         shapes = sorted({shape_key(e) for e in sel})
-        labels = sorted({(KIND_ORDER.get(e["kind"], 3), e["label"]) for e in sel})
         cell = {(shape_key(e), e["label"]): e for e in sel}
-        head = [f"V={s[2] // 1000}k H={s[1]} N={s[3]}" for s in shapes]
-        out.append(
-            f"**{OP_TITLE[op]}**, forward+backward: time as a multiple of the GEMM floor / peak working memory\n"
-        )
-        out.append("| method | " + " | ".join(head) + " |")
-        out.append("|---|" + "---|" * len(shapes))
-        for _, label in labels:
-            cells = []
-            for s in shapes:
-                e = cell.get((s, label))
-                cells.append(
-                    "skipped" if e is None else f"{e['x_floor']:.2f}× / {fmt_mib(e.get('peak_working_bytes'))}"
-                )
-            out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out.append("")
+        head = " | ".join(["method", *(f"V={s[2] // 1000}k H={s[1]} N={s[3]}" for s in shapes)])
+        body = [
+            [label]
+            + [
+                f"{e['x_floor']:.2f}× / {fmt_mib(e.get('peak_working_bytes'))}" if e else "skipped"
+                for e in (cell.get((s, label)) for s in shapes)
+            ]
+            for _, label in sorted({method_order(e) for e in sel})
+        ]
+        title = f"**{OP_TITLE[op]}**, forward+backward: time as a multiple of the GEMM floor / peak working memory\n"
+        out += [title, *table(head, body), ""]
     return out
 
 
 def detail_tables(rows: list[dict]) -> list[str]:
     out = []
     floors = {shape_key(e): e for e in rows if e["op"] == "floor"}
+    head = "method | mode | time: | tokens/s: | × floor: | peak memory: | working memory: | device"
     for op in ("logprobs", "grao"):
-        sel = [e for e in rows if e["op"] == op]
-        if not sel:
-            continue
-        out.append(f"### {OP_TITLE[op]}\n")
         by_shape = defaultdict(list)
-        for e in sel:
-            by_shape[shape_key(e)].append(e)
-        for sk in sorted(by_shape):
-            es = sorted(
-                by_shape[sk],
-                key=lambda e: (KIND_ORDER.get(e["kind"], 3), e["label"], list(MODE_LABEL).index(e["mode"])),
-            )
+        for e in rows:
+            if e["op"] == op:
+                by_shape[shape_key(e)].append(e)
+        if by_shape:
+            out.append(f"### {OP_TITLE[op]}\n")
+        for sk, es in sorted(by_shape.items()):
+            es.sort(key=lambda e: (*method_order(e), list(MODE_LABEL).index(e["mode"])))
+            body = []
+            if sk in floors:
+                fl = floors[sk]
+                best = f"1.00 (best of: {fmt_time(fl['floor_s'])})"
+                body.append([fl["label"], "3 GEMMs", fmt_time(fl["time_s"]), fmt_rate(fl["tokens_per_s"]), best])
+                body[-1] += ["–", "–", fl["device_name"]]
+            body += [
+                [e["label"], MODE_LABEL[e["mode"]], fmt_time(e["time_s"]), fmt_rate(e["tokens_per_s"])]
+                + [f"{e['x_floor']:.2f}", fmt_mib(e.get("peak_mem_bytes")), fmt_mib(e.get("peak_working_bytes"))]
+                + [e["device_name"]]
+                for e in es
+            ]
             e0 = es[0]
-            out.append(f"#### N={e0['N']:,} tokens, V={e0['V']:,}, H={e0['H']:,}, {e0['dtype']} on {e0['device']}\n")
-            out.append(
-                "| method | mode | time | tokens/s | × floor | peak memory | working memory | device |\n"
-                "|---|---|---:|---:|---:|---:|---:|---|"
-            )
-            fl = floors.get(sk)
-            if fl is not None:
-                out.append(
-                    f"| {fl['label']} | 3 GEMMs | {fmt_time(fl['time_s'])} | {fmt_rate(fl['tokens_per_s'])} | "
-                    f"1.00 (best of: {fmt_time(fl['floor_s'])}) | – | – | {fl['device_name']} |"
-                )
-            for e in es:
-                out.append(
-                    f"| {e['label']} | {MODE_LABEL[e['mode']]} | {fmt_time(e['time_s'])} | "
-                    f"{fmt_rate(e['tokens_per_s'])} | {e['x_floor']:.2f} | {fmt_mib(e.get('peak_mem_bytes'))} | "
-                    f"{fmt_mib(e.get('peak_working_bytes'))} | {e['device_name']} |"
-                )
-            out.append("")
+            title = f"#### N={e0['N']:,} tokens, V={e0['V']:,}, H={e0['H']:,}, {e0['dtype']} on {e0['device']}\n"
+            out += [title, *table(head, body), ""]
     return out
 
 
@@ -140,21 +143,19 @@ def trainer_table(rows: list[dict]) -> list[str]:
     sel = sorted((e for e in rows if e["op"] == "trainer_step"), key=lambda e: (e["device"], e["model"], e["method"]))
     if not sel:
         return []
-    out = [
+    head = "model | loss | step: | tokens/s: | generation: | forward+backward: | optimizer: | peak memory: | device"
+    body = [
+        [e["model"], e["label"], fmt_time(e["time_s"]), fmt_rate(e["tokens_per_s"]), fmt_time(e["generation_s"])]
+        + [fmt_time(e["fwd_bwd_s"]), fmt_time(e["optimizer_s"]), fmt_mib(e.get("peak_mem_bytes")), e["device_name"]]
+        for e in sel
+    ]
+    return [
         "### GRAO trainer step\n",
         "One optimizer step of `grao.Trainer` (P=16 prompts, G=8): tokens/s of the training tokens over the whole "
         "step, its split, and the step's peak memory above the state after a first step.\n",
-        "| model | loss | step | tokens/s | generation | forward+backward | optimizer | peak memory | device |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        *table(head, body),
+        "",
     ]
-    for e in sel:
-        out.append(
-            f"| {e['model']} | {e['label']} | {fmt_time(e['time_s'])} | {fmt_rate(e['tokens_per_s'])} | "
-            f"{fmt_time(e['generation_s'])} | {fmt_time(e['fwd_bwd_s'])} | {fmt_time(e['optimizer_s'])} | "
-            f"{fmt_mib(e.get('peak_mem_bytes'))} | {e['device_name']} |"
-        )
-    out.append("")
-    return out
 
 
 def skip_section(skips: list[dict]) -> list[str]:
@@ -168,10 +169,8 @@ def skip_section(skips: list[dict]) -> list[str]:
         # test_logprobs[cpu-N128-V32000-H256-float32-cce-forward] -> "cce"; other tests by their name
         what = "-".join(parts[5:-1]) if name in ("test_logprobs", "test_grao") and len(parts) > 6 else name
         groups[(parts[0], s["reason"])].append(what)
-    out = ["### Skipped cases\n", "| shape set | cases | methods / tests | reason |", "|---|---:|---|---|"]
-    for (device, reason), whats in sorted(groups.items()):
-        out.append(f"| {device} | {len(whats)} | {', '.join(sorted(set(whats)))} | {reason} |")
-    return [*out, ""]
+    body = [[dev, len(w), ", ".join(sorted(set(w))), reason] for (dev, reason), w in sorted(groups.items())]
+    return ["### Skipped cases\n", *table("shape set | cases: | methods / tests | reason", body), ""]
 
 
 def plots(rows: list[dict], plot_dir: str) -> list[str]:
@@ -195,7 +194,7 @@ def plots(rows: list[dict], plot_dir: str) -> list[str]:
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
             series = defaultdict(list)
             for e in sel:
-                series[(KIND_ORDER.get(e["kind"], 3), e["label"])].append(e)
+                series[method_order(e)].append(e)
             for (kind, label), pts in sorted(series.items()):
                 pts.sort(key=lambda e: e["V"])
                 vs = [e["V"] for e in pts]
@@ -317,12 +316,30 @@ def compare_markdown(data: dict, title: str) -> str:
     if data.get("command"):
         lines.append(f"Command: `{data['command']}`.")
     lines.append("")
+    head = "method | op | time: | × floor: | × floor, CPU time: | peak extra: | workspace: | % of fp32 logits: "
+    head += "| err value: | err dH: | err dW: | check"
     for res in data["results"]:
         sh = res["shape"]
         N, V, H = sh["N"], sh["V"], sh["H"]
         logits, grads = N * V * 4, res.get("grad_bytes") or 0
         naive = "; ".join(
             f"{op}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for op, e in res.get("eager_errors", {}).items()
+        )
+        body = []
+        for r in res["rows"]:
+            err, ok = r.get("errors") or {}, r.get("status") == "ok" and "time_s" in r
+            errs = [f"{err[k]:.1e}" if k in err else "nan" * ok for k in ("value", "dh", "dw")]
+            if not ok:
+                body.append([r["label"], r["op"], *[""] * 6, *errs, r.get("status")])
+                continue
+            ws = r["peak_full"] - r["grad_bytes"]
+            x_floor = [f"{statistics.median(r[k]):.2f}" for k in ("x_floor", "x_floor_cpu")]
+            cells = [fmt_time(r["time_s"]), *x_floor, fmt_mib(r["peak_full"]), fmt_mib(ws), f"{100 * ws / logits:.1f}"]
+            body.append([r["label"], r["op"], *cells, *errs, "ok"])
+        per_rep = "; ".join(
+            f"{r['label']} ({r['op']}): " + ", ".join(f"{x:.2f}" for x in r["x_floor"])
+            for r in res["rows"]
+            if r.get("x_floor")
         )
         lines += [
             f"### N={N:,}, H={H:,}, V={V:,}, {sh['dtype']}"
@@ -332,59 +349,42 @@ def compare_markdown(data: dict, title: str) -> str:
             f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; eager PyTorch's own errors in this dtype: {naive or '–'}."
             + (f" Command: `{res['command']}`." if res.get("command") else ""),
             "",
-            "| method | op | time | × floor | × floor, CPU time | peak extra | workspace | % of fp32 logits "
-            "| err value | err dH | err dW | check |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            *table(head, body),
+            "",
+            f"Per-repetition × floor: {per_rep}.",
+            "",
         ]
-        for r in res["rows"]:
-            if r.get("status") != "ok" or "time_s" not in r:
-                err = r.get("errors") or {}
-                cells = " | ".join(f"{err[k]:.1e}" if k in err else "" for k in ("value", "dh", "dw"))
-                lines.append(f"| {r['label']} | {r['op']} | | | | | | | {cells} | {r.get('status')} |")
-                continue
-            e, ws = r["errors"], r["peak_full"] - r["grad_bytes"]
-            lines.append(
-                f"| {r['label']} | {r['op']} | {fmt_time(r['time_s'])} | {statistics.median(r['x_floor']):.2f} | "
-                f"{statistics.median(r['x_floor_cpu']):.2f} | {fmt_mib(r['peak_full'])} | {fmt_mib(ws)} | "
-                f"{100 * ws / logits:.1f} | {e.get('value', float('nan')):.1e} | {e['dh']:.1e} | {e['dw']:.1e} | ok |"
-            )
-        per_rep = "; ".join(
-            f"{r['label']} ({r['op']}): " + ", ".join(f"{x:.2f}" for x in r["x_floor"])
-            for r in res["rows"]
-            if r.get("x_floor")
-        )
-        lines += ["", f"Per-repetition × floor: {per_rep}.", ""]
     return "\n".join(lines)
 
 
 def integrations_markdown(data: dict) -> str:
     """Markdown of ``benchmarks/integrations_step.py``'s results: one loss step per TRL / ``grao train`` variant."""
     tokens = data["prompts"] * data["group"] * data["completion"]
-    lines = [
-        "<!-- Written by benchmarks/integrations_step.py; edits inside this region are lost. -->",
-        "",
-        "## One loss step through TRL and `grao train`",
-        "",
-        f"V = {data['vocab']:,}, H = 64 (tiny Qwen3-MoE, random weights), P = {data['prompts']} prompts × "
-        f"G = {data['group']} completions of ≤ {data['completion']} tokens: {tokens} completion positions, whose "
-        f"float32 logits (what the stock path would hold) are {fmt_mib(tokens * data['vocab'] * 4)}. Backend "
-        f"`{data['backend']}`, {data['threads']} threads, each variant in a fresh process; median of 3 steps after "
-        "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, which holds no "
-        "gradients: the model's gradients count in the step.",
-        "",
-        f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
-        f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end (other processes on shared "
-        f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
-        "",
-        "| variant | step time | × trl-stock | peak memory above the step's start |",
-        "|---|---:|---:|---:|",
-    ]
     ref = data["rows"][0]["time_s"]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['variant']} | {fmt_time(r['time_s'])} | {r['time_s'] / ref:.2f} | {fmt_mib(r['peak_mem_bytes'])} |"
-        )
-    return "\n".join(lines)
+    body = [
+        [r["variant"], fmt_time(r["time_s"]), f"{r['time_s'] / ref:.2f}", fmt_mib(r["peak_mem_bytes"])]
+        for r in data["rows"]
+    ]
+    return "\n".join(
+        [
+            "<!-- Written by benchmarks/integrations_step.py; edits inside this region are lost. -->",
+            "",
+            "## One loss step through TRL and `grao train`",
+            "",
+            f"V = {data['vocab']:,}, H = 64 (tiny Qwen3-MoE, random weights), P = {data['prompts']} prompts × "
+            f"G = {data['group']} completions of ≤ {data['completion']} tokens: {tokens} completion positions, whose "
+            f"float32 logits (what the stock path would hold) are {fmt_mib(tokens * data['vocab'] * 4)}. Backend "
+            f"`{data['backend']}`, {data['threads']} threads, each variant in a fresh process; median of 3 steps after "
+            "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, which holds no "
+            "gradients: the model's gradients count in the step.",
+            "",
+            f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
+            f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end (other processes on shared "
+            f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
+            "",
+            *table("variant | step time: | × trl-stock: | peak memory above the step's start:", body),
+        ]
+    )
 
 
 def main(argv=None) -> int:

@@ -11,15 +11,16 @@ memory gap that full logits open at real vocabularies is measured by the op benc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
-import time
 
 import pytest
 import torch
-from harness import device_name, fresh, peak_meter, rounds, sync
+from harness import device_name, fresh, import_error, peak_meter, rounds, timed
 
 VARIANTS = ("grao_loss", "full_logits")
+PHASES = ("generation_s", "fwd_bwd_s", "optimizer_s")
 # ~1B parameters: 12 MoE layers of 16 experts (top-2) of 3 x 2048 x 768, plus attention.
 MOE_1B = dict(
     hidden_size=2048,
@@ -33,18 +34,8 @@ MOE_1B = dict(
     num_experts_per_tok=2,
     max_position_embeddings=1024,
 )
-CASES = [("cpu", "tiny_moe"), ("cuda", "moe_1b")]
-
-
-def _config(device: str, model: str, out_dir: str):
-    from grao import TrainConfig
-
-    common = dict(output_dir=out_dir, steps=100, plot=False, progress=False, eval_size=8, seed=0, device=device)
-    if model == "tiny_moe":
-        return TrainConfig(demo_train_size=256, prompts_per_step=16, group_size=8, **common)
-    return TrainConfig(
-        model_overrides=MOE_1B, demo_train_size=256, prompts_per_step=16, group_size=8, max_new_tokens=32, **common
-    )
+# (device, model): the TrainConfig fields of its case beyond those every case shares (see ``_trainer``).
+CASES = {("cpu", "tiny_moe"): {}, ("cuda", "moe_1b"): dict(model_overrides=MOE_1B, max_new_tokens=32)}
 
 
 def _full_logits_loss(hidden, weight, targets, rewards, *, group_size, backend="auto", **kw):
@@ -61,57 +52,37 @@ def _full_logits_loss(hidden, weight, targets, rewards, *, group_size, backend="
     return GRAOOutput(r["loss"], *terms)
 
 
-class _Step:
-    """A trainer of one variant (its loss a constructor argument) and a timed step split into its three phases."""
+@contextlib.contextmanager
+def _trainer(device: str, model: str, variant: str):
+    """A ``grao.Trainer`` of one variant (its loss a constructor argument) in a temporary output directory."""
+    from grao import GRAO, TrainConfig, Trainer
 
-    def __init__(self, device: str, model: str, variant: str):
-        from grao import GRAO, Trainer
-
-        self.threads = torch.get_num_threads()
-        self.tmp = tempfile.TemporaryDirectory(prefix="grao-bench-")
-        cfg = _config(device, model, self.tmp.name)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="grao-bench-") as tmp:
+        common = dict(output_dir=tmp, steps=100, plot=False, progress=False, eval_size=8, seed=0, device=device)
+        cfg = TrainConfig(demo_train_size=256, prompts_per_step=16, group_size=8, **common, **CASES[device, model])
         loss = GRAO(cfg.beta, cfg.lam, cfg.loss_backend, fn=_full_logits_loss) if variant == "full_logits" else None
-        self.trainer = Trainer(cfg, loss=loss)
-        self.device = str(self.trainer.runtime.device)
-        self.i = 0
+        try:
+            yield Trainer(cfg, loss=loss)
+        finally:
+            torch.set_num_threads(threads)
 
-    def __call__(self) -> dict:
-        tr, dev = self.trainer, self.device
-        self.i += 1
-        t0 = time.perf_counter()
-        ro = tr.rollout(tr.prompts_for_step(self.i), self.i)
-        sync(dev)
-        t1 = time.perf_counter()
-        stats = tr.accumulate_gradients(ro)
-        sync(dev)
-        t2 = time.perf_counter()
-        tr.optimizer_step()
-        sync(dev)
-        t3 = time.perf_counter()
-        return {
-            "generation_s": t1 - t0,
-            "fwd_bwd_s": t2 - t1,
-            "optimizer_s": t3 - t2,
-            "train_tokens": stats["train_tokens"],
-            "loss": stats["loss"],
-        }
 
-    def close(self):
-        self.tmp.cleanup()
-        torch.set_num_threads(self.threads)
+def _step(tr, i: int) -> dict:
+    """Optimizer step ``i``, timed in its three phases; its training tokens and loss."""
+    dev = str(tr.runtime.device)
+    gen_s, _, ro = timed(lambda: tr.rollout(tr.prompts_for_step(i), i), dev)
+    fwd_bwd_s, _, stats = timed(lambda: tr.accumulate_gradients(ro), dev)
+    opt_s = timed(tr.optimizer_step, dev)[0]
+    return dict(zip(PHASES, (gen_s, fwd_bwd_s, opt_s)), train_tokens=stats["train_tokens"], loss=stats["loss"])
 
 
 def _probe(device: str, model: str, variant: str) -> dict:
-    """Peak memory of step 2 above the state after step 1, and step 2's loss (for the agreement check)."""
-    step = _Step(device, model, variant)
-    try:
-        step()
+    """Step 2 with its peak memory above the state after step 1, and its loss (for the agreement check)."""
+    with _trainer(device, model, variant) as tr:
+        _step(tr, 1)
         peak = peak_meter(device)
-        res = step()
-        res["peak_mem_bytes"] = peak()
-        return res
-    finally:
-        step.close()
+        return dict(_step(tr, 2), peak_mem_bytes=peak())
 
 
 @functools.cache
@@ -126,11 +97,7 @@ def _skip_reason(device: str) -> str | None:
         return "the ~1B MoE step needs a CUDA device"
     if device == "cpu" and torch.cuda.is_available():
         return "the tiny-MoE step runs on CPU-only machines (this one benchmarks CUDA)"
-    try:
-        import grao.trainer  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"the grao trainer is not importable ({type(exc).__name__}: {exc}); install the train extra"
-    return None
+    return import_error("grao.trainer", "train")
 
 
 @pytest.mark.parametrize(
@@ -151,18 +118,15 @@ def test_trainer_step(benchmark, device, model, variant):
     # The same step from the same state: both variants must reach the same loss.
     assert abs(mem["loss"] - ref["loss"]) <= 2e-3 * max(abs(ref["loss"]), 1e-3), (mem["loss"], ref["loss"])
 
-    step = _Step(device, model, variant)
-    try:
-        step()  # warm: first generation, optimizer state allocation
-        phases = []
-        n_rounds, _ = rounds(device)
-        benchmark.pedantic(lambda: phases.append(step()), rounds=n_rounds, warmup_rounds=0, iterations=1)
-    finally:
-        step.close()
+    phases = []
+    with _trainer(device, model, variant) as tr:
+        _step(tr, 1)  # warm: first generation, optimizer state allocation
+        step = lambda: phases.append(_step(tr, len(phases) + 2))  # noqa: E731
+        benchmark.pedantic(step, rounds=rounds(device)[0], warmup_rounds=0, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable
         return
-    best = min(phases, key=lambda p: p["generation_s"] + p["fwd_bwd_s"] + p["optimizer_s"])
-    total = best["generation_s"] + best["fwd_bwd_s"] + best["optimizer_s"]
+    best = min(phases, key=lambda p: sum(p[k] for k in PHASES))
+    total = sum(best[k] for k in PHASES)
     full = variant == "full_logits"
     benchmark.extra_info.update(
         best,
