@@ -104,6 +104,11 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
+    def first(self, value):
+        """The first rank's non-None ``value`` (e.g. a stop request one rank received), or None; so that all ranks
+        stop at the same step."""
+        return next((v for v in self.gather_objects(value) if v is not None), None)
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""
         if self.size == 1:

@@ -288,7 +288,7 @@ class Trainer:
                             "params/total": self.total_params,
                         }
                     )
-                while self.step < cfg.steps and self.stopped_by is None:
+                while self.step < cfg.steps and not self._stop_agreed():
                     step = self.step + 1
                     metrics = self.train_step(step)
                     self.step = step
@@ -635,6 +635,11 @@ class Trainer:
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from :meth:`train` (what SIGINT and SIGTERM do)."""
         self.stopped_by = "request_stop"
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; all ranks then stop after the same step."""
+        self.stopped_by = self.world.first(self.stopped_by)
+        return self.stopped_by is not None
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
