@@ -198,3 +198,21 @@ def test_a_sharded_run_checks_its_settings(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ConfigError, match="'lora_rank' > 0 is not supported"):
         Trainer(small(tmp_path, lora_rank=4, fsdp_cpu_offload=True))
+
+
+def test_a_one_process_checkpoint_resumes_sharded(tmp_path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    cfg = small(tmp_path, threads=1, steps=1)
+    assert Trainer(cfg).train() is True
+    saved = torch.load(latest(tmp_path / "run") / "trainer_state.pt", weights_only=False)["optimizer"]
+    cfg.steps, cfg.fsdp_cpu_offload = 2, True
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.sharding is not None and resumed.step == 1
+    full = get_optimizer_state_dict(resumed.policy, resumed.optimizer, options=StateDictOptions(full_state_dict=True))
+    names = [n for n, p in resumed.policy.named_parameters() if p.requires_grad]
+    assert len(names) == len(saved["state"]) == len(full["state"])
+    for i, name in enumerate(names):  # the plain checkpoint's entry i is the i-th trainable parameter
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(full["state"][name][key], saved["state"][i][key], msg=(name, key))
+    assert resumed.train() is True
