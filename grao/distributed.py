@@ -52,12 +52,8 @@ class World:
         """The rank that writes the run directory (metrics, plot, config, checkpoint metadata)."""
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
     def barrier(self) -> None:
-        if self.active:
+        if self.size > 1:
             dist.barrier()
 
     def share(self, items: list, what: str = "prompts_per_step") -> list:

@@ -85,27 +85,11 @@ def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, fa
 
 def test_two_process_run_then_resumed_by_one_process(tmp_path):
     run = tmp_path / "run"
-    flags = dict(
-        steps=2,
-        prompts_per_step=2,
-        group_size=3,
-        max_new_tokens=4,
-        demo_train_size=32,
-        eval_size=3,  # not a multiple of 2: the second rank's block is padded
-        eval_every=1,
-        save_every=1,
-        warmup_steps=1,
-        lr=1e-2,
-        threads=1,
-        progress="false",
-        plot="false",
-        gradient_checkpointing="true",
-        output_dir=str(run),
-    )
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    # eval_size 3 is not a multiple of 2: the second rank's block of held-out prompts is padded
+    config.write(small(tmp_path, eval_size=3, threads=1, gradient_checkpointing=True), tmp_path / "run.yaml")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "grao", "train", "--nproc", "2", *argv],
+        [sys.executable, "-m", "grao", "train", "--nproc", "2", "--config", str(tmp_path / "run.yaml")],
         env=env,
         capture_output=True,
         text=True,
