@@ -14,8 +14,8 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      loss. Then gradient clipping, AdamW and the learning-rate schedule.
 
 Everything else is a call into a module named for its job: ``runtime``
-(device, autocast), ``models``, ``data``, ``rewards``, ``evaluate``,
-``checkpoint`` and ``run_dir``.
+(device, autocast), ``distributed`` (FSDP2 under torchrun), ``models``,
+``data``, ``rewards``, ``evaluate``, ``checkpoint`` and ``run_dir``.
 """
 
 from __future__ import annotations

@@ -200,3 +200,13 @@ def test_a_one_process_checkpoint_resumes_sharded(tmp_path):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(full["state"][name][key], saved["state"][i][key], msg=(name, key))
     assert resumed.train() is True
+
+
+def test_sharded_micro_batches_accumulate_to_the_unsharded_gradient(tmp_path):
+    plain = one_step(Trainer(step_config(tmp_path / "a", "tiny-moe")))
+    cfg = step_config(tmp_path / "b", "tiny-moe")
+    cfg.micro_batch_prompts, cfg.fsdp_cpu_offload = 1, True  # two forward/backward passes through FSDP's hooks
+    sharded = one_step(Trainer(cfg))
+    assert sharded["stats"]["loss"] == pytest.approx(plain["stats"]["loss"], rel=1e-5, abs=1e-6)
+    for name, g in plain["grads"].items():
+        torch.testing.assert_close(sharded["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
