@@ -101,6 +101,11 @@ def test_two_process_run_then_resumed_by_one_process(tmp_path):
     assert [ln["step"] for ln in lines if "loss" in ln] == [1, 2]
     assert [ln["step"] for ln in lines if "eval/reward" in ln] == [0, 1, 2]
     assert all(len(ln["moe/expert_load"]) == 4 for ln in lines if "loss" in ln)
+    from grao import models
+
+    start = models.tiny_moe(models.build_demo_tokenizer()).state_dict()  # the one-process run's starting model
+    initial = models.load_model(run / "initial").state_dict()  # gathered from the shards by rank 0
+    assert initial.keys() == start.keys() and all(torch.equal(initial[k], start[k]) for k in start)
     ckpt = latest(run)
     assert ckpt.name == "step-000002"
     assert (ckpt / distributed.DCP_DIR / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
