@@ -1,5 +1,8 @@
 """Checkpoints: ``checkpoints/step-NNNNNN/`` holds the model and tokenizer (``save_pretrained``), the trainer state
-(optimizer, scheduler, RNG, step: ``trainer_state.pt``) and ``manifest.json``, the size of every file in it.
+(optimizer, scheduler, RNG, step: ``trainer_state.pt``) and ``manifest.json``, the size of every file in it. A
+sharded run (:mod:`grao.distributed`) keeps its model and optimizer shards in ``distributed/`` (written by
+``torch.distributed.checkpoint``, readable by any number of processes) instead of the optimizer in the trainer state,
+next to the consolidated model that ``grao eval`` and ``from_pretrained`` read.
 
 A directory is written as ``<name>.tmp`` and renamed when complete, so a crash or a full disk never leaves a
 half-written directory under the final name; the manifest lets a resume notice a file truncated afterwards and
@@ -40,17 +43,29 @@ def manifest_files(directory: Path) -> dict[str, int] | None:
     return files if isinstance(files, dict) else None
 
 
-def save_pretrained(directory: str | Path, model, tokenizer, state: dict | None = None) -> Path:
+def tmp_dir(directory: str | Path) -> Path:
+    """Where ``directory`` is written before its rename."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + ".tmp")
+
+
+def save_pretrained(
+    directory: str | Path, model, tokenizer, state: dict | None = None, *, state_dict=None, before=None
+) -> Path:
     """Model, tokenizer and optionally the trainer ``state`` into ``directory``, complete or not at all.
 
-    Any failure (a full disk, a permission error) removes the partial ``.tmp``
+    ``state_dict`` replaces the model's own (a sharded model's gathered weights);
+    ``before(tmp)`` writes more files into the fresh ``tmp`` first (a sharded
+    run's shards). Any failure (a full disk, a permission error) removes the partial ``.tmp``
     and raises CheckpointError; what was at ``directory`` before is untouched.
     """
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = tmp_dir(directory)
     try:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed save's leftover; the .tmp name is only ever ours
-        model.save_pretrained(tmp)
+        if before is not None:
+            before(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if state is not None:
             torch.save(state, tmp / STATE_FILE)
@@ -111,9 +126,10 @@ def latest(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-    """``checkpoints/step-NNNNNN`` for ``step``, then all but the newest ``keep`` complete checkpoints deleted."""
-    final = save_pretrained(step_dir(run_dir, step), model, tokenizer, state)
+def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int, **options) -> Path:
+    """``checkpoints/step-NNNNNN`` for ``step``, then all but the newest ``keep`` complete checkpoints deleted;
+    ``options`` as :func:`save_pretrained`'s."""
+    final = save_pretrained(step_dir(run_dir, step), model, tokenizer, state, **options)
     complete = [p for p in step_dirs(run_dir) if manifest_files(p) is not None]
     for old in complete[:-keep]:
         remove_written(old)

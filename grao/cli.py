@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over in an --output-dir an earlier run used, deleting that run's files (and nothing else)",
     )
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine, the model sharded across them with FSDP2 (launches torchrun; the same as "
+        "torchrun --standalone --nproc-per-node N -m grao train ...)",
+    )
     config_mod.add_arguments(t)
     e = sub.add_parser("eval", help="mean reward, RAS and NAG on held-out prompts")
     e.add_argument(
@@ -62,9 +69,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """``argv`` (a ``grao train`` command line without ``--nproc``) run by torchrun in ``nproc`` local processes."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*command, "-m", "grao", *argv])
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def train(args) -> int:
-    from .checkpoint import latest
-    from .rewards import RewardError
+    from . import distributed
     from .run_dir import CONFIG
     from .trainer import Trainer
 
@@ -73,7 +99,23 @@ def train(args) -> int:
     saved = Path(cfg.output_dir) / CONFIG
     if args.resume and saved.is_file():  # the run's own config, then the file and flags given now
         cfg = config_mod.load(args.config, overrides, base=config_mod.load(saved))
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        return _train(trainer, cfg, args)
+    finally:
+        distributed.shutdown()
+
+
+def _train(trainer, cfg, args) -> int:
+    from .checkpoint import latest
+    from .rewards import RewardError
+
+    if not trainer.world.main:  # rank 0 reports; the others only train
+        try:
+            done = trainer.train()
+        except RewardError:
+            return EXIT_FAILED
+        return 0 if done else 128 + int(getattr(signal, trainer.stopped_by, signal.SIGINT))
     where = f"resuming at step {trainer.step} from {trainer.checkpoint}" if args.resume else "from scratch"
     say(f"training {cfg.model} on {cfg.data} ({where}) -> {cfg.output_dir}")
     resume = f"grao train --output-dir {shlex.quote(cfg.output_dir)} --resume"
@@ -207,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]
     args = _parser().parse_args(argv)
+    if args.command == "train" and args.nproc != 1:
+        if args.nproc < 1:
+            say(f"error: --nproc must be >= 1, got {args.nproc}")
+            return EXIT_CONFIG
+        if "WORLD_SIZE" in os.environ:
+            say("error: --nproc under torchrun: torchrun already started the processes")
+            return EXIT_CONFIG
+        return launch(args.nproc, _without_nproc(argv))
     from transformers.utils import logging as hf_logging
 
     from .checkpoint import CheckpointError

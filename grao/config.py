@@ -148,6 +148,18 @@ class TrainConfig:
         0, "prompt groups per forward/backward, gradients accumulated; 0 = all P at once", resume_safe=True
     )
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass", resume_safe=True)
+    # several processes (torchrun) and the FSDP2 memory options; either shards the model (grao.distributed)
+    fsdp_cpu_offload: bool = _key(
+        False,
+        "FSDP2 CPU offload: sharded parameters, gradients and optimizer state live in CPU memory",
+        resume_safe=True,
+    )
+    fsdp_param_dtype: str = _key(
+        "fp32",
+        "FSDP2 parameter dtype for compute: bf16 all-gathers and computes in bf16 over fp32 master weights "
+        "(gradients reduced in fp32)",
+        resume_safe=True,
+    )
     # runtime
     device: str = _key("auto", "auto, cpu, cuda, cuda:1, ...", resume_safe=True)
     precision: str = _key("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", resume_safe=True)
@@ -184,6 +196,7 @@ CHOICES = {
     "loss_backend": ("auto", *BACKENDS),
     "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "lora_base_dtype": ("auto", "fp32", "bf16"),
+    "fsdp_param_dtype": ("fp32", "bf16"),
 }
 POSITIVE = (
     "steps",

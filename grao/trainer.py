@@ -16,8 +16,8 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      the loss seeing its snapshot of the sampling policy (``LossBatch.old``).
 
 Everything else is a call into a module named for its job: ``runtime``
-(device, autocast), ``models``, ``data``, ``rewards``, ``evaluate``,
-``checkpoint`` and ``run_dir``.
+(device, autocast), ``distributed`` (FSDP2 under torchrun), ``models``,
+``data``, ``rewards``, ``evaluate``, ``checkpoint`` and ``run_dir``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,20 @@ import torch
 
 from grao_kernels import fused_linear_logprobs
 
-from . import checkpoint, config, data, evaluate, generation, losses, methods, models, rewards, run_dir, runtime
+from . import (
+    checkpoint,
+    config,
+    data,
+    distributed,
+    evaluate,
+    generation,
+    losses,
+    methods,
+    models,
+    rewards,
+    run_dir,
+    runtime,
+)
 from .config import ConfigError, TrainConfig
 from .data import Example
 from .generation import encode_prompt, encode_reference
@@ -147,6 +160,8 @@ class Trainer:
             raise ConfigError("--resume continues the run in output_dir and --overwrite starts it over: give one")
         self.cfg, self.run_dir, self.overwrite = cfg, Path(cfg.output_dir), overwrite
         self.runtime = runtime.choose(cfg.device, cfg.precision, cfg.attn_implementation)
+        sharded = distributed.sharded(cfg)  # under torchrun or with an fsdp_* memory option: FSDP2
+        self.world, self.runtime = distributed.init(self.runtime, sharded)
         runtime.check_loss_backend(cfg.loss_backend, self.runtime.device)
         if cfg.warmup_steps >= cfg.steps:
             say(
@@ -209,6 +224,12 @@ class Trainer:
             loss if loss is not None else methods.from_config(cfg, hidden_size=models.output_head(inner)[0].shape[1])
         )
         if isinstance(self.loss, torch.nn.Module):  # e.g. PPO's value head: trained and checkpointed with the model
+            if sharded and any(True for _ in self.loss.parameters()):
+                raise ConfigError(
+                    f"the {type(self.loss).__name__} loss has its own parameters (method {cfg.method!r}: a value "
+                    "head), which FSDP would neither shard nor reduce over ranks: run it in one process without the "
+                    "fsdp_* options"
+                )
             self.loss.to(self.runtime.device)
         data.check_prompts(
             self.train_examples + self.eval_examples,
@@ -229,6 +250,12 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.enable_activation_checkpointing(inner)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
+        self.policy = distributed.Policy(self.model)  # the loss, generate and evaluation run inside its forward
+        self.sharding = None
+        if sharded:
+            self.sharding = distributed.Sharding(
+                self.policy, self.world, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype
+            )
 
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
         if isinstance(self.loss, torch.nn.Module):
@@ -242,6 +269,8 @@ class Trainer:
         )
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        if self.sharding is not None:
+            self.sharding.optimizer = self.optimizer
         self.step = 0
         self.saved_step: int | None = None
         self.baseline_eval: list[float] | None = None  # held-out rewards of the starting model, for eval/nag
@@ -249,6 +278,7 @@ class Trainer:
         self.stopped_by: str | None = None  # the signal (or request_stop) that ends the run early
         if state is not None:
             self._restore(state)
+        self.world.barrier()  # every rank has checked the run directory before rank 0 writes to it
 
     def _load_checkpoint_model(self, directory: Path):
         """A checkpoint's model: the whole model, or (LoRA) its adapter on the frozen base the run started from
@@ -285,7 +315,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="grao train", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.world.main),
+            desc="grao train",
+            dynamic_ncols=True,
+        )
         ema = None
         with self._stop_on_signals():
             try:
@@ -298,7 +334,7 @@ class Trainer:
                             "params/total": self.total_params,
                         }
                     )
-                while self.step < cfg.steps and self.stopped_by is None:
+                while self.step < cfg.steps and not self._stop_agreed():
                     step = self.step + 1
                     metrics = self.train_step(step)
                     self.step = step
@@ -326,11 +362,12 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Step ``step`` (1-based): rollout (sample, score), then update; returns its metrics line."""
         t0 = time.perf_counter()
-        rollout = self.rollout(self.prompts_for_step(step), step)
+        rollout = self.rollout(self.world.share(self.prompts_for_step(step)), step)  # this rank's prompt groups
         t1 = time.perf_counter()
         stats = self.update(rollout)
         t2 = time.perf_counter()
-        r, n_tokens = rollout.rewards, stats.pop("train_tokens")
+        r, n_tokens = self.world.gather_rows(rollout.rewards), stats.pop("train_tokens")  # the whole step's
+        lengths = self.world.gather_rows(torch.tensor([[len(c) for c in g[:-1]] for g in rollout.completion_ids]))
         return {
             "step": step,
             "reward/samples": float(r[:, :-1].mean()),
@@ -338,7 +375,7 @@ class Trainer:
             **rewards.statistics(r),
             **rewards.pop_metrics(self.reward),  # the rollout's (a judge's counts); evaluate() pops its own
             **stats,
-            "completion_len": sum(len(c) for g in rollout.completion_ids for c in g[:-1]) / r[:, :-1].numel(),
+            "completion_len": float(lengths.sum()) / r[:, :-1].numel(),
             "tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
             "time/generate": t1 - t0,
             "time/train": t2 - t1,
@@ -363,8 +400,8 @@ class Trainer:
         return cache[1]
 
     def rollout(self, examples: list[Example], step: int) -> Rollout:
-        """Sample G completions per prompt (seeded by step, so a resumed run samples the same), then score them and
-        each prompt's reference answer; rewards (P, G+1), the reference's last.
+        """Sample G completions per prompt (seeded by step and rank, so a resumed run samples the same), then score
+        them and each prompt's reference answer; rewards (P, G+1), the reference's last.
 
         dpo on the data's preference pairs (``rejected_source == "data"``) samples nothing: each group's one
         completion (G = 1) is the example's rejected answer, ended by eos like the reference.
@@ -375,9 +412,9 @@ class Trainer:
             G, texts = 1, [ex.rejected for ex in examples]
             sampled = [encode_reference(tok, text) for text in texts]
         else:
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            sampled = generation.generate(
-                self.model,
+            torch.manual_seed(cfg.seed * 1_000_003 + step + 1_000_000_007 * self.world.rank)
+            sampled = self.policy(
+                generation.generate,
                 tok,
                 prompt_ids,
                 self.runtime,
@@ -428,13 +465,18 @@ class Trainer:
         if take is None or self.cfg.num_iterations == 1:
             return None
         self.model.train()  # the mode of the updates, so dropout (if any) is that of their forwards
-        backbone = models.backbone(models.unwrap(self.model))
-        old = []
-        for groups, ids, mask, targets in self._micro_batches(rollout):
-            with runtime.autocast(self.runtime):
-                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-            old.append(take(self._loss_batch(rollout, groups, out.last_hidden_state, ids, mask, targets)))
-        return old
+        token_counts = self._step_token_counts(rollout)
+        return [
+            self.policy(self._snapshot_micro_batch, take, rollout, groups, ids, mask, targets, token_counts)
+            for groups, ids, mask, targets in self._micro_batches(rollout)
+        ]
+
+    def _snapshot_micro_batch(self, model, take, rollout, groups, ids, mask, targets, token_counts) -> dict:
+        """``take(batch)`` (the loss's snapshot) of one micro-batch, inside :class:`grao.distributed.Policy`'s
+        forward like :meth:`_micro_batch_loss`."""
+        with runtime.autocast(self.runtime):
+            out = models.backbone(models.unwrap(model))(input_ids=ids, attention_mask=mask, use_cache=False)
+        return take(self._loss_batch(model, rollout, groups, out.last_hidden_state, ids, mask, targets, token_counts))
 
     def accumulate_gradients(self, rollout: Rollout, old: list[dict] | None = None) -> dict:
         """Gradients of the step's loss (into ``.grad``), over micro-batches of whole prompt groups; ``old``: the
@@ -448,11 +490,10 @@ class Trainer:
         over micro-batches.
         """
         model, device = self.model, self.runtime.device
-        P = rollout.rewards.shape[0]
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         inner = models.unwrap(model)
-        backbone = models.backbone(inner)
+        token_counts = self._step_token_counts(rollout)
         total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
         layers = len(models.routers(inner)) if self.moe else 0
         counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=device)
@@ -461,30 +502,24 @@ class Trainer:
             raise ValueError(f"old holds {len(old)} snapshots for the rollout's {len(batches)} micro-batches")
         for k, (groups, ids, mask, targets) in enumerate(batches):
             n_tokens += int(mask.sum())
-            capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
-            with runtime.autocast(self.runtime), capture as routing:
-                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-            snap = None if old is None else old[k]
-            batch = self._loss_batch(rollout, groups, out.last_hidden_state, ids, mask, targets, snap)
-            res = self.loss(batch)
-            loss = res.loss
-            if routing:
-                aux, _ = models.load_balancing_loss(
-                    [r.logits for r in routing],
-                    *self.moe,
-                    mask,
-                    groups=len(groups),
-                    chosen=[r.chosen for r in routing],
-                    scoring=self.router_scoring,
-                )
-                loss = loss + self.aux_coef * aux.sum() / P
-                aux_total += float(aux.detach().sum()) / P
-                counts += models.expert_counts(routing, layers, self.moe, mask, self.router_scoring)
+            loss, res, aux, batch_counts = self.policy(
+                self._micro_batch_loss,
+                rollout,
+                groups,
+                ids,
+                mask,
+                targets,
+                token_counts,
+                None if old is None else old[k],
+            )
             loss.backward()
             total += float(loss.detach())
             for key, value in res.metrics.items():
                 terms[key] = terms.get(key, 0.0) + float(value)
+            aux_total += aux
+            counts += batch_counts
         stats = {"loss": total, **terms, "moe/aux_loss": aux_total, "train_tokens": n_tokens}
+        stats, counts = self.world.sum(stats), self.world.sum_tensor(counts)  # the whole step's, over the ranks
         if counts.sum() > 0:
             load = counts.sum(0) / counts.sum()
             stats["moe/expert_load"] = [round(float(x), 4) for x in load]
@@ -492,28 +527,65 @@ class Trainer:
         return stats
 
     def _micro_batches(self, rollout: Rollout):
-        """(groups, input_ids, attention_mask, targets) of each micro-batch of ``micro_batch_prompts`` groups."""
+        """(groups, input_ids, attention_mask, targets) of each micro-batch of ``micro_batch_prompts`` of this rank's
+        prompt groups."""
         P = rollout.rewards.shape[0]
         mb = self.cfg.micro_batch_prompts or P
         for start in range(0, P, mb):
             groups = range(start, min(P, start + mb))
             yield (groups, *build_batch(rollout, groups, self.tokenizer.pad_token_id, self.runtime.device))
 
-    def _loss_batch(self, rollout, groups, hidden, ids, mask, targets, old=None) -> losses.LossBatch:
-        """What the loss gets of one micro-batch: the backbone's ``hidden`` states and the lm_head in the compute
-        dtype, the head's logit transform and the log-prob temperature, and (for a loss that needs it) the frozen
-        reference model's token log-probs at the same head and temperature."""
-        inner = models.unwrap(self.model)
-        weight, bias = models.output_head(inner)  # frozen under LoRA: the loss computes no weight gradient
+    def _step_token_counts(self, rollout: Rollout) -> torch.Tensor:
+        """(P, G+1) completion tokens of every sequence of the whole step (all ranks' groups, in order)."""
+        return self.world.gather_rows(torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]))
+
+    def _micro_batch_loss(self, model, rollout, groups: range, ids, mask, targets, token_counts, old=None):
+        """(loss, LossOutput, aux loss value, expert counts) of one micro-batch of this rank's groups ``groups``.
+
+        Runs inside :class:`grao.distributed.Policy`'s forward (``self.policy(this, ...)``): under FSDP the lm_head
+        weight it hands the loss is the unsharded one. The loss shares are of the whole step's P groups (all ranks').
+        """
+        inner = models.unwrap(model)
+        P = token_counts.shape[0]
+        layers = len(models.routers(inner)) if self.moe else 0
+        counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=ids.device)
+        capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
+        with runtime.autocast(self.runtime), capture as routing:
+            out = models.backbone(inner)(input_ids=ids, attention_mask=mask, use_cache=False)
+        batch = self._loss_batch(model, rollout, groups, out.last_hidden_state, ids, mask, targets, token_counts, old)
+        res = self.loss(batch)
+        loss, aux_value = res.loss, 0.0
+        if routing:
+            aux, _ = models.load_balancing_loss(
+                [r.logits for r in routing],
+                *self.moe,
+                mask,
+                groups=len(groups),
+                chosen=[r.chosen for r in routing],
+                scoring=self.router_scoring,
+            )
+            loss = loss + self.aux_coef * aux.sum() / P
+            aux_value = float(aux.detach().sum()) / P
+            counts += models.expert_counts(routing, layers, self.moe, mask, self.router_scoring)
+        return loss, res, aux_value, counts
+
+    def _loss_batch(self, model, rollout, groups, hidden, ids, mask, targets, token_counts, old=None):
+        """What the loss gets of one micro-batch of this rank's ``groups``: the backbone's ``hidden`` states and the
+        lm_head in the compute dtype, the head's logit transform and the log-prob temperature, the group layout of
+        the whole step (all ranks' P groups; this rank holds a contiguous block), and (for a loss that needs it)
+        the frozen reference model's token log-probs at the same head and temperature."""
+        weight, bias = models.output_head(models.unwrap(model))  # frozen under LoRA: no weight gradient
+        P = token_counts.shape[0]
+        first = self.world.rank * (P // self.world.size)
         batch = losses.LossBatch(
             *self._in_compute_dtype(hidden, weight, bias),
             targets=targets,
             rewards=rollout.rewards[groups.start : groups.stop].to(self.runtime.device),
             group_size=rollout.rewards.shape[1] - 1,
-            groups=groups,
-            num_groups=rollout.rewards.shape[0],
+            groups=range(first + groups.start, first + groups.stop),
+            num_groups=P,
             ignore_index=IGNORE_INDEX,
-            step_token_counts=torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]),
+            step_token_counts=token_counts,
             logit_scale=self.head.logit_scale,
             softcap=self.head.softcap,
             temperature=self.logprob_temperature,
@@ -550,6 +622,7 @@ class Trainer:
     def optimizer_step(self) -> dict:
         """Clip the gradient norm, take the AdamW step, advance the schedule; returns grad_norm and the lr used."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        grad_norm = distributed.local(grad_norm)  # sharded: the norm over all ranks' shards
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -558,12 +631,14 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and logging
 
     def evaluate(self) -> dict:
-        """Held-out reward, RAS and NAG (against the starting model's responses) of the current model."""
+        """Held-out reward, RAS and NAG (against the starting model's responses) of the current model; with several
+        processes each rank answers its block of the held-out prompts and the results are gathered in order."""
         cfg = self.cfg
-        res = evaluate.evaluate(
-            self.model,
+        examples, real = self.world.padded_share(self.eval_examples)
+        res = self.policy(
+            evaluate.evaluate,
             self.tokenizer,
-            self.eval_examples,
+            examples,
             self.reward,
             self.runtime,
             max_new_tokens=cfg.max_new_tokens,
@@ -574,6 +649,8 @@ class Trainer:
             seed=cfg.seed,
             chat_template=cfg.chat_template,
         )
+        parts = self.world.gather_objects([res.responses[:real], res.rewards[:real], res.reference_rewards[:real]])
+        res = evaluate.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
         self.last_eval = res.mean_reward
@@ -586,11 +663,12 @@ class Trainer:
         }
 
     def log(self, line: dict) -> None:
-        run_dir.append_metrics(self.run_dir, line)
+        if self.world.main:
+            run_dir.append_metrics(self.run_dir, line)
 
     def _plot(self) -> None:
         metrics = self.run_dir / run_dir.METRICS
-        if not self.cfg.plot or not metrics.is_file():
+        if not self.cfg.plot or not metrics.is_file() or not self.world.main:
             return
         from .plot import plot_metrics
 
@@ -605,25 +683,31 @@ class Trainer:
         """A new run writes its config (after deleting an earlier run's files with ``overwrite``) and, for the demo,
         its random starting model (``initial/``, what ``grao eval`` measures NAG against). A resumed run drops the
         lines logged after its checkpoint and records the (resume-safe) settings it continues with."""
-        if self.checkpoint is None:
+        initial = self.checkpoint is None and self.cfg.model == models.TINY_MOE and self.initial_model is not None
+        # A sharded model's starting weights, gathered by every rank for rank 0 to write.
+        weights = self.sharding.full_model_state() if initial and self.sharding is not None else None
+        if self.world.main and self.checkpoint is None:
             if self.overwrite:
                 run_dir.clear(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.write(self.cfg, self.run_dir / run_dir.CONFIG)
-            if self.cfg.model == models.TINY_MOE and self.initial_model is not None:
-                checkpoint.save_pretrained(self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer)
-            self.initial_model = None  # saved once (a later train() call must not save a trained model as the start)
-        else:
+            if initial:
+                checkpoint.save_pretrained(
+                    self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer, state_dict=weights
+                )
+        elif self.world.main:
             note = run_dir.cut_metrics(self.run_dir, self.step)
             if note:
                 say(f"warning: {note}")
             config.write(self.cfg, self.run_dir / run_dir.CONFIG)
+        self.initial_model = None  # saved once (a later train() call must not save a trained model as the start)
+        self.world.barrier()
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-NNNNNN``; a failed save raises CheckpointError and leaves the previous checkpoint."""
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            **({"optimizer": self.optimizer.state_dict()} if self.sharding is None else {}),  # sharded: in DCP
             "scheduler": self.scheduler.state_dict(),
             "rng": checkpoint.rng_state(),
             "baseline_eval": self.baseline_eval,
@@ -632,9 +716,8 @@ class Trainer:
         if isinstance(self.loss, torch.nn.Module):
             state["loss"] = self.loss.state_dict()
         try:
-            path = checkpoint.save(
-                self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints
-            )
+            save = checkpoint.save if self.sharding is None else self.sharding.save_checkpoint
+            path = save(self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
         except checkpoint.CheckpointError as exc:
             previous = checkpoint.latest(self.run_dir)
             kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
@@ -655,7 +738,10 @@ class Trainer:
                     "(its parameters were not saved): the run cannot be resumed exactly"
                 )
             self.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharding is None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # a sharded run's, or one process's checkpoint resumed sharded
+            distributed.restore(self.policy, self.optimizer, self.checkpoint, state)
         self.scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state["rng"])
         self.step = self.saved_step = int(state["step"])
@@ -666,6 +752,11 @@ class Trainer:
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from :meth:`train` (what SIGINT and SIGTERM do)."""
         self.stopped_by = "request_stop"
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; all ranks then stop after the same step."""
+        self.stopped_by = self.world.first(self.stopped_by)
+        return self.stopped_by is not None
 
     @contextlib.contextmanager
     def _stop_on_signals(self):

@@ -1,0 +1,82 @@
+"""One trainer update on a fixed rollout, run by each of the processes torchrun starts (tests/test_distributed.py).
+
+``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL``: every rank
+updates on its block of the rollout's prompt groups; rank 0 writes the step's metrics and the whole model's
+gradients and updated parameters (gathered from the shards) to OUT. :func:`one_step` is the same in one process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from utils import small  # noqa: E402
+
+from grao import distributed  # noqa: E402
+from grao.generation import encode_prompt, encode_reference  # noqa: E402
+from grao.trainer import Rollout, Trainer  # noqa: E402
+
+P, G = 2, 3
+
+
+def step_config(run_dir, model: str):
+    return small(run_dir, model=model, prompts_per_step=P, group_size=G, threads=1, weight_decay=0.0)
+
+
+def fixed_rollout(trainer: Trainer) -> Rollout:
+    """The step-1 prompts with seeded completions of 1 to 5 tokens (ending in eos) and fixed distinct rewards."""
+    tok, cfg = trainer.tokenizer, trainer.cfg
+    examples = trainer.prompts_for_step(1)
+    gen = torch.Generator().manual_seed(1)
+    completions = []
+    for ex in examples:
+        group = []
+        for _ in range(G):
+            n = int(torch.randint(1, 6, (1,), generator=gen))
+            group.append(torch.randint(3, len(tok), (n - 1,), generator=gen).tolist() + [tok.eos_token_id])
+        completions.append(group + [encode_reference(tok, ex.reference)])
+    rewards = torch.arange(P * (G + 1), dtype=torch.float32).view(P, G + 1).remainder(3) / 2
+    prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens) for ex in examples]
+    return Rollout(prompt_ids, completions, rewards, [["x"] * G for _ in examples])
+
+
+def one_step(trainer: Trainer) -> dict:
+    """This rank's share of the fixed rollout, one update; the metrics, the whole model's gradients and new
+    parameters by name (on every rank: gathering the shards is collective) and the type and shape of each lm_head
+    weight the loss got."""
+    full = fixed_rollout(trainer)
+    w = trainer.world
+    block = w.share(list(range(P)))
+    rollout = Rollout(
+        [full.prompt_ids[p] for p in block],
+        [full.completion_ids[p] for p in block],
+        full.rewards[block[0] : block[-1] + 1],
+        [full.completions[p] for p in block],
+    )
+    loss, seen = trainer.loss, []
+
+    def recording(batch):  # what the loss kernels get: a plain tensor, the whole (V, H) lm_head weight
+        seen.append((type(batch.weight).__name__, tuple(batch.weight.shape)))
+        return loss(batch)
+
+    trainer.loss = recording
+    stats = trainer.update(rollout)
+    trainer.loss = loss
+    stats.pop("moe/layer_counts", None)
+    named = list(trainer.policy.named_parameters())
+    grads = {n: distributed.local(p.grad).detach().clone() for n, p in named}
+    params = {n: distributed.local(p.detach()).clone() for n, p in named}
+    return {"stats": stats, "grads": grads, "params": params, "weights_seen": seen}
+
+
+if __name__ == "__main__":
+    out, run_dir, model = sys.argv[1:4]
+    trainer = Trainer(step_config(Path(run_dir), model))
+    result = one_step(trainer)
+    if trainer.world.main:
+        torch.save(result, out)
+    distributed.shutdown()
