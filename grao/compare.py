@@ -134,7 +134,7 @@ def parse_values(text: str | None, flag: str) -> list[float] | None:
         raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise ConfigError(f"{flag} names no value, got {text!r}")
-    if len(set(values)) != len(values):
+    if len({f"{v:g}" for v in values}) != len(values):  # the labels spell each value with :g
         raise ConfigError(f"{flag} repeats a value: {text!r}")
     return values
 
@@ -362,12 +362,20 @@ def _cell(stat: dict, fmt: str) -> str:
     return text if stat["std"] is None else f"{text} ± {fmt.format(stat['std'])}"
 
 
-def _machine() -> str:
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages (other processes slow the runs down)."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _machine(load_at_start: str | None) -> str:
     import torch
 
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     cuda = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores{cuda}, torch {torch.__version__}, load average {load}"
+    start = f"{load_at_start} before the runs, " if load_at_start else ""
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores{cuda}, torch {torch.__version__}; "
+        f"load average (1 / 5 / 15 min) {start}{_load()} at the end"
+    )
 
 
 def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, machine: str) -> str:
@@ -377,6 +385,7 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
         " (the trainer's default)" if cfg.steps == default_steps else f" (the trainer's default is {default_steps})"
     )
     seeds = sorted({r.seed for r in runs})
+    reward = cfg.reward if cfg.reward != "auto" else f"auto ({'demo' if cfg.data == 'demo' else 'edit'})"
     measure = {r["memory_measure"] for r in results}
     memory = (
         "torch.cuda.max_memory_allocated of the run"
@@ -389,7 +398,7 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
         "",
         f"`{command}`",
         "",
-        f"Task: model {cfg.model}, data {cfg.data}, reward {cfg.reward}; P = {cfg.prompts_per_step} prompts x "
+        f"Task: model {cfg.model}, data {cfg.data}, reward {reward}; P = {cfg.prompts_per_step} prompts x "
         f"G = {cfg.group_size} samples per step, {steps}, {cfg.eval_size} held-out prompts "
         f"({'greedy' if cfg.eval_greedy else 'sampled'}). Seeds {', '.join(map(str, seeds))}; each cell is the mean "
         f"± the sample standard deviation (n - 1) over the seeds, at the last step's evaluation.",
@@ -422,12 +431,12 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
     return "\n".join(lines) + "\n"
 
 
-def report(runs: list[Run], out_dir: str | Path, command: str) -> dict:
+def report(runs: list[Run], out_dir: str | Path, command: str, load_at_start: str | None = None) -> dict:
     """``compare.json``, ``compare.md`` and the plots of the finished ``runs``; returns the summary."""
     out_dir = Path(out_dir)
     results = [result(run) for run in runs]
     summary = summarize(results)
-    machine = _machine()
+    machine = _machine(load_at_start)
     (out_dir / "compare.json").write_text(
         json.dumps({"command": command, "machine": machine, "summary": summary, "runs": results}, indent=1) + "\n"
     )
@@ -458,7 +467,7 @@ def report(runs: list[Run], out_dir: str | Path, command: str) -> dict:
 def compare(runs: list[Run], out_dir: str | Path, command: str, say=print) -> dict:
     """Train every unfinished run of ``runs`` (in order), then :func:`report`."""
     states = [run_state(run) for run in runs]  # every conflict is found before any training
-    todo = sum(s != "done" for s in states)
+    todo, load_at_start = sum(s != "done" for s in states), _load()
     say(f"compare: {len(runs)} runs, {len(runs) - todo} finished already, {todo} to train -> {out_dir}")
     for run, state in zip(runs, states):
         if state == "done":
@@ -466,7 +475,7 @@ def compare(runs: list[Run], out_dir: str | Path, command: str, say=print) -> di
         say(f"compare: {run.name} ({'resuming' if state == 'resume' else 'from scratch'})")
         secs = train_run(run, state)
         say(f"compare: {run.name} finished in {secs:.1f} s (process start to exit)")
-    return report(runs, out_dir, command)
+    return report(runs, out_dir, command, load_at_start if todo else None)
 
 
 if __name__ == "__main__":
