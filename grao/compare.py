@@ -407,7 +407,7 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
         "NAG = (wins - losses) / n against the starting model's responses; tokens/s = training tokens per second "
         f"of the update phase (forward, loss, backward, optimizer), mean over the steps; peak memory = {memory}.",
         "",
-        f"Machine: {machine}.",
+        f"Machine: {machine}. Throughput and times depend on the other load of the machine.",
         "",
         "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " | seeds |",
         "|---|" + "---|" * (len(COLUMNS) + 1),

@@ -3,6 +3,7 @@ the plots, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,34 +12,21 @@ import subprocess
 import sys
 
 import pytest
-from utils import read_lines, restore_threads_and_seed  # noqa: F401
+from utils import read_lines, restore_threads_and_seed, small  # noqa: F401
 
 from grao import cli, compare, config
 from grao.config import ConfigError, TrainConfig
 from grao.trainer import Trainer
 
-# A few seconds per run of the demo: 2 prompts x 2 samples, 2 steps, 2 held-out prompts.
-FLAGS = {
-    "steps": 2,
-    "prompts_per_step": 2,
-    "group_size": 2,
-    "max_new_tokens": 3,
-    "demo_train_size": 16,
-    "eval_size": 2,
-    "eval_every": 1,
-    "save_every": 2,
-    "warmup_steps": 1,
-}
+# Each test's shared settings are tests/utils.small's: a few seconds per run.
 
 
-def argv(out, **kw):
-    flags = dict(FLAGS, **kw)
-    return [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()] + ["--output-dir", str(out)]
-
-
-def base(**kw):
-    """The shared config ``grao compare`` builds from :data:`FLAGS` (no progress bar by default)."""
-    return TrainConfig(progress=False, **dict(FLAGS, **kw))
+def argv(cfg: TrainConfig, out) -> list[str]:
+    """``grao compare`` flags for the shared settings ``cfg`` (those that differ from the defaults) into ``out``."""
+    default = config.to_dict(TrainConfig())
+    given = {k for k, v in config.to_dict(cfg).items() if v != default[k] and k not in cli.COMPARE_SETS}
+    flags = [f for f in compare.train_flags(cfg) if f[2:].split("=")[0].replace("-", "_") in given]
+    return [*flags, "--output-dir", str(out)]
 
 
 def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished_runs(
@@ -46,8 +34,8 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
     monkeypatch,
     restore_threads_and_seed,  # noqa: F811
 ):
-    out = tmp_path / "cmp"
-    runs = compare.plan(base(), ["sft", "grao"], 2, out)
+    out, shared = tmp_path / "cmp", small(tmp_path)
+    runs = compare.plan(shared, ["sft", "grao"], 2, out)
     assert [r.name for r in runs] == ["sft/seed-0", "sft/seed-1", "grao/seed-0", "grao/seed-1"]
     # grao/seed-1 was interrupted after its first step (as by Ctrl-C): a checkpoint at step 1
     interrupted = runs[3]
@@ -55,7 +43,7 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
     assert trainer.train() is False and trainer.step == 1
     assert compare.run_state(interrupted) == "resume"
 
-    assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(out)]) == 0
+    assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(shared, out)]) == 0
     for name in ("compare.json", "compare.md", "curves.png", "shares.png"):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "sweep.png").exists()  # no grid
@@ -97,7 +85,7 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
         raise AssertionError(f"{run.name} was trained again ({state})")
 
     monkeypatch.setattr(compare, "train_run", no_training)
-    assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(out)]) == 0
+    assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(shared, out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "compare.json").read_text())["summary"] == saved["summary"]
 
@@ -108,7 +96,7 @@ def test_grid_sweeps_the_weights_each_method_reads_and_writes_sweep_png(
     restore_threads_and_seed,  # noqa: F811
 ):
     runs = compare.plan(
-        base(),
+        small(tmp_path),
         ["grao", "grao-no-imitation", "grao-no-alignment", "sft"],
         2,
         tmp_path,
@@ -127,14 +115,14 @@ def test_grid_sweeps_the_weights_each_method_reads_and_writes_sweep_png(
     assert by_label["grao-no-alignment-b0.3"].beta == 0.3 and by_label["sft"].method == "sft"
     assert {r.seed for r in runs} == {0, 1}
     # one value is a shared setting, not a grid: no label suffix
-    shared = compare.plan(base(), ["grao"], 1, tmp_path, betas=[0.3], lams=[0.4, 0.6])
-    assert [(r.label, r.cfg.beta, r.cfg.lam) for r in shared] == [("grao-l0.4", 0.3, 0.4), ("grao-l0.6", 0.3, 0.6)]
+    one = compare.plan(small(tmp_path), ["grao"], 1, tmp_path, betas=[0.3], lams=[0.4, 0.6])
+    assert [(r.label, r.cfg.beta, r.cfg.lam) for r in one] == [("grao-l0.4", 0.3, 0.4), ("grao-l0.6", 0.3, 0.6)]
 
     # the runs in this process (the child process is tested above): no peak memory recorded, so "n/a"
     monkeypatch.setattr(compare, "train_run", lambda run, state: Trainer(run.cfg).train())
     out = tmp_path / "sweep"
     grid = ["--beta", "0.3,0.5", "--lam", "0.4,0.6"]
-    assert cli.main(["compare", "--methods", "grao", "--seeds", "1", *grid, *argv(out, steps=1)]) == 0
+    assert cli.main(["compare", "--methods", "grao", "--seeds", "1", *grid, *argv(small(tmp_path, steps=1), out)]) == 0
     assert (out / "sweep.png").stat().st_size > 0
     summary = json.loads((out / "compare.json").read_text())["summary"]
     assert sorted(summary) == ["grao-b0.3-l0.4", "grao-b0.3-l0.6", "grao-b0.5-l0.4", "grao-b0.5-l0.6"]
@@ -154,22 +142,22 @@ def test_bad_methods_and_grid_values_are_refused_before_any_run(tmp_path, capsys
     with pytest.raises(ConfigError, match="--beta must be comma-separated numbers"):
         compare.parse_values("0.3,x", "--beta")
     with pytest.raises(ConfigError, match="--seeds must be an integer >= 1"):
-        compare.plan(base(), ["grao"], 0, tmp_path)
+        compare.plan(small(tmp_path), ["grao"], 0, tmp_path)
     with pytest.raises(ConfigError, match="'lam' must be a finite number"):
-        compare.plan(base(), ["grao"], 1, tmp_path, lams=[0.5, -1.0])
+        compare.plan(small(tmp_path), ["grao"], 1, tmp_path, lams=[0.5, -1.0])
     out = tmp_path / "cmp"
-    assert cli.main(["compare", "--methods", "grao,dpo,bogus", *argv(out)]) == cli.EXIT_CONFIG
+    assert cli.main(["compare", "--methods", "grao,dpo,bogus", *argv(small(tmp_path), out)]) == cli.EXIT_CONFIG
     assert "unknown method 'bogus'" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_a_run_directory_with_other_settings_is_an_error_not_mixed_in(tmp_path):
-    (run,) = compare.plan(base(), ["grao"], 1, tmp_path)
+    (run,) = compare.plan(small(tmp_path), ["grao"], 1, tmp_path)
     run.dir.mkdir(parents=True)
-    config.write(base(lr=1e-4, method="grao", output_dir=str(run.dir)), run.dir / "config.yaml")
-    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.0001 -> 0.003\)"):
+    config.write(dataclasses.replace(run.cfg, lr=1e-4), run.dir / "config.yaml")
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.0001 -> 0.01\)"):
         compare.run_state(run)
-    config.write(run.cfg.__class__(**{**config.to_dict(run.cfg), "steps": 5}), run.dir / "config.yaml")
+    config.write(dataclasses.replace(run.cfg, steps=5), run.dir / "config.yaml")
     with pytest.raises(ConfigError, match="steps: 5 -> 2"):
         compare.run_state(run)
     config.write(run.cfg, run.dir / "config.yaml")
