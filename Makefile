@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-core
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install test checkstyle format bench demo gpu-check clean
+.PHONY: install test checkstyle format bench demo compare gpu-check clean
 
 # torch-pin.txt holds the torch installed first, so no later dependency swaps it for another build.
 # verl is installed without its dependencies: it pins transformers<5.11 and pulls ray[default], wandb,
@@ -56,6 +56,16 @@ gpu-check: $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/grao train --output-dir runs/demo
+
+# Methods x seeds on the demo (grao compare; rerunning resumes). The runs stay in runs/compare; the table and
+# plots are copied to $(COMPARE_OUT) for BENCHMARKS.md.
+COMPARE_METHODS ?= sft,dpo,grpo,ppo,grao
+COMPARE_SEEDS ?= 3
+COMPARE_OUT ?= benchmarks/results/compare
+compare: $(STAMP)
+	$(BIN)/grao compare --methods $(COMPARE_METHODS) --seeds $(COMPARE_SEEDS) --output-dir runs/compare
+	mkdir -p $(COMPARE_OUT)
+	cp runs/compare/compare.md runs/compare/compare.json runs/compare/curves.png runs/compare/shares.png $(COMPARE_OUT)/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

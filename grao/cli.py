@@ -1,4 +1,4 @@
-"""``grao train`` and ``grao eval``.
+"""``grao train``, ``grao eval`` and ``grao compare``.
 
 ``grao train`` with no arguments runs the embedded demo (tiny MoE, synthetic
 task, writes runs/demo/). Any config key can be given as a flag
@@ -20,9 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from . import config as config_mod  # noqa: E402
+from .methods import METHODS  # noqa: E402
 
 EXIT_CONFIG = 2  # a setting, data file or model the run cannot use (as argparse's usage errors)
 EXIT_FAILED = 1  # the run failed part-way (reward, disk); what it had done is checkpointed
+COMPARE_SETS = ("method", "beta", "lam", "output_dir")  # keys grao compare sets per run (its own flags)
 
 
 def say(message: str) -> None:
@@ -66,6 +68,30 @@ def _parser() -> argparse.ArgumentParser:
         help="sample at the run's temperature (default: the run's eval_greedy, greedy unless it was false)",
     )
     e.add_argument("--output", help="also write the results (with every response) to this JSON file")
+    c = sub.add_parser(
+        "compare",
+        help="methods x seeds (x a beta/lambda grid) on one task: a table of mean +- std and plots",
+        description="Train each method with each seed (and each beta/lambda of the grid, for the GRAO methods), "
+        "each as a grao train run under --output-dir, then write compare.md, compare.json, curves.png, shares.png "
+        "and sweep.png there. Rerunning the same command skips finished runs and resumes interrupted ones.",
+    )
+    c.add_argument(
+        "--methods",
+        default=",".join(m for m in METHODS if not m.startswith("grao-")),
+        help=f"comma-separated methods among {', '.join(METHODS)} (default: %(default)s)",
+    )
+    c.add_argument("--seeds", type=int, default=3, help="seeds per method: seed, seed+1, ... (default: %(default)s)")
+    c.add_argument(
+        "--beta", dest="betas", help="comma-separated imitation weights; several = a grid for the GRAO methods"
+    )
+    c.add_argument(
+        "--lam", dest="lams", help="comma-separated alignment weights; several = a grid for the GRAO methods"
+    )
+    c.add_argument("--config", help="YAML or TOML file of config keys shared by every run")
+    c.add_argument(
+        "--output-dir", dest="compare_dir", default="runs/compare", help="the compare directory (default: %(default)s)"
+    )
+    config_mod.add_arguments(c, exclude=COMPARE_SETS)
     return p
 
 
@@ -244,6 +270,30 @@ def evaluate_cmd(args) -> int:
     return 0
 
 
+def compare_cmd(args) -> int:
+    from . import compare
+
+    overrides = config_mod.from_arguments(args)
+    # the shared settings: the defaults without a progress bar per run (compare prints one line per run)
+    base = config_mod.load(args.config, overrides, base=config_mod.TrainConfig(progress=False))
+    methods = compare.parse_methods(args.methods)
+    betas, lams = compare.parse_values(args.betas, "--beta"), compare.parse_values(args.lams, "--lam")
+    runs = compare.plan(base, methods, args.seeds, args.compare_dir, betas, lams)
+    Path(args.compare_dir).mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["grao", "compare", *args.argv])
+    try:
+        summary = compare.compare(runs, args.compare_dir, command, say=say)
+    except compare.CompareStopped as exc:
+        say(f"{exc}; that run saved a checkpoint. Continue with the same command: {command}")
+        return 128 + exc.signum
+    except compare.RunFailed as exc:
+        say(f"error: {exc}; the finished runs are kept, and the same command continues after a fix")
+        return exc.rc
+    print(json.dumps({label: entry["reward"]["mean"] for label, entry in summary.items()}))
+    say(f"done; compare.md, compare.json and the plots in {args.compare_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -257,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             say("error: --nproc under torchrun: torchrun already started the processes")
             return EXIT_CONFIG
         return launch(args.nproc, _without_nproc(argv))
+    args.argv = argv[1:]
     from transformers.utils import logging as hf_logging
 
     from .checkpoint import CheckpointError
@@ -267,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; save_pretrained's would interleave with it
 
     try:
-        return train(args) if args.command == "train" else evaluate_cmd(args)
+        return {"train": train, "eval": evaluate_cmd, "compare": compare_cmd}[args.command](args)
     except (config_mod.ConfigError, DataError, ModelError) as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG

@@ -456,10 +456,13 @@ def resume_conflicts(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     ]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--dashed-name`` flag per config key; unset flags stay out of the namespace (see :func:`from_arguments`)."""
+def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One ``--dashed-name`` flag per config key but those in ``exclude`` (a command that sets them otherwise);
+    unset flags stay out of the namespace (see :func:`from_arguments`)."""
     group = parser.add_argument_group("config keys (override the --config file)")
     for name, f in FIELDS.items():
+        if name in exclude:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         group.add_argument(
             "--" + name.replace("_", "-"),

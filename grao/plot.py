@@ -1,4 +1,4 @@
-"""The run's PNG plot: rewards, and each GRAO objective term's share, over the training steps."""
+"""The PNG plots: a run's rewards and GRAO term shares over its steps, and ``grao compare``'s figures."""
 
 from __future__ import annotations
 
@@ -45,12 +45,25 @@ def term_shares(train: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
     return steps, shares
 
 
-def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, plt, out_path: str | Path) -> Path:
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    plt = _pyplot()
     train, evals = read_metrics(metrics_path)
     if not train and not evals:
         return None
@@ -75,8 +88,87 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
     ax2.legend(loc="best")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(fig, plt, out_path)
+
+
+# ---------------------------------------------------------------------- grao compare (grao.compare)
+
+
+def plot_compare_curves(curves: dict[str, list[list]], out_path: str | Path) -> Path:
+    """Held-out reward against step per label: the mean over seeds, and a band from the lowest to the highest seed.
+
+    ``curves[label]`` is one ``[[step, reward], ...]`` list per seed; a step is drawn where every seed evaluated.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, per_seed in curves.items():
+        common = sorted(set.intersection(*({s for s, _ in c} for c in per_seed)))
+        by_seed = [dict((s, r) for s, r in c) for c in per_seed]
+        values = [[seed[s] for seed in by_seed] for s in common]
+        mean = [sum(v) / len(v) for v in values]
+        (line,) = ax.plot(common, mean, "o-", ms=3, label=f"{label} (n={len(per_seed)})")
+        if len(per_seed) > 1:
+            ax.fill_between(
+                common, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out reward (eval/reward)")
+    ax.set_title("held-out reward: mean over seeds, band = min to max")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, plt, out_path)
+
+
+def plot_compare_shares(shares: dict[str, list[tuple]], out_path: str | Path) -> Path:
+    """Figure-5-style: per label, the share of each GRAO term in |objective| over the steps, mean over seeds.
+
+    ``shares[label]`` is one :func:`term_shares` result ``(steps, {term: values})`` per seed; each step's share is
+    the mean over the seeds that have it, smoothed as in :func:`plot_metrics`.
+    """
+    plt = _pyplot()
+    n = len(shares)
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    for ax, (label, per_seed) in zip(axes.flat, shares.items()):
+        by_step: dict[int, list[list[float]]] = {}
+        for steps, values in per_seed:
+            for i, step in enumerate(steps):
+                by_step.setdefault(step, []).append([values[t][i] for t in TERMS])
+        steps = sorted(by_step)
+        window = max(1, len(steps) // 25)
+        mean = [[sum(v[k] for v in by_step[s]) / len(by_step[s]) for s in steps] for k in range(len(TERMS))]
+        ax.stackplot(steps, *[_smooth(m, window) for m in mean], labels=TERMS, alpha=0.85)
+        ax.set_title(f"{label} (n={len(per_seed)})", fontsize="medium")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of |objective|")
+    axes.flat[0].legend(loc="lower left", fontsize="small")
+    return _save(fig, plt, out_path)
+
+
+def plot_sweep(grids: dict[str, dict[tuple[float, float], float]], out_path: str | Path) -> Path:
+    """Per method, a beta x lambda heatmap of the final held-out reward (``grids[method][(beta, lam)]``, the mean
+    over seeds), each cell annotated with its value; a grid point not run is blank."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 4), squeeze=False)
+    for ax, (method, grid) in zip(axes[0], grids.items()):
+        betas = sorted({b for b, _ in grid})
+        lams = sorted({lam for _, lam in grid})
+        table = [[grid.get((b, lam), float("nan")) for lam in lams] for b in betas]
+        image = ax.imshow(table, origin="lower", cmap="viridis", aspect="auto")
+        for i, row in enumerate(table):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w", fontsize="small")
+        ax.set_xticks(range(len(lams)), [f"{v:g}" for v in lams])
+        ax.set_yticks(range(len(betas)), [f"{v:g}" for v in betas])
+        ax.set_xlabel("λ (alignment weight)")
+        ax.set_ylabel("β (imitation weight)")
+        ax.set_title(f"{method}: final held-out reward")
+        fig.colorbar(image, ax=ax)
+    return _save(fig, plt, out_path)

@@ -1,0 +1,186 @@
+"""``grao compare``: the plan of runs, resuming and skipping, the table's statistics against the runs' own metrics,
+the plots, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+
+import pytest
+from utils import read_lines, restore_threads_and_seed, small  # noqa: F401
+
+from grao import cli, compare, config
+from grao.config import ConfigError, TrainConfig
+from grao.trainer import Trainer
+
+# Each test's shared settings are tests/utils.small's: a few seconds per run.
+
+
+def argv(cfg: TrainConfig, out) -> list[str]:
+    """``grao compare`` flags for the shared settings ``cfg`` (those that differ from the defaults) into ``out``."""
+    default = config.to_dict(TrainConfig())
+    given = {k for k, v in config.to_dict(cfg).items() if v != default[k] and k not in cli.COMPARE_SETS}
+    flags = [f for f in compare.train_flags(cfg) if f[2:].split("=")[0].replace("-", "_") in given]
+    return [*flags, "--output-dir", str(out)]
+
+
+def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished_runs(
+    tmp_path,
+    monkeypatch,
+    restore_threads_and_seed,  # noqa: F811
+):
+    out, shared = tmp_path / "cmp", small(tmp_path)
+    runs = compare.plan(shared, ["sft", "grao"], 2, out)
+    assert [r.name for r in runs] == ["sft/seed-0", "sft/seed-1", "grao/seed-0", "grao/seed-1"]
+    # grao/seed-1 was interrupted after its first step (as by Ctrl-C): a checkpoint at step 1
+    interrupted = runs[3]
+    trainer = Trainer(interrupted.cfg, callbacks=[lambda t, step, m: t.request_stop()])
+    assert trainer.train() is False and trainer.step == 1
+    assert compare.run_state(interrupted) == "resume"
+
+    assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(shared, out)]) == 0
+    for name in ("compare.json", "compare.md", "curves.png", "shares.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "sweep.png").exists()  # no grid
+
+    # the interrupted run was resumed, not redone: one step-0 evaluation, steps 1 and 2 once each
+    lines = read_lines(interrupted.dir)
+    assert [ln["step"] for ln in lines if "loss" in ln] == [1, 2]
+    assert [ln["step"] for ln in lines if "eval/reward" in ln] == [0, 1, 2]
+    record = json.loads((interrupted.dir / compare.RECORD).read_text())
+    assert [s["resumed"] for s in record["segments"]] == [True]
+
+    # the table against each run's own metrics.jsonl
+    saved = json.loads((out / "compare.json").read_text())
+    table = (out / "compare.md").read_text()
+    for label in ("sft", "grao"):
+        finals = []
+        for seed in (0, 1):
+            evals = [ln for ln in read_lines(out / label / f"seed-{seed}") if "eval/reward" in ln]
+            assert evals[-1]["step"] == 2
+            finals.append(evals[-1])
+        for key in ("reward", "ras", "nag"):
+            values = [f[f"eval/{key}"] for f in finals]
+            got = saved["summary"][label][key]
+            assert got["values"] == values
+            assert got["mean"] == pytest.approx(statistics.fmean(values))
+            assert got["std"] == pytest.approx(statistics.stdev(values))
+        reward = saved["summary"][label]["reward"]
+        assert f"| {label} | {reward['mean']:.3f} ± {reward['std']:.3f} |" in table
+        memory = saved["summary"][label]["peak_memory_mib"]
+        assert memory["n"] == 2 and all(v > 0 for v in memory["values"])
+    assert {r["memory_measure"] for r in saved["runs"]} == {"peak_rss"}
+    assert [r["method"] for r in saved["runs"]] == ["sft", "sft", "grao", "grao"]
+    assert saved["runs"][0]["config"]["method"] == "sft" and saved["runs"][3]["config"]["seed"] == 1
+
+    # the same command again trains nothing: every run is finished, its files untouched
+    stamps = {p: p.stat().st_mtime_ns for r in runs for p in (r.dir / "metrics.jsonl", r.dir / compare.RECORD)}
+
+    def no_training(run, state):
+        raise AssertionError(f"{run.name} was trained again ({state})")
+
+    monkeypatch.setattr(compare, "train_run", no_training)
+    assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(shared, out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "compare.json").read_text())["summary"] == saved["summary"]
+
+
+def test_grid_sweeps_the_weights_each_method_reads_and_writes_sweep_png(
+    tmp_path,
+    monkeypatch,
+    restore_threads_and_seed,  # noqa: F811
+):
+    runs = compare.plan(
+        small(tmp_path),
+        ["grao", "grao-no-imitation", "grao-no-alignment", "sft"],
+        2,
+        tmp_path,
+        betas=[0.3, 0.5],
+        lams=[0.4, 0.6],
+    )
+    labels = sorted({r.label for r in runs})
+    assert labels == sorted(
+        ["grao-b0.3-l0.4", "grao-b0.3-l0.6", "grao-b0.5-l0.4", "grao-b0.5-l0.6"]
+        + ["grao-no-imitation-l0.4", "grao-no-imitation-l0.6", "grao-no-alignment-b0.3", "grao-no-alignment-b0.5"]
+        + ["sft"]
+    )
+    assert len(runs) == 2 * len(labels)
+    by_label = {r.label: r.cfg for r in runs}
+    assert (by_label["grao-b0.5-l0.4"].beta, by_label["grao-b0.5-l0.4"].lam) == (0.5, 0.4)
+    assert by_label["grao-no-alignment-b0.3"].beta == 0.3 and by_label["sft"].method == "sft"
+    assert {r.seed for r in runs} == {0, 1}
+    # one value is a shared setting, not a grid: no label suffix
+    one = compare.plan(small(tmp_path), ["grao"], 1, tmp_path, betas=[0.3], lams=[0.4, 0.6])
+    assert [(r.label, r.cfg.beta, r.cfg.lam) for r in one] == [("grao-l0.4", 0.3, 0.4), ("grao-l0.6", 0.3, 0.6)]
+
+    # the runs in this process (the child process is tested above): no peak memory recorded, so "n/a"
+    monkeypatch.setattr(compare, "train_run", lambda run, state: Trainer(run.cfg).train())
+    out = tmp_path / "sweep"
+    grid = ["--beta", "0.3,0.5", "--lam", "0.4,0.6"]
+    assert cli.main(["compare", "--methods", "grao", "--seeds", "1", *grid, *argv(small(tmp_path, steps=1), out)]) == 0
+    assert (out / "sweep.png").stat().st_size > 0
+    summary = json.loads((out / "compare.json").read_text())["summary"]
+    assert sorted(summary) == ["grao-b0.3-l0.4", "grao-b0.3-l0.6", "grao-b0.5-l0.4", "grao-b0.5-l0.6"]
+    assert (summary["grao-b0.5-l0.6"]["beta"], summary["grao-b0.5-l0.6"]["lam"]) == (0.5, 0.6)
+    assert config.load(out / "grao-b0.5-l0.6" / "seed-0" / "config.yaml").beta == 0.5
+    assert summary["grao-b0.3-l0.4"]["peak_memory_mib"]["mean"] is None
+    assert "| grao-b0.3-l0.4 | " in (out / "compare.md").read_text()
+
+
+def test_bad_methods_and_grid_values_are_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"unknown methods 'nope', 'grpoo'; choose from grao, "):
+        compare.parse_methods("grao,nope,grpoo")
+    with pytest.raises(ConfigError, match="'sft' more than once"):
+        compare.parse_methods("sft,grao,sft")
+    with pytest.raises(ConfigError, match="names no method"):
+        compare.parse_methods(" , ")
+    with pytest.raises(ConfigError, match="--beta must be comma-separated numbers"):
+        compare.parse_values("0.3,x", "--beta")
+    with pytest.raises(ConfigError, match="--seeds must be an integer >= 1"):
+        compare.plan(small(tmp_path), ["grao"], 0, tmp_path)
+    with pytest.raises(ConfigError, match="'lam' must be a finite number"):
+        compare.plan(small(tmp_path), ["grao"], 1, tmp_path, lams=[0.5, -1.0])
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--methods", "grao,dpo,bogus", *argv(small(tmp_path), out)]) == cli.EXIT_CONFIG
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_run_directory_with_other_settings_is_an_error_not_mixed_in(tmp_path):
+    (run,) = compare.plan(small(tmp_path), ["grao"], 1, tmp_path)
+    run.dir.mkdir(parents=True)
+    config.write(dataclasses.replace(run.cfg, lr=1e-4), run.dir / "config.yaml")
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.0001 -> 0.01\)"):
+        compare.run_state(run)
+    config.write(dataclasses.replace(run.cfg, steps=5), run.dir / "config.yaml")
+    with pytest.raises(ConfigError, match="steps: 5 -> 2"):
+        compare.run_state(run)
+    config.write(run.cfg, run.dir / "config.yaml")
+    assert compare.run_state(run) == "restart"  # same settings, no checkpoint: it stopped before its first step
+
+
+def test_a_signal_to_compare_reaches_the_running_child_once():
+    # the child, like grao train, exits 143 on its first SIGTERM (after its checkpoint) and would abort on a second
+    code = (
+        "import signal, sys, time\n"
+        "seen = []\n"
+        "signal.signal(signal.SIGTERM, lambda *a: seen.append(1))\n"
+        "print('ready', flush=True)\n"
+        "deadline = time.time() + 20\n"
+        "while not seen and time.time() < deadline: time.sleep(0.01)\n"
+        "time.sleep(0.2)\n"
+        "sys.exit(143 if len(seen) == 1 else 99)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    caught, before = [], signal.getsignal(signal.SIGTERM)
+    with compare._forward_signals(proc, caught):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the compare: forwarded, not fatal here
+        rc = proc.wait(timeout=30)
+    assert caught == [signal.SIGTERM] and rc == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # restored afterwards
