@@ -70,7 +70,7 @@ def test_plan_cli_rejects_an_unknown_model(capsys):
     assert "neither a preset" in capsys.readouterr().err
 
 
-def measure(kind: str, model_dir: str, out_dir: str) -> dict:
+def measure(model_dir: str, out_dir: str, checkpointing: bool) -> dict:
     """Train 3 steps on one fixed rollout in this (fresh) process; the peak resident memory above the state after
     the model loaded, and the bytes of the parameters, gradients and optimizer state."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -89,6 +89,7 @@ def measure(kind: str, model_dir: str, out_dir: str) -> dict:
         progress=False,
         plot=False,
         loss_backend="torch",
+        gradient_checkpointing=checkpointing,
         output_dir=out_dir,
     )
     trainer = Trainer(cfg)
@@ -119,11 +120,10 @@ def measure(kind: str, model_dir: str, out_dir: str) -> dict:
     )
 
 
-MODELS = ["tiny-moe", "llama"]
-
-
-@pytest.mark.parametrize("kind", MODELS)
-def test_planned_step_memory_is_the_measured_peak_within_20_percent(kind, tmp_path):
+@pytest.mark.parametrize(
+    "kind, checkpointing", [("tiny-moe", False), ("llama", False), ("tiny-moe", True), ("llama", True)]
+)
+def test_planned_step_memory_is_the_measured_peak_within_20_percent(kind, checkpointing, tmp_path):
     from utils import save_tiny_llama
 
     model = "tiny-moe"
@@ -132,7 +132,7 @@ def test_planned_step_memory_is_the_measured_peak_within_20_percent(kind, tmp_pa
         save_tiny_llama(model, **LLAMA)
     code = (
         f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_plan; "
-        f"print(json.dumps(test_plan.measure({kind!r}, {model!r}, {str(tmp_path / 'run')!r})))"
+        f"print(json.dumps(test_plan.measure({model!r}, {str(tmp_path / 'run')!r}, {checkpointing})))"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
@@ -146,13 +146,16 @@ def test_planned_step_memory_is_the_measured_peak_within_20_percent(kind, tmp_pa
         seq_len=PROMPT + COMPLETION,
         compute_dtype="fp32",
         loss_backend="torch",
+        gradient_checkpointing=checkpointing,
     )
     want = plan.plan(arch, s)
     # the state, from the tensors themselves: exact
     assert (want.parameters, want.gradients, want.optimizer) == (got["parameters"], got["gradients"], got["optimizer"])
     # the step: gradients, optimizer state, activations and the loss, above the loaded model
     step = want.gradients + want.optimizer + want.activations + want.loss_workspace
-    print(f"{kind}: planned {step / 2**20:.1f} MiB, measured {got['peak'] / 2**20:.1f} MiB")
+    print(
+        f"{kind}, checkpointing {checkpointing}: planned {step / 2**20:.1f} MiB, measured {got['peak'] / 2**20:.1f} MiB"
+    )
     assert abs(step - got["peak"]) <= 0.2 * got["peak"], (step, got)
 
 
