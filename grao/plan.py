@@ -155,6 +155,13 @@ def architecture(model: str, lora_targets=LORA_TARGETS, overrides: dict | None =
         for name, m in net.named_modules()
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets
     )
+    # fused MoE experts (one (E, out, in) tensor per projection, gate and up fused): one adapter per expert
+    fused = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    lora += sum(
+        p.shape[0] * (p.shape[1] + p.shape[2])
+        for name, p in net.named_parameters()
+        if p.dim() == 3 and any(t in lora_targets for t in fused.get(name.rsplit(".", 1)[-1], ()))
+    )
     H, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -354,33 +361,32 @@ def plan(arch: Architecture, s: Settings) -> Plan:
     )
 
 
-def options(arch: Architecture, s: Settings) -> list[Plan]:
-    """The plans of a small set of option combinations (FSDP over all devices, LoRA rank 16, CPU offload,
-    gradient checkpointing, one prompt per micro-batch), fewest changes from ``s`` first."""
-    fsdp = sorted({s.fsdp, s.devices})
-    lora = sorted({s.lora_rank, 16}) if s.lora_rank == 0 else [s.lora_rank]
-    micro = sorted({s.micro_batch_prompts, 1}, key=lambda m: m == 1)
+OPTION_KEYS = ("fsdp", "lora_rank", "cpu_offload", "gradient_checkpointing", "micro_batch_prompts")
+
+
+def options(arch: Architecture, s: Settings, max_changes: int = 2) -> list[Plan]:
+    """The plans of ``s`` with up to ``max_changes`` of its memory options changed: FSDP over 1 or all devices, LoRA
+    off or rank 16 (or the configured rank), CPU offload (with FSDP) off or on, gradient checkpointing off or on, the
+    configured micro-batch or one prompt; fewest changes first, then smallest total."""
+    values = dict(
+        fsdp={1, s.devices, s.fsdp},
+        lora_rank={0, s.lora_rank or 16},
+        cpu_offload={False, True},
+        gradient_checkpointing={False, True},
+        micro_batch_prompts={s.micro_batch_prompts, 1},
+    )
+
+    def changes(c: Settings) -> int:
+        return sum(getattr(c, k) != getattr(s, k) for k in OPTION_KEYS)
+
     seen, plans = set(), []
-    for f, r, off, ckpt, m in itertools.product(
-        fsdp, lora, (s.cpu_offload, True), (s.gradient_checkpointing, True), micro
-    ):
-        cand = replace(
-            s,
-            fsdp=f,
-            lora_rank=r,
-            cpu_offload=off and f > 1 or s.cpu_offload,
-            gradient_checkpointing=ckpt,
-            micro_batch_prompts=m,
-        )
-        if cand in seen:
-            continue
+    for combo in itertools.product(*(sorted(values[k]) for k in OPTION_KEYS)):
+        cand = replace(s, **dict(zip(OPTION_KEYS, combo)))
+        if (cand.cpu_offload and cand.fsdp == 1) or cand in seen or changes(cand) > max_changes:
+            continue  # FSDP2's offload needs FSDP
         seen.add(cand)
         plans.append(plan(arch, cand))
-    changes = lambda p: sum(  # noqa: E731
-        getattr(p.settings, k) != getattr(s, k)
-        for k in ("fsdp", "lora_rank", "cpu_offload", "gradient_checkpointing", "micro_batch_prompts")
-    )
-    return sorted(plans, key=lambda p: (changes(p), p.step_total))
+    return sorted(plans, key=lambda p: (changes(p.settings), p.step_total))
 
 
 def _gib(n: int) -> str:
