@@ -1,4 +1,4 @@
-"""``grao train``, ``grao eval`` and ``grao compare``.
+"""``grao train``, ``grao eval``, ``grao compare`` and ``grao plan``.
 
 ``grao train`` with no arguments runs the embedded demo (tiny MoE, synthetic
 task, writes runs/demo/). Any config key can be given as a flag
@@ -29,6 +29,12 @@ COMPARE_SETS = ("method", "beta", "lam", "output_dir")  # keys grao compare sets
 
 def say(message: str) -> None:
     print(f"grao: {message}", file=sys.stderr, flush=True)
+
+
+def _true_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +98,31 @@ def _parser() -> argparse.ArgumentParser:
         "--output-dir", dest="compare_dir", default="runs/compare", help="the compare directory (default: %(default)s)"
     )
     config_mod.add_arguments(c, exclude=COMPARE_SETS)
+    pl = sub.add_parser("plan", help="memory per rank, part by part, and which options make a model fit")
+    pl.add_argument(
+        "model",
+        nargs="?",
+        help="a preset (qwen2.5-7b, moonlight-16b-a3b) or a local model directory with a config.json "
+        "(default: the --config's model)",
+    )
+    pl.add_argument("--config", help="the run's YAML or TOML config (its batch, lengths, LoRA and memory keys)")
+    pl.add_argument("--devices", type=int, default=1, help="GPUs (default 1)")
+    pl.add_argument("--memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    pl.add_argument("--fsdp", type=int, help="ranks to shard over (default: all --devices)")
+    pl.add_argument("--seq-len", type=int, help="longest sequence (default: max_prompt_tokens + max_new_tokens)")
+    for flag, kind, text in (
+        ("--prompts-per-step", int, "prompts per step"),
+        ("--micro-batch-prompts", int, "prompts per forward/backward (0: a rank's share at once)"),
+        ("--group-size", int, "G, samples per prompt"),
+        ("--lora-rank", int, "LoRA rank (0: full fine-tuning)"),
+        ("--compute-dtype", str, "activation dtype: bf16 or fp32"),
+        ("--param-dtype", str, "stored parameters: fp32, or bf16 with an fp32 master copy in the optimizer"),
+        ("--cpu-offload", _true_false, "FSDP CPU offload: true or false"),
+        ("--gradient-checkpointing", _true_false, "true or false"),
+        ("--loss-backend", str, "torch, native or triton (default triton, from auto)"),
+    ):
+        pl.add_argument(flag, type=kind, help=f"{text} (default: the config's)")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     return p
 
 
@@ -294,6 +325,38 @@ def compare_cmd(args) -> int:
     return 0
 
 
+def plan_cmd(args) -> int:
+    from . import plan
+
+    cfg = config_mod.load(args.config)
+    model, note = plan.resolve_model(args.model or cfg.model)
+    if note:
+        say(note)
+    arch = plan.architecture(model, config_mod.lora_targets(cfg), cfg.model_overrides)
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "fsdp",
+            "seq_len",
+            "prompts_per_step",
+            "micro_batch_prompts",
+            "group_size",
+            "lora_rank",
+            "compute_dtype",
+            "param_dtype",
+            "cpu_offload",
+            "gradient_checkpointing",
+            "loss_backend",
+        )
+    }
+    settings = plan.settings_from_config(cfg, args.devices, args.memory_gb, **overrides)
+    result, alternatives = plan.plan(arch, settings), plan.options(arch, settings)
+    print(
+        plan.dumps(plan.to_json(arch, result, alternatives)) if args.json else plan.markdown(arch, result, alternatives)
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -313,13 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .models import ModelError
+    from .plan import PlanError
     from .rewards import RewardError
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; save_pretrained's would interleave with it
 
     try:
-        return {"train": train, "eval": evaluate_cmd, "compare": compare_cmd}[args.command](args)
-    except (config_mod.ConfigError, DataError, ModelError) as exc:
+        commands = {"train": train, "eval": evaluate_cmd, "compare": compare_cmd, "plan": plan_cmd}
+        return commands[args.command](args)
+    except (config_mod.ConfigError, DataError, ModelError, PlanError) as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
     except (RewardError, CheckpointError) as exc:

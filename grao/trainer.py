@@ -189,6 +189,8 @@ class Trainer:
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
         state = None
+        loading = time.perf_counter()
+        say(f"loading model {cfg.model} ...")
         if resume:
             self.checkpoint, (self.model, self.tokenizer, state), skipped = checkpoint.load_latest(
                 self.run_dir,
@@ -214,6 +216,7 @@ class Trainer:
                     config.lora_targets(cfg),
                     cfg.seed,
                 )
+        say(f"loaded model {cfg.model} in {time.perf_counter() - loading:.1f}s")
         if cfg.chat_template and not getattr(self.tokenizer, "chat_template", None):
             say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
@@ -327,9 +330,15 @@ class Trainer:
             try:
                 self._start_run()
                 if self.step == 0:  # the starting model: the baseline of eval/nag
+                    started = time.perf_counter()
+                    say(f"evaluating the starting model on {len(self.eval_examples)} prompts ...")
+                    start_eval = self.evaluate()
+                    say(
+                        f"starting model: reward {start_eval['eval/reward']:.3f} ({time.perf_counter() - started:.1f}s)"
+                    )
                     self.log(
                         {
-                            **self.evaluate(),
+                            **start_eval,
                             "params/trainable": self.trainable_params,
                             "params/total": self.total_params,
                         }
