@@ -328,8 +328,10 @@ def compare_cmd(args) -> int:
 def plan_cmd(args) -> int:
     from . import plan
 
-    cfg = config_mod.load(args.config)
-    model, note = plan.resolve_model(args.model or cfg.model)
+    # A model named on the command line is the run's model, so the run's model-dependent defaults (max_new_tokens)
+    # are that model's, not the demo's.
+    cfg = config_mod.load(args.config, {"model": args.model} if args.model else None)
+    model, note = plan.resolve_model(cfg.model)
     if note:
         say(note)
     arch = plan.architecture(model, config_mod.lora_targets(cfg), cfg.model_overrides)
