@@ -52,7 +52,7 @@ bench: $(BENCH_STAMP)
 # peak memory; writes $(GPU_OUT)/gpu_check.md. Give TORCH_SPEC a CUDA build on first use.
 GPU_OUT ?= benchmarks/gpu
 gpu-check: $(BENCH_STAMP)
-	PY=$(BIN)/python benchmarks/gpu/check.sh $(GPU_OUT)
+	timeout 480 $(BIN)/python benchmarks/gpu/check.py $(GPU_OUT)
 
 demo: $(STAMP)
 	$(BIN)/grao train --output-dir runs/demo

@@ -24,15 +24,10 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 
+import harness
+import render
 import torch
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import harness  # noqa: E402
-import render  # noqa: E402
 
 VARIANTS = ("trl-stock", "trl-patched", "trl-grao", "grao-train")
 
@@ -77,8 +72,8 @@ def trl_inputs(args, pad_id, with_reference):
     return inputs
 
 
-def run_variant(name, args):
-    """One variant's median step time and the peak memory of one more step; in a fresh process."""
+def run_variant(name, args, tmp):
+    """One variant's median step time and the peak memory of one more step; in a fresh process, output in ``tmp``."""
     torch.set_num_threads(args.threads)
     # Started here for its fixed mmap threshold: large blocks allocated from now on (the gradients of the steps
     # before the measured one) go back to the system when freed, so the measured step cannot reuse them unseen.
@@ -86,7 +81,6 @@ def run_variant(name, args):
     from grao.models import build_demo_tokenizer, tiny_moe
 
     tok = build_demo_tokenizer()
-    tmp = tempfile.mkdtemp()
     if name == "grao-train":
         from grao.config import TrainConfig
         from grao.trainer import Rollout, Trainer
@@ -168,14 +162,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)  # the machine line's thread count; each variant sets its own
     load_start = os.getloadavg()[0]
-    rows = [harness.fresh(f"integrations step {name}", run_variant, name, args) for name in VARIANTS]
+    with tempfile.TemporaryDirectory(prefix="grao-bench-") as tmp:  # the trainers' output_dir; they save nothing
+        rows = [harness.fresh(f"integrations step {name}", run_variant, name, args, tmp) for name in VARIANTS]
     command = "python benchmarks/integrations_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     data = dict(vars(args), rows=rows, command=command.strip(), device=harness.device_name("cpu"))
     data.update(torch=torch.__version__, loadavg=(load_start, os.getloadavg()[0]), cpu_count=os.cpu_count())
     text = render.integrations_markdown(data)
     print(text)
     if not args.no_write:
-        render.splice(str(HERE.parent / "BENCHMARKS.md"), "integrations", text)
+        render.splice(os.path.join(render.ROOT, "BENCHMARKS.md"), "integrations", text)
     return 0
 
 

@@ -17,13 +17,11 @@ import json
 import sys
 from pathlib import Path
 
+import harness
+import render
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import harness  # noqa: E402
-import render  # noqa: E402
 
 SHAPES = {
     "issue": [(8192, 256, 65536), (2048, 1024, 151936)],

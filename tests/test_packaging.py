@@ -162,6 +162,11 @@ def test_wheel_ships_the_native_sources(wheel):
     assert not missing, f"{wheel.name} lacks grao_kernels/csrc/{missing}"
 
 
+def test_wheel_ships_the_compile_check(wheel):
+    """``python -m grao_kernels.triton_kernels.compile_check`` runs from an install, not only from the checkout."""
+    assert "grao_kernels/triton_kernels/compile_check.py" in zipfile.ZipFile(wheel).namelist(), wheel.name
+
+
 @pytest.mark.slow
 def test_wheel_install_runs_the_native_backend_reusing_the_cache(wheel_python, native_library, tmp_path):
     # Another venv and another source location with the same toolchain: the

@@ -575,13 +575,11 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_value_error():
 # ahead-of-time compilation
 
 
-_COMPILE_CHECK = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "compile_check.py")
-
-
 def _compile_check(*args, timeout):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-W", "ignore", _COMPILE_CHECK, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-W", "ignore", "-m", "grao_kernels.triton_kernels.compile_check", *args]
+    root = os.path.join(os.path.dirname(__file__), "..")  # -m imports this tree's grao_kernels
+    return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
 def test_compile_check_derives_the_jit_specialisation():
@@ -599,11 +597,8 @@ def test_compile_check_derives_the_jit_specialisation():
 def test_compile_check_specialises_arguments_as_this_triton_does():
     """The compile check's argument specialisation equals the JIT's own (triton's native specialiser) for each kind
     of argument the kernels take: 1 is a constant, multiples of 16 and 16-byte aligned pointers get the hint."""
-    sys.path.insert(0, os.path.dirname(_COMPILE_CHECK))
-    try:
-        import compile_check
-    finally:
-        sys.path.pop(0)
+    from grao_kernels.triton_kernels import compile_check
+
     native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
     from triton.backends.compiler import BaseBackend
 

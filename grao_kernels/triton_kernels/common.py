@@ -5,7 +5,7 @@ the head (scale, soft-cap, temperature) and its derivative, the online
 log-sum-exp with its entropy term, and the logits gradient of the contract in
 ``grao_kernels/backends/__init__.py``. ``launch`` picks a kernel's config
 (``settings.triton_config``, the interpreter's small config, else Triton's
-autotuner) and is where ``benchmarks/gpu/compile_check.py`` records launches.
+autotuner) and is where ``compile_check.py`` (beside it) records launches.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def configs_fp32(**extra):
 
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 _autotuned: dict[tuple, object] = {}
-# benchmarks/gpu/compile_check.py sets this to a list: launches are then
+# compile_check.py sets this to a list: launches are then
 # recorded as (kernel, args, configs) instead of run.
 recorder: list | None = None
 

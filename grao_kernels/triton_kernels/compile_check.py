@@ -14,7 +14,7 @@ JIT does: a tensor becomes a typed pointer, 16-byte aligned ones get
 gets the divisibility hint; None is a constant; the heuristics and every
 autotuning config supply the constexprs.
 
-    python benchmarks/gpu/compile_check.py [--arch 90 80] [--dtype bf16 fp32] [--first] [--list]
+    python -m grao_kernels.triton_kernels.compile_check [--arch 90 80] [--dtype bf16 fp32] [--first] [--list]
 
 ``--first`` compiles only the first config of each list (the quick test);
 ``--list`` prints the derived signatures without compiling.
@@ -27,9 +27,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 _PTR = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int64": "i64", "int32": "i32"}
 
