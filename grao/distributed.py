@@ -146,11 +146,16 @@ def shutdown() -> None:
 class Policy(torch.nn.Module):
     """The trained model as FSDP's root module: ``policy(fn, *args)`` is ``fn(model, *args)`` run inside this module's
     forward, where FSDP has the root's parameters (lm_head, embeddings, final norm) unsharded. The loss, ``generate``
-    and evaluation all run this way; unsharded (one process) it is just the call."""
+    and evaluation all run this way; unsharded (one process) it is just the call.
 
-    def __init__(self, model: torch.nn.Module):
+    A loss with parameters (PPO's value head) is registered as ``loss``: FSDP shards and reduces it with the root's
+    parameters, and it is one state dict and one optimizer with the model (``model.*`` and ``loss.*`` names)."""
+
+    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module | None = None):
         super().__init__()
         self.model = model
+        if loss is not None:
+            self.loss = loss
 
     def forward(self, fn: Callable, *args, **kwargs):
         return fn(self.model, *args, **kwargs)
@@ -210,10 +215,18 @@ class Sharding:
     def full_model_state(self) -> dict | None:
         """The whole model's state dict in CPU memory on rank 0 (None elsewhere), Hugging Face names; every rank
         must call it (it all-gathers)."""
+        return self.full_state("model")
+
+    def full_state(self, part: str) -> dict | None:
+        """The whole state dict of the policy's ``part`` (``model``, or ``loss`` when it has parameters) in CPU
+        memory on rank 0, None elsewhere; every rank must call it (it all-gathers)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in state.items()} if self.world.main else None
+        prefix = part + "."
+        return (
+            {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)} if self.world.main else None
+        )
 
     def save_checkpoint(self, run_dir, step: int, model, tokenizer, state: dict, keep: int) -> Path:
         """:func:`grao.checkpoint.save` for a sharded run, on every rank: the DCP shards of the model and optimizer

@@ -143,8 +143,9 @@ class PPO(torch.nn.Module):
                 p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64).mul(2 * bound).sub(bound))
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(...) float32 values of hidden states (..., H)."""
-        return self.value_head(hidden.float()).squeeze(-1)
+        """(...) float32 values of hidden states (..., H), computed in the head's dtype (float32; bf16 when FSDP
+        all-gathers parameters in bf16)."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def _logp(self, batch: LossBatch) -> torch.Tensor:
         return fused_linear_logprobs(batch.hidden, batch.weight, batch.targets, backend=self.backend, **batch.head())

@@ -226,14 +226,14 @@ class Trainer:
         self.loss = (
             loss if loss is not None else methods.from_config(cfg, hidden_size=models.output_head(inner)[0].shape[1])
         )
-        if isinstance(self.loss, torch.nn.Module):  # e.g. PPO's value head: trained and checkpointed with the model
-            if sharded and any(True for _ in self.loss.parameters()):
-                raise ConfigError(
-                    f"the {type(self.loss).__name__} loss has its own parameters (method {cfg.method!r}: a value "
-                    "head), which FSDP would neither shard nor reduce over ranks: run it in one process without the "
-                    "fsdp_* options"
-                )
-            self.loss.to(self.runtime.device)
+        # A loss with parameters (PPO's value head) is trained, sharded and checkpointed with the model.
+        trained_loss = (
+            self.loss if isinstance(self.loss, torch.nn.Module) and any(True for _ in self.loss.parameters()) else None
+        )
+        if trained_loss is not None:
+            trained_loss.to(self.runtime.device)
+            if state is not None:  # before sharding: the checkpoint holds its whole state, whoever saved it
+                self._restore_loss(state)
         data.check_prompts(
             self.train_examples + self.eval_examples,
             lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
@@ -253,16 +253,15 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.enable_activation_checkpointing(inner)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
-        self.policy = distributed.Policy(self.model)  # the loss, generate and evaluation run inside its forward
+        self.policy = distributed.Policy(self.model, trained_loss)  # the loss, generate, evaluation run in its forward
         self.sharding = None
         if sharded:
             self.sharding = distributed.Sharding(
                 self.policy, self.world, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype
             )
 
-        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
-        if isinstance(self.loss, torch.nn.Module):
-            trainable += [p for p in self.loss.parameters() if p.requires_grad]
+        # LoRA: the adapters only; the policy's parameter order (the model's, then the loss's) names the optimizer's.
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.trainable = trainable
         self.trainable_params, self.total_params = models.parameter_counts(self.model)
         lora = f"; LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}, base frozen" if cfg.lora_rank else ""
@@ -722,8 +721,8 @@ class Trainer:
             "baseline_eval": self.baseline_eval,
             "config": config.to_dict(self.cfg),
         }
-        if isinstance(self.loss, torch.nn.Module):
-            state["loss"] = self.loss.state_dict()
+        if isinstance(getattr(self.policy, "loss", None), torch.nn.Module):  # sharded: gathered, as one process has it
+            state["loss"] = self.loss.state_dict() if self.sharding is None else self.sharding.full_state("loss")
         try:
             save = checkpoint.save if self.sharding is None else self.sharding.save_checkpoint
             path = save(self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
@@ -739,14 +738,15 @@ class Trainer:
         if self.step > 0 and self.saved_step != self.step:
             self.save_checkpoint()
 
+    def _restore_loss(self, state: dict) -> None:
+        if "loss" not in state:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoint / checkpoint.STATE_FILE} holds no state of the {type(self.loss).__name__} loss "
+                "(its parameters were not saved): the run cannot be resumed exactly"
+            )
+        self.loss.load_state_dict(state["loss"])
+
     def _restore(self, state: dict) -> None:
-        if isinstance(self.loss, torch.nn.Module):
-            if "loss" not in state:
-                raise checkpoint.CheckpointError(
-                    f"{self.checkpoint / checkpoint.STATE_FILE} holds no state of the {type(self.loss).__name__} loss "
-                    "(its parameters were not saved): the run cannot be resumed exactly"
-                )
-            self.loss.load_state_dict(state["loss"])
         if self.sharding is None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         else:  # a sharded run's, or one process's checkpoint resumed sharded

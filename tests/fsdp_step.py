@@ -1,6 +1,6 @@
 """One trainer update on a fixed rollout, run by each of the processes torchrun starts (tests/test_distributed.py).
 
-``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL``: every rank
+``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL [METHOD]``: every rank
 updates on its block of the rollout's prompt groups; rank 0 writes the step's metrics and the whole model's
 gradients and updated parameters (gathered from the shards) to OUT. :func:`one_step` is the same in one process.
 """
@@ -23,8 +23,8 @@ from grao.trainer import Rollout, Trainer  # noqa: E402
 P, G = 2, 3
 
 
-def step_config(run_dir, model: str):
-    return small(run_dir, model=model, prompts_per_step=P, group_size=G, threads=1, weight_decay=0.0)
+def step_config(run_dir, model: str, method: str = "grao"):
+    return small(run_dir, model=model, method=method, prompts_per_step=P, group_size=G, threads=1, weight_decay=0.0)
 
 
 def fixed_rollout(trainer: Trainer) -> Rollout:
@@ -74,8 +74,8 @@ def one_step(trainer: Trainer) -> dict:
 
 
 if __name__ == "__main__":
-    out, run_dir, model = sys.argv[1:4]
-    trainer = Trainer(step_config(Path(run_dir), model))
+    out, run_dir, model, *method = sys.argv[1:]
+    trainer = Trainer(step_config(Path(run_dir), model, *method))
     result = one_step(trainer)
     if trainer.world.main:
         torch.save(result, out)

@@ -44,21 +44,32 @@ def run_two(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
-def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, family):
+TERMS = {
+    "grao": ("objective/exploration", "objective/imitation", "objective/alignment"),
+    "ppo": ("objective/policy", "objective/value", "ppo/kl", "ppo/clip_frac"),
+}
+
+
+@pytest.mark.parametrize(
+    "family, method",
+    [("dense", "grao"), ("moe", "grao"), ("moe", "ppo")],  # ppo: a loss with parameters (its value head)
+)
+def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, family, method):
     if family == "dense":
         model = str(tmp_path / "llama")
         save_tiny_llama(model, num_hidden_layers=2)
     else:
         model = "tiny-moe"
-    run_two([str(ROOT / "tests" / "fsdp_step.py"), str(tmp_path / "two.pt"), str(tmp_path / "two"), model])
+    run_two([str(ROOT / "tests" / "fsdp_step.py"), str(tmp_path / "two.pt"), str(tmp_path / "two"), model, method])
     two = torch.load(tmp_path / "two.pt", weights_only=False)
-    one = one_step(Trainer(step_config(tmp_path / "one", model)))
+    one = one_step(Trainer(step_config(tmp_path / "one", model, method)))
 
     head = tuple(one["params"]["model.lm_head.weight"].shape)
     for seen in (two["weights_seen"], one["weights_seen"]):  # unsharded by FSDP: never a DTensor, the whole head
         assert [shape for _, shape in seen] == [head] and all(kind in ("Tensor", "Parameter") for kind, _ in seen)
-    for key in ("loss", "objective/exploration", "objective/imitation", "objective/alignment", "moe/aux_loss"):
+    if method == "ppo":  # the value head is trained with the model, its gradient summed over ranks too
+        assert {"loss.value_head.weight", "loss.value_head.bias"} <= one["grads"].keys()
+    for key in ("loss", *TERMS[method], *(("moe/aux_loss",) if family == "moe" else ())):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5, abs=1e-6), key
     assert two["stats"]["train_tokens"] == one["stats"]["train_tokens"]
     assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-5)
@@ -177,6 +188,34 @@ def test_cpu_offload_trains_and_resumes_in_one_process(tmp_path):
     got = {n: distributed.local(p.detach()) for n, p in resumed.policy.named_parameters()}
     for name, p in first.policy.named_parameters():
         torch.testing.assert_close(got[name], distributed.local(p.detach()), rtol=0, atol=0, msg=name)
+    assert resumed.train() is True
+
+
+def test_a_sharded_ppo_value_head_is_checkpointed_whole_and_resumes_in_one_process(tmp_path):
+    cfg = small(tmp_path, method="ppo", fsdp_cpu_offload=True, threads=1, steps=1)
+    first = Trainer(cfg)
+    head = dict(first.policy.loss.named_parameters())
+    assert all(type(p).__name__ == "DTensor" for p in head.values())  # sharded with the root's parameters
+    assert first.train() is True
+    trained = {n: distributed.local(p.detach()).clone() for n, p in head.items()}
+    ckpt = latest(tmp_path / "run")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["loss"].keys() == {"value_head.weight", "value_head.bias"}
+    for name, value in state["loss"].items():  # whole plain tensors, as a one-process run saves them
+        assert type(value) is torch.Tensor
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("loss.") for k in load_file(ckpt / "model.safetensors"))  # the HF model only
+
+    cfg.steps, cfg.fsdp_cpu_offload = 2, False
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.sharding is None and resumed.step == 1
+    for name, p in resumed.policy.loss.named_parameters():
+        torch.testing.assert_close(p.detach(), trained[name], rtol=0, atol=0, msg=name)
+    opt = resumed.optimizer.state_dict()["state"]
+    names = [n for n, p in resumed.policy.named_parameters() if p.requires_grad]
+    assert names[-2:] == ["loss.value_head.weight", "loss.value_head.bias"] and len(opt) == len(names)
     assert resumed.train() is True
 
 
