@@ -20,15 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from . import config as config_mod  # noqa: E402
+from .log import say  # noqa: E402
 from .methods import METHODS  # noqa: E402
 
 EXIT_CONFIG = 2  # a setting, data file or model the run cannot use (as argparse's usage errors)
 EXIT_FAILED = 1  # the run failed part-way (reward, disk); what it had done is checkpointed
 COMPARE_SETS = ("method", "beta", "lam", "output_dir")  # keys grao compare sets per run (its own flags)
-
-
-def say(message: str) -> None:
-    print(f"grao: {message}", file=sys.stderr, flush=True)
 
 
 def _true_false(text: str) -> bool:

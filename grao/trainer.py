@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from . import (
 from .config import ConfigError, TrainConfig
 from .data import Example
 from .generation import encode_prompt, encode_reference
+from .log import say
 
 IGNORE_INDEX = -100
 TIME_KEYS = ("tokens_per_s", "time/generate", "time/train")
@@ -129,10 +129,6 @@ def _mean_over_iterations(lines: list[dict]) -> dict:
         else:
             out[key] = sum(values) / len(values)
     return out
-
-
-def say(message: str) -> None:
-    print(f"grao: {message}", file=sys.stderr, flush=True)
 
 
 class Trainer:
