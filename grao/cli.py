@@ -153,11 +153,13 @@ def train(args) -> int:
     saved = Path(cfg.output_dir) / CONFIG
     if args.resume and saved.is_file():  # the run's own config, then the file and flags given now
         cfg = config_mod.load(args.config, overrides, base=config_mod.load(saved))
+    code = None
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-        return _train(trainer, cfg, args)
+        code = _train(trainer, cfg, args)
+        return code
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=code == 0)
 
 
 def _train(trainer, cfg, args) -> int:

@@ -138,8 +138,13 @@ def init(runtime, sharded: bool):
     return World(dist.get_rank(), dist.get_world_size()), runtime
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Ends the process group. ``wait``: first wait until every rank gets here (a rank tearing down gloo's connections
+    while another still works, rank 0 writing its files, can abort at exit); a rank that failed does not wait, as
+    the others may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
