@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev,train,bench]"
+	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/torch-pin.txt --no-build-isolation -e ".[dev,train,bench]"
 	touch $@
 
 install: $(STAMP)
