@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 import signal
 import threading
@@ -449,10 +448,11 @@ class Trainer:
         the mean over the iterations of each number (``lr`` too) and the sum of
         ``train_tokens``.
         """
-        old = self.snapshot(rollout)
+        reference = self.reference_logps(rollout)  # fixed for the rollout: once, whatever num_iterations
+        old = self.snapshot(rollout, reference)
         lines = []
         for _ in range(self.cfg.num_iterations):
-            stats = self.accumulate_gradients(rollout, old)
+            stats = self.accumulate_gradients(rollout, old, reference)
             stats.update(self.optimizer_step())
             counts = stats.pop("moe/layer_counts", None)
             if self.router_biases and counts is not None:
@@ -461,30 +461,52 @@ class Trainer:
         return lines[0] if len(lines) == 1 else _mean_over_iterations(lines)
 
     @torch.no_grad()
-    def snapshot(self, rollout: Rollout) -> list[dict] | None:
+    def reference_logps(self, rollout: Rollout) -> list[torch.Tensor] | None:
+        """The frozen reference model's (S, T) token log-probs of each micro-batch of the rollout
+        (``LossBatch.reference_logp``), for a loss with ``needs_reference_model``; None for the others."""
+        if self.reference_model is None:
+            return None
+        return [self._reference_logp(ids, mask, targets) for _, ids, mask, targets in self._micro_batches(rollout)]
+
+    @torch.no_grad()
+    def snapshot(self, rollout: Rollout, reference: list[torch.Tensor] | None = None) -> list[dict] | None:
         """The loss's ``snapshot`` of the current policy for each micro-batch of the rollout (``LossBatch.old`` of
         each of its optimizer steps), from a backbone forward under no_grad; None with ``num_iterations`` = 1 (the
-        policy updated is the one that sampled) or a loss without ``snapshot``."""
+        policy updated is the one that sampled) or a loss without ``snapshot``. ``reference``: the rollout's
+        :meth:`reference_logps`, computed here when the loss needs them and none are given."""
         take = getattr(self.loss, "snapshot", None)
         if take is None or self.cfg.num_iterations == 1:
             return None
+        reference = self._reference_for(rollout, reference)
         self.model.train()  # the mode of the updates, so dropout (if any) is that of their forwards
         token_counts = self._step_token_counts(rollout)
         return [
-            self.policy(self._snapshot_micro_batch, take, rollout, groups, ids, mask, targets, token_counts)
-            for groups, ids, mask, targets in self._micro_batches(rollout)
+            self.policy(self._snapshot_micro_batch, take, rollout, groups, ids, mask, targets, token_counts, ref)
+            for (groups, ids, mask, targets), ref in zip(self._micro_batches(rollout), reference, strict=True)
         ]
 
-    def _snapshot_micro_batch(self, model, take, rollout, groups, ids, mask, targets, token_counts) -> dict:
+    def _reference_for(self, rollout: Rollout, reference: list | None) -> list:
+        """Each micro-batch's reference log-probs: ``reference`` if given, else computed (None each for a loss that
+        needs none)."""
+        if reference is not None:
+            return reference
+        P = rollout.rewards.shape[0]
+        return self.reference_logps(rollout) or [None] * len(range(0, P, self.cfg.micro_batch_prompts or P))
+
+    def _snapshot_micro_batch(self, model, take, rollout, groups, ids, mask, targets, token_counts, ref) -> dict:
         """``take(batch)`` (the loss's snapshot) of one micro-batch, inside :class:`grao.distributed.Policy`'s
         forward like :meth:`_micro_batch_loss`."""
         with runtime.autocast(self.runtime):
             out = models.backbone(models.unwrap(model))(input_ids=ids, attention_mask=mask, use_cache=False)
-        return take(self._loss_batch(model, rollout, groups, out.last_hidden_state, ids, mask, targets, token_counts))
+        hidden = out.last_hidden_state
+        return take(self._loss_batch(model, rollout, groups, hidden, ids, mask, targets, token_counts, None, ref))
 
-    def accumulate_gradients(self, rollout: Rollout, old: list[dict] | None = None) -> dict:
+    def accumulate_gradients(
+        self, rollout: Rollout, old: list[dict] | None = None, reference: list[torch.Tensor] | None = None
+    ) -> dict:
         """Gradients of the step's loss (into ``.grad``), over micro-batches of whole prompt groups; ``old``: the
-        :meth:`snapshot` of each micro-batch, passed to the loss as ``LossBatch.old``.
+        :meth:`snapshot` of each micro-batch, passed to the loss as ``LossBatch.old``; ``reference``: the rollout's
+        :meth:`reference_logps` (computed here when the loss needs them and none are given).
 
         The loss returns each micro-batch's share of the step loss, so the
         accumulated gradient is the one-batch gradient. The MoE load-balancing
@@ -504,6 +526,11 @@ class Trainer:
         batches = list(self._micro_batches(rollout))
         if old is not None and len(old) != len(batches):
             raise ValueError(f"old holds {len(old)} snapshots for the rollout's {len(batches)} micro-batches")
+        reference = self._reference_for(rollout, reference)
+        if len(reference) != len(batches):
+            raise ValueError(
+                f"reference holds {len(reference)} log-probs for the rollout's {len(batches)} micro-batches"
+            )
         for k, (groups, ids, mask, targets) in enumerate(batches):
             n_tokens += int(mask.sum())
             loss, res, aux, batch_counts = self.policy(
@@ -515,6 +542,7 @@ class Trainer:
                 targets,
                 token_counts,
                 None if old is None else old[k],
+                reference[k],
             )
             loss.backward()
             total += float(loss.detach())
@@ -543,7 +571,7 @@ class Trainer:
         """(P, G+1) completion tokens of every sequence of the whole step (all ranks' groups, in order)."""
         return self.world.gather_rows(torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]))
 
-    def _micro_batch_loss(self, model, rollout, groups: range, ids, mask, targets, token_counts, old=None):
+    def _micro_batch_loss(self, model, rollout, groups: range, ids, mask, targets, token_counts, old=None, ref=None):
         """(loss, LossOutput, aux loss value, expert counts) of one micro-batch of this rank's groups ``groups``.
 
         Runs inside :class:`grao.distributed.Policy`'s forward (``self.policy(this, ...)``): under FSDP the lm_head
@@ -556,7 +584,8 @@ class Trainer:
         capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
         with runtime.autocast(self.runtime), capture as routing:
             out = models.backbone(inner)(input_ids=ids, attention_mask=mask, use_cache=False)
-        batch = self._loss_batch(model, rollout, groups, out.last_hidden_state, ids, mask, targets, token_counts, old)
+        hidden = out.last_hidden_state
+        batch = self._loss_batch(model, rollout, groups, hidden, ids, mask, targets, token_counts, old, ref)
         res = self.loss(batch)
         loss, aux_value = res.loss, 0.0
         if routing:
@@ -573,11 +602,11 @@ class Trainer:
             counts += models.expert_counts(routing, layers, self.moe, mask, self.router_scoring)
         return loss, res, aux_value, counts
 
-    def _loss_batch(self, model, rollout, groups, hidden, ids, mask, targets, token_counts, old=None):
+    def _loss_batch(self, model, rollout, groups, hidden, ids, mask, targets, token_counts, old=None, ref=None):
         """What the loss gets of one micro-batch of this rank's ``groups``: the backbone's ``hidden`` states and the
         lm_head in the compute dtype, the head's logit transform and the log-prob temperature, the group layout of
-        the whole step (all ranks' P groups; this rank holds a contiguous block), and (for a loss that needs it)
-        the frozen reference model's token log-probs at the same head and temperature."""
+        the whole step (all ranks' P groups; this rank holds a contiguous block), and (``ref``, for a loss that
+        needs it) the frozen reference model's token log-probs at the same head and temperature."""
         weight, bias = models.output_head(models.unwrap(model))  # frozen under LoRA: no weight gradient
         P = token_counts.shape[0]
         first = self.world.rank * (P // self.world.size)
@@ -594,10 +623,9 @@ class Trainer:
             softcap=self.head.softcap,
             temperature=self.logprob_temperature,
             old=old,
+            reference_logp=ref,
         )
-        if self.reference_model is None:
-            return batch
-        return dataclasses.replace(batch, reference_logp=self._reference_logp(ids, mask, batch))
+        return batch
 
     def _frozen_start(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -607,14 +635,23 @@ class Trainer:
         return model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def _reference_logp(self, ids, mask, batch: losses.LossBatch) -> torch.Tensor:
+    def _reference_logp(self, ids, mask, targets) -> torch.Tensor:
         """(S, T) token log-probs of the frozen reference model, through the fused path (no logits), with the
-        policy's ``batch``'s head and temperature (the reference model is the starting model: the same head)."""
+        policy's logit head and log-prob temperature (the reference model is the starting model: the same head)."""
         with runtime.autocast(self.runtime):
             out = models.backbone(self.reference_model)(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(self.reference_model))
-        head = {**batch.head(), "bias": bias}
-        return fused_linear_logprobs(hidden, weight, batch.targets, backend=self.cfg.loss_backend, **head)
+        return fused_linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            temperature=self.logprob_temperature,
+            logit_scale=self.head.logit_scale,
+            softcap=self.head.softcap,
+            ignore_index=IGNORE_INDEX,
+            backend=self.cfg.loss_backend,
+        )
 
     def _in_compute_dtype(self, hidden, weight, bias):
         """(hidden, weight, bias) in the autocast dtype, so the loss sees what the lm_head would under autocast."""

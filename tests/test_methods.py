@@ -14,7 +14,7 @@ from utils import FP32_VALUES, assert_close, assert_grads_close, assert_same_run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from grao import cli, config  # noqa: E402
+from grao import cli, config, models  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
 from grao.losses import GRAO, LossBatch  # noqa: E402
 from grao.methods import DPO, GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
@@ -465,11 +465,15 @@ def test_grpo_iterations_see_the_sampling_policy_and_the_reference_at_the_log_pr
     cfg = TrainConfig(**flags, method="grpo", grpo_kl_beta=0.1, num_iterations=2, logprob_temperature="sampling")
     loss = RecordingGRPO(kl_beta=0.1, backend="torch")
     trainer = Trainer(cfg, loss=loss)
+    reference_forwards = []
+    models.backbone(trainer.reference_model).register_forward_hook(lambda *_: reference_forwards.append(1))
     metrics = trainer.train_step(1)
     assert trainer.scheduler.last_epoch == 2  # two optimizer steps on the step's rollout
     assert len(loss.calls) == 4  # 2 iterations x 2 micro-batches
+    assert len(reference_forwards) == 2  # the frozen model runs once per micro-batch of the rollout, not per iteration
     first, second = loss.calls[:2], loss.calls[2:]
-    for (old, now, at_one, ref, temperature), (old2, now2, *_) in zip(first, second):
+    for (old, now, at_one, ref, temperature), (old2, now2, _, ref2, _) in zip(first, second):
+        assert ref2 is ref
         assert temperature == cfg.temperature == 0.7
         # iteration 1: the snapshot and the frozen model are the policy itself, at the same temperature
         torch.testing.assert_close(old["logp"], now, rtol=1e-5, atol=1e-6)
