@@ -190,6 +190,18 @@ def sharded(cfg) -> bool:
     return True
 
 
+def shard(policy: Policy, device: torch.device, cpu_offload: bool, param_dtype: str) -> list[torch.nn.Module]:
+    """``fully_shard`` on each decoder layer of ``policy.model``, then on ``policy`` (the root), with the memory
+    options of :class:`Sharding`; the sharded modules. A frozen policy (the reference model of ``dpo``, ``ppo`` and
+    ``grpo`` with a KL) is sharded the same way and only runs forward."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if param_dtype == "bf16" else None, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    layers = decoder_layers(models.unwrap(policy.model))
+    return [fully_shard(m, mp_policy=mp, offload_policy=offload) for m in (*layers, policy)]
+
+
 class Sharding:
     """FSDP2 on a :class:`Policy`: ``fully_shard`` on each decoder layer, then on the root, with the memory options:
     ``cpu_offload`` keeps the sharded parameters, gradients and optimizer state in CPU memory (FSDP copies each
@@ -197,18 +209,10 @@ class Sharding:
     the sharded fp32 parameters stay the optimizer's master weights and gradients are reduced in fp32."""
 
     def __init__(self, policy: Policy, world: World, device: torch.device, cpu_offload: bool, param_dtype: str):
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
         self.policy, self.world = policy, world
         self.optimizer = None  # set by the trainer once it has built the optimizer on the sharded parameters
-        mp = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if param_dtype == "bf16" else None, reduce_dtype=torch.float32
-        )
-        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
         inner = models.unwrap(policy.model)
-        sharded = [fully_shard(layer, mp_policy=mp, offload_policy=offload) for layer in decoder_layers(inner)]
-        sharded.append(fully_shard(policy, mp_policy=mp, offload_policy=offload))
-        for module in sharded:
+        for module in shard(policy, device, cpu_offload, param_dtype):
             # Each rank's loss is its share of the step's loss (weighted by the global P): the step's gradient is the
             # SUM of the ranks' gradients, not FSDP's default average; a plain SUM reduction (gloo has no PREMUL_SUM).
             module.set_gradient_divide_factor(1.0)

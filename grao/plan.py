@@ -14,6 +14,9 @@ reference (``S = M (G+1)`` sequences of at most ``T`` tokens, ``N = S T``):
 - gradients: ``trainable * grad_bytes / shards``;
 - optimizer: AdamW's m and v in fp32 (8 bytes per trainable parameter), plus
   an fp32 master copy (4 more) when the parameters themselves are bf16;
+- the frozen reference model (``dpo``, ``ppo``, ``grpo`` with a KL): the
+  starting model's fp32 parameters, sharded like the trained ones (it runs
+  forward only, and its gathered buffers are freed before the update);
 - FSDP unshard buffers: the root (embeddings, final norm, lm_head) and two
   decoder layers (the one computing and the one prefetched) gathered whole;
 - activations: what autograd saves for the backward pass, see
@@ -229,6 +232,7 @@ class Settings:
     fsdp_param_dtype: str = "fp32"  # dtype FSDP gathers the parameters in for compute (bf16: mixed precision)
     cpu_offload: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
     gradient_checkpointing: bool = False
+    reference_model: bool = False  # the method keeps a frozen copy of the starting model (dpo, ppo, grpo's KL)
     loss_backend: str = "triton"
     loss_budget: int | None = None  # bytes; None = the backend's default
 
@@ -304,6 +308,7 @@ class Plan:
     parameters: int
     gradients: int
     optimizer: int
+    reference: int  # the frozen reference model's parameters
     fsdp_buffers: int
     activations: int
     loss_workspace: int
@@ -318,6 +323,7 @@ class Plan:
             self.parameters
             + self.gradients
             + self.optimizer
+            + self.reference
             + self.fsdp_buffers
             + max(self.activations + self.loss_workspace, self.kv_cache)
         )
@@ -336,14 +342,15 @@ def plan(arch: Architecture, s: Settings) -> Plan:
     grads = trainable * grad_b
     optim = trainable * (8 + (4 if DTYPE_BYTES[s.param_dtype] == 2 and not s.lora_rank else 0))
     params, grads, optim = params // shards, grads // shards, optim // shards
+    reference = arch.params * 4 // shards if s.reference_model else 0
     buffers = 0
     if shards > 1:
         gathered = DTYPE_BYTES[s.fsdp_param_dtype] if not s.lora_rank else pb
         buffers = (arch.embed_head + 2 * arch.largest_layer) * gathered
     offloaded = 0
     if s.cpu_offload:
-        offloaded = params + grads + optim
-        params = grads = optim = 0
+        offloaded = params + grads + optim + reference
+        params = grads = optim = reference = 0
     per_rank_prompts = -(-s.prompts_per_step // shards)
     kv = per_rank_prompts * s.group_size * s.seq_len * arch.kv_cache_per_token * DTYPE_BYTES[s.compute_dtype]
     return Plan(
@@ -351,6 +358,7 @@ def plan(arch: Architecture, s: Settings) -> Plan:
         parameters=params,
         gradients=grads,
         optimizer=optim,
+        reference=reference,
         fsdp_buffers=buffers,
         activations=activation_bytes(arch, s),
         loss_workspace=loss_workspace_bytes(arch, s),
@@ -398,6 +406,7 @@ PARTS = (
     ("parameters", "parameters"),
     ("gradients", "gradients"),
     ("optimizer", "optimizer state (AdamW)"),
+    ("reference", "frozen reference model"),
     ("fsdp_buffers", "FSDP unshard buffers"),
     ("activations", "activations (one micro-batch)"),
     ("loss_workspace", "fused loss workspace"),
@@ -429,9 +438,10 @@ def markdown(arch: Architecture, p: Plan, alternatives: list[Plan]) -> str:
         "| per rank | memory |",
         "|---|---:|",
     ]
-    lines += [f"| {label} | {_gib(getattr(p, key))} |" for key, label in PARTS]
+    shown = [(k, label) for k, label in PARTS if k != "reference" or s.reference_model]  # no row for grao, sft
+    lines += [f"| {label} | {_gib(getattr(p, key))} |" for key, label in shown]
     lines += [
-        f"| **total** (parameters + gradients + optimizer + buffers + max(activations + loss, KV cache)) | "
+        f"| **total** (parameters + gradients + optimizer + reference + buffers + max(activations + loss, KV cache)) | "
         f"**{_gib(p.step_total)}** |",
         f"| device memory | {s.memory_gb:.2f} GiB |",
         f"| full fp32 logits + gradient the fused loss avoids | {_gib(p.full_logits_avoided)} |",
@@ -478,6 +488,14 @@ def resolve_model(model: str) -> tuple[str, str | None]:
     )
 
 
+def needs_reference_model(cfg) -> bool:
+    """Whether ``cfg.method``'s loss keeps a frozen reference model (its own ``needs_reference_model``; the
+    hidden size only sizes ppo's value head, which the answer does not depend on)."""
+    from .methods import from_config
+
+    return bool(getattr(from_config(cfg, hidden_size=1), "needs_reference_model", False))
+
+
 def settings_from_config(cfg, devices: int, memory_gb: float, **overrides) -> Settings:
     """The plan's settings of a :class:`grao.config.TrainConfig` run on ``devices`` GPUs of ``memory_gb`` GiB
     (FSDP over all of them unless ``fsdp`` is given); ``overrides`` replace single settings."""
@@ -495,6 +513,7 @@ def settings_from_config(cfg, devices: int, memory_gb: float, **overrides) -> Se
         fsdp_param_dtype=getattr(cfg, "fsdp_param_dtype", "fp32"),
         cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
         gradient_checkpointing=cfg.gradient_checkpointing,
+        reference_model=needs_reference_model(cfg),
         loss_backend="triton" if cfg.loss_backend == "auto" else cfg.loss_backend,
     )
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})

@@ -236,6 +236,9 @@ class Trainer:
         # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL): loaded afresh from the
         # config, so a resumed run gets the same one.
         self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
+        self.reference = None if self.reference_model is None else distributed.Policy(self.reference_model)
+        if sharded and self.reference is not None:  # frozen: sharded like the policy, forward only
+            distributed.shard(self.reference, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
         self.moe = models.moe_info(inner)
         self.aux_coef = models.aux_loss_coef(inner, cfg.router_aux_loss_coef)
         self.router_scoring = models.router_scoring(inner)
@@ -466,7 +469,13 @@ class Trainer:
         (``LossBatch.reference_logp``), for a loss with ``needs_reference_model``; None for the others."""
         if self.reference_model is None:
             return None
-        return [self._reference_logp(ids, mask, targets) for _, ids, mask, targets in self._micro_batches(rollout)]
+        logps = [
+            self.reference(self._reference_logp, ids, mask, targets)
+            for _, ids, mask, targets in self._micro_batches(rollout)
+        ]
+        if self.sharding is not None:  # FSDP keeps a root's parameters gathered after its forward, for the backward
+            self.reference.reshard()  # that a frozen model never runs
+        return logps
 
     @torch.no_grad()
     def snapshot(self, rollout: Rollout, reference: list[torch.Tensor] | None = None) -> list[dict] | None:
@@ -634,13 +643,13 @@ class Trainer:
         )
         return model.eval().requires_grad_(False)
 
-    @torch.no_grad()
-    def _reference_logp(self, ids, mask, targets) -> torch.Tensor:
-        """(S, T) token log-probs of the frozen reference model, through the fused path (no logits), with the
-        policy's logit head and log-prob temperature (the reference model is the starting model: the same head)."""
+    def _reference_logp(self, model, ids, mask, targets) -> torch.Tensor:
+        """(S, T) token log-probs of the frozen reference ``model``, through the fused path (no logits), with the
+        policy's logit head and log-prob temperature (the reference model is the starting model: the same head).
+        Runs inside the forward of its :class:`grao.distributed.Policy`, where FSDP has its lm_head unsharded."""
         with runtime.autocast(self.runtime):
-            out = models.backbone(self.reference_model)(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(self.reference_model))
+            out = models.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(model))
         return fused_linear_logprobs(
             hidden,
             weight,

@@ -70,7 +70,9 @@ def one_step(trainer: Trainer) -> dict:
     named = list(trainer.policy.named_parameters())
     grads = {n: distributed.local(p.grad).detach().clone() for n, p in named}
     params = {n: distributed.local(p.detach()).clone() for n, p in named}
-    return {"stats": stats, "grads": grads, "params": params, "weights_seen": seen}
+    frozen = trainer.reference_model  # ppo's reference model: sharded like the policy when the policy is
+    reference = sorted({type(p).__name__ for p in frozen.parameters()}) if frozen is not None else None
+    return {"stats": stats, "grads": grads, "params": params, "weights_seen": seen, "reference_params": reference}
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, fa
         assert [shape for _, shape in seen] == [head] and all(kind in ("Tensor", "Parameter") for kind, _ in seen)
     if method == "ppo":  # the value head is trained with the model, its gradient summed over ranks too
         assert {"loss.value_head.weight", "loss.value_head.bias"} <= one["grads"].keys()
+        # the frozen reference model is sharded over the ranks too; the KL term checks its log-probs
+        assert two["reference_params"] == ["DTensor"] and one["reference_params"] == ["Parameter"]
     for key in ("loss", *TERMS[method], *(("moe/aux_loss",) if family == "moe" else ())):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5, abs=1e-6), key
     assert two["stats"]["train_tokens"] == one["stats"]["train_tokens"]

@@ -54,6 +54,36 @@ def test_sharding_divides_the_state_and_options_include_one_that_fits():
     assert not one.fits() and replace(one.settings, fsdp=8, gradient_checkpointing=True) in fitting
 
 
+@pytest.mark.parametrize(
+    "method, extra, keeps",
+    [
+        ("grao", {}, False),
+        ("sft", {}, False),
+        ("grpo", {}, False),
+        ("grpo", {"grpo_kl_beta": 0.04}, True),
+        ("dpo", {}, True),
+        ("ppo", {}, True),
+    ],
+)
+def test_the_frozen_reference_model_is_planned_for_the_methods_that_keep_one(tmp_path, method, extra, keeps):
+    from grao.trainer import Trainer
+
+    cfg = config.TrainConfig(method=method, **extra, progress=False, plot=False, output_dir=str(tmp_path / "run"))
+    s = plan.settings_from_config(cfg, devices=8, memory_gb=80)
+    assert s.reference_model is keeps
+    arch = plan.architecture(cfg.model)
+    got = plan.plan(arch, s)
+    without = plan.plan(arch, replace(s, reference_model=False))
+    assert got.step_total - without.step_total == got.reference == (arch.params * 4 // 8 if keeps else 0)
+    assert plan.plan(arch, replace(s, cpu_offload=True)).reference == 0  # offloaded with the rest
+    if keeps:  # the bytes of the trainer's own frozen model, in one process
+        trainer = Trainer(cfg)
+        frozen = sum(t.numel() * t.element_size() for t in trainer.reference_model.parameters())
+        assert plan.plan(arch, replace(s, fsdp=1)).reference == frozen
+    else:
+        assert "frozen reference model" not in plan.markdown(arch, got, [])
+
+
 def test_plan_cli_paper_config_on_8x80_uses_the_preset_offline(capsys):
     assert cli.main(["plan", "--config", str(PAPER), "--devices", "8", "--memory-gb", "80"]) == 0
     out = capsys.readouterr()
