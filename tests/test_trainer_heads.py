@@ -166,3 +166,22 @@ def test_a_transform_the_config_does_not_describe_is_refused_by_the_check_on_the
         models.ModelError, match=r"GraniteForCausalLM's own log-probs differ by up to .*logits_scaling=8"
     ):
         models.logit_head(model)
+
+
+@pytest.mark.parametrize(
+    "model_type,fields", [("gemma2", dict(final_logit_softcapping=3.0)), ("granite", dict(logits_scaling=8.0))]
+)
+def test_reference_logprobs_equal_the_frozen_models_own_log_softmax(tmp_path, model_type, fields):
+    # grpo with a KL keeps a frozen reference model; its log-probs go through the same head as the policy's
+    cfg = small(tmp_path, model=_save(tmp_path, model_type, **fields), attn_implementation="eager")
+    cfg.method, cfg.grpo_kl_beta, cfg.micro_batch_prompts = "grpo", 0.1, 1
+    trainer = Trainer(cfg)
+    rollout = trainer.rollout(trainer.prompts_for_step(1), 1)
+    got = trainer.reference_logps(rollout)
+    assert len(got) == rollout.rewards.shape[0]  # one (S, T) per micro-batch of one prompt
+    for p, logp in enumerate(got):
+        ids, mask, targets = build_batch(
+            rollout, range(p, p + 1), trainer.tokenizer.pad_token_id, trainer.runtime.device
+        )
+        want = own_logprobs(trainer.reference_model, ids, mask, targets)
+        torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
