@@ -182,11 +182,6 @@ def sharded(cfg) -> bool:
     if size == 1 and not cfg.fsdp_cpu_offload and cfg.fsdp_param_dtype == "fp32":
         return False
     World(size=size).share(list(range(cfg.prompts_per_step)))
-    if cfg.lora_rank:
-        raise ConfigError(
-            "'lora_rank' > 0 is not supported with several processes or the fsdp_* memory options: "
-            "LoRA runs in one process"
-        )
     return True
 
 

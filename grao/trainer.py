@@ -734,8 +734,10 @@ class Trainer:
         its random starting model (``initial/``, what ``grao eval`` measures NAG against). A resumed run drops the
         lines logged after its checkpoint and records the (resume-safe) settings it continues with."""
         initial = self.checkpoint is None and self.cfg.model == models.TINY_MOE and self.initial_model is not None
-        # A sharded model's starting weights, gathered by every rank for rank 0 to write.
-        weights = self.sharding.full_model_state() if initial and self.sharding is not None else None
+        # A sharded model's starting weights, gathered by every rank for rank 0 to write (under LoRA initial_model is
+        # the plain copy taken before the adapters were added, never sharded).
+        gather = initial and self.sharding is not None and self.initial_model is self.model
+        weights = self.sharding.full_model_state() if gather else None
         if self.world.main and self.checkpoint is None:
             if self.overwrite:
                 run_dir.clear(self.run_dir)

@@ -1,6 +1,7 @@
 """One trainer update on a fixed rollout, run by each of the processes torchrun starts (tests/test_distributed.py).
 
-``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL [METHOD]``: every rank
+``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL [METHOD [LORA_RANK]]``:
+every rank
 updates on its block of the rollout's prompt groups; rank 0 writes the step's metrics and the whole model's
 gradients and updated parameters (gathered from the shards) to OUT. :func:`one_step` is the same in one process.
 """
@@ -23,8 +24,9 @@ from grao.trainer import Rollout, Trainer  # noqa: E402
 P, G = 2, 3
 
 
-def step_config(run_dir, model: str, method: str = "grao"):
-    return small(run_dir, model=model, method=method, prompts_per_step=P, group_size=G, threads=1, weight_decay=0.0)
+def step_config(run_dir, model: str, method: str = "grao", lora_rank: int = 0):
+    kw = dict(model=model, method=method, lora_rank=int(lora_rank), prompts_per_step=P, group_size=G, threads=1)
+    return small(run_dir, **kw, weight_decay=0.0)
 
 
 def fixed_rollout(trainer: Trainer) -> Rollout:
@@ -68,7 +70,7 @@ def one_step(trainer: Trainer) -> dict:
     trainer.loss = loss
     stats.pop("moe/layer_counts", None)
     named = list(trainer.policy.named_parameters())
-    grads = {n: distributed.local(p.grad).detach().clone() for n, p in named}
+    grads = {n: distributed.local(p.grad).detach().clone() for n, p in named if p.requires_grad}
     params = {n: distributed.local(p.detach()).clone() for n, p in named}
     frozen = trainer.reference_model  # ppo's reference model: sharded like the policy when the policy is
     reference = sorted({type(p).__name__ for p in frozen.parameters()}) if frozen is not None else None

@@ -51,26 +51,33 @@ TERMS = {
 
 
 @pytest.mark.parametrize(
-    "family, method",
-    [("dense", "grao"), ("moe", "grao"), ("moe", "ppo")],  # ppo: a loss with parameters (its value head)
+    "family, method, lora_rank",
+    # ppo: a loss with parameters (its value head); LoRA: frozen base, trained adapters in the same sharded layers
+    [("dense", "grao", 0), ("moe", "grao", 0), ("moe", "ppo", 0), ("dense", "grao", 4)],
 )
-def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, family, method):
+def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, family, method, lora_rank):
     if family == "dense":
         model = str(tmp_path / "llama")
         save_tiny_llama(model, num_hidden_layers=2)
     else:
         model = "tiny-moe"
-    run_two([str(ROOT / "tests" / "fsdp_step.py"), str(tmp_path / "two.pt"), str(tmp_path / "two"), model, method])
+    args = [str(tmp_path / "two.pt"), str(tmp_path / "two"), model, method, str(lora_rank)]
+    run_two([str(ROOT / "tests" / "fsdp_step.py"), *args])
     two = torch.load(tmp_path / "two.pt", weights_only=False)
-    one = one_step(Trainer(step_config(tmp_path / "one", model, method)))
+    one = one_step(Trainer(step_config(tmp_path / "one", model, method, lora_rank)))
 
-    head = tuple(one["params"]["model.lm_head.weight"].shape)
+    head_name = "model.base_model.model.lm_head.weight" if lora_rank else "model.lm_head.weight"
+    head = tuple(one["params"][head_name].shape)
     for seen in (two["weights_seen"], one["weights_seen"]):  # unsharded by FSDP: never a DTensor, the whole head
         assert [shape for _, shape in seen] == [head] and all(kind in ("Tensor", "Parameter") for kind, _ in seen)
     if method == "ppo":  # the value head is trained with the model, its gradient summed over ranks too
         assert {"loss.value_head.weight", "loss.value_head.bias"} <= one["grads"].keys()
         # the frozen reference model is sharded over the ranks too; the KL term checks its log-probs
         assert two["reference_params"] == ["DTensor"] and one["reference_params"] == ["Parameter"]
+    if lora_rank:  # only the adapters train; the frozen base, sharded too, stays as it was
+        assert one["grads"] and all("lora_" in name for name in one["grads"])
+        for name in one["params"].keys() - one["grads"].keys():
+            torch.testing.assert_close(two["params"][name], one["params"][name], rtol=0, atol=0, msg=name)
     for key in ("loss", *TERMS[method], *(("moe/aux_loss",) if family == "moe" else ())):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-5, abs=1e-6), key
     assert two["stats"]["train_tokens"] == one["stats"]["train_tokens"]
@@ -221,13 +228,44 @@ def test_a_sharded_ppo_value_head_is_checkpointed_whole_and_resumes_in_one_proce
     assert resumed.train() is True
 
 
+def test_sharded_lora_over_a_bf16_base_saves_its_adapter_and_start_and_resumes_unsharded(tmp_path):
+    from safetensors.torch import load_file
+
+    from grao import models
+
+    # bf16 base and fp32 adapters in the same FSDP parameter groups, offloaded to CPU memory
+    cfg = small(tmp_path, lora_rank=4, lora_base_dtype="bf16", fsdp_cpu_offload=True, threads=1, steps=1)
+    first = Trainer(cfg)
+    assert first.sharding is not None
+    assert first.train() is True
+    trained = {n: distributed.local(p.detach()).clone() for n, p in first.policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+
+    run = tmp_path / "run"
+    start = models.tiny_moe(models.build_demo_tokenizer()).state_dict()  # the starting model, plain names
+    initial = models.load_model(run / "initial").state_dict()
+    assert initial.keys() == start.keys() and all(torch.equal(initial[k], start[k]) for k in start)
+    ckpt = latest(run)
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    assert not (ckpt / "model.safetensors").exists() and adapter and all("lora_" in k for k in adapter)
+
+    cfg.steps, cfg.fsdp_cpu_offload = 2, False
+    resumed = Trainer(cfg, resume=True)
+    assert resumed.sharding is None and resumed.step == 1
+    now = {n: p.detach() for n, p in resumed.policy.named_parameters()}
+    for name, value in trained.items():  # the adapters as trained, onto the starting base in bf16
+        torch.testing.assert_close(now[name], value, rtol=0, atol=0, msg=name)
+    base = {n.removeprefix("model.base_model.model."): p for n, p in now.items() if "lora_" not in n}
+    for name, p in base.items():
+        plain = name.replace(".base_layer", "")
+        assert p.dtype == torch.bfloat16 and torch.equal(p, start[plain].to(torch.bfloat16)), name
+    assert resumed.train() is True
+
+
 def test_a_sharded_run_checks_its_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"'prompts_per_step' \(3\) must divide by the number of processes \(2\)"):
         Trainer(small(tmp_path, prompts_per_step=3))
-    monkeypatch.delenv("WORLD_SIZE")
-    with pytest.raises(ConfigError, match="'lora_rank' > 0 is not supported"):
-        Trainer(small(tmp_path, lora_rank=4, fsdp_cpu_offload=True))
 
 
 def test_a_one_process_checkpoint_resumes_sharded(tmp_path):
