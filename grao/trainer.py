@@ -261,7 +261,7 @@ class Trainer:
         # LoRA: the adapters only; the policy's parameter order (the model's, then the loss's) names the optimizer's.
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.trainable = trainable
-        self.trainable_params, self.total_params = models.parameter_counts(self.model)
+        self.trainable_params, self.total_params = models.parameter_counts(self.policy)  # ppo: its value head too
         lora = f"; LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}, base frozen" if cfg.lora_rank else ""
         say(
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "

@@ -235,6 +235,8 @@ def test_ppo_trains_the_demo_with_its_value_head(tmp_path):
     head = trainer.loss.value_head
     assert head.weight.device.type == trainer.runtime.device.type and head.weight.dtype == torch.float32
     assert any(p is head.weight for p in trainer.optimizer.param_groups[0]["params"])
+    model_params = sum(p.numel() for p in trainer.model.parameters())
+    assert trainer.trainable_params == trainer.total_params == model_params + head.weight.numel() + 1  # counted
     start = head.weight.detach().clone()
     assert trainer.train() is True
     assert not torch.equal(head.weight, start)  # the value head trains
