@@ -153,8 +153,9 @@ class Policy(torch.nn.Module):
     forward, where FSDP has the root's parameters (lm_head, embeddings, final norm) unsharded. The loss, ``generate``
     and evaluation all run this way; unsharded (one process) it is just the call.
 
-    A loss with parameters (PPO's value head) is registered as ``loss``: FSDP shards and reduces it with the root's
-    parameters, and it is one state dict and one optimizer with the model (``model.*`` and ``loss.*`` names)."""
+    A loss that is an ``nn.Module`` (PPO and its value head) is registered as ``loss``: FSDP shards and reduces it
+    with the root's parameters, and it is one state dict and one optimizer with the model (``model.*`` and
+    ``loss.*`` names)."""
 
     def __init__(self, model: torch.nn.Module, loss: torch.nn.Module | None = None):
         super().__init__()

@@ -221,12 +221,10 @@ class Trainer:
         self.loss = (
             loss if loss is not None else methods.from_config(cfg, hidden_size=models.output_head(inner)[0].shape[1])
         )
-        # A loss with parameters (PPO's value head) is trained, sharded and checkpointed with the model.
-        trained_loss = (
-            self.loss if isinstance(self.loss, torch.nn.Module) and any(True for _ in self.loss.parameters()) else None
-        )
-        if trained_loss is not None:
-            trained_loss.to(self.runtime.device)
+        # A loss that is an nn.Module (PPO's value head) is trained, sharded and checkpointed with the model.
+        module_loss = self.loss if isinstance(self.loss, torch.nn.Module) else None
+        if module_loss is not None:
+            module_loss.to(self.runtime.device)
             if state is not None:  # before sharding: the checkpoint holds its whole state, whoever saved it
                 self._restore_loss(state)
         data.check_prompts(
@@ -251,7 +249,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.enable_activation_checkpointing(inner)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
-        self.policy = distributed.Policy(self.model, trained_loss)  # the loss, generate, evaluation run in its forward
+        self.policy = distributed.Policy(self.model, module_loss)  # the loss, generate, evaluation run in its forward
         self.sharding = None
         if sharded:
             self.sharding = distributed.Sharding(
@@ -486,21 +484,24 @@ class Trainer:
         take = getattr(self.loss, "snapshot", None)
         if take is None or self.cfg.num_iterations == 1:
             return None
-        reference = self._reference_for(rollout, reference)
+        if reference is None:
+            reference = self.reference_logps(rollout)
         self.model.train()  # the mode of the updates, so dropout (if any) is that of their forwards
         token_counts = self._step_token_counts(rollout)
         return [
-            self.policy(self._snapshot_micro_batch, take, rollout, groups, ids, mask, targets, token_counts, ref)
-            for (groups, ids, mask, targets), ref in zip(self._micro_batches(rollout), reference, strict=True)
+            self.policy(
+                self._snapshot_micro_batch,
+                take,
+                rollout,
+                groups,
+                ids,
+                mask,
+                targets,
+                token_counts,
+                None if reference is None else reference[k],
+            )
+            for k, (groups, ids, mask, targets) in enumerate(self._micro_batches(rollout))
         ]
-
-    def _reference_for(self, rollout: Rollout, reference: list | None) -> list:
-        """Each micro-batch's reference log-probs: ``reference`` if given, else computed (None each for a loss that
-        needs none)."""
-        if reference is not None:
-            return reference
-        P = rollout.rewards.shape[0]
-        return self.reference_logps(rollout) or [None] * len(range(0, P, self.cfg.micro_batch_prompts or P))
 
     def _snapshot_micro_batch(self, model, take, rollout, groups, ids, mask, targets, token_counts, ref) -> dict:
         """``take(batch)`` (the loss's snapshot) of one micro-batch, inside :class:`grao.distributed.Policy`'s
@@ -535,8 +536,9 @@ class Trainer:
         batches = list(self._micro_batches(rollout))
         if old is not None and len(old) != len(batches):
             raise ValueError(f"old holds {len(old)} snapshots for the rollout's {len(batches)} micro-batches")
-        reference = self._reference_for(rollout, reference)
-        if len(reference) != len(batches):
+        if reference is None:
+            reference = self.reference_logps(rollout)
+        if reference is not None and len(reference) != len(batches):
             raise ValueError(
                 f"reference holds {len(reference)} log-probs for the rollout's {len(batches)} micro-batches"
             )
@@ -551,7 +553,7 @@ class Trainer:
                 targets,
                 token_counts,
                 None if old is None else old[k],
-                reference[k],
+                None if reference is None else reference[k],
             )
             loss.backward()
             total += float(loss.detach())
@@ -626,11 +628,8 @@ class Trainer:
             group_size=rollout.rewards.shape[1] - 1,
             groups=range(first + groups.start, first + groups.stop),
             num_groups=P,
-            ignore_index=IGNORE_INDEX,
             step_token_counts=token_counts,
-            logit_scale=self.head.logit_scale,
-            softcap=self.head.softcap,
-            temperature=self.logprob_temperature,
+            **self._logit_transform(),
             old=old,
             reference_logp=ref,
         )
@@ -651,15 +650,17 @@ class Trainer:
             out = models.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(model))
         return fused_linear_logprobs(
-            hidden,
-            weight,
-            targets,
-            bias=bias,
-            temperature=self.logprob_temperature,
+            hidden, weight, targets, bias=bias, backend=self.cfg.loss_backend, **self._logit_transform()
+        )
+
+    def _logit_transform(self) -> dict:
+        """How this run forms log-probs from the lm_head output, as grao_kernels keyword arguments (and LossBatch
+        fields): the model's logit scale and soft cap, the log-prob temperature, the ignored target."""
+        return dict(
             logit_scale=self.head.logit_scale,
             softcap=self.head.softcap,
+            temperature=self.logprob_temperature,
             ignore_index=IGNORE_INDEX,
-            backend=self.cfg.loss_backend,
         )
 
     def _in_compute_dtype(self, hidden, weight, bias):
@@ -765,7 +766,7 @@ class Trainer:
             "baseline_eval": self.baseline_eval,
             "config": config.to_dict(self.cfg),
         }
-        if isinstance(getattr(self.policy, "loss", None), torch.nn.Module):  # sharded: gathered, as one process has it
+        if isinstance(self.loss, torch.nn.Module):  # sharded: gathered, as one process has it
             state["loss"] = self.loss.state_dict() if self.sharding is None else self.sharding.full_state("loss")
         try:
             save = checkpoint.save if self.sharding is None else self.sharding.save_checkpoint
