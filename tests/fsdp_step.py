@@ -1,9 +1,9 @@
 """One trainer update on a fixed rollout, run by each of the processes torchrun starts (tests/test_distributed.py).
 
-``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL [METHOD [LORA_RANK]]``:
-every rank
-updates on its block of the rollout's prompt groups; rank 0 writes the step's metrics and the whole model's
-gradients and updated parameters (gathered from the shards) to OUT. :func:`one_step` is the same in one process.
+``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL [METHOD
+[LORA_RANK]]``: every rank updates on its block of the rollout's prompt groups; rank 0 writes the step's metrics and
+the whole model's gradients and updated parameters (gathered from the shards) to OUT. :func:`one_step` is the same
+in one process.
 """
 
 from __future__ import annotations
