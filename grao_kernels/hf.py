@@ -197,7 +197,9 @@ def check_head(model, backend: str = "auto", tokens: int = 8) -> LogitHead:
                 logits = model(input_ids=ids[None], use_cache=False).logits[0]
                 hidden = net(input_ids=ids[None], use_cache=False).last_hidden_state[0]
             except (TypeError, ValueError) as exc:
-                raise HeadError(f"{name}'s forward does not run on token ids alone ({exc}): cannot check its head") from None
+                raise HeadError(
+                    f"{name}'s forward does not run on token ids alone ({exc}): cannot check its head"
+                ) from None
 
             if logits.shape != (tokens, V):
                 raise HeadError(

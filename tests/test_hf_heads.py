@@ -198,3 +198,15 @@ def test_a_head_field_of_an_unknown_family_is_refused_by_name():
     config = LlamaConfig(output_multiplier=2.0)
     with pytest.raises(hf.HeadError, match=r"model_type 'llama'.* sets output_multiplier=2.0"):
         hf.read_head(config)
+
+
+def test_grao_plan_refuses_a_head_the_trainer_would_refuse(tmp_path):
+    from transformers import LlamaConfig
+
+    from grao import plan
+
+    LlamaConfig(
+        output_multiplier=2.0, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(tmp_path)
+    with pytest.raises(plan.PlanError, match=r"sets output_multiplier=2.0"):
+        plan.architecture(str(tmp_path))
