@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from grao_kernels import hf
+
 GIB = 2**30
 
 # Published architectures (the model's config.json on the Hugging Face hub), as transformers config fields.
@@ -147,6 +149,10 @@ def architecture(model: str, lora_targets=LORA_TARGETS, overrides: dict | None =
     from transformers import AutoModelForCausalLM
 
     cfg = model_config(model, overrides)
+    try:
+        hf.read_head(cfg)  # a head the trainer would refuse is refused here too
+    except hf.HeadError as exc:
+        raise PlanError(str(exc)) from None
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     with torch.device("meta"):
         net = AutoModelForCausalLM.from_config(cfg)

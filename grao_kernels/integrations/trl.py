@@ -37,26 +37,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
     ) from exc
 
 from ..api import fused_linear_logprobs, grao_coefficients, linear_logprob_loss
+from ..hf import check_head, read_head
 
 __all__ = ["GRAOConfig", "GRAOTrainer", "head_arguments", "install_fused_head", "patch_trl"]
 
 
 def head_arguments(config) -> dict:
-    """``logit_scale`` and ``softcap`` of a Hugging Face causal LM's output head, from its (text) config.
-
-    Gemma-2/3: ``final_logit_softcapping``; Cohere: ``logit_scale``; Falcon-H1: ``lm_head_multiplier``;
-    Granite / MiniCPM3: 1 / ``logits_scaling``.
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(text, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text, "lm_head_multiplier", None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = 1.0 / text.logits_scaling
-    return {
-        "logit_scale": 1.0 if scale is None else float(scale),
-        "softcap": getattr(text, "final_logit_softcapping", None),
-    }
+    """``logit_scale`` and ``softcap`` of a Hugging Face causal LM's output head, from its config: the
+    keyword arguments of :func:`grao_kernels.hf.read_head` (the one table of model-head transforms), which
+    raises ``HeadError`` (a ``ValueError``) for a family whose transform it does not know."""
+    return read_head(config).kwargs()
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):
@@ -87,7 +77,7 @@ def install_fused_head(
     """
     previous = model.forward
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head = head_arguments(model.config)
+    head = check_head(model, backend=backend).kwargs()  # refuses a head whose transform it cannot reproduce
     kernel = {"temperature": temperature, "backend": backend, "memory_budget": memory_budget, **head}
 
     # Keep the model class's signature: generate() validates its kwargs against it.
