@@ -79,6 +79,9 @@ def test_add_reference_responses_bad_input():
     out = grao_verl.add_reference_responses(batch, {"uid-0": [1], "uid-1": [2]}, pad_token_id=PAD)
     with pytest.raises(ValueError, match="already holds reference rows"):
         grao_verl.add_reference_responses(out, {"uid-0": [1], "uid-1": [2]}, pad_token_id=PAD)
+    batch.batch["rm_scores"] = torch.ones(batch.batch["responses"].shape)  # scored during generation
+    with pytest.raises(ValueError, match="already holds \\['rm_scores'\\].*score them"):
+        grao_verl.add_reference_responses(batch, {"uid-0": [1], "uid-1": [2]}, pad_token_id=PAD)
 
 
 def test_estimator_needs_one_reference_per_group():

@@ -49,6 +49,8 @@ from ..api import fused_linear_logprobs, grao_coefficients
 NAME = "grao"
 REFERENCE_SUFFIX = "::grao-reference"
 DEFAULT_BETA, DEFAULT_LAM = 0.5, 0.6
+# Per-row results of the reward and of what follows it: a reference row appended afterwards would hold zeros.
+SCORED_FIELDS = ("rm_scores", "token_level_scores", "token_level_rewards", "advantages", "returns")
 
 
 def reference_uid(uid: Any) -> str:
@@ -264,6 +266,12 @@ def add_reference_responses(
             raise ValueError(f"batch has no '{key}': add_reference_responses needs a rollout batch")
     if "uid" not in batch.non_tensor_batch:
         raise ValueError("batch has no non_tensor_batch['uid']: the reference answers are matched by uid")
+    scored = [k for k in SCORED_FIELDS if k in batch.batch.keys()]
+    if scored:
+        raise ValueError(
+            f"batch already holds {scored}: the reference rows would get zeros there; add the references right "
+            "after generation and score them with the same reward before computing advantages"
+        )
     uids = batch.non_tensor_batch["uid"]
     if any(str(u).endswith(REFERENCE_SUFFIX) for u in uids):
         raise ValueError("batch already holds reference rows (uids ending in REFERENCE_SUFFIX)")
