@@ -277,24 +277,11 @@ def test_recipe_in_verls_order_equals_the_oracle(tokenizer):
     field, verl's compute_advantage with GRAOAlgoConfig, mini-batches of mini_batch_rows shuffled by verl's
     iterator, each split into micro-batches scored by a tiny model with our fused forward and verl's registered
     policy loss; the accumulated loss and lm_head gradient equal the float64 GRAO oracle's."""
-    from verl.trainer.ppo.ray_trainer import compute_advantage, compute_response_mask
-
     n, prompts, beta, lam = 3, 4, 0.7, 0.4
     V = len(tokenizer)
-    batch = with_references(rollout_batch([n] * prompts, V=V), ["cba", "fedc", "ih", "lkjm"])
-
-    data = grao_verl.add_reference_responses(
-        batch, grao_verl.reference_ids_from_batch(batch, tokenizer, "extra_info.reference"), pad_token_id=PAD
-    )
-    data.batch["response_mask"] = compute_response_mask(data)
+    data, rewards = recipe_batch(tokenizer, n, prompts, beta, lam)
     S, R = data.batch["responses"].shape
     P = data.batch["prompts"].shape[1]
-    rewards = torch.rand(S)
-    token_level = torch.zeros(S, R)
-    token_level[torch.arange(S), data.batch["response_mask"].sum(1) - 1] = rewards
-    data.batch["token_level_rewards"] = token_level
-    config = grao_verl.GRAOAlgoConfig(adv_estimator="grao", grao_beta=beta, grao_lam=lam)
-    data = compute_advantage(data, adv_estimator=config.adv_estimator, num_repeat=n, config=config)
 
     model = grao_verl.patch_verl_model(tiny_lm(V), backend="torch")
     rows = grao_verl.mini_batch_rows(ppo_mini_batch_size=2, n=n)
@@ -323,8 +310,33 @@ def test_recipe_in_verls_order_equals_the_oracle(tokenizer):
             loss.backward()
             total, seen = total + loss.detach(), seen + len(micro)
     assert seen == S == prompts * (n + 1)
+    assert_equals_oracle(model, data, rewards, total, beta, lam)
 
-    model64 = tiny_lm(V).double()
+
+def recipe_batch(tokenizer, n, prompts, beta, lam):
+    """A rollout of ``prompts`` x ``n`` responses through the recipe up to verl's compute_advantage: references
+    from the dataset field, verl's response mask, outcome rewards on each row's last token; and those rewards."""
+    from verl.trainer.ppo.ray_trainer import compute_advantage, compute_response_mask
+
+    batch = with_references(rollout_batch([n] * prompts, V=len(tokenizer)), ["cba", "fedc", "ih", "lkjm"][:prompts])
+    data = grao_verl.add_reference_responses(
+        batch, grao_verl.reference_ids_from_batch(batch, tokenizer, "extra_info.reference"), pad_token_id=PAD
+    )
+    data.batch["response_mask"] = compute_response_mask(data)
+    S, R = data.batch["responses"].shape
+    rewards = torch.rand(S)
+    token_level = torch.zeros(S, R)
+    token_level[torch.arange(S), data.batch["response_mask"].sum(1) - 1] = rewards
+    data.batch["token_level_rewards"] = token_level
+    config = grao_verl.GRAOAlgoConfig(adv_estimator="grao", grao_beta=beta, grao_lam=lam)
+    data = compute_advantage(data, adv_estimator=config.adv_estimator, num_repeat=n, config=config)
+    return data, rewards
+
+
+def assert_equals_oracle(model, data, rewards, total, beta, lam):
+    """``total`` (the summed micro-batch losses) and the accumulated lm_head gradient equal the float64 oracle's."""
+    P = data.batch["prompts"].shape[1]
+    model64 = tiny_lm(model.config.vocab_size).double()
     model64.load_state_dict(model.state_dict())
     with torch.no_grad():
         hidden = model64.model(
@@ -341,3 +353,54 @@ def test_recipe_in_verls_order_equals_the_oracle(tokenizer):
     oracle["loss"].backward()
     torch.testing.assert_close(total.double(), oracle["loss"].detach(), rtol=1e-5, atol=1e-6)
     assert rel_l2(model.lm_head.weight.grad, w64.grad) < FP32_GRAD_REL_L2
+
+
+def test_verls_actor_loss_path_equals_the_oracle(tokenizer):
+    """verl 0.9's actor update as its engine runs it, on CPU: the batch converted to no-padding
+    (left_right_2_no_padding), mini-batches of mini_batch_rows by verl's shuffling iterator, micro-batches by its
+    prepare_micro_batches, the actor's ppo_loss with the grao policy loss on each micro-batch's packed log-probs
+    (from our fused forward), one backward per micro-batch."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
+    from verl.workers.engine.utils import prepare_micro_batches
+    from verl.workers.utils.losses import ppo_loss
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    n, prompts, beta, lam = 3, 4, 1.5, 0.0
+    data, rewards = recipe_batch(tokenizer, n, prompts, beta, lam)
+    data.batch["old_log_probs"] = torch.zeros(data.batch["responses"].shape)
+    model = grao_verl.patch_verl_model(tiny_lm(len(tokenizer)), backend="torch")
+    config = FSDPActorConfig(
+        strategy="fsdp",
+        ppo_mini_batch_size=2,
+        ppo_micro_batch_size_per_gpu=4,
+        use_dynamic_bsz=False,
+        rollout_n=n,
+        policy_loss=PolicyLossConfig(loss_mode="grao"),
+    )
+    td = left_right_2_no_padding(data.to_tensordict())
+    rows = grao_verl.mini_batch_rows(config.ppo_mini_batch_size, n)
+    total, micro_count = 0.0, 0
+    for mini in tu.make_iterator(td, mini_batch_size=rows, epochs=1, seed=0, dataloader_kwargs={"shuffle": True}):
+        tu.assign_non_tensor(
+            mini,
+            use_dynamic_bsz=False,
+            micro_batch_size_per_gpu=config.ppo_micro_batch_size_per_gpu,
+            dp_size=1,
+            batch_num_tokens=int(mini["loss_mask"].sum()),
+            global_batch_size=rows,
+        )
+        micro_batches, _ = prepare_micro_batches(mini)
+        for micro in micro_batches:
+            # the packed sequences' log-probs, (total_nnz,), each sequence through the model on its own
+            log_probs = torch.cat(
+                [
+                    model(input_ids=ids[None], position_ids=pos[None], temperature=1.0, return_dict=True).log_probs[0]
+                    for ids, pos in zip(micro["input_ids"].unbind(), micro["position_ids"].unbind())
+                ]
+            )
+            loss, _ = ppo_loss(config, {"log_probs": log_probs}, micro)
+            loss.backward()
+            total, micro_count = total + loss.detach(), micro_count + 1
+    assert micro_count == 4  # 2 mini-batches of 8 rows, each 2 micro-batches of 4
+    assert_equals_oracle(model, data, rewards, total, beta, lam)
