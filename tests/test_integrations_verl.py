@@ -274,7 +274,7 @@ def tiny_lm(vocab_size, seed=0):
 
 def test_recipe_in_verls_order_equals_the_oracle(tokenizer):
     """The recipe through verl's own code, in its loop's order: references added after generation from the dataset
-    field, verl's compute_advantage with GRAOAlgoConfig, mini-batches of mini_batch_rows shuffled by verl's
+    field, verl's compute_advantage with GRAOAlgoConfig, mini-batches of 2 prompts' rows shuffled by verl's
     iterator, each split into micro-batches scored by a tiny model with our fused forward and verl's registered
     policy loss; the accumulated loss and lm_head gradient equal the float64 GRAO oracle's."""
     n, prompts, beta, lam = 3, 4, 0.7, 0.4
@@ -284,7 +284,7 @@ def test_recipe_in_verls_order_equals_the_oracle(tokenizer):
     P = data.batch["prompts"].shape[1]
 
     model = grao_verl.patch_verl_model(tiny_lm(V), backend="torch")
-    rows = grao_verl.mini_batch_rows(ppo_mini_batch_size=2, n=n)
+    rows = 2 * (n + 1)  # 2 prompts' rows: no ppo_mini_batch_size x n divides 4 x (3 + 1) rows
     with pytest.raises(AssertionError, match=f"{S} % {2 * n} != 0"):  # verl's own sizing: 2 prompts x n rows
         data.make_iterator(mini_batch_size=2 * n, epochs=1)
     policy_loss = core_algos.get_policy_loss_fn("grao")
@@ -357,7 +357,7 @@ def assert_equals_oracle(model, data, rewards, total, beta, lam):
 
 def test_verls_actor_loss_path_equals_the_oracle(tokenizer):
     """verl 0.9's actor update as its engine runs it, on CPU: the batch converted to no-padding
-    (left_right_2_no_padding), mini-batches of mini_batch_rows by verl's shuffling iterator, micro-batches by its
+    (left_right_2_no_padding), mini-batches of verl's own size by its shuffling iterator, micro-batches by its
     prepare_micro_batches, the actor's ppo_loss with the grao policy loss on each micro-batch's packed log-probs
     (from our fused forward), one backward per micro-batch."""
     from verl.utils import tensordict_utils as tu
@@ -366,20 +366,21 @@ def test_verls_actor_loss_path_equals_the_oracle(tokenizer):
     from verl.workers.utils.losses import ppo_loss
     from verl.workers.utils.padding import left_right_2_no_padding
 
-    n, prompts, beta, lam = 3, 4, 1.5, 0.0
+    n, prompts, beta, lam = 2, 4, 1.5, 0.0
     data, rewards = recipe_batch(tokenizer, n, prompts, beta, lam)
+    assert grao_verl.ppo_mini_batch_size_choices(prompts, n) == [1, 2, 3]  # m x 2 rows divide 4 x 3 rows
     data.batch["old_log_probs"] = torch.zeros(data.batch["responses"].shape)
     model = grao_verl.patch_verl_model(tiny_lm(len(tokenizer)), backend="torch")
     config = FSDPActorConfig(
         strategy="fsdp",
-        ppo_mini_batch_size=2,
-        ppo_micro_batch_size_per_gpu=4,
+        ppo_mini_batch_size=3,
+        ppo_micro_batch_size_per_gpu=3,
         use_dynamic_bsz=False,
         rollout_n=n,
         policy_loss=PolicyLossConfig(loss_mode="grao"),
     )
     td = left_right_2_no_padding(data.to_tensordict())
-    rows = grao_verl.mini_batch_rows(config.ppo_mini_batch_size, n)
+    rows = config.ppo_mini_batch_size * config.rollout_n  # verl's own sizing, with a value from the choices
     total, micro_count = 0.0, 0
     for mini in tu.make_iterator(td, mini_batch_size=rows, epochs=1, seed=0, dataloader_kwargs={"shuffle": True}):
         tu.assign_non_tensor(
@@ -402,5 +403,15 @@ def test_verls_actor_loss_path_equals_the_oracle(tokenizer):
             loss, _ = ppo_loss(config, {"log_probs": log_probs}, micro)
             loss.backward()
             total, micro_count = total + loss.detach(), micro_count + 1
-    assert micro_count == 4  # 2 mini-batches of 8 rows, each 2 micro-batches of 4
+    assert micro_count == 4  # 2 mini-batches of 6 rows, each 2 micro-batches of 3
     assert_equals_oracle(model, data, rewards, total, beta, lam)
+
+
+def test_ppo_mini_batch_size_choices():
+    # 256 prompts x (8 + 1) rows: m x 8 rows must divide 2304, m <= 256
+    choices = grao_verl.ppo_mini_batch_size_choices(256, 8)
+    assert choices == [m for m in range(1, 257) if 2304 % (8 * m) == 0] and 32 in choices and 256 not in choices
+    assert grao_verl.ppo_mini_batch_size_choices(4, 3) == []  # n does not divide train_batch_size: none works
+    assert grao_verl.ppo_mini_batch_size_choices(4, 2, dp_size=4) == [2]
+    with pytest.raises(ValueError, match="dp_size must be a positive int"):
+        grao_verl.ppo_mini_batch_size_choices(4, 2, dp_size=0)

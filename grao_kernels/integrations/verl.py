@@ -234,16 +234,22 @@ def reference_ids_from_batch(batch: DataProto, tokenizer, field: str) -> dict[An
     return ids
 
 
-def mini_batch_rows(ppo_mini_batch_size: int, n: int) -> int:
-    """Rows of one PPO mini-batch once each group holds its reference: ``ppo_mini_batch_size x (n + 1)``.
+def ppo_mini_batch_size_choices(train_batch_size: int, n: int, dp_size: int = 1) -> list[int]:
+    """The ``actor.ppo_mini_batch_size`` values with which verl's own sizing splits a batch holding the references.
 
-    verl sizes actor mini-batches as ``ppo_mini_batch_size x rollout.n`` rows (``ppo_mini_batch_size`` prompts),
-    which no longer divides a batch of ``prompts x (n + 1)`` rows; this is the size to give its update instead.
+    verl's trainers cut each batch into mini-batches of ``ppo_mini_batch_size x rollout.n`` rows (split evenly over
+    ``dp_size`` ranks) and assert that they divide the batch; with each group's reference the batch holds
+    ``train_batch_size x (n + 1)`` rows. This lists every ``m <= train_batch_size`` (as verl requires) with
+    ``m x n`` dividing those rows and ``dp_size`` dividing ``m x n``; since GRAO's loss is exact under any split,
+    any of them trains on the whole batch (a mini-batch then needs no whole groups). Empty when ``n`` does not
+    divide ``train_batch_size``: then no setting works, and an update loop of one's own sizes its mini-batches as
+    ``m x (n + 1)`` rows.
     """
-    for name, value in (("ppo_mini_batch_size", ppo_mini_batch_size), ("n", n)):
+    for name, value in (("train_batch_size", train_batch_size), ("n", n), ("dp_size", dp_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return ppo_mini_batch_size * (n + 1)
+    rows = train_batch_size * (n + 1)
+    return [m for m in range(1, train_batch_size + 1) if rows % (m * n) == 0 and (m * n) % dp_size == 0]
 
 
 def add_reference_responses(
@@ -437,8 +443,8 @@ __all__ = [
     "compute_grao_policy_loss",
     "groups_from_uids",
     "hyperparameters",
-    "mini_batch_rows",
     "patch_verl",
+    "ppo_mini_batch_size_choices",
     "patch_verl_model",
     "reference_ids_from_batch",
     "reference_uid",
