@@ -15,8 +15,15 @@ only on the rewards (``grao_kernels.grao_coefficients``). So the split of the wo
 
 verl's ``compute_advantage`` passes an estimator only the rewards, the response mask and the ``uid`` of each row,
 so a row says it is its group's reference answer through its uid: ``reference_uid(uid)`` (the group's uid with
-:data:`REFERENCE_SUFFIX`). :func:`add_reference_responses` appends those rows to a rollout batch, after generation
-and before the reward, so that the reward function scores the reference like any response.
+:data:`REFERENCE_SUFFIX`). :func:`add_reference_responses` appends those rows to a rollout batch, right after
+generation and before the reward, so that the reward function scores the reference like any response;
+:func:`reference_ids_from_batch` reads the answers from the dataset field verl copies onto each row, keyed by the
+uids verl drew for the batch. β and λ come from verl's algorithm config (:func:`hyperparameters`,
+:class:`GRAOAlgoConfig`); :func:`ppo_mini_batch_size_choices` gives the mini-batch settings with which verl's own
+sizing divides a batch of ``prompts x (n + 1)`` rows.
+
+:func:`patch_verl` / :func:`patch_verl_model` put :func:`grao_kernels.fused_linear_logprobs` behind verl's
+``use_fused_kernels`` forward, the one its actor uses for log-probs and entropies without the logits.
 
 Scope: ``loss_agg_mode`` is not used (the coefficients carry GRAO's normalisation: the mean over each sequence's
 tokens, the mean over groups); the loss is GRAO's on-policy objective, so ``old_log_prob`` only feeds the
