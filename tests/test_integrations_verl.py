@@ -207,7 +207,7 @@ def test_hyperparameters_come_from_verls_config_objects():
     assert grao_verl.hyperparameters(None) == (0.5, 0.6)
     assert grao_verl.hyperparameters({"grao_beta": 1.5, "grao_lam": 0}) == (1.5, 0.0)
     assert grao_verl.hyperparameters(OmegaConf.create({"gamma": 1.0, "grao_beta": 2, "grao_lam": 0.25})) == (2.0, 0.25)
-    # verl builds its algorithm config from hydra with _target_; GRAOAlgoConfig carries beta and lambda
+    # verl's hydra-to-dataclass conversion, with _target_ naming GRAOAlgoConfig: beta and lambda come along
     target = f"{grao_verl.__name__}.GRAOAlgoConfig"
     built = omega_conf_to_dataclass(
         OmegaConf.create({"_target_": target, "adv_estimator": "grao", "grao_beta": 1.25, "grao_lam": 0.1})
