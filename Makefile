@@ -12,8 +12,8 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 # torch-pin.txt holds the torch installed first, so no later dependency swaps it for another build.
 # verl is installed without its dependencies: it pins transformers<5.11 and pulls ray[default], wandb,
-# tensorboard, peft and torchdata, none of which grao_kernels.integrations.verl imports (it needs verl's
-# core_algos and protocol, whose imports the integrations extra installs).
+# tensorboard and peft, none of which grao_kernels.integrations.verl imports (it needs verl's core_algos,
+# protocol and trainer module, whose imports the integrations extra installs).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)

@@ -1,4 +1,4 @@
-"""One training step's loss (forward + backward) through TRL and `grao train`, at a large vocabulary, CPU.
+"""One training step's loss (forward + backward) through TRL, verl's actor and `grao train`, at a large vocabulary.
 
 usage: python benchmarks/integrations_step.py [--vocab 151936] [--prompts 2] [--group 4] [--completion 64] [--no-write]
 
@@ -9,7 +9,13 @@ prompt's reference answer as one more row):
 * ``trl-stock``: TRL's GRPOTrainer.compute_loss (DAPO loss, TRL's own chunked fused head) + backward;
 * ``trl-patched``: the same trainer after ``grao_kernels.integrations.trl.patch_trl``;
 * ``trl-grao``: ``GRAOTrainer.compute_loss`` + backward;
-* ``grao-train``: ``grao.Trainer.accumulate_gradients`` (the CLI's step without sampling).
+* ``grao-train``: ``grao.Trainer.accumulate_gradients`` (the CLI's step without sampling);
+* ``verl-logits``: verl's actor without fused kernels: the model's full logits, ``logprobs_from_logits`` and
+  ``entropy_from_logits`` (verl's functions), then a policy-gradient loss on the log-probs minus 0.01 x the masked
+  entropy, + backward (the G completions per prompt, no reference rows);
+* ``verl-fused``: the same loss with verl's own ``use_fused_kernels`` forward (``forward_with_torch_backend``,
+  its chunked linear-log-prob function);
+* ``verl-patched``: the same loss with our forward (``grao_kernels.integrations.verl.patch_verl_model``).
 
 It reports the median time of 3 steps after one warm-up, and the peak memory of one more step above the state
 before it, the previous gradients freed (``harness.peak_meter``; the gradients of the whole model are part of a
@@ -24,12 +30,13 @@ import os
 import statistics
 import sys
 import tempfile
+import types
 
 import harness
 import render
 import torch
 
-VARIANTS = ("trl-stock", "trl-patched", "trl-grao", "grao-train")
+VARIANTS = ("trl-stock", "trl-patched", "trl-grao", "grao-train", "verl-logits", "verl-fused", "verl-patched")
 
 
 def batch(args):
@@ -72,6 +79,38 @@ def trl_inputs(args, pad_id, with_reference):
     return inputs
 
 
+def verl_step(name, args, model, pad_id):
+    """The loss step of one ``verl-*`` variant: log-probs and entropies of the completions as verl's actor gets
+    them, a policy-gradient loss minus 0.01 x the entropy (verl's ``entropy_coeff`` term), backward."""
+    from verl.models.transformers.dense_common import forward_with_torch_backend
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+    inputs = trl_inputs(args, pad_id, with_reference=False)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    C = inputs["completion_ids"].shape[1]
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+    if name == "verl-patched":
+        from grao_kernels.integrations.verl import patch_verl_model
+
+        patch_verl_model(model, backend=args.backend)
+
+    def step():
+        if name == "verl-logits":
+            logits = model(**kwargs).logits
+            logp = logprobs_from_logits(logits[:, -C - 1 : -1], ids[:, -C:])
+            entropy = entropy_from_logits(logits[:, -C - 1 : -1])
+        else:
+            forward = model if name == "verl-patched" else functools.partial(forward_with_torch_backend, model)
+            out = forward(**kwargs, temperature=1.0, return_dict=True)
+            logp, entropy = out.log_probs[:, -C - 1 : -1], out.entropy[:, -C - 1 : -1]
+        completion = inputs["completion_mask"]
+        loss = -(logp * inputs["advantages"][:, None] * completion).sum() - 0.01 * (entropy * completion).sum()
+        loss.backward()
+
+    return step
+
+
 def run_variant(name, args, tmp):
     """One variant's median step time and the peak memory of one more step; in a fresh process, output in ``tmp``."""
     torch.set_num_threads(args.threads)
@@ -104,6 +143,12 @@ def run_variant(name, args, tmp):
             completions=[[""] * args.group for _ in range(args.prompts)],
         )
         loss_step = functools.partial(trainer.accumulate_gradients, rollout)
+    elif name.startswith("verl-"):
+        model = tiny_moe(tok)
+        model.resize_token_embeddings(args.vocab, mean_resizing=False)
+        model.train()
+        trainer = types.SimpleNamespace(model=model)
+        loss_step = verl_step(name, args, model, tok.pad_token_id)
     else:
         from trl import GRPOConfig, GRPOTrainer
 

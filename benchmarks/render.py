@@ -360,29 +360,34 @@ def compare_markdown(data: dict, title: str) -> str:
 def integrations_markdown(data: dict) -> str:
     """Markdown of ``benchmarks/integrations_step.py``'s results: one loss step per TRL / ``grao train`` variant."""
     tokens = data["prompts"] * data["group"] * data["completion"]
-    ref = data["rows"][0]["time_s"]
-    body = [
-        [r["variant"], fmt_time(r["time_s"]), f"{r['time_s'] / ref:.2f}", fmt_mib(r["peak_mem_bytes"])]
-        for r in data["rows"]
-    ]
+    # verl's rows against verl's own path from the logits (its first row), the others against trl-stock.
+    verl_stock = next((r for r in data["rows"] if r["variant"].startswith("verl-")), None)
+    body = []
+    for r in data["rows"]:
+        ref = verl_stock if r["variant"].startswith("verl-") else data["rows"][0]
+        ratio = f"{r['time_s'] / ref['time_s']:.2f}"
+        mem = f"{r['peak_mem_bytes'] / ref['peak_mem_bytes']:.2f}"
+        body.append([r["variant"], fmt_time(r["time_s"]), ratio, fmt_mib(r["peak_mem_bytes"]), mem])
     return "\n".join(
         [
             "<!-- Written by benchmarks/integrations_step.py; edits inside this region are lost. -->",
             "",
-            "## One loss step through TRL and `grao train`",
+            "## One loss step through TRL, verl's actor and `grao train`",
             "",
             f"V = {data['vocab']:,}, H = 64 (tiny Qwen3-MoE, random weights), P = {data['prompts']} prompts × "
             f"G = {data['group']} completions of ≤ {data['completion']} tokens: {tokens} completion positions, whose "
             f"float32 logits (what the stock path would hold) are {fmt_mib(tokens * data['vocab'] * 4)}. Backend "
             f"`{data['backend']}`, {data['threads']} threads, each variant in a fresh process; median of 3 steps after "
             "a warm-up; peak memory (RSS high-water mark) of one more step above the state before it, which holds no "
-            "gradients: the model's gradients count in the step.",
+            "gradients: the model's gradients count in the step. The `verl-*` rows are verl's actor loss on the "
+            "completions' log-probs and entropies (no reference rows), compared with verl's own path from the full "
+            "logits (`verl-logits`); the other rows with `trl-stock`.",
             "",
             f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
             f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end (other processes on shared "
             f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
             "",
-            *table("variant | step time: | × trl-stock: | peak memory above the step's start:", body),
+            *table("variant | step time: | × stock: | peak memory above the step's start: | × stock memory:", body),
         ]
     )
 

@@ -83,13 +83,19 @@ def common_args(tmp_path, **overrides):
     return args
 
 
-def grao_trainer(kind, tok, tmp_path, **overrides):
-    args = GRAOConfig(**common_args(tmp_path, **overrides), grao_backend="torch", grao_beta=0.7, grao_lam=0.4)
+def grao_trainer(kind, tok, tmp_path, train_dataset=None, logprob_temperature=1.0, **overrides):
+    args = GRAOConfig(
+        **common_args(tmp_path, **overrides),
+        grao_backend="torch",
+        grao_beta=0.7,
+        grao_lam=0.4,
+        grao_logprob_temperature=logprob_temperature,
+    )
     return GRAOTrainer(
         model=MODELS[kind](tok),
         reward_funcs=[reward_reverse, reward_length],
         args=args,
-        train_dataset=dataset(),
+        train_dataset=dataset() if train_dataset is None else train_dataset,
         processing_class=tok,
     )
 
@@ -141,9 +147,11 @@ def captured_step(trainer):
     return micro, hidden, total
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_grao_trainer_loss_and_gradients_equal_the_oracle(kind, tokenizer, tmp_path):
-    trainer = grao_trainer(kind, tokenizer, tmp_path)
+@pytest.mark.parametrize("kind,temperature", [("dense", 1.0), ("moe", 1.0), ("dense", 0.7)])
+def test_grao_trainer_loss_and_gradients_equal_the_oracle(kind, temperature, tokenizer, tmp_path):
+    # grao_logprob_temperature scores the completions at that temperature (TRL samples at 1.0 here)
+    trainer = grao_trainer(kind, tokenizer, tmp_path, logprob_temperature=temperature)
+    logged = len(trainer._metrics["train"]["grao/loss"])
     micro, hidden, total = captured_step(trainer)
     assert len(micro) == 2 and len(hidden) == 2
     cat = {k: torch.cat([m[k] for m in micro]) for k in ("prompt_ids", "completion_ids", "completion_mask")}
@@ -167,7 +175,15 @@ def test_grao_trainer_loss_and_gradients_equal_the_oracle(kind, tokenizer, tmp_p
     weight = trainer.model.lm_head.weight
     w64 = weight.detach().double().requires_grad_(True)
     oracle = reference_grao(
-        h64, w64, targets, rewards.double(), group_ids=group, is_reference=is_ref, beta=0.7, lam=0.4
+        h64,
+        w64,
+        targets,
+        rewards.double(),
+        group_ids=group,
+        is_reference=is_ref,
+        beta=0.7,
+        lam=0.4,
+        temperature=temperature,
     )
     oracle["loss"].backward()
 
@@ -176,9 +192,13 @@ def test_grao_trainer_loss_and_gradients_equal_the_oracle(kind, tokenizer, tmp_p
         aux = trainer._metrics["train"]["aux_loss"][-2:]
         expected = expected + trainer.router_aux_loss_coef * sum(aux) / trainer.args.gradient_accumulation_steps
     torch.testing.assert_close(total.double(), expected, rtol=2e-5, atol=1e-6)
-    grao_part = sum(trainer._metrics["train"]["grao/loss"][-2:])
+    # grao/loss: one entry per generation batch (not per micro-batch), the batch's whole GRAO loss
+    assert len(trainer._metrics["train"]["grao/loss"]) == logged + 1
     torch.testing.assert_close(
-        torch.tensor(grao_part, dtype=torch.float64), oracle["loss"].detach(), rtol=2e-5, atol=1e-6
+        torch.tensor(trainer._metrics["train"]["grao/loss"][-1], dtype=torch.float64),
+        oracle["loss"].detach(),
+        rtol=2e-5,
+        atol=1e-6,
     )
     assert rel_l2(weight.grad, w64.grad) < FP32_GRAD_REL_L2
     h_grad = torch.cat([h.grad for h in hidden])
@@ -191,14 +211,31 @@ def test_grao_config_and_trainer_refuse_what_they_cannot_do(tokenizer, tmp_path)
         GRAOConfig(**common_args(tmp_path), beta=0.1)
     with pytest.raises(ValueError, match="grao_lam"):
         GRAOConfig(**common_args(tmp_path), grao_lam=float("nan"))
+    with pytest.raises(ValueError, match="grao_logprob_temperature"):
+        GRAOConfig(**common_args(tmp_path), grao_logprob_temperature=0.0)
     with pytest.raises(ValueError, match="split evenly"):
         # 2 prompts x (3 + 1) rows do not split into 3 micro-batches
         grao_trainer("dense", tokenizer, tmp_path, per_device_train_batch_size=2, steps_per_generation=3)
-    trainer = grao_trainer("dense", tokenizer, tmp_path)
-    trainer.args.reference_column = "answer"
+    # a dataset without the reference column is refused at construction, before any generation or reward
+    answers = dataset().rename_column("reference", "answer")
+    with pytest.raises(ValueError, match="train_dataset has no 'reference' column.*'answer'"):
+        grao_trainer("dense", tokenizer, tmp_path, train_dataset=answers)
+
+
+def test_grao_trainer_counts_the_references_it_cuts(tokenizer, tmp_path):
+    limit = 5
+    trainer = grao_trainer("dense", tokenizer, tmp_path, max_completion_length=limit)
     trainer.model.train()
-    with pytest.raises(ValueError, match="'answer' column"):
-        trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = next(iter(trainer.get_train_dataloader()))
+    G = trainer.num_generations
+    lengths = [len(tokenizer(x["reference"], add_special_tokens=False)["input_ids"]) + 1 for x in batch[::G]]
+    expected = sum(n > limit for n in lengths)
+    assert 0 < expected < len(lengths)  # the demo's references: some fit, some do not
+    with pytest.warns(UserWarning, match=f"{expected} of {len(lengths)} reference answers .* were cut"):
+        out = trainer._generate_and_score_completions(batch)
+    assert trainer._metrics["train"]["reference/truncated"] == [expected]
+    ref_lengths = out["completion_mask"][out["grao_is_reference"]].sum(1)
+    assert ref_lengths.tolist() == [min(n, limit) for n in lengths]
 
 
 # ---------------------------------------------------------------------------- the drop-in for stock TRL

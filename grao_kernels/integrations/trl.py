@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import types
+import warnings
 
 import torch
 
@@ -172,8 +173,10 @@ class GRAOConfig(GRPOConfig):
     ``reference_column``: the dataset column holding each prompt's reference answer (a string, or for
     conversational prompts a string or an assistant message list). ``grao_beta`` (β, imitation weight) and
     ``grao_lam`` (λ, alignment weight) of the objective; ``grao_backend`` / ``grao_memory_budget`` for the loss
-    kernels. TRL's ``beta`` (the KL coefficient) must stay 0: GRAO has no KL term. The log-probs in the loss are
-    the policy's own (temperature 1), as in ``grao train``; ``temperature`` only sets the sampling.
+    kernels. TRL's ``beta`` (the KL coefficient) must stay 0: GRAO has no KL term. ``grao_logprob_temperature``:
+    the temperature of the log-probs in the loss; the default 1 scores the policy's own distribution, as
+    ``grao train`` does (TRL's ``temperature`` then only sets the sampling); set it to ``temperature`` to score
+    the sampling distribution, as ``patch_trl`` does for TRL's losses.
     """
 
     reference_column: str = dataclasses.field(default="reference", metadata={"help": "column of reference answers"})
@@ -181,13 +184,18 @@ class GRAOConfig(GRPOConfig):
     grao_lam: float = dataclasses.field(default=0.6, metadata={"help": "GRAO alignment weight (lambda)"})
     grao_backend: str = dataclasses.field(default="auto", metadata={"help": "grao_kernels backend"})
     grao_memory_budget: int | None = dataclasses.field(default=None, metadata={"help": "loss working memory, bytes"})
+    grao_logprob_temperature: float = dataclasses.field(
+        default=1.0, metadata={"help": "temperature of the log-probs in the GRAO loss (1: the policy's own)"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("grao_beta", "grao_lam"):
+        for name in ("grao_beta", "grao_lam", "grao_logprob_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.grao_logprob_temperature <= 0:
+            raise ValueError(f"grao_logprob_temperature must be > 0, got {self.grao_logprob_temperature}")
         if self.beta != 0.0:
             raise ValueError(f"GRAOConfig: beta (TRL's KL coefficient) must be 0, got {self.beta}; GRAO has no KL term")
         if not isinstance(self.reference_column, str) or not self.reference_column:
@@ -198,13 +206,16 @@ class GRAOTrainer(GRPOTrainer):
     """GRAO on top of TRL's ``GRPOTrainer`` (single process, no vLLM, no tools, text only).
 
     Per generation batch: TRL samples ``num_generations`` completions per prompt and scores them; this trainer
-    appends each prompt's reference answer (tokenised, followed by eos, cut to ``max_completion_length``) as one
-    more completion, scores it with the same reward functions, and computes every token's GRAO coefficient from
+    appends each prompt's reference answer (tokenised, followed by eos) as one more completion (a reference longer
+    than ``max_completion_length`` is cut to it, losing its eos: the metric ``reference/truncated`` counts the
+    generation batch's cut references, and a warning says so), scores it with the same reward functions, and computes every token's GRAO coefficient from
     the whole batch (:func:`grao_kernels.grao_coefficients`; groups are the prompts). The loss of a micro-batch is
     ``sum_t coef_t logp_t`` through the model's own forward (:func:`install_fused_head`), scaled by
     ``steps_per_generation / gradient_accumulation_steps`` so that an optimizer step that accumulates one
     generation batch takes exactly its GRAO loss's gradient, whatever TRL's shuffle and split did to the groups.
-    MoE models add ``router_aux_loss_coef * aux_loss`` per micro-batch as ``GRPOTrainer`` does.
+    MoE models add ``router_aux_loss_coef * aux_loss`` per micro-batch as ``GRPOTrainer`` does. The metric
+    ``grao/loss`` is the GRAO loss of each whole generation batch (the sum of its micro-batches' shares).
+    The dataset must have the column ``reference_column``, checked here.
     """
 
     def __init__(self, *args, **kwargs):
@@ -223,8 +234,22 @@ class GRAOTrainer(GRPOTrainer):
                 f"{groups * (a.num_generations + 1)} rows per generation batch must split evenly into "
                 f"steps_per_generation={a.steps_per_generation} micro-batches"
             )
-        install_fused_head(_base(self.model), backend=a.grao_backend, memory_budget=a.grao_memory_budget)
+        for split, data in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            for name, ds in data.items() if isinstance(data, dict) else [(split, data)]:
+                columns = getattr(ds, "column_names", None)
+                if columns is not None and a.reference_column not in columns:
+                    raise ValueError(
+                        f"{name} has no {a.reference_column!r} column (GRAOConfig.reference_column); "
+                        f"it has {sorted(columns)}"
+                    )
+        install_fused_head(
+            _base(self.model),
+            temperature=a.grao_logprob_temperature,
+            backend=a.grao_backend,
+            memory_budget=a.grao_memory_budget,
+        )
         self._grao_rewards_per_func = None
+        self._grao_loss_parts: list[float] = []
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -251,8 +276,7 @@ class GRAOTrainer(GRPOTrainer):
             raise ValueError(
                 f"column {self.args.reference_column!r} must hold strings or messages, got {type(reference).__name__}"
             )
-        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id]
-        return ids[: self.max_completion_length]
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"] + [self._tokenizer.eos_token_id]
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -268,7 +292,16 @@ class GRAOTrainer(GRPOTrainer):
         sample_rewards = self._weighted(self._grao_rewards_per_func, "completions")
         firsts = list(range(0, B, G))
         ref_inputs = [inputs[i] for i in firsts]
-        ref_ids = [self._reference_ids(x[col]) for x in ref_inputs]
+        full_ids = [self._reference_ids(x[col]) for x in ref_inputs]
+        ref_ids = [ids[: self.max_completion_length] for ids in full_ids]
+        truncated = sum(len(ids) > self.max_completion_length for ids in full_ids)
+        if truncated:
+            warnings.warn(
+                f"{truncated} of {len(full_ids)} reference answers are longer than max_completion_length="
+                f"{self.max_completion_length} tokens (eos included) and were cut, losing their eos",
+                stacklevel=2,
+            )
+        self._metrics[mode]["reference/truncated"].append(truncated)
         ref_text = [self._tokenizer.decode(ids, skip_special_tokens=True) for ids in ref_ids]
         ref_prompts = [x["prompt"] for x in ref_inputs]
         conversational = isinstance(ref_prompts[0], list)
@@ -333,7 +366,14 @@ class GRAOTrainer(GRPOTrainer):
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         share = self.args.steps_per_generation / accumulation if mode == "train" else 1.0
         loss = outputs.loss * share
-        self._metrics[mode]["grao/loss"].append(outputs.loss.item())
+        # outputs.loss is this micro-batch's share of its generation batch's GRAO loss: log the batch's.
+        if mode == "eval":  # one micro-batch holds the whole eval batch
+            self._metrics[mode]["grao/loss"].append(outputs.loss.item())
+        else:
+            self._grao_loss_parts.append(outputs.loss.item())
+            if len(self._grao_loss_parts) == self.args.steps_per_generation:
+                self._metrics[mode]["grao/loss"].append(sum(self._grao_loss_parts))
+                self._grao_loss_parts = []
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(outputs.aux_loss.item())
