@@ -2,11 +2,12 @@
 
 Every causal-LM family of the installed transformers whose config has a logit
 scale, multiplier or soft-cap field is found by scanning (not listed by hand),
-built as a tiny random model with that field set to 3, and run through both
-paths that load a model: the trainer's load-time head (``grao.models.logit_head``)
-and TRL's fused-head seam (``install_fused_head``). Each path must either give
+built as a tiny random model with that field set to 3, and run through every
+path that loads a model: the trainer's load-time head (``grao.models.logit_head``),
+TRL's fused-head seam (``install_fused_head``) and verl's fused-kernel forward
+(``patch_verl_model``). Each path must either give
 log-probs equal to the model's own ``log_softmax(logits)`` or refuse the model;
-both paths must agree, and a family the table lists must not be refused.
+the paths must agree, and a family the table lists must not be refused.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def test_the_scan_finds_the_families_with_head_fields():
 def test_every_path_reproduces_the_models_logits_or_refuses_it(model_type):
     from grao import models
     from grao_kernels.integrations.trl import install_fused_head
+    from grao_kernels.integrations.verl import patch_verl_model
 
     fields = FAMILIES[model_type]
     model = tiny_model(model_type, fields)
@@ -168,7 +170,22 @@ def test_every_path_reproduces_the_models_logits_or_refuses_it(model_type):
             got = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False).log_probs
         torch.testing.assert_close(got, want[:, :-1], rtol=1e-5, atol=1e-5)
 
-    assert (trainer_refused is None) == (trl_refused is None), (trainer_refused, trl_refused)
+    # verl's fused-kernel forward (use_fused_kernels), ours through patch_verl_model
+    try:
+        patch_verl_model(model)
+    except ValueError as exc:
+        verl_refused = str(exc)
+    else:
+        verl_refused = None
+        with torch.no_grad():
+            got = model(input_ids=ids, shift_labels=targets, return_dict=True, use_cache=False).log_probs
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    assert (trainer_refused is None) == (trl_refused is None) == (verl_refused is None), (
+        trainer_refused,
+        trl_refused,
+        verl_refused,
+    )
     if model_type in hf.HEADS:
         assert trainer_refused is None, trainer_refused  # a family the table lists is reproduced
     else:

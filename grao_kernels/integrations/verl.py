@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     ) from exc
 
 from ..api import fused_linear_logprobs, grao_coefficients
+from ..hf import backbone, check_head, read_head
 
 NAME = "grao"
 REFERENCE_SUFFIX = "::grao-reference"
@@ -347,9 +348,11 @@ def _fused_forward(backend: str, memory_budget: int | None):
     ``(batch, seq_len)``, position t scoring the next-token label ``shift_labels[:, t]`` (else ``labels`` or
     ``input_ids`` rolled by one, the last position wrapping round, as verl's own forwards do) at temperature T.
     Here both come from :func:`grao_kernels.fused_linear_logprobs` (the lm_head weight and bias, never the
-    logits); the backbone runs as in verl's ``forward_with_torch_backend``.
+    logits) with the family's logit scale and soft cap from :func:`grao_kernels.hf.read_head` (verl's own fused
+    forwards leave them out); the backbone runs as in verl's ``forward_with_torch_backend``, found
+    by :func:`grao_kernels.hf.backbone` rather than assumed to be ``self.model``.
     """
-    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO
 
     def forward(
         self,
@@ -375,8 +378,7 @@ def _fused_forward(backend: str, memory_budget: int | None):
             )
         if isinstance(temperature, torch.Tensor):
             raise ValueError("the fused forward takes one temperature (a float), as verl's fused kernels do")
-        outputs = forward_base_model(
-            self,
+        inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -387,6 +389,8 @@ def _fused_forward(backend: str, memory_budget: int | None):
             output_hidden_states=output_hidden_states,
             cache_position=cache_position,
         )
+        # the family's own backbone (not every family names it `model`, as verl's forward_base_model assumes)
+        outputs = backbone(self)(**{k: v for k, v in inputs.items() if v is not None}, return_dict=True)
         if shift_labels is not None:
             targets = shift_labels
         elif labels is not None:
@@ -401,6 +405,7 @@ def _fused_forward(backend: str, memory_budget: int | None):
             head.weight,
             targets,
             bias=head.bias,
+            **read_head(self.config).kwargs(),  # the family's logit scale / soft cap, as its own forward applies
             temperature=float(temperature),
             return_entropy=True,
             backend=backend,
@@ -409,20 +414,23 @@ def _fused_forward(backend: str, memory_budget: int | None):
         return CausalLMOutputForPPO(
             log_probs=log_probs,
             entropy=entropy,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
         )
 
     return forward
 
 
 def patch_verl_model(model, *, backend: str = "auto", memory_budget: int | None = None):
-    """Give one built model (a Hugging Face causal LM with a plain lm_head) our fused log-prob forward.
+    """Give one built model (a Hugging Face causal LM) our fused log-prob forward.
 
-    The instance's ``forward`` becomes :func:`_fused_forward`'s, which verl's actor uses as it uses its own fused
-    forwards (``use_fused_kernels``); other instances of the class are untouched. Returns the model.
+    The model's head is checked first (:func:`grao_kernels.hf.check_head`: our log-probs against its own
+    ``log_softmax(logits)`` on a probe sequence; a head it cannot reproduce raises ``HeadError``). The instance's
+    ``forward`` then becomes :func:`_fused_forward`'s, which verl's actor uses as it uses its own fused forwards
+    (``use_fused_kernels``); other instances of the class are untouched. Returns the model.
     """
+    check_head(model, backend=backend)
     model.forward = types.MethodType(_fused_forward(backend, memory_budget), model)
     return model
 
