@@ -13,9 +13,9 @@ from utils import TINY_DECODER, read_lines, restore_threads_and_seed, save_tiny_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from grao import rewards  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.rewards import (  # noqa: E402
+from grao.eval import rewards  # noqa: E402
+from grao.eval.rewards import (  # noqa: E402
     JUDGE_TEMPLATE,
     JudgeReward,
     JudgeWarning,
@@ -24,7 +24,7 @@ from grao.rewards import (  # noqa: E402
     RewardError,
     parse_verdict,
 )
-from grao.trainer import Trainer  # noqa: E402
+from grao.train.trainer import Trainer  # noqa: E402
 
 
 class Scripted:

@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 from grao import cli, config, models  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
 from grao.losses import GRAO, LossBatch  # noqa: E402
-from grao.methods import DPO, GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
-from grao.trainer import Trainer, lr_lambda  # noqa: E402
+from grao.losses.methods import DPO, GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
+from grao.train.trainer import Trainer, lr_lambda  # noqa: E402
 from grao_kernels import fused_linear_logprobs  # noqa: E402
 from grao_kernels.reference import (  # noqa: E402
     reference_advantages,

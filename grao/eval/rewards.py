@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import demo_task
-from .config import ConfigError
+from ..config import ConfigError
+from ..data import demo_task
 
 Reward = Callable[[list[str], list[str], list[str]], list[float]]
 
@@ -448,7 +448,7 @@ class ModelJudge(PromptedJudge):
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .runtime import Runtime
+        from ..models.runtime import Runtime
 
         path = Path(path)
         if not path.is_dir():
@@ -466,7 +466,7 @@ class ModelJudge(PromptedJudge):
         super().__init__(self._generate, template, name=str(path))
 
     def _generate(self, texts: list[str]) -> list[str]:
-        from . import generation
+        from ..models import generation
 
         ids = [generation.encode_prompt(self.tokenizer, t, self.max_prompt_tokens, chat_template=True) for t in texts]
         out = generation.generate(

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from grao_kernels import fused_linear_logprobs, grao_coefficients, group_advantages, linear_logprob_loss
 from grao_kernels.api import sequence_logp
 
-from .losses import GRAO, LossBatch, LossOutput
+from .base import GRAO, LossBatch, LossOutput
 
 METHODS = ("grao", "grao-no-exploration", "grao-no-imitation", "grao-no-alignment", "sft", "grpo", "dpo", "ppo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")

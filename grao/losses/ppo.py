@@ -41,7 +41,7 @@ import torch
 
 from grao_kernels import fused_linear_logprobs
 
-from .losses import LossBatch, LossOutput
+from .base import LossBatch, LossOutput
 from .methods import _is_reference, sample_token_count
 
 WHITEN_EPS = 1e-8

@@ -46,9 +46,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, config, plot, run_dir
-from .config import ConfigError, TrainConfig
-from .methods import METHODS
+from .. import config
+from ..config import ConfigError, TrainConfig
+from ..losses import METHODS
+from ..train import checkpoint, run_dir
+from . import plot
 
 RECORD = "compare-run.json"  # in each run directory: the peak memory and time of each process that trained it
 # The weights each GRAO-family method reads (an ablation that drops a term ignores that term's weight), so a grid
@@ -281,7 +283,7 @@ def _peak_memory() -> dict:
 
 def child_main(argv: list[str]) -> int:
     """``python -m grao.compare <grao train flags>``: one run, then its peak memory appended to ``compare-run.json``."""
-    from . import cli
+    from .. import cli
 
     t0 = time.perf_counter()
     rc = cli.main(["train", *argv])

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, models
-from .config import ConfigError
+from .. import models
+from ..config import ConfigError
+from . import checkpoint
 
 DCP_DIR = "distributed"  # a sharded checkpoint's model and optimizer shards, in the step directory
 

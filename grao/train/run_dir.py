@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..config import ConfigError
 from . import checkpoint
-from .config import ConfigError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"

@@ -37,24 +37,15 @@ import torch
 
 from grao_kernels import fused_linear_logprobs
 
-from . import (
-    checkpoint,
-    config,
-    data,
-    distributed,
-    evaluate,
-    generation,
-    losses,
-    methods,
-    models,
-    rewards,
-    run_dir,
-    runtime,
-)
-from .config import ConfigError, TrainConfig
-from .data import Example
-from .generation import encode_prompt, encode_reference
-from .log import say
+from .. import config, data, losses, models
+from ..config import ConfigError, TrainConfig
+from ..data import Example
+from ..eval import evaluate, rewards
+from ..log import say
+from ..losses import methods
+from ..models import generation, heads, runtime
+from ..models.generation import encode_prompt, encode_reference
+from . import checkpoint, distributed, run_dir
 
 IGNORE_INDEX = -100
 TIME_KEYS = ("tokens_per_s", "time/generate", "time/train")
@@ -217,9 +208,9 @@ class Trainer:
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
         # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
-        self.head = models.logit_head(inner, cfg.loss_backend)
+        self.head = heads.logit_head(inner, cfg.loss_backend)
         self.loss = (
-            loss if loss is not None else methods.from_config(cfg, hidden_size=models.output_head(inner)[0].shape[1])
+            loss if loss is not None else methods.from_config(cfg, hidden_size=heads.output_head(inner)[0].shape[1])
         )
         # A loss that is an nn.Module (PPO's value head) is trained, sharded and checkpointed with the model.
         module_loss = self.loss if isinstance(self.loss, torch.nn.Module) else None
@@ -507,7 +498,7 @@ class Trainer:
         """``take(batch)`` (the loss's snapshot) of one micro-batch, inside :class:`grao.distributed.Policy`'s
         forward like :meth:`_micro_batch_loss`."""
         with runtime.autocast(self.runtime):
-            out = models.backbone(models.unwrap(model))(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = heads.backbone(models.unwrap(model))(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden = out.last_hidden_state
         return take(self._loss_batch(model, rollout, groups, hidden, ids, mask, targets, token_counts, None, ref))
 
@@ -594,7 +585,7 @@ class Trainer:
         counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=ids.device)
         capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
         with runtime.autocast(self.runtime), capture as routing:
-            out = models.backbone(inner)(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = heads.backbone(inner)(input_ids=ids, attention_mask=mask, use_cache=False)
         hidden = out.last_hidden_state
         batch = self._loss_batch(model, rollout, groups, hidden, ids, mask, targets, token_counts, old, ref)
         res = self.loss(batch)
@@ -618,7 +609,7 @@ class Trainer:
         lm_head in the compute dtype, the head's logit transform and the log-prob temperature, the group layout of
         the whole step (all ranks' P groups; this rank holds a contiguous block), and (``ref``, for a loss that
         needs it) the frozen reference model's token log-probs at the same head and temperature."""
-        weight, bias = models.output_head(models.unwrap(model))  # frozen under LoRA: no weight gradient
+        weight, bias = heads.output_head(models.unwrap(model))  # frozen under LoRA: no weight gradient
         P = token_counts.shape[0]
         first = self.world.rank * (P // self.world.size)
         batch = losses.LossBatch(
@@ -647,8 +638,8 @@ class Trainer:
         policy's logit head and log-prob temperature (the reference model is the starting model: the same head).
         Runs inside the forward of its :class:`grao.distributed.Policy`, where FSDP has its lm_head unsharded."""
         with runtime.autocast(self.runtime):
-            out = models.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(model))
+            out = heads.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *heads.output_head(model))
         return fused_linear_logprobs(
             hidden, weight, targets, bias=bias, backend=self.cfg.loss_backend, **self._logit_transform()
         )
@@ -721,7 +712,7 @@ class Trainer:
         metrics = self.run_dir / run_dir.METRICS
         if not self.cfg.plot or not metrics.is_file() or not self.world.main:
             return
-        from .plot import plot_metrics
+        from ..tools.plot import plot_metrics
 
         try:
             plot_metrics(metrics, self.run_dir / run_dir.PLOT)
