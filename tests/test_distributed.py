@@ -168,10 +168,10 @@ def test_bf16_parameters_over_fp32_master_weights_in_one_process(tmp_path):
             seen.append((batch.hidden.dtype, batch.weight.dtype))
             return self.inner(batch)
 
-    from grao.losses import methods
+    from grao import losses
 
     cfg = small(tmp_path, fsdp_param_dtype="bf16", threads=1, steps=1)
-    trainer = Trainer(cfg, loss=Recording(methods.from_config(cfg)))
+    trainer = Trainer(cfg, loss=Recording(losses.from_config(cfg)))
     assert trainer.sharding is not None and trainer.world.size == 1
     before = {n: distributed.local(p.detach()).clone() for n, p in trainer.policy.named_parameters()}
     assert trainer.train() is True

@@ -14,8 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.losses import LossBatch  # noqa: E402
-from grao.losses.methods import from_config  # noqa: E402
+from grao.losses import (
+    LossBatch,  # noqa: E402
+    from_config,  # noqa: E402
+)
 from grao.losses.ppo import PPO, gae, whiten_groups  # noqa: E402
 from grao.train.trainer import Trainer  # noqa: E402
 from grao_kernels.reference import reference_logprobs, reference_ppo  # noqa: E402

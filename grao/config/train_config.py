@@ -24,7 +24,7 @@ import torch
 
 from grao_kernels.backends import BACKENDS
 
-from ..losses.methods import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
+from ..losses import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
 
 
 class ConfigError(ValueError):

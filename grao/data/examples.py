@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import ConfigError
-from ..losses.methods import DPO_REJECTED
+from ..losses import DPO_REJECTED
 
 HH_ASSISTANT = "\n\nAssistant:"
 

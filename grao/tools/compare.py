@@ -110,7 +110,7 @@ class Run:
 
 
 def parse_methods(text: str) -> list[str]:
-    """The comma-separated method names, each one of :data:`grao.methods.METHODS`, no repeats."""
+    """The comma-separated method names, each one of :data:`grao.losses.METHODS`, no repeats."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise ConfigError(f"--methods names no method; choose from {', '.join(METHODS)}")

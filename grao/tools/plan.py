@@ -491,7 +491,7 @@ def resolve_model(model: str) -> tuple[str, str | None]:
 def needs_reference_model(cfg) -> bool:
     """Whether ``cfg.method``'s loss keeps a frozen reference model (its own ``needs_reference_model``; the
     hidden size only sizes ppo's value head, which the answer does not depend on)."""
-    from ..losses.methods import from_config
+    from ..losses import from_config
 
     return bool(getattr(from_config(cfg, hidden_size=1), "needs_reference_model", False))
 

@@ -42,7 +42,6 @@ from ..config import ConfigError, TrainConfig
 from ..data import Example
 from ..eval import evaluate, rewards
 from ..log import say
-from ..losses import methods
 from ..models import generation, heads, runtime
 from ..models.generation import encode_prompt, encode_reference
 from . import checkpoint, distributed, run_dir
@@ -210,7 +209,7 @@ class Trainer:
         # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
         self.head = heads.logit_head(inner, cfg.loss_backend)
         self.loss = (
-            loss if loss is not None else methods.from_config(cfg, hidden_size=heads.output_head(inner)[0].shape[1])
+            loss if loss is not None else losses.from_config(cfg, hidden_size=heads.output_head(inner)[0].shape[1])
         )
         # A loss that is an nn.Module (PPO's value head) is trained, sharded and checkpointed with the model.
         module_loss = self.loss if isinstance(self.loss, torch.nn.Module) else None
