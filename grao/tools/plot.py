@@ -91,7 +91,7 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     return _save(fig, plt, out_path)
 
 
-# ---------------------------------------------------------------------- grao compare (grao.compare)
+# ---------------------------------------------------------------------- grao compare (grao.tools.compare)
 
 
 def plot_compare_curves(curves: dict[str, list[list]], out_path: str | Path) -> Path:
