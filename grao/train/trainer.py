@@ -24,7 +24,6 @@ schedule), ``policy`` (the model's passes, one named method each),
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from ..eval import rewards
 from ..log import say
 from ..models import heads, runtime
 from ..models.generation import encode_prompt
-from . import checkpoint, distributed, run_dir, stopping, update
+from . import checkpoint, distributed, run_dir, setup, stopping, update
 from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch, micro_batches
 from .policy import Policy
 from .rollout import PromptOrder, sample_and_score
@@ -84,7 +83,7 @@ class Trainer:
             )
         run_dir.check_writable(self.run_dir)
         if resume:
-            self._check_resumable()
+            setup.check_resumable(cfg)
         else:
             run_dir.check_fresh_start(self.run_dir, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
@@ -109,28 +108,14 @@ class Trainer:
         if resume:
             self.checkpoint, (self.model, self.tokenizer, state), skipped = checkpoint.load_latest(
                 self.run_dir,
-                self._load_checkpoint_model,
+                lambda d: setup.checkpoint_model(d, cfg, self.runtime),
                 lambda d: models.load_tokenizer(d, cfg.trust_remote_code),
             )
             for reason in skipped:
                 say(f"warning: {reason}; falling back to an older checkpoint")
         else:
             self.checkpoint = None
-            self.model, self.tokenizer = models.load(
-                cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
-            )
-            self.initial_model = self.model  # what ``initial/`` holds for the demo
-            if cfg.lora_rank:
-                if cfg.model == models.TINY_MOE:  # tiny by construction: keep the full-weight base for initial/
-                    self.initial_model = copy.deepcopy(self.model)
-                self.model = models.add_lora(
-                    self.model.to(models.lora_base_dtype(cfg.lora_base_dtype, self.runtime.device)),
-                    cfg.lora_rank,
-                    cfg.lora_alpha,
-                    cfg.lora_dropout,
-                    config.lora_targets(cfg),
-                    cfg.seed,
-                )
+            self.model, self.tokenizer, self.initial_model = setup.fresh_model(cfg, self.runtime)
         say(f"loaded model {cfg.model} in {time.perf_counter() - loading:.1f}s")
         if cfg.chat_template and not getattr(self.tokenizer, "chat_template", None):
             say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
@@ -162,10 +147,7 @@ class Trainer:
         # config, so a resumed run gets the same one.
         self.reference_model = self.reference = None
         if getattr(self.loss, "needs_reference_model", False):
-            frozen, _ = models.load(
-                cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
-            )
-            self.reference_model = frozen.eval().requires_grad_(False)
+            self.reference_model = setup.frozen_start(cfg, self.runtime)
             self.reference = Policy(self.reference_model, runtime=self.runtime, head=self.logit_transform)
         if sharded and self.reference is not None:  # frozen: sharded like the policy, forward only
             distributed.shard(self.reference, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
@@ -217,33 +199,6 @@ class Trainer:
         if state is not None:
             self._restore(state)
         self.world.barrier()  # every rank has checked the run directory before rank 0 writes to it
-
-    def _load_checkpoint_model(self, directory: Path):
-        """A checkpoint's model: the whole model, or (LoRA) its adapter on the frozen base the run started from
-        (``initial/`` for the demo, else ``cfg.model``)."""
-        cfg, rt = self.cfg, self.runtime
-        if not models.is_adapter(directory):
-            return models.load_model(directory, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
-        base_dir = self.run_dir / run_dir.INITIAL if cfg.model == models.TINY_MOE else cfg.model
-        base = models.load_model(base_dir, rt.attn_implementation, cfg.trust_remote_code)
-        base = base.to(rt.device, models.lora_base_dtype(cfg.lora_base_dtype, rt.device))
-        return models.load_adapter(base, directory, trainable=True)
-
-    def _check_resumable(self) -> None:
-        if not checkpoint.step_dirs(self.run_dir):
-            raise ConfigError(f"--resume: no checkpoint in {self.run_dir / checkpoint.CHECKPOINTS}")
-        saved = self.run_dir / run_dir.CONFIG
-        if not saved.is_file():
-            raise ConfigError(
-                f"--resume: {saved} is missing, and without the run's settings a resumed run would silently use "
-                "others; restore the file (or start a new run with --overwrite)"
-            )
-        conflicts = config.resume_conflicts(config.load(saved), self.cfg)
-        if conflicts:
-            raise ConfigError(
-                f"--resume would change what the run in {self.run_dir} computes ({'; '.join(conflicts)}); "
-                "start a new run in another output_dir for that"
-            )
 
     # ------------------------------------------------------------------ the loop
 
