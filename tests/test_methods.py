@@ -1,4 +1,4 @@
-"""The training methods (grao.methods) against float64 references that materialise the logits, and in the trainer."""
+"""The training methods (grao.losses) against float64 references that materialise the logits, and in the trainer."""
 
 from __future__ import annotations
 

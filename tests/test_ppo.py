@@ -1,4 +1,4 @@
-"""PPO (grao.ppo) against the float64 per-sequence oracle ``reference_ppo``, its GAE by hand, and in the trainer."""
+"""PPO (grao.losses.ppo) against the float64 per-sequence oracle ``reference_ppo``, its GAE by hand, and in the trainer."""
 
 from __future__ import annotations
 

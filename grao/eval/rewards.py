@@ -2,7 +2,7 @@
 
 Built-ins, selected by name in the config's ``reward`` key:
 
-- ``demo``: the demo task's checker (:func:`grao.demo_task.reward`), partial credit in [0, 1];
+- ``demo``: the demo task's checker (:func:`grao.data.demo_task.reward`), partial credit in [0, 1];
 - ``exact``: 1.0 when the stripped completion equals the stripped reference, else 0.0;
 - ``edit``: normalised edit similarity ``1 - levenshtein(c, r) / max(len(c), len(r))`` in [0, 1];
 - ``model:DIR``: a local ``AutoModelForSequenceClassification`` scoring prompt + completion;

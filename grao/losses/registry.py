@@ -1,4 +1,4 @@
-"""The registry of training methods: each ``method`` key's loss of the trainer's seam (:class:`grao.losses.Loss`), chosen by the ``method`` key.
+"""The registry of training methods: the loss (:class:`grao.losses.Loss`) each value of the ``method`` key names.
 
 A method whose loss is linear in the token log-probs with coefficients known
 before the forward pass is one ``grao_kernels.linear_logprob_loss`` sweep

@@ -224,7 +224,7 @@ class Sharding:
         )
 
     def save_checkpoint(self, run_dir, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-        """:func:`grao.checkpoint.save` for a sharded run, on every rank: the DCP shards of the model and optimizer
+        """:func:`grao.train.checkpoint.save` for a sharded run, on every rank: the DCP shards of the model and optimizer
         (``distributed/``, written by all ranks) next to the consolidated Hugging Face model, the tokenizer and the
         trainer state (written by rank 0), committed together by rank 0's rename."""
         full = self.full_model_state()

@@ -8,7 +8,7 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      and hand its final hidden states with the lm_head weight and the head's
      logit scale and soft cap (read from the model config) to the loss
      (the config's ``method``, :mod:`grao.losses`: by default
-     :class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
+     :class:`grao.losses.GRAO`, the composition ``grao_kernels.grao_loss`` is, unless the
      constructor gets another loss); the lm_head never runs, so the (tokens x
      vocabulary) logits never exist. MoE models add the router load-balancing
      loss. Then gradient clipping, AdamW and the learning-rate schedule;
