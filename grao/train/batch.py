@@ -70,7 +70,7 @@ class MicroBatch:
 
     def loss_batch(self, hidden, weight, bias, head: dict) -> LossBatch:
         """What the loss gets: the backbone's ``hidden`` states and the lm_head (``weight``, ``bias``) in the compute
-        dtype, ``head`` (the logit transform and log-prob temperature, :meth:`grao.train.policy.Policy.head`), and
+        dtype, ``head`` (the logit transform and log-prob temperature, :attr:`grao.train.policy.Policy.logit_transform`), and
         the group layout of the whole step."""
         return LossBatch(
             hidden,

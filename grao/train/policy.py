@@ -30,7 +30,7 @@ class Policy(torch.nn.Module):
     (``loss``): FSDP shards and reduces it with the root's parameters, and it is one state dict and one optimizer
     with the model (``model.*`` and ``loss.*`` names). A frozen reference model is a Policy of its own.
 
-    ``head``: how the run forms log-probs from the lm_head output, as ``grao_kernels`` keyword arguments (and
+    ``logit_transform``: how the run forms log-probs from the lm_head output, as ``grao_kernels`` keyword arguments (and
     :class:`grao.losses.LossBatch` fields): the model's logit scale and soft cap, the log-prob temperature and the
     ignored target. ``moe``, ``aux_coef``, ``router_scoring``: the MoE load-balancing loss added to the loss
     (``moe`` None: none).
@@ -44,7 +44,7 @@ class Policy(torch.nn.Module):
         loss: torch.nn.Module | None = None,
         *,
         runtime: Runtime,
-        head: dict,
+        logit_transform: dict,
         moe: models.MoEInfo | None = None,
         aux_coef: float = 0.0,
         router_scoring: str = "softmax",
@@ -53,7 +53,7 @@ class Policy(torch.nn.Module):
         self.model = model
         if loss is not None:
             self.loss = loss
-        self.runtime, self.head = runtime, head
+        self.runtime, self.logit_transform = runtime, logit_transform
         self.moe, self.aux_coef, self.router_scoring = moe, aux_coef, router_scoring
 
     def head_inputs(self, ids: torch.Tensor, mask: torch.Tensor, capture=None) -> tuple:
@@ -91,7 +91,7 @@ class Policy(torch.nn.Module):
         counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=mb.ids.device)
         capture = models.capture_routing(inner, self.moe.top_k) if self.moe else None
         hidden, weight, bias, routing = self.head_inputs(mb.ids, mb.mask, capture)
-        res = loss_fn(mb.loss_batch(hidden, weight, bias, self.head))
+        res = loss_fn(mb.loss_batch(hidden, weight, bias, self.logit_transform))
         loss, aux_value = res.loss, 0.0
         if routing:
             aux, _ = models.load_balancing_loss(
@@ -110,10 +110,10 @@ class Policy(torch.nn.Module):
     def loss_snapshot(self, take, mb: MicroBatch) -> dict[str, torch.Tensor]:
         """``take(batch)``, the loss's snapshot (:class:`grao.losses.Loss`) of this policy on one micro-batch."""
         hidden, weight, bias, _ = self.head_inputs(mb.ids, mb.mask)
-        return take(mb.loss_batch(hidden, weight, bias, self.head))
+        return take(mb.loss_batch(hidden, weight, bias, self.logit_transform))
 
     def token_logprobs(self, mb: MicroBatch, backend: str) -> torch.Tensor:
-        """(S, T) token log-probs of one micro-batch through the fused path (no logits), with :attr:`head`: the
+        """(S, T) token log-probs of one micro-batch through the fused path (no logits), with :attr:`logit_transform`: the
         reference model's for ``LossBatch.reference_logp``."""
         hidden, weight, bias, _ = self.head_inputs(mb.ids, mb.mask)
-        return fused_linear_logprobs(hidden, weight, mb.targets, bias=bias, backend=backend, **self.head)
+        return fused_linear_logprobs(hidden, weight, mb.targets, bias=bias, backend=backend, **self.logit_transform)

@@ -148,7 +148,7 @@ class Trainer:
         self.reference_model = self.reference = None
         if getattr(self.loss, "needs_reference_model", False):
             self.reference_model = setup.frozen_start(cfg, self.runtime)
-            self.reference = Policy(self.reference_model, runtime=self.runtime, head=self.logit_transform)
+            self.reference = Policy(self.reference_model, runtime=self.runtime, logit_transform=self.logit_transform)
         if sharded and self.reference is not None:  # frozen: sharded like the policy, forward only
             distributed.shard(self.reference, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
         self.moe = models.moe_info(inner)
@@ -167,7 +167,7 @@ class Trainer:
             self.model,
             module_loss,
             runtime=self.runtime,
-            head=self.logit_transform,
+            logit_transform=self.logit_transform,
             moe=self.moe,
             aux_coef=self.aux_coef,
             router_scoring=self.router_scoring,
