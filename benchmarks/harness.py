@@ -472,7 +472,7 @@ def _forkserver():
     # A fork server that has imported torch and the peers but never computed anything: each probe is a fresh
     # fork of it (no inherited allocations, thread pools or high-water mark) without paying the imports again.
     ctx = multiprocessing.get_context("forkserver")
-    preload = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "grao_kernels", "harness", "grao.trainer"]
+    preload = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "grao_kernels", "harness", "grao.train.trainer"]
     preload += ["cut_cross_entropy", "liger_kernel.chunked_loss", "trl.kernels.chunked_logprob", "trl.trainer.utils"]
     ctx.set_forkserver_preload(preload)
     return ctx

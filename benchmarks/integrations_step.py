@@ -122,7 +122,7 @@ def run_variant(name, args, tmp):
     tok = build_demo_tokenizer()
     if name == "grao-train":
         from grao.config import TrainConfig
-        from grao.trainer import Rollout, Trainer
+        from grao.train.trainer import Rollout, Trainer
 
         cfg = TrainConfig(
             output_dir=tmp,

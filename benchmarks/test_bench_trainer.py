@@ -97,7 +97,7 @@ def _skip_reason(device: str) -> str | None:
         return "the ~1B MoE step needs a CUDA device"
     if device == "cpu" and torch.cuda.is_available():
         return "the tiny-MoE step runs on CPU-only machines (this one benchmarks CUDA)"
-    return import_error("grao.trainer", "train")
+    return import_error("grao.train.trainer", "train")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@
 from .config import ConfigError, TrainConfig
 from .data import DataError, Example, load_jsonl
 from .losses import GRAO, Loss, LossBatch, LossOutput
-from .trainer import Trainer
+from .train.trainer import Trainer
 
 __all__ = [
     "GRAO",

@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from . import config as config_mod  # noqa: E402
 from .log import say  # noqa: E402
-from .methods import METHODS  # noqa: E402
+from .losses import METHODS  # noqa: E402
 
 EXIT_CONFIG = 2  # a setting, data file or model the run cannot use (as argparse's usage errors)
 EXIT_FAILED = 1  # the run failed part-way (reward, disk); what it had done is checkpointed
@@ -144,9 +144,9 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def train(args) -> int:
-    from . import distributed
-    from .run_dir import CONFIG
-    from .trainer import Trainer
+    from .train import distributed
+    from .train.run_dir import CONFIG
+    from .train.trainer import Trainer
 
     overrides = config_mod.from_arguments(args)
     cfg = config_mod.load(args.config, overrides)
@@ -163,8 +163,8 @@ def train(args) -> int:
 
 
 def _train(trainer, cfg, args) -> int:
-    from .checkpoint import latest
-    from .rewards import RewardError
+    from .eval.rewards import RewardError
+    from .train.checkpoint import latest
 
     if not trainer.world.main:  # rank 0 reports; the others only train
         try:
@@ -201,7 +201,7 @@ def _train(trainer, cfg, args) -> int:
 
 
 def _summary(metrics: Path) -> dict:
-    from .plot import read_metrics
+    from .tools.plot import read_metrics
 
     _, evals = read_metrics(metrics)
     if not evals:
@@ -217,8 +217,8 @@ def _summary(metrics: Path) -> dict:
 
 def _run_of(model_dir: str | None) -> Path | None:
     """The run directory a ``checkpoints/step-NNNNNN`` model directory belongs to, or None."""
-    from .checkpoint import CHECKPOINTS
-    from .run_dir import CONFIG
+    from .train.checkpoint import CHECKPOINTS
+    from .train.run_dir import CONFIG
 
     if model_dir is None:
         return None
@@ -228,10 +228,12 @@ def _run_of(model_dir: str | None) -> Path | None:
 
 
 def evaluate_cmd(args) -> int:
-    from . import evaluate, models, rewards, runtime
-    from .checkpoint import latest
+    from . import models
     from .data import load_examples, load_jsonl
-    from .run_dir import CONFIG, INITIAL
+    from .eval import evaluate, rewards
+    from .models import runtime
+    from .train.checkpoint import latest
+    from .train.run_dir import CONFIG, INITIAL
 
     run = Path(args.run or _run_of(args.model) or config_mod.TrainConfig.output_dir)
     saved = run / CONFIG
@@ -301,7 +303,7 @@ def evaluate_cmd(args) -> int:
 
 
 def compare_cmd(args) -> int:
-    from . import compare
+    from .tools import compare
 
     overrides = config_mod.from_arguments(args)
     # the shared settings: the defaults without a progress bar per run (compare prints one line per run)
@@ -325,7 +327,7 @@ def compare_cmd(args) -> int:
 
 
 def plan_cmd(args) -> int:
-    from . import plan
+    from .tools import plan
 
     # A model named on the command line is the run's model, so the run's model-dependent defaults (max_new_tokens)
     # are that model's, not the demo's.
@@ -374,11 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv[1:]
     from transformers.utils import logging as hf_logging
 
-    from .checkpoint import CheckpointError
     from .data import DataError
+    from .eval.rewards import RewardError
     from .models import ModelError
-    from .plan import PlanError
-    from .rewards import RewardError
+    from .tools.plan import PlanError
+    from .train.checkpoint import CheckpointError
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; save_pretrained's would interleave with it
 

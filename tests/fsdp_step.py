@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils import small  # noqa: E402
 
-from grao import distributed  # noqa: E402
-from grao.generation import encode_prompt, encode_reference  # noqa: E402
-from grao.trainer import Rollout, Trainer  # noqa: E402
+from grao.models.generation import encode_prompt, encode_reference  # noqa: E402
+from grao.train import distributed  # noqa: E402
+from grao.train.trainer import Rollout, Trainer  # noqa: E402
 
 P, G = 2, 3
 

@@ -152,7 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
 
 SLOW_REWARD = """
 import os, time
-from grao.demo_task import reward as demo
+from grao.data.demo_task import reward as demo
 
 def slow(prompts, completions, references):
     open(os.environ["GRAO_TEST_MARKER"], "w").close()  # tell the test the step-0 evaluation is scoring
@@ -180,7 +180,7 @@ def test_ctrl_c_in_the_step_0_evaluation_offers_no_resume_that_cannot_work(tmp_p
 PAUSING_REWARD = """
 import json, os, time
 from pathlib import Path
-from grao.demo_task import reward as demo
+from grao.data.demo_task import reward as demo
 
 def pausing(prompts, completions, references):
     # With GRAO_TEST_PAUSE=<run dir>:<k>: once training step k is logged, touch GRAO_TEST_MARKER and
@@ -243,7 +243,7 @@ def test_the_same_signal_twice_aborts_at_once_without_saving(tmp_path, sig):
 def test_sigkill_mid_run_then_resume_logs_and_ends_as_an_uninterrupted_run(tmp_path):
     from safetensors.torch import load_file
 
-    from grao.trainer import TIME_KEYS
+    from grao.train.trainer import TIME_KEYS
 
     args = (
         "train",
@@ -337,7 +337,7 @@ def test_resume_refuses_a_run_without_its_config_and_flags_that_change_the_run(t
 
 def _after_first_step(bad):
     """The demo reward until step 2's rollout (call 5: eval at step 0 scores twice, each rollout twice), then ``bad``."""
-    from grao.demo_task import reward as demo
+    from grao.data.demo_task import reward as demo
 
     calls = []
 

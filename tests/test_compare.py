@@ -14,9 +14,10 @@ import sys
 import pytest
 from utils import read_lines, restore_threads_and_seed, small  # noqa: F401
 
-from grao import cli, compare, config
+from grao import cli, config
 from grao.config import ConfigError, TrainConfig
-from grao.trainer import Trainer
+from grao.tools import compare
+from grao.train.trainer import Trainer
 
 # Each test's shared settings are tests/utils.small's: a few seconds per run.
 

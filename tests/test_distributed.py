@@ -16,10 +16,11 @@ pytest.importorskip("transformers")
 from fsdp_step import one_step, step_config  # noqa: E402
 from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
 
-from grao import config, distributed  # noqa: E402
-from grao.checkpoint import latest  # noqa: E402
+from grao import config  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
-from grao.trainer import Trainer  # noqa: E402
+from grao.train import distributed  # noqa: E402
+from grao.train.checkpoint import latest  # noqa: E402
+from grao.train.trainer import Trainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("restore_threads_and_seed", "no_process_group_after")
 
@@ -167,10 +168,10 @@ def test_bf16_parameters_over_fp32_master_weights_in_one_process(tmp_path):
             seen.append((batch.hidden.dtype, batch.weight.dtype))
             return self.inner(batch)
 
-    from grao import methods
+    from grao import losses
 
     cfg = small(tmp_path, fsdp_param_dtype="bf16", threads=1, steps=1)
-    trainer = Trainer(cfg, loss=Recording(methods.from_config(cfg)))
+    trainer = Trainer(cfg, loss=Recording(losses.from_config(cfg)))
     assert trainer.sharding is not None and trainer.world.size == 1
     before = {n: distributed.local(p.detach()).clone() for n, p in trainer.policy.named_parameters()}
     assert trainer.train() is True

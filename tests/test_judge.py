@@ -1,4 +1,4 @@
-"""Pairwise judge rewards R(o, y) in {-1, 0, 1} (grao.rewards): the callable-judge adapter, verdict parsing, the
+"""Pairwise judge rewards R(o, y) in {-1, 0, 1} (grao.eval.judges): the callable-judge adapter, verdict parsing, the
 local-model judge, and both as the trainer's reward."""
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from utils import TINY_DECODER, read_lines, restore_threads_and_seed, save_tiny_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from grao import rewards  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.rewards import (  # noqa: E402
+from grao.eval import judges, rewards  # noqa: E402
+from grao.eval.judges import (  # noqa: E402
     JUDGE_TEMPLATE,
     JudgeReward,
     JudgeWarning,
     ModelJudge,
     PromptedJudge,
-    RewardError,
     parse_verdict,
 )
-from grao.trainer import Trainer  # noqa: E402
+from grao.eval.rewards import RewardError  # noqa: E402
+from grao.train.trainer import Trainer  # noqa: E402
 
 
 class Scripted:
@@ -100,9 +100,9 @@ def test_bad_verdicts_raise_reward_error_naming_the_judge_and_value(judge, messa
 
 
 def test_judge_specs_resolve_and_name_what_is_wrong(tmp_path):
-    assert isinstance(rewards.resolve("judge:grao.rewards:parse_verdict"), JudgeReward)
-    with pytest.raises(ConfigError, match="'reward' 'judge:grao.rewards:nope': cannot import 'nope'"):
-        rewards.resolve("judge:grao.rewards:nope")
+    assert isinstance(rewards.resolve("judge:grao.eval.judges:parse_verdict"), JudgeReward)
+    with pytest.raises(ConfigError, match="'reward' 'judge:grao.eval.judges:nope': cannot import 'nope'"):
+        rewards.resolve("judge:grao.eval.judges:nope")
     with pytest.raises(ConfigError, match="judge model directory .* does not exist"):
         rewards.resolve(f"judge-model:{tmp_path / 'missing'}")
     with pytest.raises(ConfigError, match="'judge_template' is set but 'reward' is 'edit'"):
@@ -166,7 +166,7 @@ def test_a_prompted_judge_batches_its_replies_and_counts_the_unparsed_as_ties():
 def test_judge_templates_are_checked(tmp_path):
     custom = tmp_path / "t.txt"
     custom.write_text("{{json}} A: {response}\nB: {reference}\nA vs B?")
-    judge = PromptedJudge(lambda texts: ["tie"] * len(texts), rewards.read_template(custom))
+    judge = PromptedJudge(lambda texts: ["tie"] * len(texts), judges.read_template(custom))
     assert judge.render("ignored", "o", "y") == "{json} A: o\nB: y\nA vs B?"
     for text, message in [
         ("{response} {reference} {answer}", r"and no other field; it has \['answer', 'reference', 'response'\]"),
@@ -175,9 +175,9 @@ def test_judge_templates_are_checked(tmp_path):
     ]:
         custom.write_text(text)
         with pytest.raises(ConfigError, match="^'judge_template' .*" + message.replace("{", r"\{")):
-            rewards.read_template(custom)
+            judges.read_template(custom)
     with pytest.raises(ConfigError, match="'judge_template': cannot read"):
-        rewards.read_template(tmp_path / "missing.txt")
+        judges.read_template(tmp_path / "missing.txt")
 
 
 def save_constant_judge(path, verdict="worse"):

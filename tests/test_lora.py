@@ -15,11 +15,12 @@ pytest.importorskip("transformers")
 from utils import read_lines, restore_threads_and_seed, small  # noqa: E402, F401 (a fixture)
 
 import grao_kernels.backends as kernel_backends  # noqa: E402
-from grao import cli, evaluate, models  # noqa: E402
-from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
+from grao import cli, models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
-from grao.generation import encode_prompt  # noqa: E402
-from grao.trainer import TIME_KEYS, Trainer  # noqa: E402
+from grao.eval import evaluate  # noqa: E402
+from grao.models.generation import encode_prompt  # noqa: E402
+from grao.train.checkpoint import latest as latest_checkpoint  # noqa: E402
+from grao.train.trainer import TIME_KEYS, Trainer  # noqa: E402
 
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 

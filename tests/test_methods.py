@@ -1,4 +1,4 @@
-"""The training methods (grao.methods) against float64 references that materialise the logits, and in the trainer."""
+"""The training methods (grao.losses) against float64 references that materialise the logits, and in the trainer."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ pytest.importorskip("transformers")
 
 from grao import cli, config, models  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.losses import GRAO, LossBatch  # noqa: E402
-from grao.methods import DPO, GRPO, METHODS, SFT, GRAOTerms, from_config  # noqa: E402
-from grao.trainer import Trainer, lr_lambda  # noqa: E402
-from grao_kernels import fused_linear_logprobs  # noqa: E402
+from grao.losses import DPO, GRAO, GRPO, METHODS, SFT, LossBatch, from_config  # noqa: E402  # noqa: E402
+from grao.train.trainer import Trainer, lr_lambda  # noqa: E402
+from grao_kernels import fused_linear_logprobs, grao_loss  # noqa: E402
 from grao_kernels.reference import (  # noqa: E402
     reference_advantages,
     reference_dpo,
@@ -147,11 +146,11 @@ def dpo_formula(h, w, b, targets, rewards, **head):
 
 
 CASES = {
-    "grao-no-exploration": (GRAOTerms(BETA, LAM, exploration=0.0, backend="torch"), grao_without("exploration")),
-    "grao-no-imitation": (GRAOTerms(0.0, LAM, backend="torch"), grao_without("imitation")),
-    "grao-no-alignment": (GRAOTerms(BETA, 0.0, backend="torch"), grao_without("alignment")),
+    "grao-no-exploration": (GRAO(BETA, LAM, exploration=0.0, backend="torch"), grao_without("exploration")),
+    "grao-no-imitation": (GRAO(0.0, LAM, backend="torch"), grao_without("imitation")),
+    "grao-no-alignment": (GRAO(BETA, 0.0, backend="torch"), grao_without("alignment")),
     "grao-exploration-0.3": (
-        GRAOTerms(BETA, LAM, exploration=0.3, backend="torch"),
+        GRAO(BETA, LAM, exploration=0.3, backend="torch"),
         grao_without(exploration=0.3),
     ),
     "sft": (SFT("torch"), sft_formula),
@@ -202,13 +201,14 @@ def test_methods_use_the_model_logit_head(batch, name, head):
 
 
 @pytest.mark.parametrize("exploration", [0.0, 1.0])
-def test_grao_terms_log_the_weighted_terms_and_weight_one_is_grao(batch, exploration):
-    got, got_grads, terms = run(GRAOTerms(BETA, LAM, exploration=exploration, backend="torch"), batch, SPLIT)
+def test_grao_logs_the_weighted_terms_and_weight_one_is_grao_loss(batch, exploration):
+    got, got_grads, terms = run(GRAO(BETA, LAM, exploration=exploration, backend="torch"), batch, SPLIT)
     assert float(got) == pytest.approx(-sum(terms.values()), rel=1e-5, abs=1e-6)
     ref = reference_grao(*[t.double() for t in batch[:2]], batch[3], batch[4], bias=batch[2].double())
     assert terms["objective/exploration"] == pytest.approx(exploration * float(ref["exploration"]), abs=1e-6)
     if exploration == 1.0:
-        base, base_grads, base_terms = run(GRAO(BETA, LAM, backend="torch"), batch, SPLIT)
+        # the library's one-call grao_loss, as a benchmark plugs it in, gives the same loss, gradients and terms
+        base, base_grads, base_terms = run(GRAO(BETA, LAM, "torch", fn=grao_loss), batch, SPLIT)
         assert float(got) == pytest.approx(float(base), rel=1e-5, abs=1e-7)
         assert_grads_close(got_grads, base_grads)
         assert terms == pytest.approx(base_terms, rel=1e-5, abs=1e-7)
@@ -375,7 +375,7 @@ def test_method_is_a_validated_config_key_that_resume_may_not_change():
     ]
     cfg = TrainConfig(method="grao-no-imitation", beta=0.3, lam=0.2)
     loss = from_config(cfg)
-    assert isinstance(loss, GRAOTerms) and (loss.beta, loss.lam, loss.exploration) == (0.0, 0.2, 1.0)
+    assert isinstance(loss, GRAO) and (loss.beta, loss.lam, loss.exploration) == (0.0, 0.2, 1.0)
     assert isinstance(from_config(TrainConfig()), GRAO)
 
 

@@ -22,7 +22,7 @@ from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  
 
 from grao import models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
-from grao.trainer import Trainer  # noqa: E402
+from grao.train.trainer import Trainer  # noqa: E402
 
 # Hidden 32, 2 layers, 4 routed experts, top-2: the smallest config of each family that still routes.
 COMMON = dict(

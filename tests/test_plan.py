@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grao import cli, config, plan
+from grao import cli, config
+from grao.tools import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper_hh_qwen2.5-7b.yaml"
@@ -66,7 +67,7 @@ def test_sharding_divides_the_state_and_options_include_one_that_fits():
     ],
 )
 def test_the_frozen_reference_model_is_planned_for_the_methods_that_keep_one(tmp_path, method, extra, keeps):
-    from grao.trainer import Trainer
+    from grao.train.trainer import Trainer
 
     cfg = config.TrainConfig(method=method, **extra, progress=False, plot=False, output_dir=str(tmp_path / "run"))
     s = plan.settings_from_config(cfg, devices=8, memory_gb=80)
@@ -106,7 +107,7 @@ def measure(model_dir: str, out_dir: str, checkpointing: bool) -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from harness import peak_meter
 
-    from grao.trainer import Rollout, Trainer
+    from grao.train.trainer import Rollout, Trainer
 
     torch.set_num_threads(1)
     cfg = config.TrainConfig(

@@ -1,4 +1,4 @@
-"""PPO (grao.ppo) against the float64 per-sequence oracle ``reference_ppo``, its GAE by hand, and in the trainer."""
+"""PPO (grao.losses.ppo) against the float64 per-sequence oracle ``reference_ppo``, its GAE by hand, and in the trainer."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.losses import LossBatch  # noqa: E402
-from grao.methods import from_config  # noqa: E402
-from grao.ppo import PPO, gae, whiten_groups  # noqa: E402
-from grao.trainer import Trainer  # noqa: E402
+from grao.losses import (
+    LossBatch,  # noqa: E402
+    from_config,  # noqa: E402
+)
+from grao.losses.ppo import PPO, gae, whiten_groups  # noqa: E402
+from grao.train.trainer import Trainer  # noqa: E402
 from grao_kernels.reference import reference_logprobs, reference_ppo  # noqa: E402
 
 P, G, T, H, V = 3, 3, 7, 8, 37  # V not a power of two; make_batch pads, ignores prompts, empties one row, ties a group

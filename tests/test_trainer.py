@@ -14,12 +14,13 @@ pytest.importorskip("transformers")
 
 from utils import assert_same_run, read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
 
-from grao import cli, config, evaluate, models  # noqa: E402
-from grao.checkpoint import latest as latest_checkpoint  # noqa: E402
+from grao import cli, config, models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
 from grao.data import DataError, Example, load_jsonl, parse_record  # noqa: E402
+from grao.eval import evaluate  # noqa: E402
 from grao.losses import GRAO, LossBatch, LossOutput  # noqa: E402
-from grao.trainer import Trainer  # noqa: E402
+from grao.train.checkpoint import latest as latest_checkpoint  # noqa: E402
+from grao.train.trainer import Trainer  # noqa: E402
 
 TRAIN_KEYS = (
     "reward/samples",
@@ -233,7 +234,7 @@ def test_ras_and_nag_on_a_hand_computed_example():
 
 
 def test_reward_statistics_of_a_step():
-    from grao import rewards
+    from grao.eval import rewards
 
     r = torch.tensor([[0.0, 1.0, 2.0, 3.0, 9.0], [0.5, 0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5, 1.0]])
     stats = rewards.statistics(r)  # samples: 0 1 2 3 and four 0.5s twice; the reference (last column) is left out
@@ -380,12 +381,12 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
 
 
 def test_rewards_builtin_importable_and_local_reward_model(tmp_path):
-    from grao import rewards
+    from grao.eval import rewards
 
     assert rewards.resolve("edit")(["p"], ["kitten"], ["sitting"]) == [pytest.approx(1 - 3 / 7)]
     assert rewards.resolve("exact")(["p", "p"], [" a ", "b"], ["a", "a"]) == [1.0, 0.0]
     assert rewards.resolve("demo")(["abc="], ["cbx"], [""]) == [pytest.approx(2 / 3)]
-    assert rewards.resolve("grao.rewards:exact_match") is rewards.exact_match
+    assert rewards.resolve("grao.eval.rewards:exact_match") is rewards.exact_match
     with pytest.raises(ValueError, match="unknown reward"):
         rewards.resolve("bleu")
     save_tiny_llama(

@@ -15,7 +15,7 @@ from utils import TINY_DECODER, small  # noqa: E402
 
 from grao import models  # noqa: E402
 from grao.losses import GRAO  # noqa: E402
-from grao.trainer import IGNORE_INDEX, Trainer, build_batch  # noqa: E402
+from grao.train.trainer import IGNORE_INDEX, Trainer, build_batch  # noqa: E402
 from grao_kernels import fused_linear_logprobs, grao_loss  # noqa: E402
 
 # model_type, config fields, the head the trainer must read from them

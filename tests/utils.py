@@ -166,7 +166,7 @@ def assert_same_run(dir_a, dir_b, *modules) -> list[dict]:
     """Two runs logged the same lines (timings aside) and each ``(module_a, module_b)`` pair of ``modules`` ended
     with the same parameters: what an interrupted and resumed run must share with an uninterrupted one. Returns run
     a's metrics lines."""
-    from grao.trainer import TIME_KEYS
+    from grao.train.trainer import TIME_KEYS
 
     def strip(lines):
         return [{k: v for k, v in ln.items() if k not in TIME_KEYS} for ln in lines]

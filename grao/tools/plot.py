@@ -19,7 +19,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of a metrics.jsonl."""
-    from .run_dir import read_metrics as read_lines
+    from ..train.run_dir import read_metrics as read_lines
 
     train, evals = [], []
     for rec in read_lines(Path(path))[0]:
@@ -91,7 +91,7 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     return _save(fig, plt, out_path)
 
 
-# ---------------------------------------------------------------------- grao compare (grao.compare)
+# ---------------------------------------------------------------------- grao compare (grao.tools.compare)
 
 
 def plot_compare_curves(curves: dict[str, list[list]], out_path: str | Path) -> Path:

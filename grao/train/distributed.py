@@ -8,12 +8,11 @@ so a run saved by K processes resumes on any number. This module is the glue:
 
 - :class:`World`: this process's rank among ``WORLD_SIZE`` (1 without
   torchrun) and the few collectives the trainer needs (sums, gathers);
-- :class:`Policy`: the root module. Everything that reads the root's own
-  parameters (the lm_head weight the fused loss takes, the embeddings
-  ``generate`` uses) runs inside its forward, so FSDP has unsharded them:
-  the loss kernels get plain tensors, never DTensors, and nothing is
-  gathered outside FSDP's own unshard. The single-process trainer calls the
-  same wrapper, unsharded, so there is one code path;
+- :func:`shard`: ``fully_shard`` on the decoder layers and on the root, the
+  :class:`grao.train.policy.Policy`, whose named forward methods (the loss,
+  ``generate``, evaluation) are registered with FSDP so that each runs with
+  the root's parameters unsharded; nothing is gathered outside FSDP's own
+  unshard;
 - :class:`Sharding`: ``fully_shard`` with the memory options (CPU offload,
   bf16 parameters over fp32 master weights) and the checkpoint format of a
   sharded run.
@@ -28,14 +27,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, models
-from .config import ConfigError
+from .. import models
+from ..config import ConfigError
+from . import checkpoint
+from .policy import Policy
 
 DCP_DIR = "distributed"  # a sharded checkpoint's model and optimizer shards, in the step directory
 
@@ -148,25 +148,6 @@ def shutdown(wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
-class Policy(torch.nn.Module):
-    """The trained model as FSDP's root module: ``policy(fn, *args)`` is ``fn(model, *args)`` run inside this module's
-    forward, where FSDP has the root's parameters (lm_head, embeddings, final norm) unsharded. The loss, ``generate``
-    and evaluation all run this way; unsharded (one process) it is just the call.
-
-    A loss that is an ``nn.Module`` (PPO and its value head) is registered as ``loss``: FSDP shards and reduces it
-    with the root's parameters, and it is one state dict and one optimizer with the model (``model.*`` and
-    ``loss.*`` names)."""
-
-    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module | None = None):
-        super().__init__()
-        self.model = model
-        if loss is not None:
-            self.loss = loss
-
-    def forward(self, fn: Callable, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
-
-
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The modules FSDP shards one by one: the model's ``_no_split_modules`` classes (its decoder layers)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
@@ -190,12 +171,21 @@ def shard(policy: Policy, device: torch.device, cpu_offload: bool, param_dtype: 
     """``fully_shard`` on each decoder layer of ``policy.model``, then on ``policy`` (the root), with the memory
     options of :class:`Sharding`; the sharded modules. A frozen policy (the reference model of ``dpo``, ``ppo`` and
     ``grpo`` with a KL) is sharded the same way and only runs forward."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if param_dtype == "bf16" else None, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     layers = decoder_layers(models.unwrap(policy.model))
-    return [fully_shard(m, mp_policy=mp, offload_policy=offload) for m in (*layers, policy)]
+    sharded = [fully_shard(m, mp_policy=mp, offload_policy=offload) for m in (*layers, policy)]
+    for name in Policy.FORWARD_METHODS:  # each runs like forward: the root's parameters unsharded
+        register_fsdp_forward_method(policy, name)
+    return sharded
 
 
 class Sharding:
@@ -234,7 +224,7 @@ class Sharding:
         )
 
     def save_checkpoint(self, run_dir, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-        """:func:`grao.checkpoint.save` for a sharded run, on every rank: the DCP shards of the model and optimizer
+        """:func:`grao.train.checkpoint.save` for a sharded run, on every rank: the DCP shards of the model and optimizer
         (``distributed/``, written by all ranks) next to the consolidated Hugging Face model, the tokenizer and the
         trainer state (written by rank 0), committed together by rank 0's rename."""
         full = self.full_model_state()

@@ -1,7 +1,7 @@
 """Trainer configuration: one dataclass that validates itself, read from YAML/TOML and overridden by flags.
 
 The defaults are the embedded demo: ``grao train`` with no arguments trains
-the built-in tiny MoE on the bundled synthetic task (:mod:`grao.demo_task`).
+the built-in tiny MoE on the bundled synthetic task (:mod:`grao.data.demo_task`).
 The keys whose demo value would not suit a real model (:data:`MODEL_DEFAULTS`)
 default by model: the demo's for tiny-moe, the paper's for any other.
 Every key is also a ``grao train`` flag (:func:`add_arguments`), so the flags,
@@ -24,7 +24,7 @@ import torch
 
 from grao_kernels.backends import BACKENDS
 
-from .methods import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
+from ..losses import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
 
 
 class ConfigError(ValueError):
@@ -88,7 +88,7 @@ class TrainConfig:
     )
     max_new_tokens: int | None = _key(None, "longest completion, in tokens (default: 8 for tiny-moe, else 256)")
     max_prompt_tokens: int = _key(512, "prompts are cut to their last this many tokens")
-    method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.methods)")
+    method: str = _key("grao", f"training objective: {', '.join(METHODS)} (grao.losses)")
     grpo_loss_type: str = _key("grpo", f"grpo's loss aggregation, as TRL's loss_type: {', '.join(GRPO_LOSS_TYPES)}")
     grpo_kl_beta: float = _key(
         0.0, "grpo's weight of the k3 KL estimate to the frozen starting model, per token (0 = off, as TRL's beta)"
@@ -150,7 +150,7 @@ class TrainConfig:
         0, "prompt groups per forward/backward, gradients accumulated; 0 = all P at once", resume_safe=True
     )
     gradient_checkpointing: bool = _key(False, "recompute activations in the backward pass", resume_safe=True)
-    # several processes (torchrun) and the FSDP2 memory options; either shards the model (grao.distributed)
+    # several processes (torchrun) and the FSDP2 memory options; either shards the model (grao.train.distributed)
     fsdp_cpu_offload: bool = _key(
         False,
         "FSDP2 CPU offload: sharded parameters, gradients and optimizer state live in CPU memory",

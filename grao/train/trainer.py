@@ -7,127 +7,45 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
      reference last, targets = ignore_index at prompt and padding positions)
      and hand its final hidden states with the lm_head weight and the head's
      logit scale and soft cap (read from the model config) to the loss
-     (the config's ``method``, :mod:`grao.methods`: by default
-     :class:`grao.losses.GRAO`, i.e. ``grao_kernels.grao_loss``, unless the
+     (the config's ``method``, :mod:`grao.losses`: by default
+     :class:`grao.losses.GRAO`, the composition ``grao_kernels.grao_loss`` is, unless the
      constructor gets another loss); the lm_head never runs, so the (tokens x
      vocabulary) logits never exist. MoE models add the router load-balancing
      loss. Then gradient clipping, AdamW and the learning-rate schedule;
      with ``num_iterations`` > 1, that many optimizer steps on the rollout,
      the loss seeing its snapshot of the sampling policy (``LossBatch.old``).
 
-Everything else is a call into a module named for its job: ``runtime``
-(device, autocast), ``distributed`` (FSDP2 under torchrun), ``models``,
-``data``, ``rewards``, ``evaluate``, ``checkpoint`` and ``run_dir``.
+Everything else is a call into a module named for its job: ``rollout``
+(sample and score), ``update`` (micro-batch gradients, optimizer step,
+schedule), ``policy`` (the model's passes, one named method each),
+``distributed`` (FSDP2 under torchrun), ``checkpoint``, ``run_dir`` and
+``stopping`` here; ``models``, ``data``, ``losses`` and ``eval`` beside.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
-import signal
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from grao_kernels import fused_linear_logprobs
+from .. import config, data, losses, models
+from ..config import ConfigError, TrainConfig
+from ..data import Example
+from ..eval import evaluate as evaluation
+from ..eval import rewards
+from ..log import say
+from ..models import heads, runtime
+from ..models.generation import encode_prompt
+from . import checkpoint, distributed, run_dir, setup, stopping, update
+from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch, micro_batches
+from .policy import Policy
+from .rollout import PromptOrder, sample_and_score
+from .update import lr_lambda
 
-from . import (
-    checkpoint,
-    config,
-    data,
-    distributed,
-    evaluate,
-    generation,
-    losses,
-    methods,
-    models,
-    rewards,
-    run_dir,
-    runtime,
-)
-from .config import ConfigError, TrainConfig
-from .data import Example
-from .generation import encode_prompt, encode_reference
-from .log import say
+__all__ = ["IGNORE_INDEX", "TIME_KEYS", "Rollout", "Trainer", "build_batch", "lr_lambda"]
 
-IGNORE_INDEX = -100
 TIME_KEYS = ("tokens_per_s", "time/generate", "time/train")
-
-
-@dataclass
-class Rollout:
-    """P prompts with their G sampled completions and the rewards of completions and reference."""
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[list[int]]]  # [P][G+1] token ids, the reference last
-    rewards: torch.Tensor  # (P, G+1) float32
-    completions: list[list[str]]  # [P][G] decoded samples
-
-
-def build_batch(rollout: Rollout, groups: range, pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask, targets) for the sequences of ``groups``, right-padded.
-
-    Position t of a sequence predicts token t + 1, so ``targets[s, t]`` is that
-    token where it is a completion token and IGNORE_INDEX elsewhere.
-    """
-    seqs, starts = [], []
-    for p in groups:
-        for comp in rollout.completion_ids[p]:
-            seqs.append(rollout.prompt_ids[p] + comp)
-            starts.append(len(rollout.prompt_ids[p]))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (s, start) in enumerate(zip(seqs, starts)):
-        row = torch.tensor(s, dtype=torch.long)
-        ids[i, : len(s)] = row
-        mask[i, : len(s)] = 1
-        targets[i, start - 1 : len(s) - 1] = row[start:]
-    return ids.to(device), mask.to(device), targets.to(device)
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine or linear decay to ``min_lr_ratio`` (or constant).
-
-    Counted in optimizer steps, as TRL does: a training step takes
-    ``num_iterations`` of them, so the warmup spans ``warmup_steps *
-    num_iterations`` optimizer steps and the decay ends after ``steps *
-    num_iterations``.
-    """
-    n = cfg.num_iterations
-    warm, total, floor = cfg.warmup_steps * n, cfg.steps * n, cfg.min_lr_ratio
-
-    def f(i: int) -> float:  # i = optimizer steps taken so far
-        if i < warm:
-            return (i + 1) / warm
-        if cfg.lr_schedule == "constant" or total <= warm:
-            return 1.0
-        progress = min(1.0, (i - warm) / max(1, total - warm))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
-        return floor + (1 - floor) * decay
-
-    return f
-
-
-def _mean_over_iterations(lines: list[dict]) -> dict:
-    """One metrics line for a step's optimizer steps: each number's mean (a list's, element-wise), tokens summed."""
-    out = {}
-    for key, first in lines[0].items():
-        values = [ln[key] for ln in lines]
-        if key == "train_tokens":
-            out[key] = sum(values)
-        elif isinstance(first, list):
-            out[key] = [round(sum(v) / len(v), 4) for v in zip(*values)]
-        else:
-            out[key] = sum(values) / len(values)
-    return out
 
 
 class Trainer:
@@ -165,7 +83,7 @@ class Trainer:
             )
         run_dir.check_writable(self.run_dir)
         if resume:
-            self._check_resumable()
+            setup.check_resumable(cfg)
         else:
             run_dir.check_fresh_start(self.run_dir, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
@@ -181,6 +99,7 @@ class Trainer:
         self.reward = reward
         self.logprob_temperature = cfg.temperature if cfg.logprob_temperature == "sampling" else 1.0
         self.callbacks = list(callbacks)
+        self.prompt_order = PromptOrder(self.train_examples, cfg.prompts_per_step, cfg.seed)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
         state = None
@@ -189,37 +108,30 @@ class Trainer:
         if resume:
             self.checkpoint, (self.model, self.tokenizer, state), skipped = checkpoint.load_latest(
                 self.run_dir,
-                self._load_checkpoint_model,
+                lambda d: setup.checkpoint_model(d, cfg, self.runtime),
                 lambda d: models.load_tokenizer(d, cfg.trust_remote_code),
             )
             for reason in skipped:
                 say(f"warning: {reason}; falling back to an older checkpoint")
         else:
             self.checkpoint = None
-            self.model, self.tokenizer = models.load(
-                cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
-            )
-            self.initial_model = self.model  # what ``initial/`` holds for the demo
-            if cfg.lora_rank:
-                if cfg.model == models.TINY_MOE:  # tiny by construction: keep the full-weight base for initial/
-                    self.initial_model = copy.deepcopy(self.model)
-                self.model = models.add_lora(
-                    self.model.to(models.lora_base_dtype(cfg.lora_base_dtype, self.runtime.device)),
-                    cfg.lora_rank,
-                    cfg.lora_alpha,
-                    cfg.lora_dropout,
-                    config.lora_targets(cfg),
-                    cfg.seed,
-                )
+            self.model, self.tokenizer, self.initial_model = setup.fresh_model(cfg, self.runtime)
         say(f"loaded model {cfg.model} in {time.perf_counter() - loading:.1f}s")
         if cfg.chat_template and not getattr(self.tokenizer, "chat_template", None):
             say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
         # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
-        self.head = models.logit_head(inner, cfg.loss_backend)
+        self.head = heads.logit_head(inner, cfg.loss_backend)
+        # How this run forms log-probs from the lm_head output: grao_kernels keyword arguments and LossBatch fields.
+        self.logit_transform = dict(
+            logit_scale=self.head.logit_scale,
+            softcap=self.head.softcap,
+            temperature=self.logprob_temperature,
+            ignore_index=IGNORE_INDEX,
+        )
         self.loss = (
-            loss if loss is not None else methods.from_config(cfg, hidden_size=models.output_head(inner)[0].shape[1])
+            loss if loss is not None else losses.from_config(cfg, hidden_size=heads.output_head(inner)[0].shape[1])
         )
         # A loss that is an nn.Module (PPO's value head) is trained, sharded and checkpointed with the model.
         module_loss = self.loss if isinstance(self.loss, torch.nn.Module) else None
@@ -233,8 +145,10 @@ class Trainer:
         )
         # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL): loaded afresh from the
         # config, so a resumed run gets the same one.
-        self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
-        self.reference = None if self.reference_model is None else distributed.Policy(self.reference_model)
+        self.reference_model = self.reference = None
+        if getattr(self.loss, "needs_reference_model", False):
+            self.reference_model = setup.frozen_start(cfg, self.runtime)
+            self.reference = Policy(self.reference_model, runtime=self.runtime, logit_transform=self.logit_transform)
         if sharded and self.reference is not None:  # frozen: sharded like the policy, forward only
             distributed.shard(self.reference, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
         self.moe = models.moe_info(inner)
@@ -249,7 +163,15 @@ class Trainer:
         if cfg.gradient_checkpointing:
             models.enable_activation_checkpointing(inner)
         self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
-        self.policy = distributed.Policy(self.model, module_loss)  # the loss, generate, evaluation run in its forward
+        self.policy = Policy(  # the loss, generate and evaluation run in its named forward methods
+            self.model,
+            module_loss,
+            runtime=self.runtime,
+            logit_transform=self.logit_transform,
+            moe=self.moe,
+            aux_coef=self.aux_coef,
+            router_scoring=self.router_scoring,
+        )
         self.sharding = None
         if sharded:
             self.sharding = distributed.Sharding(
@@ -278,33 +200,6 @@ class Trainer:
             self._restore(state)
         self.world.barrier()  # every rank has checked the run directory before rank 0 writes to it
 
-    def _load_checkpoint_model(self, directory: Path):
-        """A checkpoint's model: the whole model, or (LoRA) its adapter on the frozen base the run started from
-        (``initial/`` for the demo, else ``cfg.model``)."""
-        cfg, rt = self.cfg, self.runtime
-        if not models.is_adapter(directory):
-            return models.load_model(directory, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
-        base_dir = self.run_dir / run_dir.INITIAL if cfg.model == models.TINY_MOE else cfg.model
-        base = models.load_model(base_dir, rt.attn_implementation, cfg.trust_remote_code)
-        base = base.to(rt.device, models.lora_base_dtype(cfg.lora_base_dtype, rt.device))
-        return models.load_adapter(base, directory, trainable=True)
-
-    def _check_resumable(self) -> None:
-        if not checkpoint.step_dirs(self.run_dir):
-            raise ConfigError(f"--resume: no checkpoint in {self.run_dir / checkpoint.CHECKPOINTS}")
-        saved = self.run_dir / run_dir.CONFIG
-        if not saved.is_file():
-            raise ConfigError(
-                f"--resume: {saved} is missing, and without the run's settings a resumed run would silently use "
-                "others; restore the file (or start a new run with --overwrite)"
-            )
-        conflicts = config.resume_conflicts(config.load(saved), self.cfg)
-        if conflicts:
-            raise ConfigError(
-                f"--resume would change what the run in {self.run_dir} computes ({'; '.join(conflicts)}); "
-                "start a new run in another output_dir for that"
-            )
-
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> bool:
@@ -321,7 +216,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         ema = None
-        with self._stop_on_signals():
+        with stopping.on_signals(self._stop_requested):
             try:
                 self._start_run()
                 if self.step == 0:  # the starting model: the baseline of eval/nag
@@ -388,56 +283,15 @@ class Trainer:
     # ------------------------------------------------------------------ rollout: sample and score
 
     def prompts_for_step(self, step: int) -> list[Example]:
-        """The P examples of ``step`` (1-based): consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
-        n, P = len(self.train_examples), self.cfg.prompts_per_step
-        out = []
-        for i in range((step - 1) * P, step * P):
-            epoch, pos = divmod(i, n)
-            out.append(self.train_examples[self._permutation(epoch)[pos]])
-        return out
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
-            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.train_examples))
-            self._perm_cache = cache = (epoch, perm)
-        return cache[1]
+        """The P examples of ``step`` (1-based), the same on every rank (:class:`grao.train.rollout.PromptOrder`)."""
+        return self.prompt_order(step)
 
     def rollout(self, examples: list[Example], step: int) -> Rollout:
-        """Sample G completions per prompt (seeded by step and rank, so a resumed run samples the same), then score
-        them and each prompt's reference answer; rewards (P, G+1), the reference's last.
-
-        dpo on the data's preference pairs (``rejected_source == "data"``) samples nothing: each group's one
-        completion (G = 1) is the example's rejected answer, ended by eos like the reference.
-        """
-        cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
-        prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
-        if self.rejected_source == "data":
-            G, texts = 1, [ex.rejected for ex in examples]
-            sampled = [encode_reference(tok, text) for text in texts]
-        else:
-            torch.manual_seed(cfg.seed * 1_000_003 + step + 1_000_000_007 * self.world.rank)
-            sampled = self.policy(
-                generation.generate,
-                tok,
-                prompt_ids,
-                self.runtime,
-                num_return=G,
-                sample=True,
-                temperature=cfg.temperature,
-                max_new_tokens=cfg.max_new_tokens,
-            )
-            texts = generation.decode(tok, sampled)
-        prompts, refs = [ex.prompt for ex in examples], [ex.reference for ex in examples]
-        sample_rewards = rewards.score(
-            self.reward, [p for p in prompts for _ in range(G)], texts, [r for r in refs for _ in range(G)]
+        """Sample G completions per prompt and score them and the reference answers
+        (:func:`grao.train.rollout.sample_and_score`)."""
+        return sample_and_score(
+            self.policy, self.tokenizer, examples, self.reward, self.cfg, step, self.world.rank, self.rejected_source
         )
-        ref_rewards = rewards.score(self.reward, prompts, refs, refs)
-        r = torch.tensor(sample_rewards, dtype=torch.float32).view(len(examples), G)
-        r = torch.cat([r, torch.tensor(ref_rewards, dtype=torch.float32)[:, None]], dim=1)
-        completion_ids = [sampled[p * G : (p + 1) * G] + [encode_reference(tok, ref)] for p, ref in enumerate(refs)]
-        completions = [texts[p * G : (p + 1) * G] for p in range(len(examples))]
-        return Rollout(prompt_ids, completion_ids, r, completions)
 
     # ------------------------------------------------------------------ update: loss, backward, optimizer
 
@@ -459,23 +313,16 @@ class Trainer:
             if self.router_biases and counts is not None:
                 models.update_router_bias(self.router_biases, counts, self.cfg.router_bias_update_rate)
             lines.append(stats)
-        return lines[0] if len(lines) == 1 else _mean_over_iterations(lines)
+        return lines[0] if len(lines) == 1 else update.mean_over_iterations(lines)
 
-    @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> list[torch.Tensor] | None:
         """The frozen reference model's (S, T) token log-probs of each micro-batch of the rollout
         (``LossBatch.reference_logp``), for a loss with ``needs_reference_model``; None for the others."""
-        if self.reference_model is None:
+        if self.reference is None:
             return None
-        logps = [
-            self.reference(self._reference_logp, ids, mask, targets)
-            for _, ids, mask, targets in self._micro_batches(rollout)
-        ]
-        if self.sharding is not None:  # FSDP keeps a root's parameters gathered after its forward, for the backward
-            self.reference.reshard()  # that a frozen model never runs
-        return logps
+        batches = self.micro_batches(rollout)
+        return update.reference_logps(self.reference, batches, self.cfg.loss_backend, self.sharding is not None)
 
-    @torch.no_grad()
     def snapshot(self, rollout: Rollout, reference: list[torch.Tensor] | None = None) -> list[dict] | None:
         """The loss's ``snapshot`` of the current policy for each micro-batch of the rollout (``LossBatch.old`` of
         each of its optimizer steps), from a backbone forward under no_grad; None with ``num_iterations`` = 1 (the
@@ -486,198 +333,44 @@ class Trainer:
             return None
         if reference is None:
             reference = self.reference_logps(rollout)
-        self.model.train()  # the mode of the updates, so dropout (if any) is that of their forwards
-        token_counts = self._step_token_counts(rollout)
-        return [
-            self.policy(
-                self._snapshot_micro_batch,
-                take,
-                rollout,
-                groups,
-                ids,
-                mask,
-                targets,
-                token_counts,
-                None if reference is None else reference[k],
-            )
-            for k, (groups, ids, mask, targets) in enumerate(self._micro_batches(rollout))
-        ]
-
-    def _snapshot_micro_batch(self, model, take, rollout, groups, ids, mask, targets, token_counts, ref) -> dict:
-        """``take(batch)`` (the loss's snapshot) of one micro-batch, inside :class:`grao.distributed.Policy`'s
-        forward like :meth:`_micro_batch_loss`."""
-        with runtime.autocast(self.runtime):
-            out = models.backbone(models.unwrap(model))(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = out.last_hidden_state
-        return take(self._loss_batch(model, rollout, groups, hidden, ids, mask, targets, token_counts, None, ref))
+        batches = self.micro_batches(rollout, reference=reference)
+        return update.snapshots(self.policy, take, batches)
 
     def accumulate_gradients(
         self, rollout: Rollout, old: list[dict] | None = None, reference: list[torch.Tensor] | None = None
     ) -> dict:
-        """Gradients of the step's loss (into ``.grad``), over micro-batches of whole prompt groups; ``old``: the
-        :meth:`snapshot` of each micro-batch, passed to the loss as ``LossBatch.old``; ``reference``: the rollout's
-        :meth:`reference_logps` (computed here when the loss needs them and none are given).
-
-        The loss returns each micro-batch's share of the step loss, so the
-        accumulated gradient is the one-batch gradient. The MoE load-balancing
-        loss is computed within each prompt group (its G+1 sequences) and
-        averaged over the P groups, so it too is the same for any split; a
-        batch-wide balance loss would not be, as its token shares are not a sum
-        over micro-batches.
-        """
-        model, device = self.model, self.runtime.device
-        model.train()
+        """Gradients of the step's loss (into ``.grad``) over micro-batches of whole prompt groups
+        (:func:`grao.train.update.accumulate_gradients`); ``old``: the :meth:`snapshot` of each micro-batch, passed
+        to the loss as ``LossBatch.old``; ``reference``: the rollout's :meth:`reference_logps` (computed here when
+        the loss needs them and none are given)."""
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        inner = models.unwrap(model)
-        token_counts = self._step_token_counts(rollout)
-        total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
-        layers = len(models.routers(inner)) if self.moe else 0
-        counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=device)
-        batches = list(self._micro_batches(rollout))
-        if old is not None and len(old) != len(batches):
-            raise ValueError(f"old holds {len(old)} snapshots for the rollout's {len(batches)} micro-batches")
         if reference is None:
             reference = self.reference_logps(rollout)
-        if reference is not None and len(reference) != len(batches):
-            raise ValueError(
-                f"reference holds {len(reference)} log-probs for the rollout's {len(batches)} micro-batches"
-            )
-        for k, (groups, ids, mask, targets) in enumerate(batches):
-            n_tokens += int(mask.sum())
-            loss, res, aux, batch_counts = self.policy(
-                self._micro_batch_loss,
-                rollout,
-                groups,
-                ids,
-                mask,
-                targets,
-                token_counts,
-                None if old is None else old[k],
-                None if reference is None else reference[k],
-            )
-            loss.backward()
-            total += float(loss.detach())
-            for key, value in res.metrics.items():
-                terms[key] = terms.get(key, 0.0) + float(value)
-            aux_total += aux
-            counts += batch_counts
-        stats = {"loss": total, **terms, "moe/aux_loss": aux_total, "train_tokens": n_tokens}
-        stats, counts = self.world.sum(stats), self.world.sum_tensor(counts)  # the whole step's, over the ranks
-        if counts.sum() > 0:
-            load = counts.sum(0) / counts.sum()
-            stats["moe/expert_load"] = [round(float(x), 4) for x in load]
-            stats["moe/layer_counts"] = counts
-        return stats
+        batches = self.micro_batches(rollout, old, reference)
+        return update.accumulate_gradients(self.policy, self.loss, batches, self.world)
 
-    def _micro_batches(self, rollout: Rollout):
-        """(groups, input_ids, attention_mask, targets) of each micro-batch of ``micro_batch_prompts`` of this rank's
-        prompt groups."""
-        P = rollout.rewards.shape[0]
-        mb = self.cfg.micro_batch_prompts or P
-        for start in range(0, P, mb):
-            groups = range(start, min(P, start + mb))
-            yield (groups, *build_batch(rollout, groups, self.tokenizer.pad_token_id, self.runtime.device))
-
-    def _step_token_counts(self, rollout: Rollout) -> torch.Tensor:
-        """(P, G+1) completion tokens of every sequence of the whole step (all ranks' groups, in order)."""
-        return self.world.gather_rows(torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]))
-
-    def _micro_batch_loss(self, model, rollout, groups: range, ids, mask, targets, token_counts, old=None, ref=None):
-        """(loss, LossOutput, aux loss value, expert counts) of one micro-batch of this rank's groups ``groups``.
-
-        Runs inside :class:`grao.distributed.Policy`'s forward (``self.policy(this, ...)``): under FSDP the lm_head
-        weight it hands the loss is the unsharded one. The loss shares are of the whole step's P groups (all ranks').
-        """
-        inner = models.unwrap(model)
-        P = token_counts.shape[0]
-        layers = len(models.routers(inner)) if self.moe else 0
-        counts = torch.zeros(layers, self.moe.num_experts if self.moe else 0, device=ids.device)
-        capture = models.capture_routing(inner, self.moe.top_k) if self.moe else contextlib.nullcontext([])
-        with runtime.autocast(self.runtime), capture as routing:
-            out = models.backbone(inner)(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = out.last_hidden_state
-        batch = self._loss_batch(model, rollout, groups, hidden, ids, mask, targets, token_counts, old, ref)
-        res = self.loss(batch)
-        loss, aux_value = res.loss, 0.0
-        if routing:
-            aux, _ = models.load_balancing_loss(
-                [r.logits for r in routing],
-                *self.moe,
-                mask,
-                groups=len(groups),
-                chosen=[r.chosen for r in routing],
-                scoring=self.router_scoring,
-            )
-            loss = loss + self.aux_coef * aux.sum() / P
-            aux_value = float(aux.detach().sum()) / P
-            counts += models.expert_counts(routing, layers, self.moe, mask, self.router_scoring)
-        return loss, res, aux_value, counts
-
-    def _loss_batch(self, model, rollout, groups, hidden, ids, mask, targets, token_counts, old=None, ref=None):
-        """What the loss gets of one micro-batch of this rank's ``groups``: the backbone's ``hidden`` states and the
-        lm_head in the compute dtype, the head's logit transform and the log-prob temperature, the group layout of
-        the whole step (all ranks' P groups; this rank holds a contiguous block), and (``ref``, for a loss that
-        needs it) the frozen reference model's token log-probs at the same head and temperature."""
-        weight, bias = models.output_head(models.unwrap(model))  # frozen under LoRA: no weight gradient
-        P = token_counts.shape[0]
-        first = self.world.rank * (P // self.world.size)
-        batch = losses.LossBatch(
-            *self._in_compute_dtype(hidden, weight, bias),
-            targets=targets,
-            rewards=rollout.rewards[groups.start : groups.stop].to(self.runtime.device),
-            group_size=rollout.rewards.shape[1] - 1,
-            groups=range(first + groups.start, first + groups.stop),
-            num_groups=P,
-            step_token_counts=token_counts,
-            **self._logit_transform(),
-            old=old,
-            reference_logp=ref,
+    def micro_batches(self, rollout: Rollout, old=None, reference=None) -> list[MicroBatch]:
+        """This rank's micro-batches of ``micro_batch_prompts`` prompt groups, each with its ``old`` snapshot and
+        ``reference`` log-probs (lists with one entry per micro-batch, or None), numbered in the whole step."""
+        token_counts = self.world.gather_rows(torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]))
+        first = self.world.rank * (token_counts.shape[0] // self.world.size)
+        batches = micro_batches(
+            rollout, self.cfg.micro_batch_prompts, self.tokenizer.pad_token_id, self.runtime.device, token_counts, first
         )
-        return batch
-
-    def _frozen_start(self) -> torch.nn.Module:
-        cfg = self.cfg
-        model, _ = models.load(
-            cfg.model, cfg.tokenizer, cfg.model_overrides, self.runtime, cfg.seed, cfg.trust_remote_code
-        )
-        return model.eval().requires_grad_(False)
-
-    def _reference_logp(self, model, ids, mask, targets) -> torch.Tensor:
-        """(S, T) token log-probs of the frozen reference ``model``, through the fused path (no logits), with the
-        policy's logit head and log-prob temperature (the reference model is the starting model: the same head).
-        Runs inside the forward of its :class:`grao.distributed.Policy`, where FSDP has its lm_head unsharded."""
-        with runtime.autocast(self.runtime):
-            out = models.backbone(model)(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden, weight, bias = self._in_compute_dtype(out.last_hidden_state, *models.output_head(model))
-        return fused_linear_logprobs(
-            hidden, weight, targets, bias=bias, backend=self.cfg.loss_backend, **self._logit_transform()
-        )
-
-    def _logit_transform(self) -> dict:
-        """How this run forms log-probs from the lm_head output, as grao_kernels keyword arguments (and LossBatch
-        fields): the model's logit scale and soft cap, the log-prob temperature, the ignored target."""
-        return dict(
-            logit_scale=self.head.logit_scale,
-            softcap=self.head.softcap,
-            temperature=self.logprob_temperature,
-            ignore_index=IGNORE_INDEX,
-        )
-
-    def _in_compute_dtype(self, hidden, weight, bias):
-        """(hidden, weight, bias) in the autocast dtype, so the loss sees what the lm_head would under autocast."""
-        dt = self.runtime.autocast_dtype
-        if dt is None:
-            return hidden, weight, bias
-        return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+        for name, per_batch in (("old", old), ("reference", reference)):
+            if per_batch is not None and len(per_batch) != len(batches):
+                raise ValueError(
+                    f"{name} holds {len(per_batch)} entries for the rollout's {len(batches)} micro-batches"
+                )
+        return [
+            mb.with_passes(None if old is None else old[k], None if reference is None else reference[k])
+            for k, mb in enumerate(batches)
+        ]
 
     def optimizer_step(self) -> dict:
         """Clip the gradient norm, take the AdamW step, advance the schedule; returns grad_norm and the lr used."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
-        grad_norm = distributed.local(grad_norm)  # sharded: the norm over all ranks' shards
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return update.optimizer_step(self.trainable, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
 
     # ------------------------------------------------------------------ evaluation and logging
 
@@ -686,12 +379,10 @@ class Trainer:
         processes each rank answers its block of the held-out prompts and the results are gathered in order."""
         cfg = self.cfg
         examples, real = self.world.padded_share(self.eval_examples)
-        res = self.policy(
-            evaluate.evaluate,
+        res = self.policy.evaluate(
             self.tokenizer,
             examples,
             self.reward,
-            self.runtime,
             max_new_tokens=cfg.max_new_tokens,
             max_prompt_tokens=cfg.max_prompt_tokens,
             batch_size=cfg.eval_batch_size,
@@ -701,7 +392,7 @@ class Trainer:
             chat_template=cfg.chat_template,
         )
         parts = self.world.gather_objects([res.responses[:real], res.rewards[:real], res.reference_rewards[:real]])
-        res = evaluate.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
+        res = evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
         self.last_eval = res.mean_reward
@@ -709,7 +400,7 @@ class Trainer:
             "step": self.step,
             "eval/reward": res.mean_reward,
             "eval/ras": res.ras,
-            "eval/nag": evaluate.nag(res.rewards, self.baseline_eval),
+            "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
             **{f"eval/{k}": v for k, v in rewards.pop_metrics(self.reward).items()},
         }
 
@@ -721,7 +412,7 @@ class Trainer:
         metrics = self.run_dir / run_dir.METRICS
         if not self.cfg.plot or not metrics.is_file() or not self.world.main:
             return
-        from .plot import plot_metrics
+        from ..tools.plot import plot_metrics
 
         try:
             plot_metrics(metrics, self.run_dir / run_dir.PLOT)
@@ -812,22 +503,5 @@ class Trainer:
         self.stopped_by = self.world.first(self.stopped_by)
         return self.stopped_by is not None
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGINT (Ctrl-C) and SIGTERM (``kill``, ``timeout``, schedulers) stop the run after the current step."""
-        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-            yield
-            return
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_signal(self, signum, frame) -> None:
-        # Re-armed before the message: a second signal sent on seeing it must abort, not reach this handler.
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        name = signal.Signals(signum).name
+    def _stop_requested(self, name: str) -> None:
         self.stopped_by = name
-        say(f"{name} received; finishing this step and saving a checkpoint ({name} again aborts without one)")

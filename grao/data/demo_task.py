@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from .data import Example
+from .examples import Example
 
 ALPHABET = "abcdefghij"
 MIN_LEN, MAX_LEN = 3, 5

@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import ConfigError
-from .methods import DPO_REJECTED
+from ..config import ConfigError
+from ..losses import DPO_REJECTED
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -110,31 +110,6 @@ def load_jsonl(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples
-
-
-def load_examples(cfg) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples of a TrainConfig's ``data`` and ``eval_data``.
-
-    ``eval_data`` unset: the demo's own held-out set for demo data, else the
-    last ``eval_size`` examples of the data file (removed from training).
-    """
-    from . import demo_task  # it builds Examples: imported here, not at the top
-
-    held_out = None
-    if cfg.data == "demo":
-        train, held_out = demo_task.make_splits(cfg.demo_train_size, cfg.eval_size, cfg.seed)
-    else:
-        train = load_jsonl(cfg.data)
-    if cfg.eval_data == "demo":
-        held_out = demo_task.make_splits(0, cfg.eval_size, cfg.seed)[1]
-    elif cfg.eval_data is not None:
-        held_out = load_jsonl(cfg.eval_data)[: cfg.eval_size]
-    elif held_out is None:
-        if len(train) < 2:
-            raise DataError(f"{cfg.data} has {len(train)} example(s): too few to hold some out")
-        k = min(cfg.eval_size, len(train) // 2)
-        train, held_out = train[:-k], train[-k:]
-    return train, held_out
 
 
 def check_prompts(examples: list[Example], encode) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from grao_kernels import available_backends
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 @dataclass

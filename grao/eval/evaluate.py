@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import generation, rewards
-from .data import Example
+from ..data import Example
+from ..models import generation
+from . import rewards
 
 
 def win_tie_loss(rewards: list[float], other: list[float], name: str) -> tuple[int, int, int]:

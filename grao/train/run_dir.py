@@ -1,7 +1,7 @@
 """The run directory: what a run writes into ``output_dir`` and what a second run into the same directory may do.
 
 A run writes ``config.yaml``, ``metrics.jsonl``, ``plot.png``, ``initial/`` (the demo's starting model) and
-``checkpoints/step-NNNNNN/`` (see :mod:`grao.checkpoint`). A new run refuses a directory that is not empty;
+``checkpoints/step-NNNNNN/`` (see :mod:`grao.train.checkpoint`). A new run refuses a directory that is not empty;
 ``--resume`` continues the run there and ``--overwrite`` deletes those files (and only those) first.
 """
 
@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..config import ConfigError
 from . import checkpoint
-from .config import ConfigError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"

@@ -30,13 +30,13 @@ checkpoints its ``state_dict``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from grao_kernels import grao_loss
+from grao_kernels import fused_linear_logprobs, linear_logprob_loss
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,43 @@ class LossBatch:
             ignore_index=self.ignore_index,
         )
 
+    @property
+    def share(self) -> float:
+        """This micro-batch's weight in the step: its m of the step's P prompt groups, m / P. A loss that averages
+        over the groups it is given returns its average times ``share``, so the shares sum to the one-batch loss."""
+        return len(self.groups) / self.num_groups
+
+    def is_reference(self) -> torch.Tensor:
+        """(S,) bool: which of the micro-batch's group-major sequences is its group's reference answer."""
+        K = self.group_size + 1
+        return torch.arange(len(self.groups) * K, device=self.targets.device) % K == self.group_size
+
+    def sample_token_count(self) -> int | None:
+        """N: completion tokens of the whole step's sampled completions (not its reference answers); None when this
+        is a micro-batch of the step and ``step_token_counts`` is None."""
+        if self.step_token_counts is not None:
+            return int(self.step_token_counts[:, : self.group_size].sum())
+        if len(self.groups) != self.num_groups:
+            return None
+        return int((self.targets != self.ignore_index).sum(1).view(-1, self.group_size + 1)[:, :-1].sum())
+
+    def token_values(self, values: torch.Tensor | None, name: str, needed_by: str) -> torch.Tensor:
+        """``values``, this batch's (S, T) token values ``name``, detached in float32; ValueError if absent or
+        misshapen."""
+        if values is None:
+            raise ValueError(f"{needed_by}: LossBatch.{name} is None")
+        if tuple(values.shape) != tuple(self.targets.shape):
+            raise ValueError(f"{name} shape {tuple(values.shape)} does not match targets {tuple(self.targets.shape)}")
+        return values.detach().float()
+
+    def logprobs(self, backend: str) -> torch.Tensor:
+        """(S, T) differentiable token log-probs under this batch's head (``grao_kernels.fused_linear_logprobs``)."""
+        return fused_linear_logprobs(self.hidden, self.weight, self.targets, backend=backend, **self.head())
+
+    def sweep(self, token_coef: torch.Tensor, backend: str):
+        """``sum_t token_coef[t] logp[t]`` and its gradients in one ``grao_kernels.linear_logprob_loss`` sweep."""
+        return linear_logprob_loss(self.hidden, self.weight, self.targets, token_coef, backend=backend, **self.head())
+
 
 @dataclass
 class LossOutput:
@@ -98,33 +135,22 @@ class Loss(Protocol):
     def __call__(self, batch: LossBatch) -> LossOutput: ...
 
 
-class GRAO:
-    """The GRAO objective (arXiv 2508.07750, Eq. 3-4) through ``grao_kernels.grao_loss``, or any function with
-    grao_loss's signature and result (``fn``; e.g. a full-logits reference for a benchmark).
+def spread(seq_coef: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, mean: bool) -> torch.Tensor:
+    """(S, T) float32 token coefficients: ``seq_coef[s]`` (divided by n_s with ``mean``) at the n_s positions of row
+    s that are not ignored, 0 elsewhere. The division is in float64 (``GRAOCoefficients.token_coef`` rounds to
+    float32 first), so the per-token weights of the methods that use it stay as they were."""
+    mask = targets != ignore_index
+    coef = seq_coef.to(device=targets.device, dtype=torch.float64)
+    if mean:
+        coef = coef / mask.sum(1).clamp(min=1)
+    return torch.where(mask, coef.float()[:, None], 0.0)
 
-    ``grao_loss`` averages over the prompts it is given, so a micro-batch of m
-    of the P groups is weighted m / P: the shares sum to the one-batch loss
-    (advantages are computed within each group, so splitting between groups
-    changes nothing else).
-    """
 
-    TERMS = ("exploration", "imitation", "alignment")
-
-    def __init__(self, beta: float = 0.5, lam: float = 0.6, backend: str = "auto", fn: Callable = grao_loss):
-        self.beta, self.lam, self.backend, self.fn = beta, lam, backend, fn
-
-    def __call__(self, batch: LossBatch) -> LossOutput:
-        out = self.fn(
-            batch.hidden,
-            batch.weight,
-            batch.targets,
-            batch.rewards,
-            group_size=batch.group_size,
-            beta=self.beta,
-            lam=self.lam,
-            backend=self.backend,
-            **batch.head(),
-        )
-        share = len(batch.groups) / batch.num_groups
-        metrics = {f"objective/{t}": float(getattr(out, t)) * share for t in self.TERMS}
-        return LossOutput(out.loss * share, metrics)
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False) -> float:
+    """``value`` as a float when it is a finite number in [low, high] ((low, high] with ``low_open``); else a
+    ValueError naming ``name``, its range and the value. The one argument check of the loss constructors."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low < value if low_open else low <= value) or value > high:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
+        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+    return float(value)

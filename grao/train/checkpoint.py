@@ -1,6 +1,6 @@
 """Checkpoints: ``checkpoints/step-NNNNNN/`` holds the model and tokenizer (``save_pretrained``), the trainer state
 (optimizer, scheduler, RNG, step: ``trainer_state.pt``) and ``manifest.json``, the size of every file in it. A
-sharded run (:mod:`grao.distributed`) keeps its model and optimizer shards in ``distributed/`` (written by
+sharded run (:mod:`grao.train.distributed`) keeps its model and optimizer shards in ``distributed/`` (written by
 ``torch.distributed.checkpoint``, readable by any number of processes) instead of the optimizer in the trainer state,
 next to the consolidated model that ``grao eval`` and ``from_pretrained`` read.
 

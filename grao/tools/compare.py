@@ -6,7 +6,7 @@ directory, ``<label>/seed-<n>/``, where the label is the method, plus
 grid varies (``grao-b0.3-l0.6``). The settings of every run are the shared
 ones (defaults, ``--config`` file, flags) with its method, seed and weights.
 
-Each run is a fresh ``python -m grao.compare`` child process that calls
+Each run is a fresh ``python -m grao.tools.compare_run`` child process that calls
 ``grao train``: its peak memory is then the run's own (the peak RSS of a
 process is monotone, so in one process every run after the first would
 report the largest so far; a fresh process includes Python, torch and the
@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -46,9 +45,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, config, plot, run_dir
-from .config import ConfigError, TrainConfig
-from .methods import METHODS
+from .. import config
+from ..config import ConfigError, TrainConfig
+from ..losses import METHODS
+from ..train import checkpoint, run_dir
+from . import plot
 
 RECORD = "compare-run.json"  # in each run directory: the peak memory and time of each process that trained it
 # The weights each GRAO-family method reads (an ablation that drops a term ignores that term's weight), so a grid
@@ -108,7 +109,7 @@ class Run:
 
 
 def parse_methods(text: str) -> list[str]:
-    """The comma-separated method names, each one of :data:`grao.methods.METHODS`, no repeats."""
+    """The comma-separated method names, each one of :data:`grao.losses.METHODS`, no repeats."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise ConfigError(f"--methods names no method; choose from {', '.join(METHODS)}")
@@ -258,7 +259,7 @@ def train_run(run: Run, state: str) -> float:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     caught: list[int] = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "grao.compare", *argv], env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "grao.tools.compare_run", *argv], env=env, start_new_session=True)
     with _forward_signals(proc, caught):
         rc = proc.wait()
     if caught:
@@ -266,37 +267,6 @@ def train_run(run: Run, state: str) -> float:
     if rc != 0:
         raise RunFailed(rc, run.name)
     return time.perf_counter() - t0
-
-
-def _peak_memory() -> dict:
-    """This process's peak RSS (MiB) and, when CUDA was used, the peak of ``torch.cuda.max_memory_allocated``."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mib = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-    cuda = None
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        cuda = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
-    return {"peak_rss_mib": rss_mib, "cuda_max_allocated_mib": cuda}
-
-
-def child_main(argv: list[str]) -> int:
-    """``python -m grao.compare <grao train flags>``: one run, then its peak memory appended to ``compare-run.json``."""
-    from . import cli
-
-    t0 = time.perf_counter()
-    rc = cli.main(["train", *argv])
-    out = Path(next(a for a in argv if a.startswith("--output-dir=")).split("=", 1)[1])  # set by train_run
-    if out.is_dir():
-        path = out / RECORD
-        record = json.loads(path.read_text()) if path.is_file() else {"segments": []}
-        record["segments"].append(
-            {"exit_status": rc, "resumed": "--resume" in argv, "train_s": time.perf_counter() - t0, **_peak_memory()}
-        )
-        path.write_text(json.dumps(record, indent=1) + "\n")
-    return rc
-
-
-# ---------------------------------------------------------------------- results
 
 
 def result(run: Run) -> dict:
@@ -476,7 +446,3 @@ def compare(runs: list[Run], out_dir: str | Path, command: str, say=print) -> di
         secs = train_run(run, state)
         say(f"compare: {run.name} finished in {secs:.1f} s (process start to exit)")
     return report(runs, out_dir, command, load_at_start if todo else None)
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:]))

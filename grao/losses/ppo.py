@@ -39,26 +39,14 @@ import math
 
 import torch
 
-from grao_kernels import fused_linear_logprobs
-
-from .losses import LossBatch, LossOutput
-from .methods import _is_reference, sample_token_count
+from .base import LossBatch, LossOutput, check_number
 
 WHITEN_EPS = 1e-8
 
 
-def _number(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
-    """``value`` as a float when it is a finite number in [low, high] ((low, high] with ``low_open``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (low < value if low_open else low <= value) or value > high:
-        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
-        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
-    return float(value)
-
-
 def _sample_tokens(batch: LossBatch) -> torch.Tensor:
     """(S, T) bool: the completion tokens of the micro-batch's sampled completions (not its reference answers)."""
-    return (batch.targets != batch.ignore_index) & ~_is_reference(batch)[:, None]
+    return (batch.targets != batch.ignore_index) & ~batch.is_reference()[:, None]
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -128,12 +116,12 @@ class PPO(torch.nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be an int >= 1, got {hidden_size!r}")
-        self.kl_coef = _number("kl_coef", kl_coef, 0.0, math.inf)
-        self.gamma = _number("gamma", gamma, 0.0, 1.0)
-        self.lam = _number("lam", lam, 0.0, 1.0)
-        self.clip_epsilon = _number("clip_epsilon", clip_epsilon, 0.0, math.inf, low_open=True)
-        self.vf_clip = _number("vf_clip", vf_clip, 0.0, math.inf, low_open=True)
-        self.vf_coef = _number("vf_coef", vf_coef, 0.0, math.inf)
+        self.kl_coef = check_number("kl_coef", kl_coef, 0.0, math.inf)
+        self.gamma = check_number("gamma", gamma, 0.0, 1.0)
+        self.lam = check_number("lam", lam, 0.0, 1.0)
+        self.clip_epsilon = check_number("clip_epsilon", clip_epsilon, 0.0, math.inf, low_open=True)
+        self.vf_clip = check_number("vf_clip", vf_clip, 0.0, math.inf, low_open=True)
+        self.vf_coef = check_number("vf_coef", vf_coef, 0.0, math.inf)
         self.backend = backend
         self.value_head = torch.nn.Linear(hidden_size, 1)
         bound = 1.0 / math.sqrt(hidden_size)
@@ -148,7 +136,7 @@ class PPO(torch.nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     def _logp(self, batch: LossBatch) -> torch.Tensor:
-        return fused_linear_logprobs(batch.hidden, batch.weight, batch.targets, backend=self.backend, **batch.head())
+        return batch.logprobs(self.backend)
 
     def snapshot(self, batch: LossBatch) -> dict[str, torch.Tensor]:
         """The policy's token log-probs and the value head's values (both (S, T) float32) before the update; the
@@ -196,7 +184,7 @@ class PPO(torch.nn.Module):
         self._check(batch)
         adv, returns, kl = self.advantages(batch)
         mask = _sample_tokens(batch)
-        n = sample_token_count(batch)
+        n = batch.sample_token_count()
         if n is None:
             raise ValueError(
                 f"PPO's token mean over the step on a micro-batch of {len(batch.groups)} of the step's "

@@ -1,0 +1,29 @@
+"""A config's training and held-out examples: the demo task's splits or a JSONL file's."""
+
+from __future__ import annotations
+
+from . import demo_task
+from .examples import DataError, Example, load_jsonl
+
+
+def load_examples(cfg) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples of a TrainConfig's ``data`` and ``eval_data``.
+
+    ``eval_data`` unset: the demo's own held-out set for demo data, else the
+    last ``eval_size`` examples of the data file (removed from training).
+    """
+    held_out = None
+    if cfg.data == "demo":
+        train, held_out = demo_task.make_splits(cfg.demo_train_size, cfg.eval_size, cfg.seed)
+    else:
+        train = load_jsonl(cfg.data)
+    if cfg.eval_data == "demo":
+        held_out = demo_task.make_splits(0, cfg.eval_size, cfg.seed)[1]
+    elif cfg.eval_data is not None:
+        held_out = load_jsonl(cfg.eval_data)[: cfg.eval_size]
+    elif held_out is None:
+        if len(train) < 2:
+            raise DataError(f"{cfg.data} has {len(train)} example(s): too few to hold some out")
+        k = min(cfg.eval_size, len(train) // 2)
+        train, held_out = train[:-k], train[-k:]
+    return train, held_out

@@ -1,0 +1,70 @@
+"""Rollout: which prompts a step trains on, sampling G completions of each and scoring them and the prompt's
+reference answer with the reward."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data import Example
+from ..eval import rewards
+from ..models import generation
+from ..models.generation import encode_prompt, encode_reference
+from .batch import Rollout
+
+
+class PromptOrder:
+    """The P examples of each step (1-based): consecutive slices of per-epoch permutations seeded by (seed, epoch),
+    so a resumed run sees the same prompts."""
+
+    def __init__(self, examples: list[Example], per_step: int, seed: int):
+        self.examples, self.per_step, self.seed = examples, per_step, seed
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, step: int) -> list[Example]:
+        n, P = len(self.examples), self.per_step
+        out = []
+        for i in range((step - 1) * P, step * P):
+            epoch, pos = divmod(i, n)
+            out.append(self.examples[self._permutation(epoch)[pos]])
+        return out
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        return self._cache[1]
+
+
+def sample_and_score(policy, tokenizer, examples: list[Example], reward, cfg, step: int, rank: int, rejected: str):
+    """Sample G completions per prompt (seeded by step and rank, so a resumed run samples the same), then score
+    them and each prompt's reference answer; a :class:`Rollout` with rewards (P, G+1), the reference's last.
+
+    dpo on the data's preference pairs (``rejected == "data"``) samples nothing: each group's one completion
+    (G = 1) is the example's rejected answer, ended by eos like the reference.
+    """
+    G = cfg.group_size
+    prompt_ids = [encode_prompt(tokenizer, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
+    if rejected == "data":
+        G, texts = 1, [ex.rejected for ex in examples]
+        sampled = [encode_reference(tokenizer, text) for text in texts]
+    else:
+        torch.manual_seed(cfg.seed * 1_000_003 + step + 1_000_000_007 * rank)
+        sampled = policy.generate(
+            tokenizer,
+            prompt_ids,
+            num_return=G,
+            sample=True,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        texts = generation.decode(tokenizer, sampled)
+    prompts, refs = [ex.prompt for ex in examples], [ex.reference for ex in examples]
+    sample_rewards = rewards.score(
+        reward, [p for p in prompts for _ in range(G)], texts, [r for r in refs for _ in range(G)]
+    )
+    ref_rewards = rewards.score(reward, prompts, refs, refs)
+    r = torch.tensor(sample_rewards, dtype=torch.float32).view(len(examples), G)
+    r = torch.cat([r, torch.tensor(ref_rewards, dtype=torch.float32)[:, None]], dim=1)
+    completion_ids = [sampled[p * G : (p + 1) * G] + [encode_reference(tokenizer, ref)] for p, ref in enumerate(refs)]
+    completions = [texts[p * G : (p + 1) * G] for p in range(len(examples))]
+    return Rollout(prompt_ids, completion_ids, r, completions)

@@ -1,0 +1,70 @@
+"""What a run starts from: its model and tokenizer (fresh, LoRA-wrapped, a checkpoint's), the frozen starting
+model a loss may compare against, and the check that a run can be resumed with the settings given."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from .. import config, models
+from ..config import ConfigError
+from . import checkpoint, run_dir
+
+
+def fresh_model(cfg, rt) -> tuple:
+    """(model, tokenizer, initial model) of a new run: the config's model on ``rt.device``, under LoRA its adapters
+    over the base; the initial model is what ``initial/`` holds for the demo (the full-weight base under LoRA)."""
+    model, tokenizer = models.load(cfg.model, cfg.tokenizer, cfg.model_overrides, rt, cfg.seed, cfg.trust_remote_code)
+    initial = model
+    if cfg.lora_rank:
+        if cfg.model == models.TINY_MOE:  # tiny by construction: keep the full-weight base for initial/
+            initial = copy.deepcopy(model)
+        model = models.add_lora(
+            model.to(models.lora_base_dtype(cfg.lora_base_dtype, rt.device)),
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            config.lora_targets(cfg),
+            cfg.seed,
+        )
+    return model, tokenizer, initial
+
+
+def frozen_start(cfg, rt) -> torch.nn.Module:
+    """The frozen starting policy, for losses that compare against it (DPO, GRPO's KL, PPO): loaded afresh from the
+    config, so a resumed run gets the same one."""
+    model, _ = models.load(cfg.model, cfg.tokenizer, cfg.model_overrides, rt, cfg.seed, cfg.trust_remote_code)
+    return model.eval().requires_grad_(False)
+
+
+def checkpoint_model(directory: Path, cfg, rt):
+    """A checkpoint's model: the whole model, or (LoRA) its adapter on the frozen base the run started from
+    (``initial/`` for the demo, else ``cfg.model``)."""
+    if not models.is_adapter(directory):
+        return models.load_model(directory, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
+    base_dir = Path(cfg.output_dir) / run_dir.INITIAL if cfg.model == models.TINY_MOE else cfg.model
+    base = models.load_model(base_dir, rt.attn_implementation, cfg.trust_remote_code)
+    base = base.to(rt.device, models.lora_base_dtype(cfg.lora_base_dtype, rt.device))
+    return models.load_adapter(base, directory, trainable=True)
+
+
+def check_resumable(cfg) -> None:
+    """ConfigError unless the run in ``cfg.output_dir`` has a checkpoint and its saved settings, and ``cfg`` changes
+    nothing it computes (only the resume-safe keys)."""
+    directory = Path(cfg.output_dir)
+    if not checkpoint.step_dirs(directory):
+        raise ConfigError(f"--resume: no checkpoint in {directory / checkpoint.CHECKPOINTS}")
+    saved = directory / run_dir.CONFIG
+    if not saved.is_file():
+        raise ConfigError(
+            f"--resume: {saved} is missing, and without the run's settings a resumed run would silently use "
+            "others; restore the file (or start a new run with --overwrite)"
+        )
+    conflicts = config.resume_conflicts(config.load(saved), cfg)
+    if conflicts:
+        raise ConfigError(
+            f"--resume would change what the run in {directory} computes ({'; '.join(conflicts)}); "
+            "start a new run in another output_dir for that"
+        )
