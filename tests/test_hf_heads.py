@@ -220,7 +220,7 @@ def test_a_head_field_of_an_unknown_family_is_refused_by_name():
 def test_grao_plan_refuses_a_head_the_trainer_would_refuse(tmp_path):
     from transformers import LlamaConfig
 
-    from grao import plan
+    from grao.tools import plan
 
     LlamaConfig(
         output_multiplier=2.0, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
