@@ -23,7 +23,6 @@ cannot run is skipped with the reason.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import gc
 import json
@@ -40,8 +39,7 @@ import torch
 
 import grao_kernels
 from grao_kernels import backends as gk_backends
-from grao_kernels.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-from grao_kernels.reference import reference_grao, reference_linear_loss, reference_logprobs
+from grao_kernels.testing import peak_meter, reference_grao, reference_linear_loss, reference_logprobs, rel_l2
 
 OPS = ("logprobs", "grao", "entropy")  # entropy: linear_logprob_loss with an entropy bonus
 K = 4  # sequences per GRAO group: G = 3 completions and the reference answer, last
@@ -218,7 +216,7 @@ def _weighted(logp, inp):
 
 
 def _ours_fwd(m: Method, inp: dict, op: str):
-    """grao_kernels on ``m.backend``, or the eager reference (``reference.py``, full logits) when it is None."""
+    """grao_kernels on ``m.backend``, or the eager reference (``grao_kernels.testing``, full logits) when it is None."""
     h, w, t, S, T, naive = inp["hidden"], inp["weight"], inp["targets"], inp["S"], inp["T"], m.backend is None
     if op == "logprobs":
         lp = reference_logprobs(h, w, t) if naive else grao_kernels.fused_linear_logprobs(h, w, t, backend=m.backend)
@@ -370,7 +368,7 @@ def _sketch(value, dh, dw) -> dict:
 
 
 def oracle(shape: Shape, op: str, dtype: str = "float64") -> dict:
-    """Sketch of ``op`` by ``reference.py`` in row chunks (no (N, V) float64 exists), computed in ``dtype``.
+    """Sketch of ``op`` by ``grao_kernels.testing`` in row chunks (no (N, V) float64 exists), computed in ``dtype``.
 
     float64: the truth. The inputs' dtype: eager PyTorch's own rounding (logits GEMM in that dtype, softmax in
     float32, gradients returned in that dtype), the gate's yardstick, without the full logits' memory.
@@ -395,37 +393,7 @@ def oracle(shape: Shape, op: str, dtype: str = "float64") -> dict:
     return _sketch(value, torch.cat(dh), dw.to(dt))
 
 
-def rel_l2(a, b) -> float:
-    den = float((b**2).sum()) ** 0.5
-    num = float(((a - b) ** 2).sum()) ** 0.5
-    return num / den if den else num
-
-
 # memory: one probe, run in a fresh process on CPU
-
-
-def peak_meter(device: str) -> Callable[[], int]:
-    """Start a measurement: the returned function gives the peak memory above the present state so far.
-
-    GPU: ``torch.cuda.max_memory_allocated``. CPU (in a fresh process): the RSS high-water mark, reset here, with a
-    fixed mmap threshold so that freed large blocks go back to the system and the mark tracks live allocations.
-    """
-    cuda = device.startswith("cuda")
-    sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD (glibc)
-        if not reset_peak_rss():
-            raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs): no reliable measurement")
-        base = rss_bytes()
-
-    def peak() -> int:
-        sync(device)
-        return (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
-
-    return peak
 
 
 def probe(key: str, op: str, shape: Shape, budget: int | None = None) -> dict:

@@ -264,7 +264,7 @@ How to read these numbers:
   forward+backward step. **working memory** leaves out the returned gradients (the same for every method): the
   larger of the forward's peak and the step's peak less the gradients (`grao_loss` and Liger's GRPO loss hold
   the finished gradients from their forward on, so their forward's peak is taken less the gradients too).
-- Every method is first checked against the float64 oracle (`grao_kernels/reference.py`): the relative L2 error
+- Every method is first checked against the float64 oracle (`grao_kernels.testing`): the relative L2 error
   of its log-probs (or loss) and of dH and dW (estimated on a random projection) must be at most 2× that of
   eager PyTorch in the inputs' dtype (the same reference, row by row) + 1e-3, or the case fails unrecorded.
 - Peers: Cut Cross-Entropy's `linear_cross_entropy(..., reduction="none")` (= −log-probs; on CPU only its

@@ -21,8 +21,8 @@ import torch
 from utils import assert_close
 
 from grao_kernels.backends import native_backend
-from grao_kernels.reference import reference_logprobs, reference_lse
 from grao_kernels.settings import settings
+from grao_kernels.testing import reference_logprobs, reference_lse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def make_case(N, H, V, *, bias, ignore_every=3, dtype=torch.float32):
 
 
 def oracle(h, w, b, t, c, ec, head):
-    """float64 (logp, lse, entropy) and the gradients of sum c logp + sum ec ent, from reference.py."""
+    """float64 (logp, lse, entropy) and the gradients of sum c logp + sum ec ent, from grao_kernels.testing."""
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     b = None if b is None else b.clone().requires_grad_()
     logp, ent = reference_logprobs(h, w, t, bias=b, return_entropy=True, **head)

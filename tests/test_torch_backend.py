@@ -11,7 +11,7 @@ from utils import grads, leaves, make_batch, rel_l2
 import grao_kernels
 from grao_kernels.backends import torch_backend
 from grao_kernels.backends.torch_backend import plan_blocks
-from grao_kernels.reference import reference_grao, reference_logprobs
+from grao_kernels.testing import reference_grao, reference_logprobs
 
 SMALL = 2**20
 

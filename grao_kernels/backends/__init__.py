@@ -3,7 +3,7 @@
 A backend is a module in this package (``<name>_backend.py``) exposing three
 functions. Every array argument arrives 2-D/1-D and contiguous from the
 autograd layer; no backend validates user input (``api.py`` does) and no
-backend imports ``reference.py``.
+backend imports ``grao_kernels.testing``.
 
 The logits of a head (:class:`Head`)::
 
