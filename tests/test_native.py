@@ -320,6 +320,16 @@ def test_plan_blocks_fill_the_budget_within_the_row_bounds(V, H, budget_mib):
     assert rows == hi or (rows + 16) * per_row > budget
 
 
+def test_build_dir_follows_the_setting(monkeypatch, tmp_path):
+    """``settings.native_build_dir`` (``$GRAO_KERNELS_BUILD_DIR`` at import) is where the library is looked up and
+    built; without it, the user's cache directory."""
+    monkeypatch.setattr(settings, "native_build_dir", str(tmp_path / "builds"))
+    assert native_backend.build_dir() == tmp_path / "builds"
+    monkeypatch.setattr(settings, "native_build_dir", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert native_backend.build_dir() == tmp_path / "cache" / "grao_kernels"
+
+
 def _run_python(code: str, env_update: dict[str, str]) -> dict:
     env = {**os.environ, **env_update}
     env.pop("GRAO_KERNELS_BACKEND", None)

@@ -26,13 +26,16 @@ def test_plan_tiles_the_vocabulary_only_when_needed():
     assert three[0] < one[0] and three[0] * 32768 * 14 <= 64 * 2**20
 
 
-def test_budget_must_be_sane():
+def test_budget_must_be_sane(monkeypatch):
     with pytest.raises(ValueError, match="at least 1 MiB"):
         grao_kernels.fused_linear_logprobs(
             torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), backend="torch", memory_budget=1000
         )
-    with pytest.warns(FutureWarning, match="settings.memory_budget"), pytest.raises(ValueError, match="at least 1 MiB"):
-        grao_kernels.set_memory_budget(1000)
+    monkeypatch.setattr(grao_kernels.settings, "memory_budget", 1000)
+    with pytest.raises(ValueError, match=r"settings.memory_budget must be at least 1 MiB"):
+        grao_kernels.fused_linear_logprobs(
+            torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), backend="torch"
+        )
 
 
 def test_per_call_budget_wins_over_the_setting_which_wins_over_the_default(monkeypatch):

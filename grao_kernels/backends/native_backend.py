@@ -9,7 +9,8 @@ data), so a wheel install builds the same library as a source checkout.
 
 Nothing is compiled at import: the first ``unavailable_reason(cpu)`` builds
 (about a minute) or loads the cached library. Where the build goes:
-``$GRAO_KERNELS_BUILD_DIR``, else ``$XDG_CACHE_HOME/grao_kernels``, else
+``settings.native_build_dir`` (``$GRAO_KERNELS_BUILD_DIR`` at import; an
+assignment counts until the library is first loaded), else ``$XDG_CACHE_HOME/grao_kernels``, else
 ``~/.cache/grao_kernels``; one sub-directory per build key, the hash of what
 the library depends on: the sources, the flags (CPU capability included), the
 torch and Python versions, the compiler's identity (its ``--version``) and the
@@ -109,10 +110,10 @@ def _build_name(key: dict[str, object]) -> str:
 
 
 def build_dir() -> Path:
-    """The directory holding the compiled extensions."""
-    root = os.environ.get("GRAO_KERNELS_BUILD_DIR")
-    if root:
-        return Path(root)
+    """The directory holding the compiled extensions: ``settings.native_build_dir`` (``$GRAO_KERNELS_BUILD_DIR``
+    at import), else the user's cache directory."""
+    if settings.native_build_dir:
+        return Path(settings.native_build_dir)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "grao_kernels"
 
