@@ -1,11 +1,12 @@
-"""Native CPU backend: the C++ kernels in ``grao_kernels/csrc/``, compiled on first use.
+"""Native CPU backend: the C++ kernels in ``csrc/``, compiled on first use.
 
 Launcher only: it compiles and loads the extension (``torch.utils.cpp_extension``),
 registers fake implementations of the ``grao_native::`` ops so
 ``torch.compile`` traces through them, picks the block sizes and calls the
 ops. The kernels, their schedule and the FLOP/byte floor are described in
-``csrc/linear_logprobs_cpu.h``. The sources ship inside the package (package
-data), so a wheel install builds the same library as a source checkout.
+``csrc/linear_logprobs_cpu.h``. The sources live in ``csrc/`` at the top of
+a checkout and ship inside the wheel as ``grao_kernels/csrc/`` (package data),
+so a wheel install builds the same library as a source checkout.
 
 Nothing is compiled at import: the first ``unavailable_reason(cpu)`` builds
 (about a minute) or loads the cached library. Where the build goes:
@@ -41,9 +42,23 @@ import torch
 from ..settings import settings
 from . import Head, Stats
 
-_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _SOURCES = ("grao_cpu.cpp",)
 _HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
+
+
+def _find_csrc() -> Path:
+    """The kernel sources: ``grao_kernels/csrc/`` in an installed wheel, else ``csrc/`` next to the package in a
+    checkout (also under an editable install); the first that holds them all, else the wheel's location (a
+    missing source is reported when the backend is first loaded)."""
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package / "csrc", package.parent / "csrc")
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
+            return candidate
+    return candidates[0]
+
+
+_CSRC = _find_csrc()
 _LDFLAGS = ("-fopenmp",)
 
 # Working memory of a call (``budget``) when neither the call nor the settings
