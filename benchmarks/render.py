@@ -293,8 +293,9 @@ def splice(md_path: str, name: str, text: str) -> None:
 
 
 COMPARE_NOTES = (
-    "Forward+backward. **× floor**: median over repetitions of method time / the three full-size GEMMs (logits "
-    "`h·Wᵀ`, `dZ·W`, `dZᵀ·h`; 6·N·V·H FLOPs) timed back to back in the same repetition of one process; the CPU-time "
+    "Forward+backward. **× floor**: median over repetitions of method time / the three GEMMs over the computed "
+    "(non-ignored) rows (logits `h·Wᵀ`, `dZ·W`, `dZᵀ·h`; 6·rows·V·H FLOPs) timed back to back in the same repetition "
+    "of one process, their buffers freed before the methods run; the CPU-time "
     "column uses process CPU time, less sensitive to other load on shared cores. **peak extra**: peak memory above "
     "the inputs ({memory}), including the returned gradients; **workspace** = peak extra minus those gradients, "
     "also as a share of the fp32 logits. **err**: relative L2 error against the float64 oracle (dH, dW estimated on "
@@ -322,6 +323,7 @@ def compare_markdown(data: dict, title: str) -> str:
         sh = res["shape"]
         N, V, H = sh["N"], sh["V"], sh["H"]
         logits, grads = N * V * 4, res.get("grad_bytes") or 0
+        rows = res.get("floor_rows", N)  # results written before the floor counted only the computed rows: all N
         naive = "; ".join(
             f"{op}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for op, e in res.get("eager_errors", {}).items()
         )
@@ -345,7 +347,8 @@ def compare_markdown(data: dict, title: str) -> str:
             f"### N={N:,}, H={H:,}, V={V:,}, {sh['dtype']}"
             + (f", {sh['ignored']:.0%} ignored targets" * bool(sh["ignored"])),
             "",
-            f"Floor {fmt_time(res['floor_s'])} ({6 * N * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
+            f"Floor {fmt_time(res['floor_s'])} over the {rows:,} computed (non-ignored) rows "
+            f"({6 * rows * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
             f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; eager PyTorch's own errors in this dtype: {naive or '–'}."
             + (f" Command: `{res['command']}`." if res.get("command") else ""),
             "",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import gc
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import sys
 
 import torch
 
@@ -20,8 +22,8 @@ def probe(key: str, op: str, shape: Shape, budget: int | None = None) -> dict:
     """Peak memory (``peak_meter``) above the inputs of one forward and of forward+backward, and the sketch."""
     m = METHODS[key]
     with _settings({} if budget is None else {"memory_budget": budget}):
-        warm_up(m, op, shape)
         inp = make_inputs(shape)
+        warm_up(m, op, shape, inp)  # autotuning, compilation and lazy imports stay out of the measurement
         gc.collect()
         peak = peak_meter(shape.device)
         value, loss = m.forward(inp, op)
@@ -63,6 +65,17 @@ def _forkserver():
     preload = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "grao_kernels", "harness", "grao.trainer"]
     preload += ["cut_cross_entropy", "liger_kernel.chunked_loss", "trl.kernels.chunked_logprob", "trl.trainer.utils"]
     ctx.set_forkserver_preload(preload)
+    # The server is a new interpreter that does not get this one's sys.path (Python < 3.13 ignores it): without
+    # this, a checkout run without installing (benchmarks/gpu/check.py) would import another grao_kernels, or none.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     return ctx
 
 

@@ -114,7 +114,9 @@ def _ours_skip(m: Method, shape: Shape) -> str | None:
     return None
 
 
-def _cce(m: Method, inp: dict, op: str):
+def _cce(m: Method, inp: dict, op: str, **kw):
+    """Cut Cross-Entropy as it ships: its kernel skips the gradient blocks whose softmax is below the dtype's
+    resolution (``filter_eps="auto"``, its default)."""
     from cut_cross_entropy import linear_cross_entropy
 
     # On CPU only the torch.compile implementation runs, and it materialises the logits. Compile one
@@ -122,8 +124,19 @@ def _cce(m: Method, inp: dict, op: str):
     impl = "cce" if inp["hidden"].is_cuda else "torch_compile"
     if impl == "torch_compile":
         torch._dynamo.config.assume_static_by_default = False
-    nll = linear_cross_entropy(inp["hidden"], inp["weight"], inp["targets"], reduction="none", impl=impl)
+    nll = linear_cross_entropy(inp["hidden"], inp["weight"], inp["targets"], reduction="none", impl=impl, **kw)
     return _weighted(-nll, inp)
+
+
+def _cce_unfiltered(m: Method, inp: dict, op: str):
+    """Cut Cross-Entropy computing every gradient block (``filter_eps=None``), as the logits-free methods here do."""
+    return _cce(m, inp, op, filter_eps=None)
+
+
+def _cce_unfiltered_skip(m: Method, shape: Shape) -> str | None:
+    if shape.device == "cpu":
+        return "gradient filtering is part of Cut Cross-Entropy's GPU kernel; on CPU it has none to turn off"
+    return None
 
 
 TRL_CHUNK = 32768  # TRL's trainer calls the function with this chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
@@ -194,12 +207,20 @@ METHODS: dict[str, Method] = {
     for m in [
         _ours("torch"),
         _ours("native"),
-        # The chunked sweep within its 1 GiB workspace goal; the fused one at a small budget (its workspace
-        # does not grow with V, and a small budget keeps "auto" choices out of its way).
-        _ours("triton", "chunked", memory_budget=2**30),
-        _ours("triton", "fused", memory_budget=64 * 2**20),
+        # Both sweeps at the same working-memory budget: the call's, else settings.memory_budget, else the
+        # backend's default (1 GiB); the GPU check sets one budget for every grao_kernels method.
+        _ours("triton", "chunked"),
+        _ours("triton", "fused"),
         Method("naive", "naive PyTorch (eager, full logits)", OPS, _ours_fwd),
-        Method("cce", "Cut Cross-Entropy", ("logprobs",), _cce, needs="cut_cross_entropy"),
+        Method("cce", "Cut Cross-Entropy (gradient filtering)", ("logprobs",), _cce, needs="cut_cross_entropy"),
+        Method(
+            "cce_nofilter",
+            "Cut Cross-Entropy (no gradient filtering)",
+            ("logprobs",),
+            _cce_unfiltered,
+            skip=_cce_unfiltered_skip,
+            needs="cut_cross_entropy",
+        ),
         Method("trl", "TRL chunked log-prob", ("logprobs",), _trl, needs="trl.kernels.chunked_logprob"),
         Method("liger_flce", "Liger fused linear CE", ("logprobs",), _liger_flce, skip=_liger_flce_skip, needs=LF),
         Method("liger_grpo", "Liger fused linear GRPO", ("grao",), _liger_grpo, needs="liger_kernel.chunked_loss"),
@@ -211,8 +232,12 @@ def methods_for(op: str) -> list[Method]:
     return [m for m in METHODS.values() if op in m.ops]
 
 
-def warm_up(m: Method, op: str, shape: Shape) -> None:
-    """One call on a tiny problem: thread pools, lazy imports, compilation and autotuning happen here, untimed."""
-    inp = make_inputs(Shape(shape.device, K * 2 * 8, 512, 64, shape.dtype), seed=1)
-    m.run(inp, op)
+def warm_up(m: Method, op: str, shape: Shape, inp: dict | None = None) -> None:
+    """Untimed and unmeasured calls: thread pools, lazy imports and compilation happen in one on a tiny problem;
+    on a GPU, one more on ``inp`` (the measured inputs at ``shape``, when given) runs the autotuners, which key on the
+    shape and allocate while they try configurations."""
+    tiny = make_inputs(Shape(shape.device, K * 2 * 8, 512, 64, shape.dtype), seed=1)
+    m.run(tiny, op)
+    if inp is not None and shape.device != "cpu":
+        m.run(inp, op)
     sync(shape.device)

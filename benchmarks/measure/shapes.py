@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -50,6 +51,14 @@ def shape_skip_reason(shape: Shape) -> str | None:
 
 
 # the one input factory
+
+
+@functools.cache
+def computed_rows(shape: Shape) -> int:
+    """The rows whose target is not ignored in ``make_inputs(shape)``: the rows every method computes."""
+    if not shape.ignored:
+        return shape.N
+    return int(make_inputs(shape)["valid"].sum())
 
 
 def layout(N: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import os
 import torch
 
 from .device import device_name, sync
-from .floor import floor_all, floor_gemms, floor_times
+from .floor import floor_all, floor_times, release
 from .gate import check
 from .methods import METHODS, methods_for, warm_up
 from .shapes import CPU_SHAPES, GPU_SHAPES, Shape, make_inputs, shape_skip_reason
@@ -67,13 +67,13 @@ def run_case(benchmark, op: str, key: str, mode: str, shape: Shape) -> None:
 
 def _time_case(benchmark, op, m, mode, shape, mem, errs) -> None:
     floor = floor_times(shape)
-    floor_gemms.cache_clear()  # the floor's (N, V) operands are not needed past this point
-    warm_up(m, op, shape)
+    release()  # the floor's (rows, V) operands are not needed past this point
     if shape not in _inputs:
         _inputs.clear()
         gc.collect()
         _inputs[shape] = make_inputs(shape)
     inp, dev = _inputs[shape], shape.device
+    warm_up(m, op, shape, inp)
 
     def forward():
         out = m.forward(inp, op)
@@ -116,10 +116,12 @@ def run_floor(benchmark, shape: Shape) -> None:
     reason = shape_skip_reason(shape)
     if reason:
         pytest.skip(reason)
-    floor, fn = floor_times(shape), floor_all(shape)
+    floor = floor_times(shape)
     n_rounds, n_warm = rounds(shape.device)
-    benchmark.pedantic(lambda: (fn(), sync(shape.device)), rounds=n_rounds, warmup_rounds=n_warm, iterations=1)
-    floor_gemms.cache_clear()
+    benchmark.pedantic(
+        lambda: (floor_all(shape)(), sync(shape.device)), rounds=n_rounds, warmup_rounds=n_warm, iterations=1
+    )
+    release()
     if benchmark.stats is None:
         return
     info = dict(op="floor", method="gemm_floor", label="GEMM floor (logits, dH, dW)", kind="floor", peak_mem_bytes=None)
