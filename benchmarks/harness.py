@@ -27,6 +27,7 @@ from measure.shapes import CPU_SHAPES, GPU_SHAPES, OPS, Shape, layout, make_inpu
 from measure.suite import MODES, cases, rounds, run_case, run_floor  # noqa: E402
 from measure.timing import compare  # noqa: E402
 
+from grao_kernels import backends as gk_backends  # noqa: E402
 from grao_kernels.testing import peak_meter, rel_l2  # noqa: E402
 
 __all__ = [
@@ -87,6 +88,11 @@ def main(argv=None) -> int:
     budget = None if args.budget_mb is None else int(args.budget_mb * 2**20)
     res = probe(key, "entropy" if args.entropy else args.op, Shape("cpu", args.N, args.V, args.H), budget)
     res["extra_bytes"] = res["peak_full"] - res["grad_bytes"]
+    if not args.naive:  # what the backend says the call allocates beyond its inputs and outputs
+        op_entropy = args.entropy or args.op == "entropy"
+        res["workspace_bytes"] = gk_backends.workspace_bytes(
+            args.backend, args.N, args.V, args.H, entropy=op_entropy, grad=True, budget=budget
+        )
     print(json.dumps({k: v for k, v in res.items() if not hasattr(v, "shape")}))
     return 0
 

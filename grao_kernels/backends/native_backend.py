@@ -295,6 +295,52 @@ def plan_blocks(V: int, H: int, one_sweep: bool, budget: int) -> tuple[int, int]
     return int(rows), int(settings.native_tile_vocab)
 
 
+def workspace_bytes(
+    rows: int,
+    V: int,
+    H: int,
+    *,
+    hidden_dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
+    bias: bool = False,
+    head: Head | None = None,
+    entropy: bool = False,
+    grad: bool = True,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    stats: bool = False,
+    budget: int | None = None,
+    threads: int | None = None,
+) -> int:
+    """Bytes of working memory one call allocates beyond its inputs and what it returns (statistics, gradients).
+
+    Arguments as in ``torch_backend.workspace_bytes``; ``threads``: OpenMP threads (default
+    ``torch.get_num_threads()``). The buffers of ``csrc/linear_logprobs_cpu.h`` at the blocks of
+    :func:`plan_blocks`: one row block of float32 logits (the one-sweep gradient, without ``stats``) or one
+    (rows x tile) logits tile per thread; one float32 weight tile per thread for a bfloat16/float16 weight; the
+    dhidden partial sums (``_CHUNKS`` x rows x H float32); the per-tile softmax sums; the row block's float32
+    hidden rows; the scaled float32 bias; the index of the computed rows. ``head`` does not change it.
+    """
+    budget = settings.budget(budget, DEFAULT_BUDGET)
+    wants_grad = grad and any(needs)
+    if rows <= 0 or V <= 0:
+        return 0
+    one_sweep = wants_grad and not stats
+    R, tile = plan_blocks(V, H, one_sweep=one_sweep, budget=budget)
+    R, VT = min(R, rows), max(1, min(tile, V))
+    n_tiles = -(-V // VT)
+    threads = threads or torch.get_num_threads()
+    aligned = lambda n: -(-n // 16) * 16  # noqa: E731 - per-thread buffers start on 64-byte boundaries
+    total = 4 * R * V if one_sweep else 4 * threads * aligned(R * VT)
+    if (weight_dtype or hidden_dtype) != torch.float32:
+        total += 4 * threads * aligned(VT * H)
+    if wants_grad and needs[0]:
+        total += 4 * min(_CHUNKS, n_tiles) * R * H
+    if not (wants_grad and stats):
+        total += 4 * n_tiles * R * (3 if entropy else 2)
+    total += 4 * R * H + (4 * V if bias else 0) + 8 * rows
+    return int(total)
+
+
 def _softcap(head: Head) -> float | None:
     return None if head.softcap is None else float(head.softcap)
 

@@ -9,11 +9,12 @@ Not imported by the production path (``import grao_kernels`` does not load it):
 - comparisons against them: :func:`rel_l2`, :func:`assert_close` (reports how many elements mismatch and the
   worst one), :func:`assert_within_torch_error` (a low-precision result against PyTorch's own error);
 - peak memory of a call: :func:`peak_meter` (``torch.cuda.max_memory_allocated`` on a GPU, the resident-set
-  high-water mark on CPU).
+  high-water mark on CPU), and :class:`TensorBytes`, the bytes of the tensors it allocates (to check a
+  backend's ``workspace_bytes``).
 """
 
 from .assertions import assert_close, assert_within_torch_error, rel_l2
-from .memory import peak_meter, peak_rss_bytes, reset_peak_rss, rss_bytes
+from .memory import TensorBytes, peak_meter, peak_rss_bytes, reset_peak_rss, rss_bytes
 from .reference import (
     reference_advantages,
     reference_grao,
@@ -24,6 +25,7 @@ from .reference import (
 )
 
 __all__ = [
+    "TensorBytes",
     "assert_close",
     "assert_within_torch_error",
     "peak_meter",

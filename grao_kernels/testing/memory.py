@@ -1,4 +1,5 @@
-"""Peak memory of a call: ``peak_meter`` on either device, and the resident-set probes it uses on CPU (Linux).
+"""Peak memory of a call: ``peak_meter`` on either device, the resident-set probes it uses on CPU (Linux), and
+``TensorBytes``, which counts the bytes of the tensors a call allocates (what a workspace formula predicts).
 
 CPU tensors have no allocator statistics like ``torch.cuda.max_memory_allocated``;
 the kernel's resident-set high-water mark (VmHWM) stands in for them. It must be
@@ -9,9 +10,12 @@ child of a large process would start with its parent's peak.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _status_kib(field: str) -> int:
@@ -68,3 +72,40 @@ def peak_meter(device: str) -> Callable[[], int]:
         return peak_rss_bytes() - base
 
     return peak
+
+
+class TensorBytes(TorchDispatchMode):
+    """Within ``with TensorBytes(*inputs) as meter:``, the bytes of tensor storage allocated by the ATen ops run
+    in the block and still alive (``meter.live``) and their high-water mark (``meter.peak``).
+
+    A storage counts once, from the op that first returns it until it is freed; the storages of ``known`` (the
+    inputs) and of tensors created before the block are never counted (a view of an input is not an allocation).
+    Memory that C++ code allocates inside one op without returning it (a native kernel's scratch, BLAS packing)
+    is invisible here: the resident-set probe (:func:`peak_meter`) measures that.
+    """
+
+    def __init__(self, *known: torch.Tensor | None):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._ignored = {t.untyped_storage().data_ptr() for t in known if t is not None}
+        self._counted: set[int] = set()
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        self._counted.discard(ptr)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or ptr in self._ignored or ptr in self._counted:
+                continue
+            self._counted.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, ptr, nbytes)
+        return out
