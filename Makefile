@@ -14,7 +14,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 # verl is installed without its dependencies: it pins transformers<5.11 and pulls ray[default], wandb,
 # tensorboard and peft, none of which grao_kernels.integrations.verl imports (it needs verl's core_algos,
 # protocol and trainer module, whose imports the integrations extra installs).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/pip install -q --disable-pip-version-check "setuptools>=69" wheel

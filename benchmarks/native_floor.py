@@ -3,7 +3,7 @@
 usage: python benchmarks/native_floor.py [--reps 3] [--shapes issue|first|second|small] [--no-write]
 
 A front end of ``harness.compare``: float32, every target valid; ``native``, ``torch`` and ``naive`` eager
-(``reference.py``, full logits) on ``grao_loss``, and ``native`` and ``torch`` on ``linear_logprob_loss`` with an
+(``grao_kernels.testing``, full logits) on ``grao_loss``, and ``native`` and ``torch`` on ``linear_logprob_loss`` with an
 entropy bonus (``entropy_coef``) against naive eager. Every method passes the float64 oracle gate first; the
 floor and the methods run back to back in each repetition (ratios per repetition, median reported); memory comes
 from the harness's fresh-process probe. Writes benchmarks/native_floor.json and the ``native`` region of

@@ -264,7 +264,7 @@ How to read these numbers:
   forward+backward step. **working memory** leaves out the returned gradients (the same for every method): the
   larger of the forward's peak and the step's peak less the gradients (`grao_loss` and Liger's GRPO loss hold
   the finished gradients from their forward on, so their forward's peak is taken less the gradients too).
-- Every method is first checked against the float64 oracle (`grao_kernels/reference.py`): the relative L2 error
+- Every method is first checked against the float64 oracle (`grao_kernels.testing`): the relative L2 error
   of its log-probs (or loss) and of dH and dW (estimated on a random projection) must be at most 2× that of
   eager PyTorch in the inputs' dtype (the same reference, row by row) + 1e-3, or the case fails unrecorded.
 - Peers: Cut Cross-Entropy's `linear_cross_entropy(..., reduction="none")` (= −log-probs; on CPU only its
@@ -293,8 +293,9 @@ def splice(md_path: str, name: str, text: str) -> None:
 
 
 COMPARE_NOTES = (
-    "Forward+backward. **× floor**: median over repetitions of method time / the three full-size GEMMs (logits "
-    "`h·Wᵀ`, `dZ·W`, `dZᵀ·h`; 6·N·V·H FLOPs) timed back to back in the same repetition of one process; the CPU-time "
+    "Forward+backward. **× floor**: median over repetitions of method time / the three GEMMs over the computed "
+    "(non-ignored) rows (logits `h·Wᵀ`, `dZ·W`, `dZᵀ·h`; 6·rows·V·H FLOPs) timed back to back in the same repetition "
+    "of one process, their buffers freed before the methods run; the CPU-time "
     "column uses process CPU time, less sensitive to other load on shared cores. **peak extra**: peak memory above "
     "the inputs ({memory}), including the returned gradients; **workspace** = peak extra minus those gradients, "
     "also as a share of the fp32 logits. **err**: relative L2 error against the float64 oracle (dH, dW estimated on "
@@ -322,6 +323,7 @@ def compare_markdown(data: dict, title: str) -> str:
         sh = res["shape"]
         N, V, H = sh["N"], sh["V"], sh["H"]
         logits, grads = N * V * 4, res.get("grad_bytes") or 0
+        rows = res.get("floor_rows", N)  # results written before the floor counted only the computed rows: all N
         naive = "; ".join(
             f"{op}: " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()) for op, e in res.get("eager_errors", {}).items()
         )
@@ -345,7 +347,8 @@ def compare_markdown(data: dict, title: str) -> str:
             f"### N={N:,}, H={H:,}, V={V:,}, {sh['dtype']}"
             + (f", {sh['ignored']:.0%} ignored targets" * bool(sh["ignored"])),
             "",
-            f"Floor {fmt_time(res['floor_s'])} ({6 * N * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
+            f"Floor {fmt_time(res['floor_s'])} over the {rows:,} computed (non-ignored) rows "
+            f"({6 * rows * V * H / res['floor_s'] / 1e12:.2f} TFLOP/s); fp32 logits "
             f"would be {fmt_mib(logits)}; gradients {fmt_mib(grads)}; eager PyTorch's own errors in this dtype: {naive or '–'}."
             + (f" Command: `{res['command']}`." if res.get("command") else ""),
             "",

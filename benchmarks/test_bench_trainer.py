@@ -1,7 +1,7 @@
 """One GRAO training step of ``grao.Trainer``: generation, forward+backward, optimizer; grao_loss vs full logits.
 
 The "full logits" variant runs the same step with the loss computed by the eager reference (``lm_head`` logits
-materialised, ``grao_kernels.reference.reference_grao``) in place of ``grao_loss``. Peak memory is that of one
+materialised, ``grao_kernels.testing.reference_grao``) in place of ``grao_loss``. Peak memory is that of one
 step in a fresh process (CPU: RSS high-water mark; GPU: ``torch.cuda.max_memory_allocated``), above the state
 after a first, untimed step (model, optimizer state and allocator warm).
 
@@ -17,7 +17,9 @@ import tempfile
 
 import pytest
 import torch
-from harness import device_name, fresh, import_error, peak_meter, rounds, timed
+from harness import device_name, fresh, import_error, rounds, timed
+
+from grao_kernels.testing import peak_meter
 
 VARIANTS = ("grao_loss", "full_logits")
 PHASES = ("generation_s", "fwd_bwd_s", "optimizer_s")
@@ -42,7 +44,7 @@ def _full_logits_loss(hidden, weight, targets, rewards, *, group_size, backend="
     """``grao_loss``'s signature over ``reference_grao`` (the remaining keywords: bias, beta, lam, logit_scale,
     softcap, ignore_index, passed through); ``backend`` is ignored."""
     from grao_kernels import GRAOOutput
-    from grao_kernels.reference import reference_grao
+    from grao_kernels.testing import reference_grao
 
     if rewards.shape[1] != group_size + 1:
         raise ValueError(f"rewards {tuple(rewards.shape)} do not hold group_size + 1 = {group_size + 1} columns")

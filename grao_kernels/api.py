@@ -632,20 +632,6 @@ def _on(coefs: GRAOCoefficients, device: torch.device) -> GRAOCoefficients:
     return coefs._replace(**{f: getattr(coefs, f).to(device) for f in coefs._fields[:5]})
 
 
-def token_coefficients(adv, targets, ignore_index, beta, lam):
-    """Flattened per-token GRAO coefficients and tokens per sequence from (P, G+1) advantages.
-
-    Kept for callers of the old helper; new code uses :func:`grao_coefficients`
-    and :meth:`GRAOCoefficients.token_coef`, which share its formula.
-    """
-    P, K = adv.shape
-    pos = torch.arange(P * K, device=adv.device)
-    samples = torch.full((P * K,), K - 1.0, dtype=torch.float64, device=adv.device)
-    coef = _sequence_coefficients(adv.reshape(-1).double(), pos // K, pos % K == K - 1, samples, P, beta, lam)
-    n = (targets != ignore_index).sum(1).float()
-    return _per_token(coef, targets, ignore_index).reshape(-1).contiguous(), n
-
-
 class GRAOLoss(torch.nn.Module):
     """Module form of :func:`grao_loss` holding its hyper-parameters."""
 

@@ -14,37 +14,32 @@ attribute                      environment variable                    meaning
 ``memory_budget``              ``GRAO_KERNELS_MEMORY_BUDGET_MB``       working-memory bound in bytes of every
                                                                        backend (None: each backend's default)
 ``native_tile_vocab``          ``GRAO_KERNELS_NATIVE_TILE_VOCAB``      vocabulary entries per native tile
-``native_build_dir``           ``GRAO_KERNELS_BUILD_DIR``              where the native extension is built
+``native_build_dir``           ``GRAO_KERNELS_BUILD_DIR``              where the native extension is built and
+                                                                       cached (None: the user's cache directory,
+                                                                       see ``backends/native_backend.py``); read
+                                                                       when the backend is first loaded
 ``triton_mode``                ``GRAO_KERNELS_TRITON_MODE``            "auto", "chunked" or "fused"
 ``triton_config``              ``GRAO_KERNELS_TRITON_CONFIG``          pinned launch config (``"BLOCK_N=64,..."``)
 =============================  ======================================  =====================================
-
-The old per-backend budget variables ``GRAO_KERNELS_TORCH_BUDGET_MB`` and
-``GRAO_KERNELS_NATIVE_BUDGET_MB`` are still read (a warning names the new one).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, fields
 
 _MIB = 2**20
 
 
-def _env_mb(name: str, *old: str) -> int | None:
-    for key in (name, *old):
-        raw = os.environ.get(key)
-        if raw is None or raw == "":
-            continue
-        if key != name:
-            warnings.warn(f"{key} is deprecated; set {name} instead", FutureWarning, stacklevel=3)
-        try:
-            value = float(raw)
-        except ValueError as exc:
-            raise ValueError(f"{key} must be a number of MiB, got {raw!r}") from exc
-        return check_budget(int(value * _MIB), key)
-    return None
+def _env_mb(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number of MiB, got {raw!r}") from exc
+    return check_budget(int(value * _MIB), name)
 
 
 def check_budget(nbytes, name: str = "memory_budget") -> int:
@@ -70,9 +65,7 @@ class Settings:
         env = os.environ.get
         return cls(
             backend=env("GRAO_KERNELS_BACKEND") or None,
-            memory_budget=_env_mb(
-                "GRAO_KERNELS_MEMORY_BUDGET_MB", "GRAO_KERNELS_TORCH_BUDGET_MB", "GRAO_KERNELS_NATIVE_BUDGET_MB"
-            ),
+            memory_budget=_env_mb("GRAO_KERNELS_MEMORY_BUDGET_MB"),
             native_tile_vocab=int(env("GRAO_KERNELS_NATIVE_TILE_VOCAB", "256")),
             native_build_dir=env("GRAO_KERNELS_BUILD_DIR") or None,
             triton_mode=env("GRAO_KERNELS_TRITON_MODE", "auto"),

@@ -10,7 +10,7 @@ from utils import FP32_VALUES, ON_DEVICE, assert_close, assert_grads_close, grad
 
 from grao_kernels import backends
 from grao_kernels.backends import Head
-from grao_kernels.reference import reference_linear_loss, reference_logprobs, reference_lse
+from grao_kernels.testing import reference_linear_loss, reference_logprobs, reference_lse
 
 HEAD = Head(temperature=0.9, logit_scale=1.5, softcap=5.0)
 HEAD_KW = HEAD._asdict()

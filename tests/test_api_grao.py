@@ -10,7 +10,7 @@ import torch
 from utils import FP32_VALUES, ON_DEVICE, assert_close, assert_grads_close, grads, leaves, make_batch, rel_l2
 
 from grao_kernels import grao_coefficients, grao_loss, group_advantages, linear_logprob_loss
-from grao_kernels.reference import reference_advantages, reference_grao
+from grao_kernels.testing import reference_advantages, reference_grao
 
 
 def shuffled_groups(completions, T, H, V, *, bias=False, device="cpu"):

@@ -9,7 +9,7 @@ import torch
 from utils import FP32_VALUES, ON_DEVICE, assert_close, assert_grads_close, grads, leaves
 
 from grao_kernels import fused_linear_logprobs, grao_loss
-from grao_kernels.reference import reference_grao, reference_logprobs
+from grao_kernels.testing import reference_grao, reference_logprobs
 
 V = 6000  # above what the torch backend holds in one tile within 1 MiB
 

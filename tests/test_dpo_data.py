@@ -22,6 +22,8 @@ from utils import (  # noqa: F401 (restore_threads_and_seed: a fixture)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
+from oracles import reference_dpo  # noqa: E402
+
 from grao import config, models  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
 from grao.data import DataError, Example, load_jsonl, parse_record, rejected_source  # noqa: E402
@@ -29,7 +31,7 @@ from grao.eval import rewards  # noqa: E402
 from grao.losses import LossBatch  # noqa: E402
 from grao.models.generation import encode_reference  # noqa: E402
 from grao.train.trainer import IGNORE_INDEX, Trainer, build_batch  # noqa: E402
-from grao_kernels.reference import reference_dpo, reference_logprobs  # noqa: E402
+from grao_kernels.testing import reference_logprobs  # noqa: E402
 
 WORDS = ["abc", "dog", "mule", "hen", "cat", "bird", "ox", "yak"]
 

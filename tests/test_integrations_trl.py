@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from grao.data import demo_task  # noqa: E402
 from grao.models import build_demo_tokenizer, tiny_moe  # noqa: E402
 from grao_kernels.integrations.trl import GRAOConfig, GRAOTrainer, head_arguments, patch_trl  # noqa: E402
-from grao_kernels.reference import reference_grao  # noqa: E402
+from grao_kernels.testing import reference_grao  # noqa: E402
 
 MAX_COMPLETION = 6
 

@@ -17,7 +17,7 @@ from verl.trainer.ppo import core_algos  # noqa: E402
 
 from grao_kernels import grao_loss  # noqa: E402
 from grao_kernels.integrations import verl as grao_verl  # noqa: E402
-from grao_kernels.reference import reference_grao  # noqa: E402
+from grao_kernels.testing import reference_grao  # noqa: E402
 
 PAD = 0
 

@@ -1,4 +1,5 @@
-"""The torch backend's working memory stays under its bound, whatever V, with and without the entropy."""
+"""The torch backend's working memory stays under its bound, whatever V, with and without the entropy; the
+backends' reported working memory (``workspace_bytes``) matches the measured peak."""
 
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ def test_bound_holds_at_262k_vocabulary(call):
     r = peak(1024, 64, 262144, *call)
     assert r["logits_bytes"] == 1024 * 262144 * 4
     assert r["extra_bytes"] < 64 * MiB, r
+    assert_reported_workspace_matches(r)
+
+
+def assert_reported_workspace_matches(r):
+    """The backend's ``workspace_bytes`` against the measured peak beyond inputs and gradients: never below it by more
+    than the O(N) outputs and library scratch (4 MiB), never above 1.6x it (the torch model's GEMM slack)."""
+    assert r["extra_bytes"] - 4 * MiB <= r["workspace_bytes"] <= 1.6 * r["extra_bytes"] + 4 * MiB, r
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_native_workspace_report_matches_the_measured_peak(call):
+    # 192 rows (the native backend's least block) of 262144 float32 logits: 192 MiB, above the 64 MiB default.
+    r = peak(1024, 64, 262144, "--backend", "native", *call)
+    assert r["workspace_bytes"] > 64 * MiB
+    assert_reported_workspace_matches(r)
 
 
 @pytest.mark.parametrize("call", CALLS)

@@ -14,19 +14,14 @@ from utils import FP32_VALUES, assert_close, assert_grads_close, assert_same_run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
+from oracles import reference_dpo, reference_grpo, reference_sft  # noqa: E402
+
 from grao import cli, config, models  # noqa: E402
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.losses import DPO, GRAO, GRPO, METHODS, SFT, LossBatch, from_config  # noqa: E402  # noqa: E402
+from grao.losses import DPO, GRAO, GRPO, METHODS, SFT, LossBatch, from_config  # noqa: E402
 from grao.train.trainer import Trainer, lr_lambda  # noqa: E402
 from grao_kernels import fused_linear_logprobs, grao_loss  # noqa: E402
-from grao_kernels.reference import (  # noqa: E402
-    reference_advantages,
-    reference_dpo,
-    reference_grao,
-    reference_grpo,
-    reference_logprobs,
-    reference_sft,
-)
+from grao_kernels.testing import reference_advantages, reference_grao, reference_logprobs  # noqa: E402
 
 P, G, T, H, V = 3, 3, 7, 8, 37  # V not a power of two; make_batch pads, ignores prompts, empties one row, ties a group
 K = G + 1

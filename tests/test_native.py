@@ -21,8 +21,8 @@ import torch
 from utils import assert_close
 
 from grao_kernels.backends import native_backend
-from grao_kernels.reference import reference_logprobs, reference_lse
 from grao_kernels.settings import settings
+from grao_kernels.testing import reference_logprobs, reference_lse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def make_case(N, H, V, *, bias, ignore_every=3, dtype=torch.float32):
 
 
 def oracle(h, w, b, t, c, ec, head):
-    """float64 (logp, lse, entropy) and the gradients of sum c logp + sum ec ent, from reference.py."""
+    """float64 (logp, lse, entropy) and the gradients of sum c logp + sum ec ent, from grao_kernels.testing."""
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     b = None if b is None else b.clone().requires_grad_()
     logp, ent = reference_logprobs(h, w, t, bias=b, return_entropy=True, **head)
@@ -318,6 +318,16 @@ def test_plan_blocks_fill_the_budget_within_the_row_bounds(V, H, budget_mib):
     assert rows % 16 == 0 and lo <= rows <= hi and tile == settings.native_tile_vocab
     assert rows == lo or rows * per_row <= budget
     assert rows == hi or (rows + 16) * per_row > budget
+
+
+def test_build_dir_follows_the_setting(monkeypatch, tmp_path):
+    """``settings.native_build_dir`` (``$GRAO_KERNELS_BUILD_DIR`` at import) is where the library is looked up and
+    built; without it, the user's cache directory."""
+    monkeypatch.setattr(settings, "native_build_dir", str(tmp_path / "builds"))
+    assert native_backend.build_dir() == tmp_path / "builds"
+    monkeypatch.setattr(settings, "native_build_dir", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert native_backend.build_dir() == tmp_path / "cache" / "grao_kernels"
 
 
 def _run_python(code: str, env_update: dict[str, str]) -> dict:

@@ -27,7 +27,7 @@ from utils import (
 )
 
 from grao_kernels import GRAOLoss, fused_linear_logprobs, grao_loss, group_advantages, linear_logprob_loss
-from grao_kernels.reference import reference_advantages, reference_grao, reference_linear_loss, reference_logprobs
+from grao_kernels.testing import reference_advantages, reference_grao, reference_linear_loss, reference_logprobs
 
 # (name, P, G, T, H, V, bias, temperature)
 CASES = [

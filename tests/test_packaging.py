@@ -26,7 +26,7 @@ import torch
 from utils import FP32_VALUES, assert_close, assert_grads_close
 
 from grao_kernels.backends import native_backend
-from grao_kernels.reference import reference_logprobs
+from grao_kernels.testing import reference_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE_FILES = native_backend._SOURCES + native_backend._HEADERS

@@ -15,6 +15,7 @@ import torch
 
 from grao import cli, config
 from grao.tools import plan
+from grao_kernels.testing import peak_meter
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper_hh_qwen2.5-7b.yaml"
@@ -104,9 +105,6 @@ def test_plan_cli_rejects_an_unknown_model(capsys):
 def measure(model_dir: str, out_dir: str, checkpointing: bool) -> dict:
     """Train 3 steps on one fixed rollout in this (fresh) process; the peak resident memory above the state after
     the model loaded, and the bytes of the parameters, gradients and optimizer state."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from harness import peak_meter
-
     from grao.train.trainer import Rollout, Trainer
 
     torch.set_num_threads(1)

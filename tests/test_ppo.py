@@ -13,14 +13,13 @@ from utils import assert_close, assert_grads_close, assert_same_run, grads, leav
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
+from oracles import reference_ppo  # noqa: E402
+
 from grao.config import ConfigError, TrainConfig  # noqa: E402
-from grao.losses import (
-    LossBatch,  # noqa: E402
-    from_config,  # noqa: E402
-)
+from grao.losses import LossBatch, from_config  # noqa: E402
 from grao.losses.ppo import PPO, gae, whiten_groups  # noqa: E402
 from grao.train.trainer import Trainer  # noqa: E402
-from grao_kernels.reference import reference_logprobs, reference_ppo  # noqa: E402
+from grao_kernels.testing import reference_logprobs  # noqa: E402
 
 P, G, T, H, V = 3, 3, 7, 8, 37  # V not a power of two; make_batch pads, ignores prompts, empties one row, ties a group
 K = G + 1

@@ -132,7 +132,7 @@ class Float64ReferenceGRAO:
         self.calls = 0
 
     def __call__(self, batch: LossBatch) -> LossOutput:
-        from grao_kernels.reference import reference_grao
+        from grao_kernels.testing import reference_grao
 
         self.calls += 1
         bias = None if batch.bias is None else batch.bias.double()

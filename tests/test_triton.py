@@ -19,8 +19,8 @@ from utils import assert_close, assert_within_torch_error, grads, leaves, rel_l2
 
 from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss
 from grao_kernels.backends import Head, Stats, resolve, unavailable_reason
-from grao_kernels.reference import reference_grao, reference_linear_loss, reference_logprobs
 from grao_kernels.settings import settings
+from grao_kernels.testing import reference_grao, reference_linear_loss, reference_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(

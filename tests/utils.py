@@ -1,6 +1,7 @@
 """Shared test helpers: batches, leaves and gradients, the (dtype, tolerance)
 table, and the comparisons of kernel results against the float64 oracle
-(``grao_kernels.reference``, the only oracle)."""
+(``grao_kernels.testing``, the only oracle of the ops; ``oracles.py`` holds
+the trainer methods')."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from grao_kernels.backends import BACKENDS, unavailable_reason
+from grao_kernels.testing import assert_close, assert_within_torch_error, rel_l2  # noqa: F401 (the tests' helpers)
 
 
 def backends_under_test(device: str = "cpu") -> list[str]:
@@ -84,32 +86,6 @@ def grads(loss, *inputs):
     return [None if x is None else next(it) for x in inputs]
 
 
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    denom = e.norm().item()
-    diff = (a - e).norm().item()
-    return diff if denom == 0 else diff / denom
-
-
-def assert_close(actual, expected, *, rtol, atol, name="tensor"):
-    """Element-wise check that reports how many elements mismatch and the worst one."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    if a.shape != e.shape:
-        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
-    if not torch.isfinite(a).all():
-        raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite elements")
-    err = (a - e).abs()
-    bad = err > atol + rtol * e.abs()
-    if bad.any():
-        idx = int(err.argmax())
-        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) if a.dim() else ()
-        raise AssertionError(
-            f"{name}: {int(bad.sum())}/{a.numel()} elements differ beyond atol={atol}, rtol={rtol}; "
-            f"worst at {where}: {a.flatten()[idx].item():.8g} vs {e.flatten()[idx].item():.8g}"
-        )
-
-
 def assert_grads_close(got, want, names=("hidden", "weight", "bias"), *, bound=FP32_GRAD_REL_L2):
     """Each gradient finite and within ``bound`` relative L2 of the oracle's (None where the oracle has none)."""
     for name, g, r in zip(names, got, want):
@@ -119,17 +95,6 @@ def assert_grads_close(got, want, names=("hidden", "weight", "bias"), *, bound=F
         assert torch.isfinite(g).all(), f"d{name}: {int((~torch.isfinite(g)).sum())} non-finite elements"
         err = rel_l2(g, r)
         assert err <= bound, f"d{name}: relative L2 {err:.2e} > {bound:.0e}"
-
-
-def assert_within_torch_error(actual, oracle, torch_same_dtype, *, factor, floor, name="tensor"):
-    """The kernel's error against the float64 oracle is at most ``factor`` times
-    PyTorch's own error in the same dtype (plus ``floor`` relative L2)."""
-    err = rel_l2(actual, oracle)
-    torch_err = rel_l2(torch_same_dtype, oracle)
-    if not err <= factor * torch_err + floor:
-        raise AssertionError(
-            f"{name}: relative L2 error {err:.3e} exceeds {factor} x PyTorch's own {torch_err:.3e} + {floor:.1e}"
-        )
 
 
 # The trainer on the built-in demo: a tiny run configuration and its metrics.

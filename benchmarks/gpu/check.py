@@ -1,16 +1,26 @@
 """GPU check of the triton backend: float64 oracle gate, speed against the cuBLAS floor and peers, peak memory.
 
-Usage (one CUDA GPU; about 5 minutes on an H100/H200 at the default sizes)::
+Usage (one CUDA GPU; at most 8 minutes: no new measurement starts after 7), from a bare checkout, nothing
+installed but torch, triton and the peers that are present::
 
     python benchmarks/gpu/check.py [OUT] [--smoke]   # OUT: a .md file or a folder (default $OUT, else benchmarks/gpu)
 
-A front end of ``harness.compare``: for every vocabulary size (default 151936 and 262144; N = 16384 tokens,
-H = 4096, bfloat16, 10% ignored targets) every method of the harness that runs on the GPU (the triton backend in
-its chunked and fused modes, the torch backend, naive eager, Liger, Cut Cross-Entropy, TRL) is checked against the
-float64 oracle, then timed forward+backward back to back with the three full-size cuBLAS GEMMs; peak memory is
-``torch.cuda.max_memory_allocated`` above the inputs. Writes ``gpu_check.md`` and ``gpu_check.json`` as it goes and
-prints the table. Exit status 0 when every grao_kernels row passed the gate, 1 otherwise, 2 without a CUDA device.
-``--smoke`` runs the same logic on CPU at tiny sizes under the Triton interpreter (times and memory meaningless).
+A front end of ``harness.compare``. Shapes: N = 16384 tokens, H = 4096, bfloat16; each vocabulary size (default
+151936 and 262144) with 10% ignored targets, and the first one also with none ignored. Every method of the harness
+that runs on the GPU, side by side with the CPU suite's peers: the triton backend in its chunked and fused modes,
+the torch backend, naive eager (full logits), Cut Cross-Entropy with and without its gradient filtering, Liger's
+fused linear cross-entropy and chunked GRPO loss, TRL's chunked log-probs. Fair by construction:
+
+- every grao_kernels method runs at the same working-memory budget (``--budget-mb``, default 1024, set through
+  ``GRAO_KERNELS_MEMORY_BUDGET_MB`` before grao_kernels is imported);
+- each method is checked against the float64 oracle and its peak memory (``torch.cuda.max_memory_allocated``
+  above the inputs) measured after an untimed, unmeasured warm-up at the real shape (autotuning happens there);
+- the floor is the three cuBLAS GEMMs over exactly the rows the methods compute (the non-ignored ones), its
+  buffers built for each repetition's timing and freed before any method runs or is measured.
+
+Writes ``gpu_check.md`` and ``gpu_check.json`` as it goes and prints the table. Exit status 0 when every
+grao_kernels row passed the gate, 1 otherwise, 2 without a CUDA device. ``--smoke`` runs the same logic on CPU at
+tiny sizes under the Triton interpreter (times and memory meaningless).
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+# The harness (benchmarks/) and the package itself (the repository root): nothing needs to be installed.
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]
 
 DEADLINE_S = 7 * 60  # stop starting new measurements after this
 
@@ -37,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--h", type=int, default=4096)
     parser.add_argument("--vocab", type=int, nargs="+", default=[151936, 262144])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--budget-mb", type=int, default=1024, help="working memory of every grao_kernels method")
     parser.add_argument("--smoke", action="store_true", help="CPU only: tiny sizes under the Triton interpreter")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -54,12 +66,14 @@ def main(argv=None) -> int:
     else:
         os.environ.pop("TRITON_INTERPRET", None)
         device, dtype = "cuda", "bfloat16"
+    # Read by every process that imports grao_kernels from now on (fresh probe processes included).
+    os.environ["GRAO_KERNELS_MEMORY_BUDGET_MB"] = str(args.budget_mb)
     import harness
     import render
 
     import grao_kernels
 
-    grao_kernels.settings.memory_budget = 2 << 30  # the torch backend's default 64 MiB tiles H=4096 rows far too finely
+    assert grao_kernels.settings.memory_budget == args.budget_mb * 2**20, "grao_kernels was imported too early"
     cases = [(m.key, op) for op in ("logprobs", "grao") for m in harness.methods_for(op)]
     if args.smoke:  # the interpreter is slow: the triton modes and the methods that run on CPU, not the suite
         cases = [(k, op) for k, op in cases if "triton" in k or k in ("naive", "grao_kernels[torch]")]
@@ -72,8 +86,11 @@ def main(argv=None) -> int:
         if args.smoke
         else torch.cuda.get_device_name()
     )
-    for V in args.vocab:  # write as we go: a run cut short still leaves its finished sizes
-        shape = harness.Shape(device, args.n, V, args.h, dtype, ignored=0.1)
+    # 10% ignored targets at every size, and the first size with none ignored, measured second so that a run cut
+    # short by the deadline still has both.
+    shapes = [harness.Shape(device, args.n, V, args.h, dtype, ignored=0.1) for V in args.vocab]
+    shapes.insert(1, harness.Shape(device, args.n, args.vocab[0], args.h, dtype))
+    for shape in shapes:  # write as we go: a run cut short still leaves its finished shapes
         deadline = DEADLINE_S - (time.time() - t_start)
         data = harness.compare([shape], cases, args.reps, deadline_s=deadline, log=lambda s: print(s, flush=True))
         results += data["results"]

@@ -3,7 +3,7 @@
 A backend is a module in this package (``<name>_backend.py``) exposing three
 functions. Every array argument arrives 2-D/1-D and contiguous from the
 autograd layer; no backend validates user input (``api.py`` does) and no
-backend imports ``reference.py``.
+backend imports ``grao_kernels.testing``.
 
 The logits of a head (:class:`Head`)::
 
@@ -47,6 +47,12 @@ The logits of a head (:class:`Head`)::
 ``budget``: the working memory, in bytes, the call may allocate beyond its
 inputs and returned gradients (``settings.budget(per_call, DEFAULT_BUDGET)``
 resolves it in ``api.py``); each backend also exports ``DEFAULT_BUDGET``.
+
+``workspace_bytes(rows, V, H, *, hidden_dtype, weight_dtype, bias, head, entropy, grad, needs, stats, budget) -> int``
+    The working memory one call allocates beyond its inputs and what it
+    returns, from the shapes alone (``rows``: the non-ignored rows), so that
+    a planner can size a step without running it: :func:`workspace_bytes`
+    dispatches on the backend's name.
 
 Numerics shared by every backend: every softmax statistic in float32, every
 GEMM accumulated in float32; a vocabulary entry whose logit is -inf (a -inf
@@ -166,6 +172,19 @@ def resolve_name(backend: str, device: torch.device) -> str:
             f"Available on {device}: {available_backends(device)}"
         )
     return backend
+
+
+def workspace_bytes(backend: str, rows: int, V: int, H: int, **call) -> int:
+    """The working memory, in bytes, one call of backend ``backend`` (a name, not "auto") allocates beyond its inputs
+    and outputs at ``rows`` non-ignored rows, vocabulary ``V`` and hidden size ``H``; ``call`` as in the contract
+    (hidden_dtype, weight_dtype, bias, head, entropy, grad, needs, stats, budget). Imports the backend, builds or
+    compiles nothing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    for name, value in (("rows", rows), ("V", V), ("H", H)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return module(backend).workspace_bytes(rows, V, H, **call)
 
 
 def module(name: str) -> ModuleType:

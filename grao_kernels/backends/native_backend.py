@@ -1,15 +1,17 @@
-"""Native CPU backend: the C++ kernels in ``grao_kernels/csrc/``, compiled on first use.
+"""Native CPU backend: the C++ kernels in ``csrc/``, compiled on first use.
 
 Launcher only: it compiles and loads the extension (``torch.utils.cpp_extension``),
 registers fake implementations of the ``grao_native::`` ops so
 ``torch.compile`` traces through them, picks the block sizes and calls the
 ops. The kernels, their schedule and the FLOP/byte floor are described in
-``csrc/linear_logprobs_cpu.h``. The sources ship inside the package (package
-data), so a wheel install builds the same library as a source checkout.
+``csrc/linear_logprobs_cpu.h``. The sources live in ``csrc/`` at the top of
+a checkout and ship inside the wheel as ``grao_kernels/csrc/`` (package data),
+so a wheel install builds the same library as a source checkout.
 
 Nothing is compiled at import: the first ``unavailable_reason(cpu)`` builds
 (about a minute) or loads the cached library. Where the build goes:
-``$GRAO_KERNELS_BUILD_DIR``, else ``$XDG_CACHE_HOME/grao_kernels``, else
+``settings.native_build_dir`` (``$GRAO_KERNELS_BUILD_DIR`` at import; an
+assignment counts until the library is first loaded), else ``$XDG_CACHE_HOME/grao_kernels``, else
 ``~/.cache/grao_kernels``; one sub-directory per build key, the hash of what
 the library depends on: the sources, the flags (CPU capability included), the
 torch and Python versions, the compiler's identity (its ``--version``) and the
@@ -40,9 +42,23 @@ import torch
 from ..settings import settings
 from . import Head, Stats
 
-_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _SOURCES = ("grao_cpu.cpp",)
 _HEADERS = ("linear_logprobs_cpu.h", "vec_math.h")
+
+
+def _find_csrc() -> Path:
+    """The kernel sources: ``grao_kernels/csrc/`` in an installed wheel, else ``csrc/`` next to the package in a
+    checkout (also under an editable install); the first that holds them all, else the wheel's location (a
+    missing source is reported when the backend is first loaded)."""
+    package = Path(__file__).resolve().parents[1]
+    candidates = (package / "csrc", package.parent / "csrc")
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
+            return candidate
+    return candidates[0]
+
+
+_CSRC = _find_csrc()
 _LDFLAGS = ("-fopenmp",)
 
 # Working memory of a call (``budget``) when neither the call nor the settings
@@ -109,10 +125,10 @@ def _build_name(key: dict[str, object]) -> str:
 
 
 def build_dir() -> Path:
-    """The directory holding the compiled extensions."""
-    root = os.environ.get("GRAO_KERNELS_BUILD_DIR")
-    if root:
-        return Path(root)
+    """The directory holding the compiled extensions: ``settings.native_build_dir`` (``$GRAO_KERNELS_BUILD_DIR``
+    at import), else the user's cache directory."""
+    if settings.native_build_dir:
+        return Path(settings.native_build_dir)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "grao_kernels"
 
@@ -277,6 +293,52 @@ def plan_blocks(V: int, H: int, one_sweep: bool, budget: int) -> tuple[int, int]
     rows = int(budget) // max(per_row, 1)
     rows = max(_MIN_ROWS, min(_MAX_ROWS if one_sweep else _MAX_ROWS // 2, rows // 16 * 16))
     return int(rows), int(settings.native_tile_vocab)
+
+
+def workspace_bytes(
+    rows: int,
+    V: int,
+    H: int,
+    *,
+    hidden_dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
+    bias: bool = False,
+    head: Head | None = None,
+    entropy: bool = False,
+    grad: bool = True,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    stats: bool = False,
+    budget: int | None = None,
+    threads: int | None = None,
+) -> int:
+    """Bytes of working memory one call allocates beyond its inputs and what it returns (statistics, gradients).
+
+    Arguments as in ``torch_backend.workspace_bytes``; ``threads``: OpenMP threads (default
+    ``torch.get_num_threads()``). The buffers of ``csrc/linear_logprobs_cpu.h`` at the blocks of
+    :func:`plan_blocks`: one row block of float32 logits (the one-sweep gradient, without ``stats``) or one
+    (rows x tile) logits tile per thread; one float32 weight tile per thread for a bfloat16/float16 weight; the
+    dhidden partial sums (``_CHUNKS`` x rows x H float32); the per-tile softmax sums; the row block's float32
+    hidden rows; the scaled float32 bias; the index of the computed rows. ``head`` does not change it.
+    """
+    budget = settings.budget(budget, DEFAULT_BUDGET)
+    wants_grad = grad and any(needs)
+    if rows <= 0 or V <= 0:
+        return 0
+    one_sweep = wants_grad and not stats
+    R, tile = plan_blocks(V, H, one_sweep=one_sweep, budget=budget)
+    R, VT = min(R, rows), max(1, min(tile, V))
+    n_tiles = -(-V // VT)
+    threads = threads or torch.get_num_threads()
+    aligned = lambda n: -(-n // 16) * 16  # noqa: E731 - per-thread buffers start on 64-byte boundaries
+    total = 4 * R * V if one_sweep else 4 * threads * aligned(R * VT)
+    if (weight_dtype or hidden_dtype) != torch.float32:
+        total += 4 * threads * aligned(VT * H)
+    if wants_grad and needs[0]:
+        total += 4 * min(_CHUNKS, n_tiles) * R * H
+    if not (wants_grad and stats):
+        total += 4 * n_tiles * R * (3 if entropy else 2)
+    total += 4 * R * H + (4 * V if bias else 0) + 8 * rows
+    return int(total)
 
 
 def _softcap(head: Head) -> float | None:

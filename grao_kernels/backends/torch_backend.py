@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..settings import settings
 from . import Head, Stats
 
 DEFAULT_BUDGET = 64 * 2**20
@@ -66,6 +67,48 @@ def plan_blocks(V: int, H: int, low_precision: bool, budget: int, buffers: int =
     per_vocab = per_elem * rows + (4 * H if low_precision else 0)
     vt = max((budget - 8 * H * rows) // per_vocab, 1)
     return rows, int(min(vt, V))
+
+
+def workspace_bytes(
+    rows: int,
+    V: int,
+    H: int,
+    *,
+    hidden_dtype: torch.dtype = torch.float32,
+    weight_dtype: torch.dtype | None = None,
+    bias: bool = False,
+    head: Head | None = None,
+    entropy: bool = False,
+    grad: bool = True,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    stats: bool = False,
+    budget: int | None = None,
+) -> int:
+    """Bytes of working memory one call allocates beyond its inputs and what it returns (statistics, gradients).
+
+    ``rows``: the rows whose target is not ignored; ``weight_dtype`` defaults to ``hidden_dtype``; ``grad``: the
+    gradient sweep (else the forward); ``stats``: the gradient reuses a forward's statistics (this backend
+    recomputes them either way); ``budget``: as resolved by ``settings.budget`` (None: the setting, else
+    ``DEFAULT_BUDGET``). The blocks of :func:`plan_blocks`, as many rows as the call has: per row, the logits-sized
+    float32 buffers and GEMM slack of each vocabulary entry of a tile and the float32 hidden row and its gradient;
+    the float32 copy of a bfloat16/float16 weight (whole, or one tile); the index of the computed rows.
+    """
+    budget = settings.budget(budget, DEFAULT_BUDGET)
+    head = head or Head()
+    if rows <= 0 or V <= 0:
+        return 0
+    low = (weight_dtype or hidden_dtype) != torch.float32
+    if grad and any(needs):
+        buffers = 1 + bool(entropy) + (head.softcap is not None)
+    else:
+        buffers = 2 if entropy else 1
+    R, VT = plan_blocks(V, H, low, budget, buffers)
+    R = min(R, rows)
+    blocks = R * ((4 * buffers + 2) * VT + 8 * H)
+    weight_copy = 4 * H * VT if low else 0
+    if low and bias:
+        weight_copy += 4 * VT
+    return int(blocks + weight_copy + 8 * rows)
 
 
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
