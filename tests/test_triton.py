@@ -286,6 +286,46 @@ def test_masked_first_tile_is_not_nan_default_configs(mode, monkeypatch):
     assert_close(logp, ref[0].logp, rtol=1e-5, atol=2e-5, name="logp through fused_linear_logprobs")
 
 
+_OUT_OF_VOCAB = """
+import torch
+from grao_kernels import fused_linear_logprobs
+from grao_kernels.reference import reference_logprobs
+from grao_kernels.settings import settings
+
+settings.triton_mode = {mode!r}
+torch.manual_seed(0)
+V = 500
+hidden, weight, bias = torch.randn(6, 16), torch.randn(V, 16) / 4, torch.randn(V)
+targets = torch.tensor([3, 10**6, -7, 499, -100, 2**40])
+h = hidden.clone().requires_grad_(True)
+logp = fused_linear_logprobs(h, weight, targets, bias=bias, backend="triton", validate=False)
+logp.nan_to_num(0.0).sum().backward()
+bad = torch.tensor([False, True, True, False, False, True])
+assert logp[bad].isnan().all(), logp
+assert logp[4] == 0  # ignore_index
+good = ~bad & (targets != -100)
+ref = reference_logprobs(hidden.double(), weight.double(), targets.clamp(0, V - 1), bias=bias.double())
+assert torch.allclose(logp[good].double(), ref[good], rtol=1e-5, atol=2e-5), (logp, ref)
+assert torch.isfinite(h.grad).all()
+print("RETURNED")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the interpreter in a subprocess")
+@pytest.mark.parametrize("mode", MODES)
+def test_target_outside_the_vocabulary_reads_nothing_and_gives_nan(mode):
+    """validate=False with targets outside [0, V) (not ignore_index): logp is NaN at exactly those rows, the others
+    are right and the backward returns. The kernels never load a target's logit or bias outside their tensors (a
+    subprocess, because an unmasked load there is a segmentation fault under the interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    res = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _OUT_OF_VOCAB.format(mode=mode)],
+        env=env, cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0 and "RETURNED" in res.stdout, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+
+
 class _CudaLooking(torch.Tensor):
     """A CPU tensor that claims to be on CUDA, to reach mm_into's GPU branch without a GPU."""
 

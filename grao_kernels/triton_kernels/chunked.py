@@ -129,12 +129,15 @@ def rows_kernel(
             z = tl.where((cols < V)[None, :], z, float("-inf"))
             m, s, t = merge_lse(m, s, t, z, 1.0, 0.0, ENTROPY)
         lse, ent = lse_and_entropy(m, s, t)
-        # The target's logit: one element of the row, through the same head.
-        raw_t = tl.load(l_row + tgt)
+        # The target's logit: one element of the row, through the same head. A
+        # target outside [0, V) (possible with validate=False) reads nothing
+        # and gives logp = NaN.
+        in_vocab = (tgt >= 0) & (tgt < V)
+        raw_t = tl.load(l_row + tgt, mask=in_vocab, other=0.0)
         if HAS_BIAS:
-            raw_t += tl.load(bias_ptr + tgt).to(tl.float32)
+            raw_t += tl.load(bias_ptr + tgt, mask=in_vocab, other=0.0).to(tl.float32)
         z_t, _ = apply_head(raw_t, scale, inv_temp, softcap, HAS_SOFTCAP)
-        tl.store(logp_ptr + row + tl.zeros([1], tl.int64), z_t - lse)
+        tl.store(logp_ptr + row + tl.zeros([1], tl.int64), tl.where(in_vocab, z_t - lse, float("nan")))
         tl.store(lse_ptr + row + tl.zeros([1], tl.int64), lse)
         if ENTROPY:
             tl.store(ent_ptr + row + tl.zeros([1], tl.int64), ent)

@@ -287,7 +287,8 @@ def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
     fwd_configs = _configs(prob, FORWARD_CONFIGS)
     tiles_max = triton.cdiv(V, min_block_v(fwd_configs, INTERPRETER_CONFIG))
     parts = torch.empty(3 if entropy else 2, tiles_max * r, dtype=torch.float32, device=dev)
-    tgt_logit = torch.empty(r, dtype=torch.float32, device=dev)
+    # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
+    tgt_logit = torch.full((r,), float("nan"), dtype=torch.float32, device=dev)
     args = dict(
         hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
         part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if entropy else None, tgt_logit_ptr=tgt_logit,
