@@ -54,11 +54,14 @@ from .common import (
     to_store,
 )
 
-# Hopper (228 KB shared memory per SM) takes the wide vocabulary tiles; the
-# 128x128 ones fit Ampere (164 KB). Few configs: each costs a compile.
+# Tiles of 128x128 and 64x256 (Ampere has 164 KB of shared memory per SM,
+# Hopper 228 KB). A 128x256 float32 tile needs all 255 registers of a thread
+# at 8 warps before the epilogue: ptxas spills it as soon as a bias, the
+# soft-cap or the entropy join (compile_check.py fails on any spill). Few
+# configs: each costs a compile.
 FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
 ]
 # dz holds the logits tile, its gradient and the head's derivative at once.
 DLOGITS_CONFIGS = [
