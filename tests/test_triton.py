@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from utils import assert_close, assert_within_torch_error, grads, leaves, rel_l2
 
 from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss
@@ -61,8 +64,8 @@ def tb(monkeypatch):
 
     monkeypatch.setattr(settings, "triton_config", "BLOCK_N=16,BLOCK_V=32,BLOCK_H=16,GROUP_N=2")
     monkeypatch.setattr(settings, "triton_mode", "auto")
-    monkeypatch.setattr(chunked, "rows_per_group", lambda prob, budget, grad: 16)
-    monkeypatch.setattr(fused, "rows_per_group", lambda prob, budget, grad, entropy: (16, 64))
+    monkeypatch.setattr(chunked, "rows_per_group", lambda sizes, budget, grad, *needs: 16)
+    monkeypatch.setattr(fused, "rows_per_group", lambda sizes, budget, grad, entropy, *needs_forward: (16, 64))
     return triton_backend
 
 
@@ -430,9 +433,9 @@ def test_auto_picks_the_sweep_by_budget(monkeypatch):
     # 600 rows of 4 KB of float32 logits: 64 MiB holds them all, 1 MiB fewer than MIN_ROWS.
     assert tb.choose_mode(prob, 64 * 2**20, grad=True, entropy=False) == (
         "chunked",
-        chunked.rows_per_group(prob, 64 * 2**20, True),
+        chunked.rows_per_group(prob.sizes(), 64 * 2**20, True),
     )
-    assert chunked.rows_per_group(prob, 2**20, True) < chunked.MIN_ROWS
+    assert chunked.rows_per_group(prob.sizes(), 2**20, True) < chunked.MIN_ROWS
     mode, (rows, chunk) = tb.choose_mode(prob, 2**20, grad=True, entropy=False)
     assert mode == "fused" and rows >= 16 and chunk <= 1000
     settings.triton_mode = "chunked"
@@ -445,17 +448,117 @@ def test_auto_picks_the_sweep_by_budget(monkeypatch):
 
 
 def test_fused_sweep_fits_its_workspace_in_the_budget():
-    """The dz chunk narrows until enough rows fit; the sum of the buffers stays within the budget."""
+    """The dz chunk narrows and the rows split into groups until the whole workspace fits 90% of the budget
+    (with several groups each dweight chunk sums over every row: no V x H float32 accumulator, which alone
+    would be 12.8 MB here); with a large budget one group of every row and the widest dz chunk."""
     from grao_kernels.backends import triton_backend as tb
     from grao_kernels.triton_kernels import fused
 
     hidden, weight, _, targets = _inputs(4096, 64, 50000, False, torch.bfloat16, 0.5)
-    prob = tb._prepare(hidden, weight, None, targets, Head(), -100)
-    for budget in (2**20, 16 * 2**20, 2**30):
-        rows, chunk = fused.rows_per_group(prob, budget, True, True)
-        tiles = -(-50000 // fused.INTERPRETER_CONFIG["BLOCK_V"])
-        used = rows * (12 * tiles + 4 + 2 * 64 + 4 * 64 + 2 * chunk)
-        assert 16 <= rows and used <= budget, (budget, rows, chunk)
+    sizes = tb._prepare(hidden, weight, None, targets, Head(), -100).sizes()
+    for budget, one_group in ((2**20, False), (16 * 2**20, True), (2**30, True)):
+        rows, chunk = fused.rows_per_group(sizes, budget, True, True)
+        ws = fused.workspace(sizes, rows, chunk, grad=True, entropy=True)
+        assert 16 <= rows and ws.bytes <= 0.9 * budget, (budget, rows, chunk, ws)
+        assert (rows == sizes.n) == one_group, (budget, rows)
+    assert fused.rows_per_group(sizes, 2**30, True, True)[1] == fused.MAX_CHUNK
+
+
+class _Allocations(TorchDispatchMode):
+    """The peak of the bytes held by tensors allocated while this mode is active (new storages only; views and
+    in-place results of existing tensors are not allocations). ``paused`` skips the ops of a test-only path."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.paused = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        tensors = lambda tree: [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
+        known = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        for t in tensors(out):
+            storage = t.untyped_storage()
+            ptr, entry = storage.data_ptr(), self.live.get(storage.data_ptr())
+            if ptr in known or storage.nbytes() == 0 or (entry is not None and entry[0]() is not None):
+                continue
+            self.live[ptr] = (weakref.ref(t), storage.nbytes())
+        self.peak = max(self.peak, sum(n for ref, n in self.live.values() if ref() is not None))
+        return out
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["bf16-weight", "fp32-master-weight"])
+@pytest.mark.parametrize("groups", ["one-group", "several-groups"])
+@pytest.mark.parametrize("mode", MODES)
+def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master, monkeypatch):
+    """workspace_bytes (the plan auto, grao plan and the budget use) equals the peak of the tensors the sweep
+    allocates, measured under a dispatch mode, for one and several row groups, with a bf16 weight (several
+    groups: dweight summed in float32) and a float32 master weight under bf16 activations (cast slice by slice).
+    Not measured: the Triton interpreter's own copies and the CPU emulation of float32-output bf16 GEMMs."""
+    from grao_kernels.backends import triton_backend as tb
+    from grao_kernels.triton_kernels import chunked, fused
+
+    monkeypatch.setattr(settings, "triton_mode", mode)
+    monkeypatch.setattr(settings, "triton_config", None)
+    # Several fused groups beat one when the dz chunk saved (2 (n - R) C) exceeds the float32 dweight chunk (4 C H).
+    N, H, V = 96, 16, 300
+    hidden, weight, bias, targets = _inputs(N, H, V, True, torch.bfloat16, 0.3)
+    if master:
+        weight = weight.float()
+        monkeypatch.setattr(chunked, "SLICE_BYTES", 2 * H * 64)  # slices of 64 vocabulary rows
+    n = int((targets != -100).sum())
+    sizes = tb._prepare(hidden, weight, bias, targets, Head(), -100).sizes()
+    budget = 2**30
+    if groups == "several-groups":  # the largest budget (in 1% steps) that splits the rows
+        while tb.plan(sizes, budget, grad=True, entropy=True).groups == 1:
+            budget = int(budget * 0.99)
+    tracker = _Allocations()
+
+    def pause(real):
+        def paused(*a, **k):
+            tracker.paused += 1
+            try:
+                return real(*a, **k)
+            finally:
+                tracker.paused -= 1
+
+        return paused
+
+    for module, names in ((chunked, ("launch", "mm_into")), (fused, ("launch", "launch_fixed", "mm_into"))):
+        for name in names:
+            monkeypatch.setattr(module, name, pause(getattr(module, name)))
+    planned, real_sweep = [], tb._sweep
+
+    def measured_sweep(prob, out, budget, *, entropy, coef=None, ent_coef=None, stats_given=False, needs):
+        grad = coef is not None
+        planned.append(tb.plan(prob.sizes(), budget, grad=grad, entropy=entropy or ent_coef is not None,
+                               needs=needs, forward=not stats_given))  # fmt: skip
+        tracker.peak, tracker.live = 0, {}
+        with tracker:
+            real_sweep(prob, out, budget, entropy=entropy, coef=coef, ent_coef=ent_coef, stats_given=stats_given,
+                       needs=needs)  # fmt: skip
+        return tracker.peak
+
+    peaks = []
+    monkeypatch.setattr(tb, "_sweep", lambda *a, **k: peaks.append(measured_sweep(*a, **k)))
+    coef, ent_coef = torch.randn(N), torch.randn(N)
+    got = tb.grad(hidden, weight, bias, targets, Head(), -100, coef=coef, ent_coef=ent_coef, budget=budget)
+    tb.forward(hidden, weight, bias, targets, Head(), -100, entropy=True, budget=budget)
+
+    assert [p.mode for p in planned] == [mode, mode]
+    assert (planned[0].groups == 1) == (groups == "one-group") and planned[0].rows >= 16, planned[0]
+    for p, peak in zip(planned, peaks):
+        assert peak == p.bytes, (peak, p)
+        assert p.bytes <= 0.9 * budget
+    report = tb.workspace_bytes(N, V, H, dtype=torch.bfloat16, weight_dtype=weight.dtype, ignored=N - n,
+                                entropy=True, budget=budget, device="cpu")  # fmt: skip
+    assert report == planned[0]
+    # The sweep is still right, whatever its grouping.
+    ref = _reference(hidden, weight, bias, targets, Head(), coef, ent_coef)
+    same = _reference(hidden, weight.bfloat16(), bias, targets, Head(), coef, ent_coef, dtype=torch.bfloat16)
+    _check_grads(got[1:], ref[1:], same[1:], (2.0, 1e-3))
+    assert got[2].dtype == weight.dtype
 
 
 def test_triton_config_setting_is_parsed(monkeypatch):

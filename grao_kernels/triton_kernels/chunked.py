@@ -25,6 +25,17 @@ gradient written (2 B) and read by the two GEMMs (4 B): ~18 B x 2.5e9 = 45 GB
 read-modify-write per row group (2 x 4 V H = 5 GB per group; 1 GiB of
 workspace holds ~1700 rows, so ~10 groups, ~50 GB, most of it hidden in the
 dW GEMM's epilogue). Expected ~1.15-1.3x the floor.
+
+Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
+the group's float32 logits (4 R V) and dhidden rows (4 R H), its gathered
+hidden rows and, when a bfloat16/float16 weight's gradient is summed over
+several groups, a float32 V x H accumulator: 2.3 GiB at V=151936, H=4096
+(4 GiB at V=262144), counted in the budget. Under the default 1 GiB the
+chunked sweep therefore runs only where one group holds every row, and
+"auto" takes the fused sweep otherwise. A float32 master weight's gradient
+is its own accumulator; that weight is cast to hidden's dtype slice by slice
+(at most ``SLICE_BYTES`` at once, one more read of the weight per group),
+never as a whole V x H copy.
 """
 
 from __future__ import annotations
@@ -34,14 +45,19 @@ import triton
 import triton.language as tl
 
 from .common import (
+    SLICE_BYTES,
     Problem,
+    Sizes,
+    Workspace,
     apply_head,
     interpreting,
+    largest_rows,
     launch,
     logits_grad,
     lse_and_entropy,
     merge_lse,
     mm_into,
+    mm_temp_bytes,
     to_store,
 )
 
@@ -158,35 +174,89 @@ def rows_kernel(
             tl.store(dz_row + cols[None, :], to_store(g, dz_ptr.dtype.element_ty, INTERPRET), mask=(cols < V)[None, :])
 
 
-def rows_per_group(prob: Problem, budget: int, grad: bool) -> int:
-    """Rows per group so the workspace fits ``budget`` bytes (0 when not even 16 rows fit).
+def weight_slice_rows(sizes: Sizes) -> int:
+    """Vocabulary rows per slice of a weight cast to hidden's dtype (a float32 master weight under bf16
+    activations): the cast never copies more than ``SLICE_BYTES`` at once, never the whole V x H."""
+    return min(sizes.V, max(1, SLICE_BYTES // (sizes.e * sizes.H)))
 
-    Per row: the float32 logits (4 V), the gathered hidden row when some rows
-    are ignored (e H) and, for gradients, the row's float32 dhidden (4 H).
-    Fixed: hidden's-dtype copy of the weight when its dtype differs (e V H).
-    10% stays free for O(N) vectors and allocator rounding.
+
+def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) -> Workspace:
+    """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
+
+    Persistent: the group's float32 logits (4 R V), its float32 dhidden rows
+    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and, when
+    several groups each add to dweight and the weight is not float32, the
+    float32 dweight accumulator (4 V H; with one group the product is written
+    once into the returned gradient, a float32 weight's gradient is its own
+    accumulator). Transient, one at a time: a slice of the weight cast to
+    hidden's dtype, dbias's per-group sum (4 V), the rounded dhidden rows of
+    a gathered group, mm_into's float32 temporary.
     """
-    N, V, H = prob.shape
-    e = prob.hidden.element_size()
-    fixed = V * H * e if prob.weight.dtype != prob.dtype else 0
-    per_row = 4 * V + (e * H if prob.rows is not None else 0) + (4 * H if grad else 0)
-    rows = (int(0.9 * budget) - fixed) // per_row
-    return int(rows) if rows >= 16 else 0
+    R, G = min(rows, sizes.n), -(-sizes.n // max(rows, 1))
+    V, H, e = sizes.V, sizes.H, sizes.e
+    dh, dw, db = (grad and bool(x) for x in needs)
+    cast = sizes.weight_dtype != sizes.dtype
+    persistent = {"logits": 4 * R * V}
+    if dh:
+        persistent["dhidden rows"] = 4 * R * H
+    if sizes.gathered:
+        persistent["gathered hidden"] = e * R * H
+    if dw and G > 1 and sizes.weight_dtype != torch.float32:
+        persistent["dweight accumulator"] = 4 * V * H
+    transient = {}
+    if cast:
+        # dhidden accumulates slice by slice: mm_into's temporary beside the slice.
+        transient["weight slice"] = e * weight_slice_rows(sizes) * H + (mm_temp_bytes(sizes, R, H, True) if dh else 0)
+    if db:
+        transient["dbias sum"] = 4 * V
+    if dh and sizes.gathered and sizes.dtype != torch.float32:
+        transient["dhidden scatter"] = e * R * H
+    if dw and (sizes.weight_dtype == torch.float32 or "dweight accumulator" in persistent):
+        transient["dweight gemm temporary"] = mm_temp_bytes(sizes, V, H, G > 1)
+    return Workspace(persistent, {k: v for k, v in transient.items() if v})
+
+
+def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True)) -> int:
+    """Rows per group so ``workspace`` fits 90% of ``budget`` bytes (0 when not even 16 rows fit); the rest
+    stays free for the call's O(N) vectors and allocator rounding."""
+    return largest_rows(sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs))
+
+
+def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = False) -> None:
+    """``out (+)= a @ weight.T`` (transpose) or ``a @ weight``, the weight cast to ``dtype`` slice by slice."""
+    if weight.dtype == dtype:
+        mm_into(out, a, weight.T if transpose else weight, accumulate=accumulate)
+        return
+    step = max(1, SLICE_BYTES // (weight.shape[1] * torch.empty(0, dtype=dtype).element_size()))
+    for v0 in range(0, weight.shape[0], step):
+        w = weight[v0 : v0 + step].to(dtype)
+        if transpose:
+            mm_into(out[:, v0 : v0 + step], a, w.T, accumulate=accumulate)
+        else:
+            mm_into(out, a[:, v0 : v0 + step], w, accumulate=accumulate or v0 > 0)
+        del w
 
 
 def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
-    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend)."""
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
+    whose gradients the backend has allocated; allocates exactly ``workspace``."""
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
-    weight = prob.weight if prob.weight.dtype == dtype else prob.weight.to(dtype)
+    sizes = prob.sizes()
+    plan = workspace(sizes, rows, grad=grad, needs=needs)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
     dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
+    dweight = out.dweight
+    if "dweight accumulator" in plan.persistent:
+        dweight = torch.empty(V, H, dtype=torch.float32, device=buf.device)
+    h = None
     for g, r0 in enumerate(range(0, prob.n, rows)):
         r1 = min(prob.n, r0 + rows)
+        del h  # the previous group's gathered rows go before the next are gathered
         h, ids, row0 = prob.group(r0, r1)
         logits = buf[: r1 - r0]
-        mm_into(logits, h, weight.T)
+        _weight_mm(logits, h, prob.weight, dtype, transpose=True)
         # float32 inputs: the gradient overwrites the logits element for element;
         # bf16/fp16: it takes the first half of each row's bytes (row stride 2V).
         dz = logits if dtype == torch.float32 else logits.view(dtype)[:, :V]
@@ -202,12 +272,14 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
             continue
         if needs[0]:
             d = dh_rows[: r1 - r0]
-            mm_into(d, dz, weight)
+            _weight_mm(d, dz, prob.weight, dtype, transpose=False)
             if ids is None:
                 out.dhidden[r0:r1] = d
             else:
                 out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
         if needs[1]:
-            mm_into(out.dweight, dz.T, h, accumulate=g > 0)
+            mm_into(dweight, dz.T, h, accumulate=g > 0)
         if needs[2]:
             out.dbias += dz.sum(0, dtype=torch.float32)
+    if dweight is not out.dweight:
+        out.dweight.copy_(dweight)

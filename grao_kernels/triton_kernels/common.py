@@ -321,6 +321,62 @@ class Problem:
     def head_args(self) -> dict:
         return {"scale": self.scale, "inv_temp": self.inv_temp, "softcap": self.softcap}
 
+    def sizes(self) -> Sizes:
+        N, V, H = self.shape
+        return Sizes(N, V, H, self.n, self.dtype, self.weight.dtype, self.hidden.is_cuda)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a sweep's working memory depends on: N rows (``n`` of them not ignored), V, H, the dtypes, the device."""
+
+    N: int
+    V: int
+    H: int
+    n: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    cuda: bool = True
+
+    @property
+    def e(self) -> int:
+        """Bytes per element of hidden's (the compute) dtype."""
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def gathered(self) -> bool:
+        """Whether the non-ignored rows are gathered into a contiguous copy per group."""
+        return self.n != self.N
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The buffers a sweep allocates, in bytes by name: ``persistent`` ones live for the whole sweep (or are
+    re-made group after group, one at a time), ``transient`` ones one at a time beside them."""
+
+    persistent: dict
+    transient: dict
+
+    @property
+    def bytes(self) -> int:
+        """The sweep's peak working memory."""
+        return sum(self.persistent.values()) + max(self.transient.values(), default=0)
+
+
+def largest_rows(n: int, usable: int, workspace_of) -> int:
+    """The largest row count r in [16, n] with ``workspace_of(r).bytes <= usable`` (0 when none; r = n when
+    n < 16 and it fits). ``workspace_of`` grows with r, except for what one group saves over several."""
+    if workspace_of(n).bytes <= usable:
+        return n
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if workspace_of(mid).bytes <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo >= 16 else 0
+
 
 def min_block_v(configs, interpreter_config: dict) -> int:
     """The narrowest vocabulary tile a launch may pick (sizes the per-tile partial buffers)."""
@@ -354,6 +410,23 @@ def fp32_output_gemm(device: torch.device) -> bool:
     interpreter) multiply in float32 instead, a test path.
     """
     return device.type != "cuda" or _OUT_DTYPE_GEMM
+
+
+def mm_temp_bytes(sizes: Sizes, out_rows: int, out_cols: int, accumulate: bool) -> int:
+    """Bytes of the temporary ``mm_into`` allocates for a ``sizes.dtype`` product into a float32 (rows, cols) ``out``.
+
+    0 where one cuBLAS call writes ``out`` (float32 inputs, torch >= 2.11, or
+    no accumulation on torch >= 2.8); CPU tensors run the interpreter's test
+    path, whose float32 emulation is not counted.
+    """
+    if not sizes.cuda or sizes.dtype == torch.float32:
+        return 0
+    if not _OUT_DTYPE_GEMM:
+        return out_rows * out_cols * sizes.e
+    if not accumulate or _ADDMM_FP32_C:
+        return 0
+    step = max(1, SLICE_BYTES // (4 * max(out_cols, 1)))
+    return min(step, out_rows) * out_cols * 4
 
 
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:

@@ -39,10 +39,13 @@ import triton.language as tl
 
 from .common import (
     Problem,
+    Sizes,
+    Workspace,
     apply_head,
     configs_fp32,
     dot_flags,
     grouped_tile_ids,
+    largest_rows,
     launch,
     launch_fixed,
     logits_grad,
@@ -50,6 +53,7 @@ from .common import (
     merge_lse,
     min_block_v,
     mm_into,
+    mm_temp_bytes,
     raw_logits_tile,
     to_store,
 )
@@ -257,30 +261,102 @@ def _configs(prob: Problem, configs):
     return CONFIGS_FP32 if prob.dtype == torch.float32 else configs
 
 
-def rows_per_group(prob: Problem, budget: int, grad: bool, entropy: bool) -> tuple[int, int]:
-    """(rows per group, dz chunk width) so the workspace fits ``budget`` bytes; (0, 0) when 16 rows do not fit.
+def _tiles(sizes: Sizes) -> int:
+    """Vocabulary tiles of the forward at its narrowest tile (sizes the partial buffers)."""
+    configs = CONFIGS_FP32 if sizes.dtype == torch.float32 else FORWARD_CONFIGS
+    return triton.cdiv(sizes.V, min_block_v(configs, INTERPRETER_CONFIG))
 
-    Per row: the tile partials (8 or 12 B per tile), the gathered hidden row
-    when some rows are ignored (e H) and, for gradients, the float32 dhidden
-    row (4 H) and the dz chunk row (e C). Fixed, for gradients: the chunk of
-    the weight cast to hidden's dtype when its dtype differs (e C H). The
-    chunk starts at the whole vocabulary (at most MAX_CHUNK) and halves while
-    fewer than 256 rows fit; 10% of the budget stays free.
+
+def vocabulary_outer(sizes: Sizes, rows: int, grad: bool, needs) -> bool:
+    """Whether the gradient runs vocabulary chunk outer, row group inner: when several groups add to dweight.
+
+    Each dweight chunk is then summed over every row (a float32 C x H
+    accumulator at most) and written once in the weight's dtype, instead of a
+    float32 V x H accumulator taking a share from each group; dhidden
+    accumulates over the chunks for every row (float32 n x H, independent of V).
     """
-    N, V, H = prob.shape
-    e = prob.hidden.element_size()
-    tiles = triton.cdiv(V, min_block_v(_configs(prob, FORWARD_CONFIGS), INTERPRETER_CONFIG))
-    base = (12 if entropy else 8) * tiles + 4 + (e * H if prob.rows is not None else 0)
+    return grad and bool(needs[1]) and rows < sizes.n
+
+
+def workspace(
+    sizes: Sizes, rows: int, chunk: int, *, grad: bool, entropy: bool, needs=(True, True, True), forward: bool = True
+) -> Workspace:
+    """Every buffer ``run`` allocates for groups of ``rows`` rows and dz chunks of ``chunk`` columns (bytes).
+
+    Persistent: the dz chunk (e R C), the float32 dhidden accumulator (4 R H
+    for the group, or 4 n H for every row in the vocabulary-outer order), the
+    gathered hidden rows (e R H, when rows are ignored) and, in the
+    vocabulary-outer order with a weight that is not float32, the float32
+    dweight chunk accumulator (4 C H). Transient, one at a time: the forward's
+    tile partials (8 or 12 B per row and tile, and the target logits), a
+    chunk of the weight cast to hidden's dtype, dbias's per-chunk sum, the
+    rounded dhidden rows of a gathered group, mm_into's temporaries.
+    """
+    R = min(rows, sizes.n)
+    V, H, e = sizes.V, sizes.H, sizes.e
+    C = min(chunk, V) if grad else 0
+    dh, dw, db = (grad and bool(x) for x in needs)
+    outer = vocabulary_outer(sizes, rows, grad, needs)
+    persistent = {}
+    if grad:
+        persistent["dz chunk"] = e * R * C
+    if dh:
+        persistent["dhidden accumulator"] = 4 * (sizes.n if outer else R) * H
+    if sizes.gathered:
+        persistent["gathered hidden"] = e * R * H
+    if outer and sizes.weight_dtype != torch.float32:
+        persistent["dweight chunk accumulator"] = 4 * C * H
+    transient = {}
+    if forward:
+        transient["forward partials"] = (12 if entropy else 8) * _tiles(sizes) * R + 4 * R
+    if dh:
+        cast = e * C * H if sizes.weight_dtype != sizes.dtype else 0
+        transient["weight chunk"] = cast + mm_temp_bytes(sizes, R, H, V > C)
+    if db:
+        transient["dbias sum"] = 4 * C
+    if dh and sizes.gathered and sizes.dtype != torch.float32:
+        transient["dhidden scatter"] = e * R * H
+    if dw and (outer or sizes.weight_dtype == torch.float32):
+        transient["dweight gemm temporary"] = mm_temp_bytes(sizes, C, H, outer)
+    return Workspace(persistent, {k: v for k, v in transient.items() if v})
+
+
+# One group of every row is preferred while its dz chunk is at least this wide:
+# each chunk costs a float32 read-modify-write of the (n, H) dhidden accumulator.
+ONE_GROUP_MIN_CHUNK = 1024
+
+
+def rows_per_group(
+    sizes: Sizes, budget: int, grad: bool, entropy: bool, needs=(True, True, True), forward: bool = True
+) -> tuple[int, int]:
+    """(rows per group, dz chunk width) so ``workspace`` fits 90% of ``budget`` bytes; (0, 0) when 16 rows do not.
+
+    First one group of every row, the chunk halving from the whole vocabulary
+    (at most MAX_CHUNK) down to ONE_GROUP_MIN_CHUNK: each dweight chunk is
+    then one product over every row. Else several groups (see
+    ``vocabulary_outer``), the chunk halving while fewer than 256 rows fit.
+    The free 10% covers the call's O(N) vectors and allocator rounding.
+    """
     usable = int(0.9 * budget)
-    chunk = min(V, MAX_CHUNK)
+
+    def fits(rows, chunk):
+        return workspace(sizes, rows, chunk, grad=grad, entropy=entropy, needs=needs, forward=forward)
+
+    if not grad:
+        return largest_rows(sizes.n, usable, lambda r: fits(r, 0)), 0
+    widest = min(sizes.V, MAX_CHUNK)
+    chunk = widest
+    while chunk >= min(ONE_GROUP_MIN_CHUNK, widest):
+        if fits(sizes.n, chunk).bytes <= usable:
+            return sizes.n, chunk
+        chunk //= 2
+    chunk = widest
     while True:
-        per_row = base + ((4 * H + e * chunk) if grad else 0)
-        fixed = chunk * H * e if grad and prob.weight.dtype != prob.dtype else 0
-        rows = (usable - fixed) // per_row
-        if rows >= min(256, max(prob.n, 16)) or chunk <= 256 or not grad:
+        rows = largest_rows(sizes.n, usable, lambda r, c=chunk: fits(r, c))
+        if rows >= min(256, max(sizes.n, 16)) or chunk <= 256:
             break
         chunk //= 2
-    return (int(rows), chunk) if rows >= 16 else (0, 0)
+    return (rows, chunk) if rows >= 16 else (0, 0)
 
 
 def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
@@ -312,48 +388,83 @@ def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
 
 
 def run(prob: Problem, out, *, rows: int, chunk: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
-    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend)."""
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
+    whose gradients the backend has allocated; allocates exactly ``workspace``."""
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
     dev = prob.hidden.device
+    R = min(rows, prob.n)
+    groups = [(r0, min(prob.n, r0 + rows)) for r0 in range(0, prob.n, rows)]
     width = min(chunk, V) if grad else 0
-    dz_buf = torch.empty(min(rows, prob.n) * width, dtype=dtype, device=dev) if grad else None
-    dh_acc = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=dev) if grad and needs[0] else None
-    for g, r0 in enumerate(range(0, prob.n, rows)):
-        r1 = min(prob.n, r0 + rows)
+    outer = vocabulary_outer(prob.sizes(), rows, grad, needs)
+    dz_buf = torch.empty(R * width, dtype=dtype, device=dev) if grad else None
+    dh_acc = torch.empty(prob.n if outer else R, H, dtype=torch.float32, device=dev) if grad and needs[0] else None
+    dw_acc = None
+    if outer and prob.weight.dtype != torch.float32:
+        dw_acc = torch.empty(width, H, dtype=torch.float32, device=dev)
+
+    h = None
+    if not stats_given:
+        for r0, r1 in groups:
+            del h  # the previous group's gathered rows go before the next are gathered
+            h, ids, row0 = prob.group(r0, r1)
+            _forward_group(prob, out, h, ids, row0, r1 - r0, entropy or ent_coef is not None)
+    if not grad:
+        return
+
+    def chunk_of_group(r0, r1, h, ids, row0, v0, v1, first_chunk, first_group):
+        """dz of rows r0..r1 and columns v0..v1, and its three products."""
         r = r1 - r0
-        h, ids, row0 = prob.group(r0, r1)
-        if not stats_given:
-            _forward_group(prob, out, h, ids, row0, r, entropy or ent_coef is not None)
-        if not grad:
-            continue
-        dz_full = dz_buf[: r * width].view(r, width)
-        for v0 in range(0, V, width):
-            v1 = min(V, v0 + width)
-            dz = dz_full[:, : v1 - v0]
-            args = dict(
-                hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
-                coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, dz_ptr=dz,
-                row0=row0, R=r, v_start=v0, v_end=v1, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0),
-                stride_dz=dz.stride(0), **prob.head_args(), **dot_flags(dtype),
-            )  # fmt: skip
+        dz = dz_buf[: r * width].view(r, width)[:, : v1 - v0]
+        args = dict(
+            hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
+            coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, dz_ptr=dz,
+            row0=row0, R=r, v_start=v0, v_end=v1, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0),
+            stride_dz=dz.stride(0), **prob.head_args(), **dot_flags(dtype),
+        )  # fmt: skip
 
-            def grid(meta, w=v1 - v0, r=r):
-                return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
+        def grid(meta, w=v1 - v0, r=r):
+            return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
 
-            launch(dlogits_kernel, _configs(prob, DLOGITS_CONFIGS), INTERPRETER_CONFIG, grid, args, key=("H",))
+        launch(dlogits_kernel, _configs(prob, DLOGITS_CONFIGS), INTERPRETER_CONFIG, grid, args, key=("H",))
+        if needs[0]:
             w_chunk = prob.weight[v0:v1]
             if w_chunk.dtype != dtype:
                 w_chunk = w_chunk.to(dtype)
-            if needs[0]:
-                mm_into(dh_acc[:r], dz, w_chunk, accumulate=v0 > 0)
-            if needs[1]:
-                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=g > 0)
-            if needs[2]:
-                out.dbias[v0:v1] += dz.sum(0, dtype=torch.float32)
-        if needs[0]:
-            if ids is None:
-                out.dhidden[r0:r1] = dh_acc[:r]
+            mm_into(dh_acc[r0:r1] if outer else dh_acc[:r], dz, w_chunk, accumulate=not first_chunk)
+            del w_chunk
+        if needs[1]:
+            if dw_acc is not None:
+                mm_into(dw_acc[: v1 - v0], dz.T, h, accumulate=not first_group)
             else:
-                out.dhidden.index_copy_(0, ids, dh_acc[:r].to(out.dhidden.dtype))
+                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=not first_group)
+        if needs[2]:
+            out.dbias[v0:v1] += dz.sum(0, dtype=torch.float32)
+
+    def scatter(r0, r1, ids, d):
+        if ids is None:
+            out.dhidden[r0:r1] = d
+        else:
+            out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
+
+    chunks = [(v0, min(V, v0 + width)) for v0 in range(0, V, width)]
+    if outer:
+        # Vocabulary outer: each dweight chunk sums over every row, then is written once.
+        for v0, v1 in chunks:
+            for g, (r0, r1) in enumerate(groups):
+                del h
+                h, ids, row0 = prob.group(r0, r1)
+                chunk_of_group(r0, r1, h, ids, row0, v0, v1, v0 == 0, g == 0)
+                if needs[0] and v1 == V:  # the group's dhidden has every chunk now
+                    scatter(r0, r1, ids, dh_acc[r0:r1])
+            if dw_acc is not None:
+                out.dweight[v0:v1].copy_(dw_acc[: v1 - v0])
+        return
+    for g, (r0, r1) in enumerate(groups):
+        del h
+        h, ids, row0 = prob.group(r0, r1)
+        for v0, v1 in chunks:
+            chunk_of_group(r0, r1, h, ids, row0, v0, v1, v0 == 0, g == 0)
+        if needs[0]:
+            scatter(r0, r1, ids, dh_acc[: r1 - r0])
