@@ -693,6 +693,16 @@ def test_memory_budget_of_a_call_chooses_the_sweep(monkeypatch):
     assert_close(logp, ref, rtol=1e-5, atol=2e-5, name="logp of the fused sweep")
 
 
+def test_cuda_graph_capture_is_refused_with_a_clear_error(monkeypatch):
+    """A call while a CUDA stream captures a graph raises before the host sync that would break the capture."""
+    from grao_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        tb.check_not_capturing(torch.device("cuda", 0))
+    tb.check_not_capturing(torch.device("cpu"))  # CPU tensors (the interpreter) are never captured
+
+
 def test_auto_never_picks_triton_for_cpu_tensors():
     assert not resolve("auto", torch.device("cpu")).__name__.endswith("triton_backend")
 

@@ -42,11 +42,16 @@ Targets outside [0, V) other than ``ignore_index`` (possible only with
 NaN and its logits gradient has no target term.
 
 Ignored rows are found with one ``nonzero`` (a host synchronisation per
-call) and never read; the sweeps see only the non-ignored rows.
+call) and never read; the sweeps see only the non-ignored rows. That sync
+(and Triton's autotuning on a shape's first call) cannot be captured in a
+CUDA graph: a call during stream capture is refused with a RuntimeError
+rather than failing inside the capture. Kernels and cuBLAS run on the
+inputs' device, whatever the current device is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +87,24 @@ class Outputs:
     dbias: torch.Tensor | None = None
 
 
+def check_not_capturing(device: torch.device) -> None:
+    """RuntimeError when ``device``'s current stream is capturing a CUDA graph (see the module docstring)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the triton backend cannot run inside CUDA graph capture: each call synchronises with the host "
+            "(it counts the rows that are not ignore_index to size its row groups) and autotunes a shape's "
+            "first launch; call it outside the captured region"
+        )
+
+
+def _on_device(t: torch.Tensor):
+    """Context that makes ``t``'s device current, so Triton launches and cuBLAS run where the tensors are."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _prepare(hidden, weight, bias, targets, head: Head, ignore_index: int) -> Problem:
     check_device(hidden, weight, bias, targets)
+    check_not_capturing(hidden.device)
     targets = targets.reshape(-1).to(torch.int64).contiguous()
     valid = targets != ignore_index
     rows = valid.nonzero().squeeze(1)  # the call's one host synchronisation
@@ -229,9 +250,10 @@ def _outputs(prob: Problem, entropy: bool) -> Outputs:
 
 
 def forward(hidden, weight, bias, targets, head, ignore_index, *, entropy=False, budget=DEFAULT_BUDGET) -> Stats:
-    prob = _prepare(hidden, weight, bias, targets, head, ignore_index)
-    out = _outputs(prob, entropy)
-    _sweep(prob, out, budget, entropy=entropy, needs=(False, False, False))
+    with _on_device(hidden):
+        prob = _prepare(hidden, weight, bias, targets, head, ignore_index)
+        out = _outputs(prob, entropy)
+        _sweep(prob, out, budget, entropy=entropy, needs=(False, False, False))
     return Stats(out.logp, out.lse, out.entropy)
 
 
@@ -239,6 +261,14 @@ def grad(
     hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef=None, stats=None,
     needs=(True, True, True), budget=DEFAULT_BUDGET,
 ):  # fmt: skip
+    with _on_device(hidden):
+        return _grad(
+            hidden, weight, bias, targets, head, ignore_index, coef=coef, ent_coef=ent_coef, stats=stats,
+            needs=needs, budget=budget,
+        )  # fmt: skip
+
+
+def _grad(hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef, stats, needs, budget):
     prob = _prepare(hidden, weight, bias, targets, head, ignore_index)
     N, V, H = prob.shape
     dev = prob.hidden.device
