@@ -50,6 +50,7 @@ from .common import (
     Sizes,
     Workspace,
     apply_head,
+    dz_scale,
     interpreting,
     largest_rows,
     launch,
@@ -110,6 +111,7 @@ def rows_kernel(
     scale,
     inv_temp,
     softcap,  # float or None
+    dz_scale,  # float: the gradient is stored times this (see common.dz_scale)
     STATS_GIVEN: tl.constexpr,
     INTERPRET: tl.constexpr,  # round-to-nearest casts under the interpreter (see common.to_store)
     HAS_BIAS: tl.constexpr,
@@ -168,7 +170,7 @@ def rows_kernel(
             cols = v0 + offs
             z, dz_draw = _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
             onehot = (cols[None, :] == tgt[:, None]) & (cols < V)[None, :]
-            g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
+            g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF) * dz_scale
             # Every warp has read this block before any overwrites it (see the module docstring).
             tl.debug_barrier()
             tl.store(dz_row + cols[None, :], to_store(g, dz_ptr.dtype.element_ty, INTERPRET), mask=(cols < V)[None, :])
@@ -222,18 +224,18 @@ def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, Tru
     return largest_rows(sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs))
 
 
-def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = False) -> None:
-    """``out (+)= a @ weight.T`` (transpose) or ``a @ weight``, the weight cast to ``dtype`` slice by slice."""
+def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = False, alpha: float = 1.0) -> None:
+    """``out (+)= alpha a @ weight.T`` (transpose) or ``a @ weight``, the weight cast to ``dtype`` slice by slice."""
     if weight.dtype == dtype:
-        mm_into(out, a, weight.T if transpose else weight, accumulate=accumulate)
+        mm_into(out, a, weight.T if transpose else weight, accumulate=accumulate, alpha=alpha)
         return
     step = max(1, SLICE_BYTES // (weight.shape[1] * torch.empty(0, dtype=dtype).element_size()))
     for v0 in range(0, weight.shape[0], step):
         w = weight[v0 : v0 + step].to(dtype)
         if transpose:
-            mm_into(out[:, v0 : v0 + step], a, w.T, accumulate=accumulate)
+            mm_into(out[:, v0 : v0 + step], a, w.T, accumulate=accumulate, alpha=alpha)
         else:
-            mm_into(out, a[:, v0 : v0 + step], w, accumulate=accumulate or v0 > 0)
+            mm_into(out, a[:, v0 : v0 + step], w, accumulate=accumulate or v0 > 0, alpha=alpha)
         del w
 
 
@@ -247,6 +249,7 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
     plan = workspace(sizes, rows, grad=grad, needs=needs)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
     dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
+    scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
     dweight = out.dweight
     if "dweight accumulator" in plan.persistent:
         dweight = torch.empty(V, H, dtype=torch.float32, device=buf.device)
@@ -265,21 +268,21 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
             coef_ptr=coef, ent_coef_ptr=ent_coef if grad else None,
             logp_ptr=out.logp, lse_ptr=out.lse, ent_ptr=out.entropy if (entropy or ent_coef is not None) else None,
             row0=row0, V=V, stride_l=logits.stride(0), stride_dz=dz.stride(0), **prob.head_args(),
-            STATS_GIVEN=stats_given, INTERPRET=interpreting(),
+            dz_scale=scale, STATS_GIVEN=stats_given, INTERPRET=interpreting(),
         )  # fmt: skip
         launch(rows_kernel, CONFIGS, INTERPRETER_CONFIG, lambda meta, r=r1 - r0: (r,), args, key=("V",))
         if not grad:
             continue
         if needs[0]:
             d = dh_rows[: r1 - r0]
-            _weight_mm(d, dz, prob.weight, dtype, transpose=False)
+            _weight_mm(d, dz, prob.weight, dtype, transpose=False, alpha=1.0 / scale)
             if ids is None:
                 out.dhidden[r0:r1] = d
             else:
                 out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
         if needs[1]:
-            mm_into(dweight, dz.T, h, accumulate=g > 0)
+            mm_into(dweight, dz.T, h, accumulate=g > 0, alpha=1.0 / scale)
         if needs[2]:
-            out.dbias += dz.sum(0, dtype=torch.float32)
+            out.dbias.add_(dz.sum(0, dtype=torch.float32), alpha=1.0 / scale)
     if dweight is not out.dweight:
         out.dweight.copy_(dweight)

@@ -44,6 +44,7 @@ from .common import (
     apply_head,
     configs_fp32,
     dot_flags,
+    dz_scale,
     grouped_tile_ids,
     largest_rows,
     launch,
@@ -72,7 +73,8 @@ DLOGITS_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
 ]
-CONFIGS_FP32 = configs_fp32(GROUP_N=8)
+FORWARD_CONFIGS_FP32 = configs_fp32(8, GROUP_N=8)
+DLOGITS_CONFIGS_FP32 = configs_fp32(4, GROUP_N=8)
 # Under the interpreter each program costs milliseconds of Python: few, wide tiles.
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16, "GROUP_N": 2}
 REDUCE_CONFIG = {"BLOCK_R": 32, "BLOCK_T": 64}
@@ -220,6 +222,7 @@ def dlogits_kernel(
     scale,
     inv_temp,
     softcap,
+    dz_scale,  # float: dz is stored times this (see common.dz_scale)
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -250,20 +253,20 @@ def dlogits_kernel(
         ec = tl.load(ent_coef_ptr + ids, mask=row_mask, other=0.0)
         ent = tl.load(ent_ptr + ids, mask=row_mask, other=0.0)
     onehot = offs_v[None, :] == tgt[:, None]
-    g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
+    g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF) * dz_scale
     # Tensor cores take dz in the input dtype, as PyTorch's own low-precision backward rounds its logits gradient.
     dz_ptrs = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz + (offs_v - v_start)[None, :]
     live = row_mask[:, None] & (offs_v < v_end)[None, :]
     tl.store(dz_ptrs, to_store(g, dz_ptr.dtype.element_ty, UPCAST_DOT), mask=live)
 
 
-def _configs(prob: Problem, configs):
-    return CONFIGS_FP32 if prob.dtype == torch.float32 else configs
+def _configs(prob: Problem, configs, configs_fp32):
+    return configs_fp32 if prob.dtype == torch.float32 else configs
 
 
 def _tiles(sizes: Sizes) -> int:
     """Vocabulary tiles of the forward at its narrowest tile (sizes the partial buffers)."""
-    configs = CONFIGS_FP32 if sizes.dtype == torch.float32 else FORWARD_CONFIGS
+    configs = FORWARD_CONFIGS_FP32 if sizes.dtype == torch.float32 else FORWARD_CONFIGS
     return triton.cdiv(sizes.V, min_block_v(configs, INTERPRETER_CONFIG))
 
 
@@ -363,7 +366,7 @@ def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
     """Statistics of the group's ``r`` rows into ``out`` (partials, then their reduction)."""
     N, V, H = prob.shape
     dev = h.device
-    fwd_configs = _configs(prob, FORWARD_CONFIGS)
+    fwd_configs = _configs(prob, FORWARD_CONFIGS, FORWARD_CONFIGS_FP32)
     tiles_max = triton.cdiv(V, min_block_v(fwd_configs, INTERPRETER_CONFIG))
     parts = torch.empty(3 if entropy else 2, tiles_max * r, dtype=torch.float32, device=dev)
     # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
@@ -405,6 +408,7 @@ def run(prob: Problem, out, *, rows: int, chunk: int, entropy: bool, coef, ent_c
         dw_acc = torch.empty(width, H, dtype=torch.float32, device=dev)
 
     h = None
+    scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
     if not stats_given:
         for r0, r1 in groups:
             del h  # the previous group's gathered rows go before the next are gathered
@@ -421,26 +425,33 @@ def run(prob: Problem, out, *, rows: int, chunk: int, entropy: bool, coef, ent_c
             hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
             coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, dz_ptr=dz,
             row0=row0, R=r, v_start=v0, v_end=v1, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0),
-            stride_dz=dz.stride(0), **prob.head_args(), **dot_flags(dtype),
+            stride_dz=dz.stride(0), **prob.head_args(), dz_scale=scale, **dot_flags(dtype),
         )  # fmt: skip
 
         def grid(meta, w=v1 - v0, r=r):
             return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
 
-        launch(dlogits_kernel, _configs(prob, DLOGITS_CONFIGS), INTERPRETER_CONFIG, grid, args, key=("H",))
+        launch(
+            dlogits_kernel,
+            _configs(prob, DLOGITS_CONFIGS, DLOGITS_CONFIGS_FP32),
+            INTERPRETER_CONFIG,
+            grid,
+            args,
+            key=("H",),
+        )
         if needs[0]:
             w_chunk = prob.weight[v0:v1]
             if w_chunk.dtype != dtype:
                 w_chunk = w_chunk.to(dtype)
-            mm_into(dh_acc[r0:r1] if outer else dh_acc[:r], dz, w_chunk, accumulate=not first_chunk)
+            mm_into(dh_acc[r0:r1] if outer else dh_acc[:r], dz, w_chunk, accumulate=not first_chunk, alpha=1 / scale)
             del w_chunk
         if needs[1]:
             if dw_acc is not None:
-                mm_into(dw_acc[: v1 - v0], dz.T, h, accumulate=not first_group)
+                mm_into(dw_acc[: v1 - v0], dz.T, h, accumulate=not first_group, alpha=1 / scale)
             else:
-                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=not first_group)
+                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=not first_group, alpha=1 / scale)
         if needs[2]:
-            out.dbias[v0:v1] += dz.sum(0, dtype=torch.float32)
+            out.dbias[v0:v1].add_(dz.sum(0, dtype=torch.float32), alpha=1 / scale)
 
     def scatter(r0, r1, ids, d):
         if ids is None:
