@@ -1,29 +1,48 @@
 """The "fused" sweep: logits only ever live in registers; the minimal-memory mode.
 
-Per group of R non-ignored rows (R and the chunk width C bounded by the budget)::
+Rows in groups of R non-ignored rows, the gradient in vocabulary chunks of C
+entries (R and C from ``workspace`` and the budget; one group of every row
+whenever it fits)::
 
-    # forward (skipped when the caller hands back the statistics of an earlier one)
+    # forward, group by group (skipped when the caller hands back the statistics of an earlier one)
     for each (row block, vocabulary tile), one program each, grouped order:
         z = head(hidden[g] @ weight[tile].T + bias[tile])
         part[tile, rows] = (max z, sum exp(z - max), sum exp(z - max)(z - max))     # lse_partials_kernel
         target_logit[rows] = z[target]                   # from the tile holding it
     lse, logp, entropy = reduce over tiles              # lse_reduce_kernel
-    # gradient, per vocabulary chunk of C entries
+    # gradient: one group, or several in the vocabulary-outer order (chunk outer, group inner)
     dz = d loss / d raw, recomputed tile by tile        # dlogits_kernel, (R, C) in hidden's dtype
-    dhidden[g] += dz @ weight[chunk]                    # cuBLAS, float32 accumulation
-    dweight[chunk] += dz.T @ hidden[g]                  # cuBLAS
+    dhidden[g] += dz @ weight[chunk]                    # cuBLAS, float32 accumulation over the chunks
+    dweight[chunk] (+)= dz.T @ hidden[g]                # cuBLAS: once per chunk with one group, else
+                                                        # summed over the groups in float32 C x H, then written
     dbias[chunk] += dz.sum(0)
 
-Floor and traffic at N=16384, H=4096, V=151936, bf16: 4 GEMMs' worth of
-FLOPs (the forward's logits are recomputed for dz: 8 N V H = 82 TFLOP, 4/3 of
-the chunked mode's), two of them in Triton. Bytes: the forward's partials
-(12 B per row and 256-wide tile: 0.1 GB), dz written and read twice (6 B x
-N V = 15 GB), and dhidden's float32 read-modify-write per chunk (2 x 4 N H =
-0.5 GB per chunk: 38 GB at the old 2048-wide chunks, 5 GB at C = 16384, which
-the default 1 GiB budget allows). Workspace: the dz chunk (e R C), the
-float32 dhidden of the group (4 R H), the gathered hidden rows (e R H) and the
-partials, so it scales with R and C, not with V. Expected ~1.35-1.5x the
-floor (Triton GEMMs at ~600 TFLOP/s against cuBLAS's ~750).
+With several groups the chunk-outer order keeps dhidden's float32
+accumulator for every row (4 n H, independent of V) instead of a float32
+V x H dweight accumulator (2.3 GiB at V=151936, H=4096), and re-gathers a
+group's hidden rows per chunk when rows are ignored.
+
+Arithmetic, grao_loss entry, N=16384, H=4096, bf16, 1 GiB (the default
+budget; ``triton_backend.workspace_bytes`` gives the plan: one group, C=8192,
+~0.7-0.8 GiB), on an H100 SXM taken as ~750 TFLOP/s for cuBLAS bf16 GEMMs,
+~600 for Triton's, 3.35 TB/s:
+
+* FLOPs: 8 N V H (the forward's logits are recomputed for dz), 4/3 of the
+  three-GEMM floor 6 N V H; two of the four GEMMs in Triton.
+* Bytes per logit: dz written once and read by two GEMMs (6 B), the
+  partials (12 B per row and 128-wide tile: 0.1 B per logit); plus dhidden's
+  float32 read-modify-write per chunk (8 N H = 0.54 GB per chunk).
+* V=151936: floor 61 TFLOP = 82 ms; ours 2 x 20.4 TFLOP in Triton (68 ms)
+  + 2 x 20.4 in cuBLAS (54 ms) + 15 GB of dz (4.5 ms) + 19 chunks of
+  dhidden (10 GB, 3 ms) = ~130 ms, ~1.6x the floor.
+* V=262144: floor 106 TFLOP = 141 ms; ours 117 + 94 ms of GEMMs + 26 GB of
+  dz (7.7 ms) + 32 chunks of dhidden (17 GB, 5 ms) = ~224 ms, ~1.6x.
+
+The goal of <= 1.1x the floor needs the three-GEMM chunked sweep (each
+logit computed once) with its dweight products not costing a float32 V x H
+read-modify-write per row group; within 1 GiB that is not reached here (see
+``chunked.py``: its float32 accumulator alone exceeds the budget, so "auto"
+runs this sweep at that budget).
 
 The forward writes one partial triple per (row, tile) and reduces them in a
 second small kernel, rather than sweeping the vocabulary inside a program:
