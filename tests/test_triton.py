@@ -464,6 +464,9 @@ def test_auto_picks_the_sweep_by_budget(monkeypatch):
     settings.triton_mode = "sideways"
     with pytest.raises(ValueError, match="triton_mode"):
         tb.choose_mode(prob, 2**20, grad=True, entropy=False)
+    settings.triton_mode = "auto"
+    with pytest.raises(ValueError, match=r"memory_budget of 65536 bytes .* it needs at least \d+ bytes"):
+        tb.choose_mode(prob, 2**16, grad=True, entropy=False)
 
 
 def test_fused_sweep_fits_its_workspace_in_the_budget():

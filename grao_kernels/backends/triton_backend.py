@@ -176,9 +176,11 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
             return Plan("chunked", rows, 0, ws, sizes.n)
     rows, chunk = fused.rows_per_group(sizes, budget, grad, entropy, needs, forward)
     if rows == 0:
+        least = fused.workspace(sizes, 16, 256, grad=grad, entropy=entropy, needs=needs, forward=forward)
         raise ValueError(
             f"memory_budget of {budget} bytes holds fewer than 16 rows of the fused sweep "
-            f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight)"
+            f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight); "
+            f"it needs at least {-(-least.bytes * 10 // 9)} bytes ({least})"
         )
     ws = fused.workspace(sizes, rows, chunk, grad=grad, entropy=entropy, needs=needs, forward=forward)
     return Plan("fused", rows, chunk, ws, sizes.n)
