@@ -393,11 +393,11 @@ def _cuda_gemms_of(monkeypatch, version):
         prod = plain(a).float() @ plain(b).float()  # exact float32 products, float32 sums
         return prod if out is None else plain(out).copy_(prod)
 
-    def addmm(c, a, b, out_dtype=None, out=None):
+    def addmm(c, a, b, out_dtype=None, out=None, alpha=1.0):
         calls.append(("addmm", c.dtype))
         if version < (2, 10) and c.dtype != a.dtype:
             raise RuntimeError(f"self and mat2 must have the same dtype, but got {c.dtype} and {a.dtype}")
-        return plain(out).copy_(plain(c) + plain(a).float() @ plain(b).float())
+        return plain(out).copy_(plain(c) + alpha * (plain(a).float() @ plain(b).float()))
 
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
@@ -424,6 +424,24 @@ def test_fp32_accumulation_uses_a_gemm_this_torch_has(monkeypatch, version):
         assert calls == [("addmm", torch.float32)]
     else:
         assert calls == [("mm", torch.float32)] * 4  # 7 rows in slices of 2
+
+
+@pytest.mark.parametrize("version", [(2, 9), (2, 11)], ids=["torch2.9", "torch2.11"])
+def test_fp32_output_gemm_applies_alpha_on_every_path(monkeypatch, version):
+    """mm_into's alpha (the inverse of float16's dz scale) multiplies the product, written or accumulated."""
+    from grao_kernels.triton_kernels import common
+
+    a, b = torch.randn(7, 8).bfloat16(), torch.randn(8, 5).bfloat16()
+    start = torch.randn(7, 5)
+    monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
+    monkeypatch.setattr(common, "_ADDMM_FP32_C", version >= (2, 11))
+    monkeypatch.setattr(common, "SLICE_BYTES", 2 * 5 * 4)
+    real_mm, _ = _cuda_gemms_of(monkeypatch, version)
+    prod = real_mm(a.float(), b.float())
+    for accumulate, want in ((True, start + prod / 64), (False, prod / 64)):
+        acc = start.clone().as_subclass(_CudaLooking)
+        common.mm_into(acc, a, b, accumulate=accumulate, alpha=1 / 64)
+        assert_close(acc.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-6, name=f"accumulate={accumulate}")
 
 
 def test_fp32_output_gemm_on_old_torch_warns_and_rounds(monkeypatch):
