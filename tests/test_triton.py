@@ -601,6 +601,19 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
     assert got[2].dtype == weight.dtype
 
 
+def test_workspace_bytes_rejects_bad_sizes_and_plans_nothing_for_no_rows():
+    from grao_kernels.backends import triton_backend as tb
+
+    with pytest.raises(ValueError, match="N must be a non-negative int"):
+        tb.workspace_bytes(-1, 100, 16)
+    with pytest.raises(ValueError, match="ignored=11 exceeds N=10"):
+        tb.workspace_bytes(10, 100, 16, ignored=11)
+    assert tb.workspace_bytes(10, 100, 16, ignored=10).bytes == 0
+    # A float32 master weight under bf16 activations never costs a whole-weight copy, only slices of it.
+    big = tb.workspace_bytes(4096, 151936, 4096, weight_dtype=torch.float32)
+    assert big.bytes <= 0.9 * tb.DEFAULT_BUDGET and big.mode == "chunked", big
+
+
 def test_triton_config_setting_is_parsed(monkeypatch):
     from grao_kernels.triton_kernels import common
 

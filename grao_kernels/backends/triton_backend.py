@@ -157,6 +157,8 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
     if mode not in MODES:
         raise ValueError(f"settings.triton_mode (GRAO_KERNELS_TRITON_MODE) must be one of {MODES}, got {mode!r}")
     needs = tuple(bool(grad and x) for x in needs)
+    if sizes.n == 0:  # nothing to sweep: the call only fills zeros
+        return Plan("fused" if mode == "fused" else "chunked", 0, 0, Workspace({}, {}), 0)
     chunk_ok = sizes.dtype == torch.float32 or fp32_output_gemm(torch.device("cuda" if sizes.cuda else "cpu"))
     if mode != "fused":
         rows = chunked.rows_per_group(sizes, budget, grad, needs)
