@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from utils import assert_close, assert_within_torch_error, grads, leaves, rel_l2
 
 from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss
@@ -61,8 +64,8 @@ def tb(monkeypatch):
 
     monkeypatch.setattr(settings, "triton_config", "BLOCK_N=16,BLOCK_V=32,BLOCK_H=16,GROUP_N=2")
     monkeypatch.setattr(settings, "triton_mode", "auto")
-    monkeypatch.setattr(chunked, "rows_per_group", lambda prob, budget, grad: 16)
-    monkeypatch.setattr(fused, "rows_per_group", lambda prob, budget, grad, entropy: (16, 64))
+    monkeypatch.setattr(chunked, "rows_per_group", lambda sizes, budget, grad, *needs: 16)
+    monkeypatch.setattr(fused, "rows_per_group", lambda sizes, budget, grad, entropy, *needs_forward: (16, 64))
     return triton_backend
 
 
@@ -192,6 +195,25 @@ def test_needs_skip_gradients_not_asked_for(tb, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_float16_gradient_survives_tiny_coefficients(tb, mode):
+    """float16 dz with coefficients of 1e-5, as a mean-reduced loss gives them (c p falls below float16's
+    smallest subnormal, 6e-8, for p < 6e-3): the gradients equal 1e-5 times those with coefficients of 1,
+    because dz is scaled before rounding and the GEMMs unscale. Unscaled, the float32 dbias was off by 1.7e-2
+    (relative L2) and the float16 dweight by 1.6e-2; dhidden and dweight, float16 at magnitudes ~1e-5, keep
+    only their own subnormal rounding (the bounds below)."""
+    settings.triton_mode = mode
+    hidden, weight, b, targets = _inputs(37, 21, 101, True, torch.float16, 0.3)
+    coef, ent_coef = torch.randn(37, device=DEVICE), torch.randn(37, device=DEVICE) * 0.1
+    _, *big = tb.grad(hidden, weight, b, targets, Head(), -100, coef=coef, ent_coef=ent_coef, budget=BUDGET)
+    _, *tiny = tb.grad(
+        hidden, weight, b, targets, Head(), -100, coef=coef * 1e-5, ent_coef=ent_coef * 1e-5, budget=BUDGET
+    )
+    for name, g_big, g_tiny, bound in zip(("dhidden", "dweight", "dbias"), big, tiny, (1.2e-2, 5e-3, 1e-3)):
+        err = rel_l2(g_tiny.double(), g_big.double() * 1e-5)
+        assert err <= bound, f"{name}: relative L2 {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ignored_rows_are_never_read(tb, mode):
     settings.triton_mode = mode
     hidden, weight, _, targets = _inputs(40, 20, 50, False, torch.float32, 0.0)
@@ -286,6 +308,46 @@ def test_masked_first_tile_is_not_nan_default_configs(mode, monkeypatch):
     assert_close(logp, ref[0].logp, rtol=1e-5, atol=2e-5, name="logp through fused_linear_logprobs")
 
 
+_OUT_OF_VOCAB = """
+import torch
+from grao_kernels import fused_linear_logprobs
+from grao_kernels.reference import reference_logprobs
+from grao_kernels.settings import settings
+
+settings.triton_mode = {mode!r}
+torch.manual_seed(0)
+V = 500
+hidden, weight, bias = torch.randn(6, 16), torch.randn(V, 16) / 4, torch.randn(V)
+targets = torch.tensor([3, 10**6, -7, 499, -100, 2**40])
+h = hidden.clone().requires_grad_(True)
+logp = fused_linear_logprobs(h, weight, targets, bias=bias, backend="triton", validate=False)
+logp.nan_to_num(0.0).sum().backward()
+bad = torch.tensor([False, True, True, False, False, True])
+assert logp[bad].isnan().all(), logp
+assert logp[4] == 0  # ignore_index
+good = ~bad & (targets != -100)
+ref = reference_logprobs(hidden.double(), weight.double(), targets.clamp(0, V - 1), bias=bias.double())
+assert torch.allclose(logp[good].double(), ref[good], rtol=1e-5, atol=2e-5), (logp, ref)
+assert torch.isfinite(h.grad).all()
+print("RETURNED")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the interpreter in a subprocess")
+@pytest.mark.parametrize("mode", MODES)
+def test_target_outside_the_vocabulary_reads_nothing_and_gives_nan(mode):
+    """validate=False with targets outside [0, V) (not ignore_index): logp is NaN at exactly those rows, the others
+    are right and the backward returns. The kernels never load a target's logit or bias outside their tensors (a
+    subprocess, because an unmasked load there is a segmentation fault under the interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    res = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _OUT_OF_VOCAB.format(mode=mode)],
+        env=env, cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0 and "RETURNED" in res.stdout, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+
+
 class _CudaLooking(torch.Tensor):
     """A CPU tensor that claims to be on CUDA, to reach mm_into's GPU branch without a GPU."""
 
@@ -331,11 +393,11 @@ def _cuda_gemms_of(monkeypatch, version):
         prod = plain(a).float() @ plain(b).float()  # exact float32 products, float32 sums
         return prod if out is None else plain(out).copy_(prod)
 
-    def addmm(c, a, b, out_dtype=None, out=None):
+    def addmm(c, a, b, out_dtype=None, out=None, alpha=1.0):
         calls.append(("addmm", c.dtype))
         if version < (2, 10) and c.dtype != a.dtype:
             raise RuntimeError(f"self and mat2 must have the same dtype, but got {c.dtype} and {a.dtype}")
-        return plain(out).copy_(plain(c) + plain(a).float() @ plain(b).float())
+        return plain(out).copy_(plain(c) + alpha * (plain(a).float() @ plain(b).float()))
 
     monkeypatch.setattr(torch, "mm", mm)
     monkeypatch.setattr(torch, "addmm", addmm)
@@ -364,6 +426,24 @@ def test_fp32_accumulation_uses_a_gemm_this_torch_has(monkeypatch, version):
         assert calls == [("mm", torch.float32)] * 4  # 7 rows in slices of 2
 
 
+@pytest.mark.parametrize("version", [(2, 9), (2, 11)], ids=["torch2.9", "torch2.11"])
+def test_fp32_output_gemm_applies_alpha_on_every_path(monkeypatch, version):
+    """mm_into's alpha (the inverse of float16's dz scale) multiplies the product, written or accumulated."""
+    from grao_kernels.triton_kernels import common
+
+    a, b = torch.randn(7, 8).bfloat16(), torch.randn(8, 5).bfloat16()
+    start = torch.randn(7, 5)
+    monkeypatch.setattr(common, "_OUT_DTYPE_GEMM", True)
+    monkeypatch.setattr(common, "_ADDMM_FP32_C", version >= (2, 11))
+    monkeypatch.setattr(common, "SLICE_BYTES", 2 * 5 * 4)
+    real_mm, _ = _cuda_gemms_of(monkeypatch, version)
+    prod = real_mm(a.float(), b.float())
+    for accumulate, want in ((True, start + prod / 64), (False, prod / 64)):
+        acc = start.clone().as_subclass(_CudaLooking)
+        common.mm_into(acc, a, b, accumulate=accumulate, alpha=1 / 64)
+        assert_close(acc.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-6, name=f"accumulate={accumulate}")
+
+
 def test_fp32_output_gemm_on_old_torch_warns_and_rounds(monkeypatch):
     from grao_kernels.triton_kernels import common
 
@@ -390,9 +470,9 @@ def test_auto_picks_the_sweep_by_budget(monkeypatch):
     # 600 rows of 4 KB of float32 logits: 64 MiB holds them all, 1 MiB fewer than MIN_ROWS.
     assert tb.choose_mode(prob, 64 * 2**20, grad=True, entropy=False) == (
         "chunked",
-        chunked.rows_per_group(prob, 64 * 2**20, True),
+        chunked.rows_per_group(prob.sizes(), 64 * 2**20, True),
     )
-    assert chunked.rows_per_group(prob, 2**20, True) < chunked.MIN_ROWS
+    assert chunked.rows_per_group(prob.sizes(), 2**20, True) < chunked.MIN_ROWS
     mode, (rows, chunk) = tb.choose_mode(prob, 2**20, grad=True, entropy=False)
     assert mode == "fused" and rows >= 16 and chunk <= 1000
     settings.triton_mode = "chunked"
@@ -402,20 +482,136 @@ def test_auto_picks_the_sweep_by_budget(monkeypatch):
     settings.triton_mode = "sideways"
     with pytest.raises(ValueError, match="triton_mode"):
         tb.choose_mode(prob, 2**20, grad=True, entropy=False)
+    settings.triton_mode = "auto"
+    with pytest.raises(ValueError, match=r"memory_budget of 65536 bytes .* it needs at least \d+ bytes"):
+        tb.choose_mode(prob, 2**16, grad=True, entropy=False)
 
 
 def test_fused_sweep_fits_its_workspace_in_the_budget():
-    """The dz chunk narrows until enough rows fit; the sum of the buffers stays within the budget."""
+    """The dz chunk narrows and the rows split into groups until the whole workspace fits 90% of the budget
+    (with several groups each dweight chunk sums over every row: no V x H float32 accumulator, which alone
+    would be 12.8 MB here); with a large budget one group of every row and the widest dz chunk."""
     from grao_kernels.backends import triton_backend as tb
     from grao_kernels.triton_kernels import fused
 
     hidden, weight, _, targets = _inputs(4096, 64, 50000, False, torch.bfloat16, 0.5)
-    prob = tb._prepare(hidden, weight, None, targets, Head(), -100)
-    for budget in (2**20, 16 * 2**20, 2**30):
-        rows, chunk = fused.rows_per_group(prob, budget, True, True)
-        tiles = -(-50000 // fused.INTERPRETER_CONFIG["BLOCK_V"])
-        used = rows * (12 * tiles + 4 + 2 * 64 + 4 * 64 + 2 * chunk)
-        assert 16 <= rows and used <= budget, (budget, rows, chunk)
+    sizes = tb._prepare(hidden, weight, None, targets, Head(), -100).sizes()
+    for budget, one_group in ((2**20, False), (16 * 2**20, True), (2**30, True)):
+        rows, chunk = fused.rows_per_group(sizes, budget, True, True)
+        ws = fused.workspace(sizes, rows, chunk, grad=True, entropy=True)
+        assert 16 <= rows and ws.bytes <= 0.9 * budget, (budget, rows, chunk, ws)
+        assert (rows == sizes.n) == one_group, (budget, rows)
+    assert fused.rows_per_group(sizes, 2**30, True, True)[1] == fused.MAX_CHUNK
+
+
+class _Allocations(TorchDispatchMode):
+    """The peak of the bytes held by tensors allocated while this mode is active (new storages only; views and
+    in-place results of existing tensors are not allocations). ``paused`` skips the ops of a test-only path."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.paused = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        tensors = lambda tree: [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
+        known = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        for t in tensors(out):
+            storage = t.untyped_storage()
+            ptr, entry = storage.data_ptr(), self.live.get(storage.data_ptr())
+            if ptr in known or storage.nbytes() == 0 or (entry is not None and entry[0]() is not None):
+                continue
+            self.live[ptr] = (weakref.ref(t), storage.nbytes())
+        self.peak = max(self.peak, sum(n for ref, n in self.live.values() if ref() is not None))
+        return out
+
+
+@pytest.mark.parametrize("master", [False, True], ids=["bf16-weight", "fp32-master-weight"])
+@pytest.mark.parametrize("groups", ["one-group", "several-groups"])
+@pytest.mark.parametrize("mode", MODES)
+def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master, monkeypatch):
+    """workspace_bytes (the plan auto, grao plan and the budget use) equals the peak of the tensors the sweep
+    allocates, measured under a dispatch mode, for one and several row groups, with a bf16 weight (several
+    groups: dweight summed in float32) and a float32 master weight under bf16 activations (cast slice by slice).
+    Not measured: the Triton interpreter's own copies and the CPU emulation of float32-output bf16 GEMMs."""
+    from grao_kernels.backends import triton_backend as tb
+    from grao_kernels.triton_kernels import chunked, fused
+
+    monkeypatch.setattr(settings, "triton_mode", mode)
+    monkeypatch.setattr(settings, "triton_config", None)
+    # Several fused groups beat one when the dz chunk saved (2 (n - R) C) exceeds the float32 dweight chunk (4 C H).
+    N, H, V = 96, 16, 300
+    hidden, weight, bias, targets = _inputs(N, H, V, True, torch.bfloat16, 0.3)
+    if master:
+        weight = weight.float()
+        monkeypatch.setattr(chunked, "SLICE_BYTES", 2 * H * 64)  # slices of 64 vocabulary rows
+    n = int((targets != -100).sum())
+    sizes = tb._prepare(hidden, weight, bias, targets, Head(), -100).sizes()
+    budget = 2**30
+    if groups == "several-groups":  # the largest budget (in 1% steps) that splits the rows
+        while tb.plan(sizes, budget, grad=True, entropy=True).groups == 1:
+            budget = int(budget * 0.99)
+    tracker = _Allocations()
+
+    def pause(real):
+        def paused(*a, **k):
+            tracker.paused += 1
+            try:
+                return real(*a, **k)
+            finally:
+                tracker.paused -= 1
+
+        return paused
+
+    for module, names in ((chunked, ("launch", "mm_into")), (fused, ("launch", "launch_fixed", "mm_into"))):
+        for name in names:
+            monkeypatch.setattr(module, name, pause(getattr(module, name)))
+    planned, real_sweep = [], tb._sweep
+
+    def measured_sweep(prob, out, budget, *, entropy, coef=None, ent_coef=None, stats_given=False, needs):
+        grad = coef is not None
+        planned.append(tb.plan(prob.sizes(), budget, grad=grad, entropy=entropy or ent_coef is not None,
+                               needs=needs, forward=not stats_given))  # fmt: skip
+        tracker.peak, tracker.live = 0, {}
+        with tracker:
+            real_sweep(prob, out, budget, entropy=entropy, coef=coef, ent_coef=ent_coef, stats_given=stats_given,
+                       needs=needs)  # fmt: skip
+        return tracker.peak
+
+    peaks = []
+    monkeypatch.setattr(tb, "_sweep", lambda *a, **k: peaks.append(measured_sweep(*a, **k)))
+    coef, ent_coef = torch.randn(N), torch.randn(N)
+    got = tb.grad(hidden, weight, bias, targets, Head(), -100, coef=coef, ent_coef=ent_coef, budget=budget)
+    tb.forward(hidden, weight, bias, targets, Head(), -100, entropy=True, budget=budget)
+
+    assert [p.mode for p in planned] == [mode, mode]
+    assert (planned[0].groups == 1) == (groups == "one-group") and planned[0].rows >= 16, planned[0]
+    for p, peak in zip(planned, peaks):
+        assert peak == p.bytes, (peak, p)
+        assert p.bytes <= 0.9 * budget
+    report = tb.workspace_bytes(N, V, H, dtype=torch.bfloat16, weight_dtype=weight.dtype, ignored=N - n,
+                                entropy=True, budget=budget, device="cpu")  # fmt: skip
+    assert report == planned[0]
+    # The sweep is still right, whatever its grouping.
+    ref = _reference(hidden, weight, bias, targets, Head(), coef, ent_coef)
+    same = _reference(hidden, weight.bfloat16(), bias, targets, Head(), coef, ent_coef, dtype=torch.bfloat16)
+    _check_grads(got[1:], ref[1:], same[1:], (2.0, 1e-3))
+    assert got[2].dtype == weight.dtype
+
+
+def test_workspace_bytes_rejects_bad_sizes_and_plans_nothing_for_no_rows():
+    from grao_kernels.backends import triton_backend as tb
+
+    with pytest.raises(ValueError, match="N must be a non-negative int"):
+        tb.workspace_bytes(-1, 100, 16)
+    with pytest.raises(ValueError, match="ignored=11 exceeds N=10"):
+        tb.workspace_bytes(10, 100, 16, ignored=11)
+    assert tb.workspace_bytes(10, 100, 16, ignored=10).bytes == 0
+    # A float32 master weight under bf16 activations never costs a whole-weight copy, only slices of it.
+    big = tb.workspace_bytes(4096, 151936, 4096, weight_dtype=torch.float32)
+    assert big.bytes <= 0.9 * tb.DEFAULT_BUDGET and big.mode == "chunked", big
 
 
 def test_triton_config_setting_is_parsed(monkeypatch):
@@ -548,6 +744,16 @@ def test_memory_budget_of_a_call_chooses_the_sweep(monkeypatch):
         assert ran and all(name.endswith(sweep) for name in ran), (budget, ran)
     ref = reference_logprobs(hidden.double(), weight.double(), targets)
     assert_close(logp, ref, rtol=1e-5, atol=2e-5, name="logp of the fused sweep")
+
+
+def test_cuda_graph_capture_is_refused_with_a_clear_error(monkeypatch):
+    """A call while a CUDA stream captures a graph raises before the host sync that would break the capture."""
+    from grao_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        tb.check_not_capturing(torch.device("cuda", 0))
+    tb.check_not_capturing(torch.device("cpu"))  # CPU tensors (the interpreter) are never captured
 
 
 def test_auto_never_picks_triton_for_cpu_tensors():

@@ -7,13 +7,18 @@ launchers live in ``grao_kernels/triton_kernels/``:
 * ``chunked.py`` (default where the budget allows): per group of rows cuBLAS
   writes the logits into a float32 buffer, one Triton row kernel computes the
   statistics and overwrites the buffer with the logits gradient, cuBLAS
-  computes dhidden and accumulates dweight. Three GEMMs, one sweep, workspace
+  computes dhidden and dweight. Three GEMMs, one sweep, workspace
   about ``4 V`` bytes per row of the group.
 * ``fused.py``: the logits exist only in registers; a Triton forward writes
   per-tile partial sums, a Triton kernel recomputes dz per vocabulary chunk
   for two cuBLAS products. Four GEMMs' worth of FLOPs; workspace independent
   of V (see its docstring).
 
+Memory: each sweep's ``workspace`` function lists every buffer it allocates
+(logits, partials, dz, float32 accumulators, gathered rows, weight casts,
+temporaries), and its ``run`` allocates exactly those; ``plan`` sizes the row
+groups (and fused's dz chunk) from it so the peak stays within 90% of the
+budget, and ``workspace_bytes`` reports it for given sizes before a call.
 Mode: ``settings.triton_mode`` ("auto", "chunked" or "fused"). "auto" takes
 the chunked sweep when the budget holds at least ``chunked.MIN_ROWS`` rows
 per group (or every row), else the fused one. Each module docstring gives
@@ -26,15 +31,27 @@ per product, never the other way round (a float32 dot of bfloat16
 activations would run on FMA units, 10-30x slower). float32 inputs use exact
 float32 products (Triton ``input_precision="ieee"``; cuBLAS as PyTorch's
 ``torch.backends.cuda.matmul.allow_tf32`` says). Gradients: dhidden in
-hidden's dtype, dweight in the weight's dtype when one row group covers
-every row (else float32, accumulated across groups), dbias in float32.
+hidden's dtype, dweight in the weight's dtype (a float32 weight's gradient
+is its own accumulator; the chunked sweep sums a bf16/fp16 weight's gradient
+over several row groups in a float32 V x H buffer, which its workspace
+counts; the fused sweep sums each dweight chunk over every row first), dbias
+in float32.
+
+Targets outside [0, V) other than ``ignore_index`` (possible only with
+``validate=False``): nothing outside a tensor is read; that row's logp is
+NaN and its logits gradient has no target term.
 
 Ignored rows are found with one ``nonzero`` (a host synchronisation per
-call) and never read; the sweeps see only the non-ignored rows.
+call) and never read; the sweeps see only the non-ignored rows. That sync
+(and Triton's autotuning on a shape's first call) cannot be captured in a
+CUDA graph: a call during stream capture is refused with a RuntimeError
+rather than failing inside the capture. Kernels and cuBLAS run on the
+inputs' device, whatever the current device is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +61,8 @@ from ..settings import settings
 from ..triton_kernels import chunked, fused
 from ..triton_kernels.common import (
     Problem,
+    Sizes,
+    Workspace,
     check_device,
     fp32_output_gemm,
     unavailable_reason,  # noqa: F401  (part of the backend contract)
@@ -68,8 +87,24 @@ class Outputs:
     dbias: torch.Tensor | None = None
 
 
+def check_not_capturing(device: torch.device) -> None:
+    """RuntimeError when ``device``'s current stream is capturing a CUDA graph (see the module docstring)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the triton backend cannot run inside CUDA graph capture: each call synchronises with the host "
+            "(it counts the rows that are not ignore_index to size its row groups) and autotunes a shape's "
+            "first launch; call it outside the captured region"
+        )
+
+
+def _on_device(t: torch.Tensor):
+    """Context that makes ``t``'s device current, so Triton launches and cuBLAS run where the tensors are."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _prepare(hidden, weight, bias, targets, head: Head, ignore_index: int) -> Problem:
     check_device(hidden, weight, bias, targets)
+    check_not_capturing(hidden.device)
     targets = targets.reshape(-1).to(torch.int64).contiguous()
     valid = targets != ignore_index
     rows = valid.nonzero().squeeze(1)  # the call's one host synchronisation
@@ -88,53 +123,127 @@ def _prepare(hidden, weight, bias, targets, head: Head, ignore_index: int) -> Pr
     )
 
 
-def choose_mode(prob: Problem, budget: int, *, grad: bool, entropy: bool):
-    """("chunked", rows) or ("fused", (rows, chunk)) for ``settings.triton_mode`` and ``budget``.
+@dataclass(frozen=True)
+class Plan:
+    """A call's sweep: ``mode``, rows per group, dz chunk width (fused; 0 for chunked) and its buffers."""
 
-    A mode asked for by name that cannot fit 16 rows in the budget, or the
+    mode: str
+    rows: int
+    chunk: int
+    workspace: Workspace
+    n: int  # the rows swept (non-ignored)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.n // self.rows) if self.rows else 0
+
+    @property
+    def bytes(self) -> int:
+        """Peak working memory of the sweep (beyond inputs, returned statistics and gradients)."""
+        return self.workspace.bytes
+
+
+def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, True, True), forward=True) -> Plan:
+    """The sweep ``settings.triton_mode`` and ``budget`` give for a problem of ``sizes``, with its workspace.
+
+    "auto" takes the chunked sweep when its workspace (every buffer counted,
+    see ``chunked.workspace``) fits 90% of the budget with at least
+    ``chunked.MIN_ROWS`` rows per group (or every row), else the fused one. A
+    mode asked for by name that cannot fit 16 rows in the budget, or the
     chunked mode on a torch without float32-output bf16/fp16 GEMMs, is a
     ValueError naming the setting.
     """
     mode = settings.triton_mode
     if mode not in MODES:
         raise ValueError(f"settings.triton_mode (GRAO_KERNELS_TRITON_MODE) must be one of {MODES}, got {mode!r}")
-    chunk_ok = prob.dtype == torch.float32 or fp32_output_gemm(prob.hidden.device)
+    needs = tuple(bool(grad and x) for x in needs)
+    if sizes.n == 0:  # nothing to sweep: the call only fills zeros
+        return Plan("fused" if mode == "fused" else "chunked", 0, 0, Workspace({}, {}), 0)
+    chunk_ok = sizes.dtype == torch.float32 or fp32_output_gemm(torch.device("cuda" if sizes.cuda else "cpu"))
     if mode != "fused":
-        rows = chunked.rows_per_group(prob, budget, grad)
+        rows = chunked.rows_per_group(sizes, budget, grad, needs)
         if mode == "chunked":
             if not chunk_ok:
                 raise ValueError(
-                    f"settings.triton_mode='chunked' needs float32-output {prob.dtype} GEMMs (torch >= 2.8), "
+                    f"settings.triton_mode='chunked' needs float32-output {sizes.dtype} GEMMs (torch >= 2.8), "
                     f"this is torch {torch.__version__}; use 'fused' or 'auto'"
                 )
             if rows == 0:
-                raise ValueError(f"memory_budget of {budget} bytes holds fewer than 16 rows of the chunked sweep")
-            return "chunked", rows
-        if chunk_ok and rows >= min(chunked.MIN_ROWS, max(prob.n, 1)):
-            return "chunked", rows
-    rows, chunk = fused.rows_per_group(prob, budget, grad, entropy)
+                raise ValueError(
+                    f"memory_budget of {budget} bytes holds fewer than 16 rows of the chunked sweep "
+                    f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight)"
+                )
+        if mode == "chunked" or (chunk_ok and rows >= min(chunked.MIN_ROWS, max(sizes.n, 1))):
+            ws = chunked.workspace(sizes, rows, grad=grad, needs=needs)
+            return Plan("chunked", rows, 0, ws, sizes.n)
+    rows, chunk = fused.rows_per_group(sizes, budget, grad, entropy, needs, forward)
     if rows == 0:
-        raise ValueError(f"memory_budget of {budget} bytes holds fewer than 16 rows of the fused sweep")
-    return "fused", (rows, chunk)
+        least = fused.workspace(sizes, 16, 256, grad=grad, entropy=entropy, needs=needs, forward=forward)
+        raise ValueError(
+            f"memory_budget of {budget} bytes holds fewer than 16 rows of the fused sweep "
+            f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight); "
+            f"it needs at least {-(-least.bytes * 10 // 9)} bytes ({least})"
+        )
+    ws = fused.workspace(sizes, rows, chunk, grad=grad, entropy=entropy, needs=needs, forward=forward)
+    return Plan("fused", rows, chunk, ws, sizes.n)
+
+
+def choose_mode(prob: Problem, budget: int, *, grad: bool, entropy: bool):
+    """("chunked", rows) or ("fused", (rows, chunk)): ``plan``'s choice for ``prob``."""
+    p = plan(prob.sizes(), budget, grad=grad, entropy=entropy)
+    return (p.mode, p.rows) if p.mode == "chunked" else (p.mode, (p.rows, p.chunk))
+
+
+def workspace_bytes(
+    N: int,
+    V: int,
+    H: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    weight_dtype: torch.dtype | None = None,
+    ignored: int = 0,
+    grad: bool = True,
+    entropy: bool = False,
+    needs=(True, True, True),
+    budget: int = DEFAULT_BUDGET,
+    device: str = "cuda",
+) -> Plan:
+    """What a triton-backend call on CUDA (``device``) will allocate beyond its inputs and results, before it runs.
+
+    ``N`` tokens (``ignored`` of them with ``ignore_index``), vocabulary ``V``,
+    hidden size ``H``, activations of ``dtype``, a weight of ``weight_dtype``
+    (default: ``dtype``; float32 for a master weight under bf16 activations),
+    ``grad`` for a forward+backward sweep (the ``grao_loss`` entry; False for
+    a statistics-only forward), ``entropy`` when the entropy is computed,
+    ``needs`` the gradients asked for (hidden, weight, bias). Returns the
+    ``Plan`` the call takes under ``settings.triton_mode`` and ``budget``: its
+    mode, rows per group, and ``.bytes``, the peak of the buffers it
+    allocates, with ``.workspace`` naming each one. Not counted: the call's
+    O(N) vectors (targets as int64, the ignored-row mask and ids, which the
+    10% of the budget kept free covers) and, on the first call of a shape
+    without ``settings.triton_config``, Triton's autotuning benchmark buffers.
+    ValueError as the call itself would raise when the budget is too small.
+    """
+    for name, x in (("N", N), ("V", V), ("H", H), ("ignored", ignored)):
+        if not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {x!r}")
+    if ignored > N:
+        raise ValueError(f"ignored={ignored} exceeds N={N}")
+    sizes = Sizes(N, V, H, N - ignored, dtype, weight_dtype or dtype, torch.device(device).type == "cuda")
+    return plan(sizes, budget, grad=grad, entropy=entropy, needs=needs)
 
 
 def _sweep(prob: Problem, out: Outputs, budget: int, *, entropy, coef=None, ent_coef=None, stats_given=False, needs):
     if prob.n == 0:
         return
     grad = coef is not None
-    mode, plan = choose_mode(prob, budget, grad=grad, entropy=entropy or ent_coef is not None)
+    ent = entropy or ent_coef is not None
+    p = plan(prob.sizes(), budget, grad=grad, entropy=ent, needs=needs, forward=not stats_given)
     kwargs = dict(entropy=entropy, coef=coef, ent_coef=ent_coef, stats_given=stats_given, needs=needs)
-    groups = -(-prob.n // (plan if mode == "chunked" else plan[0]))
-    if grad and needs[1]:
-        # One group spans every row, so its dweight product is final: write it
-        # in the weight's dtype. Several groups accumulate in float32.
-        N, V, H = prob.shape
-        dtype = prob.weight.dtype if groups == 1 else torch.float32
-        out.dweight = torch.empty(V, H, dtype=dtype, device=prob.hidden.device)
-    if mode == "chunked":
-        chunked.run(prob, out, rows=plan, **kwargs)
+    if p.mode == "chunked":
+        chunked.run(prob, out, rows=p.rows, **kwargs)
     else:
-        fused.run(prob, out, rows=plan[0], chunk=plan[1], **kwargs)
+        fused.run(prob, out, rows=p.rows, chunk=p.chunk, **kwargs)
 
 
 def _outputs(prob: Problem, entropy: bool) -> Outputs:
@@ -145,9 +254,10 @@ def _outputs(prob: Problem, entropy: bool) -> Outputs:
 
 
 def forward(hidden, weight, bias, targets, head, ignore_index, *, entropy=False, budget=DEFAULT_BUDGET) -> Stats:
-    prob = _prepare(hidden, weight, bias, targets, head, ignore_index)
-    out = _outputs(prob, entropy)
-    _sweep(prob, out, budget, entropy=entropy, needs=(False, False, False))
+    with _on_device(hidden):
+        prob = _prepare(hidden, weight, bias, targets, head, ignore_index)
+        out = _outputs(prob, entropy)
+        _sweep(prob, out, budget, entropy=entropy, needs=(False, False, False))
     return Stats(out.logp, out.lse, out.entropy)
 
 
@@ -155,6 +265,14 @@ def grad(
     hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef=None, stats=None,
     needs=(True, True, True), budget=DEFAULT_BUDGET,
 ):  # fmt: skip
+    with _on_device(hidden):
+        return _grad(
+            hidden, weight, bias, targets, head, ignore_index, coef=coef, ent_coef=ent_coef, stats=stats,
+            needs=needs, budget=budget,
+        )  # fmt: skip
+
+
+def _grad(hidden, weight, bias, targets, head, ignore_index, *, coef, ent_coef, stats, needs, budget):
     prob = _prepare(hidden, weight, bias, targets, head, ignore_index)
     N, V, H = prob.shape
     dev = prob.hidden.device
@@ -169,8 +287,9 @@ def grad(
         out = _outputs(prob, has_ent)
     out.dhidden = torch.zeros(N, H, dtype=prob.dtype, device=dev) if needs[0] else None
     out.dbias = torch.zeros(V, dtype=torch.float32, device=dev) if needs[2] else None
-    if needs[1] and prob.n == 0:
-        out.dweight = torch.zeros(V, H, dtype=weight.dtype, device=dev)
+    # The sweep writes (or copies its accumulator into) the weight's dtype.
+    if needs[1]:
+        out.dweight = (torch.zeros if prob.n == 0 else torch.empty)(V, H, dtype=weight.dtype, device=dev)
     coef = coef.reshape(-1).float().contiguous()
     ent_coef = None if ent_coef is None else ent_coef.reshape(-1).float().contiguous()
     _sweep(prob, out, budget, entropy=has_ent, coef=coef, ent_coef=ent_coef, stats_given=given, needs=needs)

@@ -25,6 +25,17 @@ gradient written (2 B) and read by the two GEMMs (4 B): ~18 B x 2.5e9 = 45 GB
 read-modify-write per row group (2 x 4 V H = 5 GB per group; 1 GiB of
 workspace holds ~1700 rows, so ~10 groups, ~50 GB, most of it hidden in the
 dW GEMM's epilogue). Expected ~1.15-1.3x the floor.
+
+Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
+the group's float32 logits (4 R V) and dhidden rows (4 R H), its gathered
+hidden rows and, when a bfloat16/float16 weight's gradient is summed over
+several groups, a float32 V x H accumulator: 2.3 GiB at V=151936, H=4096
+(4 GiB at V=262144), counted in the budget. Under the default 1 GiB the
+chunked sweep therefore runs only where one group holds every row, and
+"auto" takes the fused sweep otherwise. A float32 master weight's gradient
+is its own accumulator; that weight is cast to hidden's dtype slice by slice
+(at most ``SLICE_BYTES`` at once, one more read of the weight per group),
+never as a whole V x H copy.
 """
 
 from __future__ import annotations
@@ -34,14 +45,20 @@ import triton
 import triton.language as tl
 
 from .common import (
+    SLICE_BYTES,
     Problem,
+    Sizes,
+    Workspace,
     apply_head,
+    dz_scale,
     interpreting,
+    largest_rows,
     launch,
     logits_grad,
     lse_and_entropy,
     merge_lse,
     mm_into,
+    mm_temp_bytes,
     to_store,
 )
 
@@ -94,6 +111,7 @@ def rows_kernel(
     scale,
     inv_temp,
     softcap,  # float or None
+    dz_scale,  # float: the gradient is stored times this (see common.dz_scale)
     STATS_GIVEN: tl.constexpr,
     INTERPRET: tl.constexpr,  # round-to-nearest casts under the interpreter (see common.to_store)
     HAS_BIAS: tl.constexpr,
@@ -129,12 +147,15 @@ def rows_kernel(
             z = tl.where((cols < V)[None, :], z, float("-inf"))
             m, s, t = merge_lse(m, s, t, z, 1.0, 0.0, ENTROPY)
         lse, ent = lse_and_entropy(m, s, t)
-        # The target's logit: one element of the row, through the same head.
-        raw_t = tl.load(l_row + tgt)
+        # The target's logit: one element of the row, through the same head. A
+        # target outside [0, V) (possible with validate=False) reads nothing
+        # and gives logp = NaN.
+        in_vocab = (tgt >= 0) & (tgt < V)
+        raw_t = tl.load(l_row + tgt, mask=in_vocab, other=0.0)
         if HAS_BIAS:
-            raw_t += tl.load(bias_ptr + tgt).to(tl.float32)
+            raw_t += tl.load(bias_ptr + tgt, mask=in_vocab, other=0.0).to(tl.float32)
         z_t, _ = apply_head(raw_t, scale, inv_temp, softcap, HAS_SOFTCAP)
-        tl.store(logp_ptr + row + tl.zeros([1], tl.int64), z_t - lse)
+        tl.store(logp_ptr + row + tl.zeros([1], tl.int64), tl.where(in_vocab, z_t - lse, float("nan")))
         tl.store(lse_ptr + row + tl.zeros([1], tl.int64), lse)
         if ENTROPY:
             tl.store(ent_ptr + row + tl.zeros([1], tl.int64), ent)
@@ -149,41 +170,96 @@ def rows_kernel(
             cols = v0 + offs
             z, dz_draw = _head_block(l_row, bias_ptr, cols, V, scale, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
             onehot = (cols[None, :] == tgt[:, None]) & (cols < V)[None, :]
-            g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
+            g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF) * dz_scale
             # Every warp has read this block before any overwrites it (see the module docstring).
             tl.debug_barrier()
             tl.store(dz_row + cols[None, :], to_store(g, dz_ptr.dtype.element_ty, INTERPRET), mask=(cols < V)[None, :])
 
 
-def rows_per_group(prob: Problem, budget: int, grad: bool) -> int:
-    """Rows per group so the workspace fits ``budget`` bytes (0 when not even 16 rows fit).
+def weight_slice_rows(sizes: Sizes) -> int:
+    """Vocabulary rows per slice of a weight cast to hidden's dtype (a float32 master weight under bf16
+    activations): the cast never copies more than ``SLICE_BYTES`` at once, never the whole V x H."""
+    return min(sizes.V, max(1, SLICE_BYTES // (sizes.e * sizes.H)))
 
-    Per row: the float32 logits (4 V), the gathered hidden row when some rows
-    are ignored (e H) and, for gradients, the row's float32 dhidden (4 H).
-    Fixed: hidden's-dtype copy of the weight when its dtype differs (e V H).
-    10% stays free for O(N) vectors and allocator rounding.
+
+def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) -> Workspace:
+    """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
+
+    Persistent: the group's float32 logits (4 R V), its float32 dhidden rows
+    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and, when
+    several groups each add to dweight and the weight is not float32, the
+    float32 dweight accumulator (4 V H; with one group the product is written
+    once into the returned gradient, a float32 weight's gradient is its own
+    accumulator). Transient, one at a time: a slice of the weight cast to
+    hidden's dtype, dbias's per-group sum (4 V), the rounded dhidden rows of
+    a gathered group, mm_into's float32 temporary.
     """
-    N, V, H = prob.shape
-    e = prob.hidden.element_size()
-    fixed = V * H * e if prob.weight.dtype != prob.dtype else 0
-    per_row = 4 * V + (e * H if prob.rows is not None else 0) + (4 * H if grad else 0)
-    rows = (int(0.9 * budget) - fixed) // per_row
-    return int(rows) if rows >= 16 else 0
+    R, G = min(rows, sizes.n), -(-sizes.n // max(rows, 1))
+    V, H, e = sizes.V, sizes.H, sizes.e
+    dh, dw, db = (grad and bool(x) for x in needs)
+    cast = sizes.weight_dtype != sizes.dtype
+    persistent = {"logits": 4 * R * V}
+    if dh:
+        persistent["dhidden rows"] = 4 * R * H
+    if sizes.gathered:
+        persistent["gathered hidden"] = e * R * H
+    if dw and G > 1 and sizes.weight_dtype != torch.float32:
+        persistent["dweight accumulator"] = 4 * V * H
+    transient = {}
+    if cast:
+        # dhidden accumulates slice by slice: mm_into's temporary beside the slice.
+        transient["weight slice"] = e * weight_slice_rows(sizes) * H + (mm_temp_bytes(sizes, R, H, True) if dh else 0)
+    if db:
+        transient["dbias sum"] = 4 * V
+    if dh and sizes.gathered and sizes.dtype != torch.float32:
+        transient["dhidden scatter"] = e * R * H
+    if dw and (sizes.weight_dtype == torch.float32 or "dweight accumulator" in persistent):
+        transient["dweight gemm temporary"] = mm_temp_bytes(sizes, V, H, G > 1)
+    return Workspace(persistent, {k: v for k, v in transient.items() if v})
+
+
+def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True)) -> int:
+    """Rows per group so ``workspace`` fits 90% of ``budget`` bytes (0 when not even 16 rows fit); the rest
+    stays free for the call's O(N) vectors and allocator rounding."""
+    return largest_rows(sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs))
+
+
+def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = False, alpha: float = 1.0) -> None:
+    """``out (+)= alpha a @ weight.T`` (transpose) or ``a @ weight``, the weight cast to ``dtype`` slice by slice."""
+    if weight.dtype == dtype:
+        mm_into(out, a, weight.T if transpose else weight, accumulate=accumulate, alpha=alpha)
+        return
+    step = max(1, SLICE_BYTES // (weight.shape[1] * torch.empty(0, dtype=dtype).element_size()))
+    for v0 in range(0, weight.shape[0], step):
+        w = weight[v0 : v0 + step].to(dtype)
+        if transpose:
+            mm_into(out[:, v0 : v0 + step], a, w.T, accumulate=accumulate, alpha=alpha)
+        else:
+            mm_into(out, a[:, v0 : v0 + step], w, accumulate=accumulate or v0 > 0, alpha=alpha)
+        del w
 
 
 def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
-    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend)."""
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
+    whose gradients the backend has allocated; allocates exactly ``workspace``."""
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
-    weight = prob.weight if prob.weight.dtype == dtype else prob.weight.to(dtype)
+    sizes = prob.sizes()
+    plan = workspace(sizes, rows, grad=grad, needs=needs)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
     dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
+    scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
+    dweight = out.dweight
+    if "dweight accumulator" in plan.persistent:
+        dweight = torch.empty(V, H, dtype=torch.float32, device=buf.device)
+    h = None
     for g, r0 in enumerate(range(0, prob.n, rows)):
         r1 = min(prob.n, r0 + rows)
+        del h  # the previous group's gathered rows go before the next are gathered
         h, ids, row0 = prob.group(r0, r1)
         logits = buf[: r1 - r0]
-        mm_into(logits, h, weight.T)
+        _weight_mm(logits, h, prob.weight, dtype, transpose=True)
         # float32 inputs: the gradient overwrites the logits element for element;
         # bf16/fp16: it takes the first half of each row's bytes (row stride 2V).
         dz = logits if dtype == torch.float32 else logits.view(dtype)[:, :V]
@@ -192,19 +268,21 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
             coef_ptr=coef, ent_coef_ptr=ent_coef if grad else None,
             logp_ptr=out.logp, lse_ptr=out.lse, ent_ptr=out.entropy if (entropy or ent_coef is not None) else None,
             row0=row0, V=V, stride_l=logits.stride(0), stride_dz=dz.stride(0), **prob.head_args(),
-            STATS_GIVEN=stats_given, INTERPRET=interpreting(),
+            dz_scale=scale, STATS_GIVEN=stats_given, INTERPRET=interpreting(),
         )  # fmt: skip
         launch(rows_kernel, CONFIGS, INTERPRETER_CONFIG, lambda meta, r=r1 - r0: (r,), args, key=("V",))
         if not grad:
             continue
         if needs[0]:
             d = dh_rows[: r1 - r0]
-            mm_into(d, dz, weight)
+            _weight_mm(d, dz, prob.weight, dtype, transpose=False, alpha=1.0 / scale)
             if ids is None:
                 out.dhidden[r0:r1] = d
             else:
                 out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
         if needs[1]:
-            mm_into(out.dweight, dz.T, h, accumulate=g > 0)
+            mm_into(dweight, dz.T, h, accumulate=g > 0, alpha=1.0 / scale)
         if needs[2]:
-            out.dbias += dz.sum(0, dtype=torch.float32)
+            out.dbias.add_(dz.sum(0, dtype=torch.float32), alpha=1.0 / scale)
+    if dweight is not out.dweight:
+        out.dweight.copy_(dweight)

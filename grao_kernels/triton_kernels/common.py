@@ -5,11 +5,12 @@ the head (scale, soft-cap, temperature) and its derivative, the online
 log-sum-exp with its entropy term, and the logits gradient of the contract in
 ``grao_kernels/backends/__init__.py``. ``launch`` picks a kernel's config
 (``settings.triton_config``, the interpreter's small config, else Triton's
-autotuner) and is where ``compile_check.py`` (beside it) records launches.
+autotuner).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -58,23 +59,22 @@ def check_device(first: torch.Tensor, *others) -> None:
             raise ValueError(f"all inputs must be on {dev}, got one on {t.device}")
 
 
-def configs_fp32(**extra):
+def configs_fp32(wide_warps: int = 4, **extra):
     """Autotuning configs for float32 inputs, ``extra`` (e.g. GROUP_N) added to each.
 
     float32 inputs take the exact (non-TF32) dot, which runs on FMA units:
-    small tiles, or compilation alone takes minutes.
+    small tiles, or compilation alone takes minutes. ``wide_warps``: warps of
+    the 64x64 tile (the fused forward needs 8: at 4 ptxas caps it at 128
+    registers on sm_90 and spills; the dz kernel spills at 8, not at 4).
     """
     return [
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, **extra}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, **extra}, num_warps=wide_warps, num_stages=2),
         triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_H": 32, **extra}, num_warps=4, num_stages=2),
     ]
 
 
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 _autotuned: dict[tuple, object] = {}
-# compile_check.py sets this to a list: launches are then
-# recorded as (kernel, args, configs) instead of run.
-recorder: list | None = None
 
 
 def parse_config(spec: str) -> dict:
@@ -105,9 +105,6 @@ def launch(kernel, configs, interpreter_config: dict, grid, args: dict, key=("V"
     no reset.
     """
     names = set(jit_fn(kernel).arg_names)
-    if recorder is not None:
-        recorder.append((kernel, dict(args), configs))
-        return dict(configs[0].kwargs)
     cfg = None
     if settings.triton_config:
         cfg = parse_config(settings.triton_config)
@@ -131,10 +128,7 @@ def launch(kernel, configs, interpreter_config: dict, grid, args: dict, key=("V"
 
 
 def launch_fixed(kernel, grid: tuple, args: dict) -> None:
-    """Launch ``kernel`` with its block sizes in ``args`` (or record it, see ``recorder``)."""
-    if recorder is not None:
-        recorder.append((kernel, dict(args), []))
-        return
+    """Launch ``kernel`` with its block sizes in ``args``."""
     kernel[grid](**args)
 
 
@@ -329,6 +323,62 @@ class Problem:
     def head_args(self) -> dict:
         return {"scale": self.scale, "inv_temp": self.inv_temp, "softcap": self.softcap}
 
+    def sizes(self) -> Sizes:
+        N, V, H = self.shape
+        return Sizes(N, V, H, self.n, self.dtype, self.weight.dtype, self.hidden.is_cuda)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What a sweep's working memory depends on: N rows (``n`` of them not ignored), V, H, the dtypes, the device."""
+
+    N: int
+    V: int
+    H: int
+    n: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    cuda: bool = True
+
+    @property
+    def e(self) -> int:
+        """Bytes per element of hidden's (the compute) dtype."""
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def gathered(self) -> bool:
+        """Whether the non-ignored rows are gathered into a contiguous copy per group."""
+        return self.n != self.N
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The buffers a sweep allocates, in bytes by name: ``persistent`` ones live for the whole sweep (or are
+    re-made group after group, one at a time), ``transient`` ones one at a time beside them."""
+
+    persistent: dict
+    transient: dict
+
+    @property
+    def bytes(self) -> int:
+        """The sweep's peak working memory."""
+        return sum(self.persistent.values()) + max(self.transient.values(), default=0)
+
+
+def largest_rows(n: int, usable: int, workspace_of) -> int:
+    """The largest row count r in [16, n] with ``workspace_of(r).bytes <= usable`` (0 when none; r = n when
+    n < 16 and it fits). ``workspace_of`` grows with r, except for what one group saves over several."""
+    if workspace_of(n).bytes <= usable:
+        return n
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if workspace_of(mid).bytes <= usable:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo >= 16 else 0
+
 
 def min_block_v(configs, interpreter_config: dict) -> int:
     """The narrowest vocabulary tile a launch may pick (sizes the per-tile partial buffers)."""
@@ -364,11 +414,30 @@ def fp32_output_gemm(device: torch.device) -> bool:
     return device.type != "cuda" or _OUT_DTYPE_GEMM
 
 
-def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
-    """``out = a @ b`` (``out += a @ b`` with ``accumulate``), accumulated in float32.
+def mm_temp_bytes(sizes: Sizes, out_rows: int, out_cols: int, accumulate: bool) -> int:
+    """Bytes of the temporary ``mm_into`` allocates for a ``sizes.dtype`` product into a float32 (rows, cols) ``out``.
 
-    ``a`` and ``b`` share a dtype. A bfloat16/float16 product into a float32
-    ``out`` keeps float32 all the way and never upcasts the operands on a GPU:
+    0 where one cuBLAS call writes ``out`` (float32 inputs, torch >= 2.11, or
+    no accumulation on torch >= 2.8); CPU tensors run the interpreter's test
+    path, whose float32 emulation is not counted.
+    """
+    if not sizes.cuda or sizes.dtype == torch.float32:
+        return 0
+    if not _OUT_DTYPE_GEMM:
+        return out_rows * out_cols * sizes.e
+    if not accumulate or _ADDMM_FP32_C:
+        return 0
+    step = max(1, SLICE_BYTES // (4 * max(out_cols, 1)))
+    return min(step, out_rows) * out_cols * 4
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False, alpha: float = 1.0) -> None:
+    """``out = alpha a @ b`` (``out += alpha a @ b`` with ``accumulate``), accumulated in float32.
+
+    ``a`` and ``b`` share a dtype; ``alpha`` is a power of two (it undoes
+    ``dz_scale``, so multiplying by it is exact). A bfloat16/float16 product
+    into a float32 ``out`` keeps float32 all the way and never upcasts the
+    operands on a GPU:
 
     * torch >= 2.11: one cuBLAS call, ``beta = 1`` into ``out`` when accumulating;
     * torch 2.8-2.10: ``torch.mm(out_dtype=float32)`` then ``add_``, in row
@@ -377,17 +446,23 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
     * older torch: the product is rounded to the inputs' dtype before it is
       added, with a one-time warning.
 
-    Into an ``out`` of the inputs' dtype the product is rounded once on
-    writing. Errors of the GEMM propagate: nothing is retried another way.
+    Into an ``out`` of the inputs' dtype the product (times ``alpha``, inside
+    the GEMM) is rounded once on writing. Errors of the GEMM propagate:
+    nothing is retried another way.
     """
+    scaled = {} if alpha == 1.0 else {"alpha": alpha}
     if out.dtype == a.dtype:
         if accumulate:
-            out.addmm_(a, b)
+            out.addmm_(a, b, **scaled)
+        elif scaled:
+            torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
         else:
             torch.mm(a, b, out=out)
     elif not out.is_cuda:
         # CPU tensors only run under the interpreter: torch has no CPU fp32-output bf16 GEMM.
         prod = a.float() @ b.float()
+        if scaled:
+            prod.mul_(alpha)
         out.add_(prod) if accumulate else out.copy_(prod)
     elif not _OUT_DTYPE_GEMM:
         if repr(a.dtype) not in _warned_rounded:
@@ -399,12 +474,43 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: boo
                 stacklevel=3,
             )
         prod = torch.mm(a, b)
-        out.add_(prod) if accumulate else out.copy_(prod)
+        if accumulate:
+            out.add_(prod, **scaled)
+        else:
+            out.copy_(prod).mul_(alpha) if scaled else out.copy_(prod)
     elif not accumulate:
         torch.mm(a, b, out_dtype=torch.float32, out=out)
+        if scaled:
+            out.mul_(alpha)
     elif _ADDMM_FP32_C:
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out, **scaled)
     else:
         step = max(1, SLICE_BYTES // (4 * max(out.shape[1], 1)))
         for r0 in range(0, out.shape[0], step):
-            out[r0 : r0 + step].add_(torch.mm(a[r0 : r0 + step], b, out_dtype=torch.float32))
+            out[r0 : r0 + step].add_(torch.mm(a[r0 : r0 + step], b, out_dtype=torch.float32), **scaled)
+
+
+# float16 dz is scaled so its largest possible entry is about 2**DZ_LOG2_MAX.
+DZ_LOG2_MAX = 10
+
+
+def dz_scale(prob: Problem, coef: torch.Tensor, ent_coef: torch.Tensor | None) -> float:
+    """A power of two the kernels multiply the logits gradient by before rounding it to float16 (1.0 otherwise).
+
+    float16's smallest subnormal is 6e-8: with per-token coefficients c of a
+    mean-reduced loss (~1/N) a term c p of a small probability would round to
+    0 in dz before any loss scale could help. Each entry is bounded by
+    ``(max|c| + max|c_ent| (1 + log V)) scale / T`` (|onehot - p| <= 1,
+    p |z - lse + H| <= 1 + log V, the head's derivative <= scale / T); the
+    scale brings that bound to ~2**DZ_LOG2_MAX, and the GEMMs consuming dz
+    multiply by its inverse (exact). float16 only, at one host sync.
+    """
+    if prob.dtype != torch.float16:
+        return 1.0
+    bound = float(coef.abs().max()) if coef.numel() else 0.0
+    if ent_coef is not None and ent_coef.numel():
+        bound += float(ent_coef.abs().max()) * (1.0 + math.log(prob.shape[1]))
+    bound *= abs(prob.scale) * prob.inv_temp
+    if not math.isfinite(bound) or bound <= 0.0:
+        return 1.0
+    return 2.0 ** (DZ_LOG2_MAX - math.ceil(math.log2(bound)))

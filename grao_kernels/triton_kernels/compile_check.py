@@ -7,8 +7,9 @@ the ptxas bundled in the triton wheel; no device is needed.
 
 The launches are not re-typed here: the backend's own ``forward``/``grad`` run
 on small CPU tensors (dimensions multiples of 16, as at the benchmark shapes)
-with ``triton_kernels.common.recorder`` set, which records each launch's
-arguments instead of running it. Each recorded argument is specialised as the
+with the sweeps' launch helpers replaced, for the duration of ``record``, by
+ones that record each launch's arguments instead of running it (the
+production launch path carries no hook for this). Each recorded argument is specialised as the
 JIT does: a tensor becomes a typed pointer, 16-byte aligned ones get
 ``tt.divisibility=16``; an int equal to 1 becomes a constant, a multiple of 16
 gets the divisibility hint; None is a constant; the heuristics and every
@@ -16,16 +17,24 @@ autotuning config supply the constexprs.
 
     python -m grao_kernels.triton_kernels.compile_check [--arch 90 80] [--dtype bf16 fp32] [--first] [--list]
 
+Each compiled variant's PTX is assembled once more with the same ptxas and
+``-v`` to read its register count and spills; a variant that spills registers
+to local memory fails the check (a spill costs memory traffic in the inner
+loop of a kernel that is meant to be bound by its GEMM).
+
 ``--first`` compiles only the first config of each list (the quick test);
 ``--list`` prints the derived signatures without compiling.
-Exit status 0 when everything compiled.
+Exit status 0 when everything compiled without spills.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 _PTR = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int64": "i64", "int32": "i32"}
@@ -56,12 +65,25 @@ def record(dtypes):
 
     from grao_kernels.backends import Head, triton_backend
     from grao_kernels.settings import settings
-    from grao_kernels.triton_kernels import common
+    from grao_kernels.triton_kernels import chunked, fused
+
+    recorded = []
+
+    def launch(kernel, configs, interpreter_config, grid, args, key=None):
+        recorded.append((kernel, dict(args), configs))
+        return dict(configs[0].kwargs)
+
+    def launch_fixed(kernel, grid, args):
+        recorded.append((kernel, dict(args), []))
 
     torch.manual_seed(0)
-    common.recorder = []
-    saved = common.unavailable_reason, settings.triton_mode, settings.triton_config
-    common.unavailable_reason = lambda device: None  # CPU tensors stand for CUDA ones here
+    patches = [(chunked, "launch", launch), (fused, "launch", launch), (fused, "launch_fixed", launch_fixed)]
+    # CPU tensors stand for CUDA ones here.
+    patches += [(triton_backend, "check_device", lambda *tensors: None)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    saved_settings = settings.triton_mode, settings.triton_config
+    for mod, name, fn in patches:
+        setattr(mod, name, fn)
     settings.triton_config = None
     try:
         for name in dtypes:
@@ -76,16 +98,19 @@ def record(dtypes):
                 targets = torch.randint(0, V, (N,))
                 triton_backend.forward(hidden, weight, None, targets, Head(), -100)
                 triton_backend.grad(hidden, weight, None, targets, Head(), -100, coef=coef)
-                # ... and every feature at once, with ignored rows.
+                # ... a bias and ignored rows under the plain head ...
                 targets[::3] = -100
                 bias = torch.randn(V).to(dtype)
+                triton_backend.grad(hidden, weight, bias, targets, Head(), -100, coef=coef)
+                # ... and every feature at once.
                 head = Head(temperature=0.7, logit_scale=0.5, softcap=30.0)
                 triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
                 triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef)
-        return common.recorder
+        return recorded
     finally:
-        common.recorder = None
-        common.unavailable_reason, settings.triton_mode, settings.triton_config = saved
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+        settings.triton_mode, settings.triton_config = saved_settings
 
 
 def jobs(dtypes, first):
@@ -125,15 +150,39 @@ def jobs(dtypes, first):
             yield label, fn, sig, consts, attrs, options
 
 
-def _compile(fn, sig, consts, attrs, options, arch: int) -> float:
+def _compile(fn, sig, consts, attrs, options, arch: int):
+    """The compiled kernel and its compile time in seconds."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     t0 = time.time()
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return time.time() - t0
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, time.time() - t0
+
+
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, bytes spilled: stores + loads) that ptxas reports for ``ptx`` on ``sm_<arch>``.
+
+    The ptxas triton itself used for ``arch`` assembles the PTX once more with
+    ``-v`` (triton keeps the report only when its log knob is set).
+    """
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", src + ".o"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    spills = sum(int(a) + int(b) for a, b in _SPILLS.findall(log))
+    regs = max((int(r) for r in _REGS.findall(log)), default=0)
+    return regs, spills
 
 
 def main(argv=None) -> int:
@@ -157,10 +206,16 @@ def main(argv=None) -> int:
     for arch in args.arch:
         for label, fn, sig, consts, attrs, options in all_jobs:
             try:
-                print(f"sm_{arch} {label}: {_compile(fn, sig, consts, attrs, options, arch):.1f}s", flush=True)
+                compiled, seconds = _compile(fn, sig, consts, attrs, options, arch)
+                regs, spills = ptxas_usage(compiled.asm["ptx"], arch)
             except Exception as exc:
                 failed += 1
                 print(f"sm_{arch} {label}: FAILED {type(exc).__name__}: {str(exc)[:600]}", flush=True)
+                continue
+            verdict = "ok" if spills == 0 else "FAILED (spills)"
+            failed += spills > 0
+            print(f"sm_{arch} {label}: {seconds:.1f}s, {regs} registers, {spills} B spilled: {verdict}", flush=True)
+    print(f"compile check: {len(all_jobs) * len(args.arch) - failed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
 
 

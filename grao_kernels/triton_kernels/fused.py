@@ -1,29 +1,48 @@
 """The "fused" sweep: logits only ever live in registers; the minimal-memory mode.
 
-Per group of R non-ignored rows (R and the chunk width C bounded by the budget)::
+Rows in groups of R non-ignored rows, the gradient in vocabulary chunks of C
+entries (R and C from ``workspace`` and the budget; one group of every row
+whenever it fits)::
 
-    # forward (skipped when the caller hands back the statistics of an earlier one)
+    # forward, group by group (skipped when the caller hands back the statistics of an earlier one)
     for each (row block, vocabulary tile), one program each, grouped order:
         z = head(hidden[g] @ weight[tile].T + bias[tile])
         part[tile, rows] = (max z, sum exp(z - max), sum exp(z - max)(z - max))     # lse_partials_kernel
         target_logit[rows] = z[target]                   # from the tile holding it
     lse, logp, entropy = reduce over tiles              # lse_reduce_kernel
-    # gradient, per vocabulary chunk of C entries
+    # gradient: one group, or several in the vocabulary-outer order (chunk outer, group inner)
     dz = d loss / d raw, recomputed tile by tile        # dlogits_kernel, (R, C) in hidden's dtype
-    dhidden[g] += dz @ weight[chunk]                    # cuBLAS, float32 accumulation
-    dweight[chunk] += dz.T @ hidden[g]                  # cuBLAS
+    dhidden[g] += dz @ weight[chunk]                    # cuBLAS, float32 accumulation over the chunks
+    dweight[chunk] (+)= dz.T @ hidden[g]                # cuBLAS: once per chunk with one group, else
+                                                        # summed over the groups in float32 C x H, then written
     dbias[chunk] += dz.sum(0)
 
-Floor and traffic at N=16384, H=4096, V=151936, bf16: 4 GEMMs' worth of
-FLOPs (the forward's logits are recomputed for dz: 8 N V H = 82 TFLOP, 4/3 of
-the chunked mode's), two of them in Triton. Bytes: the forward's partials
-(12 B per row and 256-wide tile: 0.1 GB), dz written and read twice (6 B x
-N V = 15 GB), and dhidden's float32 read-modify-write per chunk (2 x 4 N H =
-0.5 GB per chunk: 38 GB at the old 2048-wide chunks, 5 GB at C = 16384, which
-the default 1 GiB budget allows). Workspace: the dz chunk (e R C), the
-float32 dhidden of the group (4 R H), the gathered hidden rows (e R H) and the
-partials, so it scales with R and C, not with V. Expected ~1.35-1.5x the
-floor (Triton GEMMs at ~600 TFLOP/s against cuBLAS's ~750).
+With several groups the chunk-outer order keeps dhidden's float32
+accumulator for every row (4 n H, independent of V) instead of a float32
+V x H dweight accumulator (2.3 GiB at V=151936, H=4096), and re-gathers a
+group's hidden rows per chunk when rows are ignored.
+
+Arithmetic, grao_loss entry, N=16384, H=4096, bf16, 1 GiB (the default
+budget; ``triton_backend.workspace_bytes`` gives the plan: one group, C=8192,
+~0.7-0.8 GiB), on an H100 SXM taken as ~750 TFLOP/s for cuBLAS bf16 GEMMs,
+~600 for Triton's, 3.35 TB/s:
+
+* FLOPs: 8 N V H (the forward's logits are recomputed for dz), 4/3 of the
+  three-GEMM floor 6 N V H; two of the four GEMMs in Triton.
+* Bytes per logit: dz written once and read by two GEMMs (6 B), the
+  partials (12 B per row and 128-wide tile: 0.1 B per logit); plus dhidden's
+  float32 read-modify-write per chunk (8 N H = 0.54 GB per chunk).
+* V=151936: floor 61 TFLOP = 82 ms; ours 2 x 20.4 TFLOP in Triton (68 ms)
+  + 2 x 20.4 in cuBLAS (54 ms) + 15 GB of dz (4.5 ms) + 19 chunks of
+  dhidden (10 GB, 3 ms) = ~130 ms, ~1.6x the floor.
+* V=262144: floor 106 TFLOP = 141 ms; ours 117 + 94 ms of GEMMs + 26 GB of
+  dz (7.7 ms) + 32 chunks of dhidden (17 GB, 5 ms) = ~224 ms, ~1.6x.
+
+The goal of <= 1.1x the floor needs the three-GEMM chunked sweep (each
+logit computed once) with its dweight products not costing a float32 V x H
+read-modify-write per row group; within 1 GiB that is not reached here (see
+``chunked.py``: its float32 accumulator alone exceeds the budget, so "auto"
+runs this sweep at that budget).
 
 The forward writes one partial triple per (row, tile) and reduces them in a
 second small kernel, rather than sweeping the vocabulary inside a program:
@@ -39,10 +58,14 @@ import triton.language as tl
 
 from .common import (
     Problem,
+    Sizes,
+    Workspace,
     apply_head,
     configs_fp32,
     dot_flags,
+    dz_scale,
     grouped_tile_ids,
+    largest_rows,
     launch,
     launch_fixed,
     logits_grad,
@@ -50,22 +73,27 @@ from .common import (
     merge_lse,
     min_block_v,
     mm_into,
+    mm_temp_bytes,
     raw_logits_tile,
     to_store,
 )
 
-# Hopper (228 KB shared memory per SM) takes the wide vocabulary tiles; the
-# 128x128 ones fit Ampere (164 KB). Few configs: each costs a compile.
+# Tiles of 128x128 and 64x256 (Ampere has 164 KB of shared memory per SM,
+# Hopper 228 KB). A 128x256 float32 tile needs all 255 registers of a thread
+# at 8 warps before the epilogue: ptxas spills it as soon as a bias, the
+# soft-cap or the entropy join (compile_check.py fails on any spill). Few
+# configs: each costs a compile.
 FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
 ]
 # dz holds the logits tile, its gradient and the head's derivative at once.
 DLOGITS_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 16}, num_warps=4, num_stages=3),
 ]
-CONFIGS_FP32 = configs_fp32(GROUP_N=8)
+FORWARD_CONFIGS_FP32 = configs_fp32(8, GROUP_N=8)
+DLOGITS_CONFIGS_FP32 = configs_fp32(4, GROUP_N=8)
 # Under the interpreter each program costs milliseconds of Python: few, wide tiles.
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 1024, "BLOCK_H": 16, "GROUP_N": 2}
 REDUCE_CONFIG = {"BLOCK_R": 32, "BLOCK_T": 64}
@@ -213,6 +241,7 @@ def dlogits_kernel(
     scale,
     inv_temp,
     softcap,
+    dz_scale,  # float: dz is stored times this (see common.dz_scale)
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -243,51 +272,124 @@ def dlogits_kernel(
         ec = tl.load(ent_coef_ptr + ids, mask=row_mask, other=0.0)
         ent = tl.load(ent_ptr + ids, mask=row_mask, other=0.0)
     onehot = offs_v[None, :] == tgt[:, None]
-    g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF)
+    g = logits_grad(z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF) * dz_scale
     # Tensor cores take dz in the input dtype, as PyTorch's own low-precision backward rounds its logits gradient.
     dz_ptrs = dz_ptr + offs_n.to(tl.int64)[:, None] * stride_dz + (offs_v - v_start)[None, :]
     live = row_mask[:, None] & (offs_v < v_end)[None, :]
     tl.store(dz_ptrs, to_store(g, dz_ptr.dtype.element_ty, UPCAST_DOT), mask=live)
 
 
-def _configs(prob: Problem, configs):
-    return CONFIGS_FP32 if prob.dtype == torch.float32 else configs
+def _configs(prob: Problem, configs, configs_fp32):
+    return configs_fp32 if prob.dtype == torch.float32 else configs
 
 
-def rows_per_group(prob: Problem, budget: int, grad: bool, entropy: bool) -> tuple[int, int]:
-    """(rows per group, dz chunk width) so the workspace fits ``budget`` bytes; (0, 0) when 16 rows do not fit.
+def _tiles(sizes: Sizes) -> int:
+    """Vocabulary tiles of the forward at its narrowest tile (sizes the partial buffers)."""
+    configs = FORWARD_CONFIGS_FP32 if sizes.dtype == torch.float32 else FORWARD_CONFIGS
+    return triton.cdiv(sizes.V, min_block_v(configs, INTERPRETER_CONFIG))
 
-    Per row: the tile partials (8 or 12 B per tile), the gathered hidden row
-    when some rows are ignored (e H) and, for gradients, the float32 dhidden
-    row (4 H) and the dz chunk row (e C). Fixed, for gradients: the chunk of
-    the weight cast to hidden's dtype when its dtype differs (e C H). The
-    chunk starts at the whole vocabulary (at most MAX_CHUNK) and halves while
-    fewer than 256 rows fit; 10% of the budget stays free.
+
+def vocabulary_outer(sizes: Sizes, rows: int, grad: bool, needs) -> bool:
+    """Whether the gradient runs vocabulary chunk outer, row group inner: when several groups add to dweight.
+
+    Each dweight chunk is then summed over every row (a float32 C x H
+    accumulator at most) and written once in the weight's dtype, instead of a
+    float32 V x H accumulator taking a share from each group; dhidden
+    accumulates over the chunks for every row (float32 n x H, independent of V).
     """
-    N, V, H = prob.shape
-    e = prob.hidden.element_size()
-    tiles = triton.cdiv(V, min_block_v(_configs(prob, FORWARD_CONFIGS), INTERPRETER_CONFIG))
-    base = (12 if entropy else 8) * tiles + 4 + (e * H if prob.rows is not None else 0)
+    return grad and bool(needs[1]) and rows < sizes.n
+
+
+def workspace(
+    sizes: Sizes, rows: int, chunk: int, *, grad: bool, entropy: bool, needs=(True, True, True), forward: bool = True
+) -> Workspace:
+    """Every buffer ``run`` allocates for groups of ``rows`` rows and dz chunks of ``chunk`` columns (bytes).
+
+    Persistent: the dz chunk (e R C), the float32 dhidden accumulator (4 R H
+    for the group, or 4 n H for every row in the vocabulary-outer order), the
+    gathered hidden rows (e R H, when rows are ignored) and, in the
+    vocabulary-outer order with a weight that is not float32, the float32
+    dweight chunk accumulator (4 C H). Transient, one at a time: the forward's
+    tile partials (8 or 12 B per row and tile, and the target logits), a
+    chunk of the weight cast to hidden's dtype, dbias's per-chunk sum, the
+    rounded dhidden rows of a gathered group, mm_into's temporaries.
+    """
+    R = min(rows, sizes.n)
+    V, H, e = sizes.V, sizes.H, sizes.e
+    C = min(chunk, V) if grad else 0
+    dh, dw, db = (grad and bool(x) for x in needs)
+    outer = vocabulary_outer(sizes, rows, grad, needs)
+    persistent = {}
+    if grad:
+        persistent["dz chunk"] = e * R * C
+    if dh:
+        persistent["dhidden accumulator"] = 4 * (sizes.n if outer else R) * H
+    if sizes.gathered:
+        persistent["gathered hidden"] = e * R * H
+    if outer and sizes.weight_dtype != torch.float32:
+        persistent["dweight chunk accumulator"] = 4 * C * H
+    transient = {}
+    if forward:
+        transient["forward partials"] = (12 if entropy else 8) * _tiles(sizes) * R + 4 * R
+    if dh:
+        cast = e * C * H if sizes.weight_dtype != sizes.dtype else 0
+        transient["weight chunk"] = cast + mm_temp_bytes(sizes, R, H, V > C)
+    if db:
+        transient["dbias sum"] = 4 * C
+    if dh and sizes.gathered and sizes.dtype != torch.float32:
+        transient["dhidden scatter"] = e * R * H
+    if dw and (outer or sizes.weight_dtype == torch.float32):
+        transient["dweight gemm temporary"] = mm_temp_bytes(sizes, C, H, outer)
+    return Workspace(persistent, {k: v for k, v in transient.items() if v})
+
+
+# One group of every row is preferred while its dz chunk is at least this wide:
+# each chunk costs a float32 read-modify-write of the (n, H) dhidden accumulator.
+ONE_GROUP_MIN_CHUNK = 1024
+
+
+def rows_per_group(
+    sizes: Sizes, budget: int, grad: bool, entropy: bool, needs=(True, True, True), forward: bool = True
+) -> tuple[int, int]:
+    """(rows per group, dz chunk width) so ``workspace`` fits 90% of ``budget`` bytes; (0, 0) when 16 rows do not.
+
+    First one group of every row, the chunk halving from the whole vocabulary
+    (at most MAX_CHUNK) down to ONE_GROUP_MIN_CHUNK: each dweight chunk is
+    then one product over every row. Else several groups (see
+    ``vocabulary_outer``), the chunk halving while fewer than 256 rows fit.
+    The free 10% covers the call's O(N) vectors and allocator rounding.
+    """
     usable = int(0.9 * budget)
-    chunk = min(V, MAX_CHUNK)
+
+    def fits(rows, chunk):
+        return workspace(sizes, rows, chunk, grad=grad, entropy=entropy, needs=needs, forward=forward)
+
+    if not grad:
+        return largest_rows(sizes.n, usable, lambda r: fits(r, 0)), 0
+    widest = min(sizes.V, MAX_CHUNK)
+    chunk = widest
+    while chunk >= min(ONE_GROUP_MIN_CHUNK, widest):
+        if fits(sizes.n, chunk).bytes <= usable:
+            return sizes.n, chunk
+        chunk //= 2
+    chunk = widest
     while True:
-        per_row = base + ((4 * H + e * chunk) if grad else 0)
-        fixed = chunk * H * e if grad and prob.weight.dtype != prob.dtype else 0
-        rows = (usable - fixed) // per_row
-        if rows >= min(256, max(prob.n, 16)) or chunk <= 256 or not grad:
+        rows = largest_rows(sizes.n, usable, lambda r, c=chunk: fits(r, c))
+        if rows >= min(256, max(sizes.n, 16)) or chunk <= 256:
             break
         chunk //= 2
-    return (int(rows), chunk) if rows >= 16 else (0, 0)
+    return (rows, chunk) if rows >= 16 else (0, 0)
 
 
 def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
     """Statistics of the group's ``r`` rows into ``out`` (partials, then their reduction)."""
     N, V, H = prob.shape
     dev = h.device
-    fwd_configs = _configs(prob, FORWARD_CONFIGS)
+    fwd_configs = _configs(prob, FORWARD_CONFIGS, FORWARD_CONFIGS_FP32)
     tiles_max = triton.cdiv(V, min_block_v(fwd_configs, INTERPRETER_CONFIG))
     parts = torch.empty(3 if entropy else 2, tiles_max * r, dtype=torch.float32, device=dev)
-    tgt_logit = torch.empty(r, dtype=torch.float32, device=dev)
+    # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
+    tgt_logit = torch.full((r,), float("nan"), dtype=torch.float32, device=dev)
     args = dict(
         hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
         part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if entropy else None, tgt_logit_ptr=tgt_logit,
@@ -308,48 +410,91 @@ def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
 
 
 def run(prob: Problem, out, *, rows: int, chunk: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
-    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend)."""
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
+    whose gradients the backend has allocated; allocates exactly ``workspace``."""
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
     dev = prob.hidden.device
+    R = min(rows, prob.n)
+    groups = [(r0, min(prob.n, r0 + rows)) for r0 in range(0, prob.n, rows)]
     width = min(chunk, V) if grad else 0
-    dz_buf = torch.empty(min(rows, prob.n) * width, dtype=dtype, device=dev) if grad else None
-    dh_acc = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=dev) if grad and needs[0] else None
-    for g, r0 in enumerate(range(0, prob.n, rows)):
-        r1 = min(prob.n, r0 + rows)
+    outer = vocabulary_outer(prob.sizes(), rows, grad, needs)
+    dz_buf = torch.empty(R * width, dtype=dtype, device=dev) if grad else None
+    dh_acc = torch.empty(prob.n if outer else R, H, dtype=torch.float32, device=dev) if grad and needs[0] else None
+    dw_acc = None
+    if outer and prob.weight.dtype != torch.float32:
+        dw_acc = torch.empty(width, H, dtype=torch.float32, device=dev)
+
+    h = None
+    scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
+    if not stats_given:
+        for r0, r1 in groups:
+            del h  # the previous group's gathered rows go before the next are gathered
+            h, ids, row0 = prob.group(r0, r1)
+            _forward_group(prob, out, h, ids, row0, r1 - r0, entropy or ent_coef is not None)
+    if not grad:
+        return
+
+    def chunk_of_group(r0, r1, h, ids, row0, v0, v1, first_chunk, first_group):
+        """dz of rows r0..r1 and columns v0..v1, and its three products."""
         r = r1 - r0
-        h, ids, row0 = prob.group(r0, r1)
-        if not stats_given:
-            _forward_group(prob, out, h, ids, row0, r, entropy or ent_coef is not None)
-        if not grad:
-            continue
-        dz_full = dz_buf[: r * width].view(r, width)
-        for v0 in range(0, V, width):
-            v1 = min(V, v0 + width)
-            dz = dz_full[:, : v1 - v0]
-            args = dict(
-                hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
-                coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, dz_ptr=dz,
-                row0=row0, R=r, v_start=v0, v_end=v1, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0),
-                stride_dz=dz.stride(0), **prob.head_args(), **dot_flags(dtype),
-            )  # fmt: skip
+        dz = dz_buf[: r * width].view(r, width)[:, : v1 - v0]
+        args = dict(
+            hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
+            coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, dz_ptr=dz,
+            row0=row0, R=r, v_start=v0, v_end=v1, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0),
+            stride_dz=dz.stride(0), **prob.head_args(), dz_scale=scale, **dot_flags(dtype),
+        )  # fmt: skip
 
-            def grid(meta, w=v1 - v0, r=r):
-                return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
+        def grid(meta, w=v1 - v0, r=r):
+            return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)
 
-            launch(dlogits_kernel, _configs(prob, DLOGITS_CONFIGS), INTERPRETER_CONFIG, grid, args, key=("H",))
+        launch(
+            dlogits_kernel,
+            _configs(prob, DLOGITS_CONFIGS, DLOGITS_CONFIGS_FP32),
+            INTERPRETER_CONFIG,
+            grid,
+            args,
+            key=("H",),
+        )
+        if needs[0]:
             w_chunk = prob.weight[v0:v1]
             if w_chunk.dtype != dtype:
                 w_chunk = w_chunk.to(dtype)
-            if needs[0]:
-                mm_into(dh_acc[:r], dz, w_chunk, accumulate=v0 > 0)
-            if needs[1]:
-                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=g > 0)
-            if needs[2]:
-                out.dbias[v0:v1] += dz.sum(0, dtype=torch.float32)
-        if needs[0]:
-            if ids is None:
-                out.dhidden[r0:r1] = dh_acc[:r]
+            mm_into(dh_acc[r0:r1] if outer else dh_acc[:r], dz, w_chunk, accumulate=not first_chunk, alpha=1 / scale)
+            del w_chunk
+        if needs[1]:
+            if dw_acc is not None:
+                mm_into(dw_acc[: v1 - v0], dz.T, h, accumulate=not first_group, alpha=1 / scale)
             else:
-                out.dhidden.index_copy_(0, ids, dh_acc[:r].to(out.dhidden.dtype))
+                mm_into(out.dweight[v0:v1], dz.T, h, accumulate=not first_group, alpha=1 / scale)
+        if needs[2]:
+            out.dbias[v0:v1].add_(dz.sum(0, dtype=torch.float32), alpha=1 / scale)
+
+    def scatter(r0, r1, ids, d):
+        if ids is None:
+            out.dhidden[r0:r1] = d
+        else:
+            out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
+
+    chunks = [(v0, min(V, v0 + width)) for v0 in range(0, V, width)]
+    if outer:
+        # Vocabulary outer: each dweight chunk sums over every row, then is written once.
+        for v0, v1 in chunks:
+            for g, (r0, r1) in enumerate(groups):
+                del h
+                h, ids, row0 = prob.group(r0, r1)
+                chunk_of_group(r0, r1, h, ids, row0, v0, v1, v0 == 0, g == 0)
+                if needs[0] and v1 == V:  # the group's dhidden has every chunk now
+                    scatter(r0, r1, ids, dh_acc[r0:r1])
+            if dw_acc is not None:
+                out.dweight[v0:v1].copy_(dw_acc[: v1 - v0])
+        return
+    for g, (r0, r1) in enumerate(groups):
+        del h
+        h, ids, row0 = prob.group(r0, r1)
+        for v0, v1 in chunks:
+            chunk_of_group(r0, r1, h, ids, row0, v0, v1, v0 == 0, g == 0)
+        if needs[0]:
+            scatter(r0, r1, ids, dh_acc[: r1 - r0])
