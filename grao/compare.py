@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, config, plot, run_dir
+from . import checkpoint, child_process, config, plot, run_dir
 from .config import ConfigError, TrainConfig
 from .methods import METHODS
 
@@ -258,7 +258,12 @@ def train_run(run: Run, state: str) -> float:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     caught: list[int] = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "grao.compare", *argv], env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grao.compare", *argv],
+        env=env,
+        start_new_session=True,
+        preexec_fn=child_process.die_with_parent(),  # a SIGKILLed compare's child stops too
+    )
     with _forward_signals(proc, caught):
         rc = proc.wait()
     if caught:

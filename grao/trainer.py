@@ -47,9 +47,11 @@ from . import (
     losses,
     methods,
     models,
+    output_errors,
     rewards,
     run_dir,
     runtime,
+    safe_state,
 )
 from .config import ConfigError, TrainConfig
 from .data import Example
@@ -165,6 +167,7 @@ class Trainer:
             )
         run_dir.check_writable(self.run_dir)
         if resume:
+            run_dir.check_no_symlinks(self.run_dir)
             self._check_resumable()
         else:
             run_dir.check_fresh_start(self.run_dir, overwrite)
@@ -357,6 +360,8 @@ class Trainer:
             except rewards.RewardError:
                 self._save_progress()  # keep the steps done; the error names the reward and its bad value
                 raise
+            except output_errors.OutputError as exc:  # metrics could not be written: keep the steps done first
+                raise output_errors.OutputError(f"{exc}; {self._save_after_error()}") from exc.__cause__
             finally:
                 bar.close()
                 self._plot()
@@ -715,7 +720,10 @@ class Trainer:
 
     def log(self, line: dict) -> None:
         if self.world.main:
-            run_dir.append_metrics(self.run_dir, line)
+            try:
+                run_dir.append_metrics(self.run_dir, line)
+            except OSError as exc:
+                raise output_errors.OutputError(output_errors.describe(self.run_dir / run_dir.METRICS, exc)) from exc
 
     def _plot(self) -> None:
         metrics = self.run_dir / run_dir.METRICS
@@ -724,6 +732,7 @@ class Trainer:
         from .plot import plot_metrics
 
         try:
+            run_dir.record(self.run_dir, run_dir.PLOT)
             plot_metrics(metrics, self.run_dir / run_dir.PLOT)
         except OSError as exc:  # e.g. a full disk: the plot is not worth hiding the run's own outcome
             say(f"warning: could not write {run_dir.PLOT}: {exc}")
@@ -743,8 +752,10 @@ class Trainer:
             if self.overwrite:
                 run_dir.clear(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.record(self.run_dir, run_dir.CONFIG)
             config.write(self.cfg, self.run_dir / run_dir.CONFIG)
             if initial:
+                run_dir.record(self.run_dir, run_dir.INITIAL)
                 checkpoint.save_pretrained(
                     self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer, state_dict=weights
                 )
@@ -762,21 +773,34 @@ class Trainer:
             "step": self.step,
             **({"optimizer": self.optimizer.state_dict()} if self.sharding is None else {}),  # sharded: in DCP
             "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": safe_state.rng_state(),
             "baseline_eval": self.baseline_eval,
             "config": config.to_dict(self.cfg),
         }
         if isinstance(self.loss, torch.nn.Module):  # sharded: gathered, as one process has it
             state["loss"] = self.loss.state_dict() if self.sharding is None else self.sharding.full_state("loss")
+        if self.world.main:
+            run_dir.record(self.run_dir, checkpoint.CHECKPOINTS)
         try:
             save = checkpoint.save if self.sharding is None else self.sharding.save_checkpoint
             path = save(self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
         except checkpoint.CheckpointError as exc:
-            previous = checkpoint.latest(self.run_dir)
+            previous, _ = checkpoint.latest_intact(self.run_dir)
             kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
             raise checkpoint.CheckpointError(f"{exc}; {kept}") from exc.__cause__
         self.saved_step = self.step
         return path
+
+    def _save_after_error(self) -> str:
+        """Try to checkpoint the steps done after a failed write; what became of them, for the error message."""
+        if self.sharding is not None:  # a checkpoint is collective and the other ranks did not fail
+            return "no checkpoint attempted in a sharded run; the newest earlier checkpoint remains"
+        try:
+            self._save_progress()
+        except checkpoint.CheckpointError as exc:
+            return f"saving a checkpoint failed too ({exc})"
+        ckpt = checkpoint.latest(self.run_dir)
+        return f"the steps done are in {ckpt}" if ckpt is not None else "no step was done; nothing to save"
 
     def _save_progress(self) -> None:
         """A checkpoint of the steps done unless the last one saved holds them (or none was done)."""
@@ -797,7 +821,7 @@ class Trainer:
         else:  # a sharded run's, or one process's checkpoint resumed sharded
             distributed.restore(self.policy, self.optimizer, self.checkpoint, state)
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.restore_rng(state["rng"])
+        safe_state.restore_rng(state["rng"])
         self.step = self.saved_step = int(state["step"])
         self.baseline_eval = state["baseline_eval"]
 
