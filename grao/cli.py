@@ -130,11 +130,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """``argv`` (a ``grao train`` command line without ``--nproc``) run by torchrun in ``nproc`` local processes."""
-    import subprocess
+    """``argv`` (a ``grao train`` command line without ``--nproc``) run by torchrun's agent in ``nproc`` local
+    processes; the exit status is the ranks' (128 + the signal when a signal stopped them), not the agent's 1."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*command, "-m", "grao", *argv])
+    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "grao", *argv])
+    try:
+        torchrun.run(args)
+    except ChildFailedError as exc:
+        return _ranks_status({rank: failure.exitcode for rank, failure in exc.failures.items()})
+    return 0
+
+
+def _ranks_status(codes: dict[int, int]) -> int:
+    """One exit status for failed ranks: a signal's 128 + N when a rank stopped on SIGINT/SIGTERM (it saved a
+    checkpoint; the agent may have ended the others with a signal after it), otherwise the first rank's status."""
+    stopped = [c for c in codes.values() if c in (128 + signal.SIGINT, 128 + signal.SIGTERM)]
+    if stopped:
+        return stopped[0]
+    rank = min(codes)
+    code = codes[rank]
+    say(f"error: rank {rank} exited with status {code}; its messages are above")
+    return code if 0 < code < 256 else EXIT_FAILED
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -254,7 +272,7 @@ def _run_of(model_dir: str | None) -> Path | None:
 
 
 def evaluate_cmd(args) -> int:
-    from . import checkpoint, evaluate, models, output_errors, rewards, runtime
+    from . import checkpoint, context_limits, evaluate, models, output_errors, rewards, runtime
     from .data import load_examples, load_jsonl
     from .run_dir import CONFIG, INITIAL
 
@@ -313,7 +331,11 @@ def evaluate_cmd(args) -> int:
         else:
             model = models.load_model(path, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
         tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
-        return evaluate.evaluate(model, tokenizer, examples, reward, rt, **opts)
+        budget, _ = context_limits.prompt_budget(model.config, opts["max_prompt_tokens"], opts["max_new_tokens"])
+        rewards.pop_metrics(reward)  # counts of this evaluation only
+        result = evaluate.evaluate(model, tokenizer, examples, reward, rt, **dict(opts, max_prompt_tokens=budget))
+        rewards.check_judged(rewards.pop_metrics(reward), reward)
+        return result
 
     res = run_model(model_dir)
     out = {"model": str(model_dir), "prompts": len(examples), "eval/reward": res.mean_reward, "eval/ras": res.ras}

@@ -40,6 +40,7 @@ from grao_kernels import fused_linear_logprobs
 from . import (
     checkpoint,
     config,
+    context_limits,
     data,
     distributed,
     evaluate,
@@ -52,6 +53,8 @@ from . import (
     run_dir,
     runtime,
     safe_state,
+    step_bounds,
+    text_coverage,
 )
 from .config import ConfigError, TrainConfig
 from .data import Example
@@ -230,10 +233,31 @@ class Trainer:
             module_loss.to(self.runtime.device)
             if state is not None:  # before sharding: the checkpoint holds its whole state, whoever saved it
                 self._restore_loss(state)
+        # the prompt tokens that fit the model's context next to max_new_tokens (max_prompt_tokens or fewer)
+        self.max_prompt_tokens, note = context_limits.prompt_budget(
+            inner.config, cfg.max_prompt_tokens, cfg.max_new_tokens
+        )
+        step_bounds.check(cfg, self.max_prompt_tokens, models.output_head(inner)[0].shape[1], self.runtime.device)
+        prompts = [ex.prompt for ex in self.train_examples + self.eval_examples]
+        self.prompts_cut = context_limits.count_longer(
+            prompts, lambda p, n: encode_prompt(self.tokenizer, p, n, cfg.chat_template), self.max_prompt_tokens
+        )
+        if self.prompts_cut:  # max_prompt_tokens defaults to what the context leaves: quiet until a prompt is cut
+            why = f" ({note})" if note else ""
+            say(
+                f"warning: {self.prompts_cut} of {len(prompts)} prompts are longer than {self.max_prompt_tokens} "
+                f"tokens and are cut to their last {self.max_prompt_tokens}{why}; metric data/prompts_cut"
+            )
         data.check_prompts(
             self.train_examples + self.eval_examples,
-            lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
+            lambda p: encode_prompt(self.tokenizer, p, self.max_prompt_tokens, cfg.chat_template),
         )
+        unknown, first = text_coverage.unknown_examples(self.train_examples + self.eval_examples, self.tokenizer)
+        if unknown:
+            say(
+                f"warning: {unknown} example(s) hold text the tokenizer does not know (it becomes "
+                f"{self.tokenizer.unk_token}), first {first}; use a tokenizer that covers the data"
+            )
         # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL): loaded afresh from the
         # config, so a resumed run gets the same one.
         self.reference_model = self._frozen_start() if getattr(self.loss, "needs_reference_model", False) else None
@@ -339,6 +363,7 @@ class Trainer:
                             **start_eval,
                             "params/trainable": self.trainable_params,
                             "params/total": self.total_params,
+                            "data/prompts_cut": self.prompts_cut,
                         }
                     )
                 while self.step < cfg.steps and not self._stop_agreed():
@@ -416,7 +441,7 @@ class Trainer:
         completion (G = 1) is the example's rejected answer, ended by eos like the reference.
         """
         cfg, tok, G = self.cfg, self.tokenizer, self.cfg.group_size
-        prompt_ids = [encode_prompt(tok, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
+        prompt_ids = [encode_prompt(tok, ex.prompt, self.max_prompt_tokens, cfg.chat_template) for ex in examples]
         if self.rejected_source == "data":
             G, texts = 1, [ex.rejected for ex in examples]
             sampled = [encode_reference(tok, text) for text in texts]
@@ -698,7 +723,7 @@ class Trainer:
             self.reward,
             self.runtime,
             max_new_tokens=cfg.max_new_tokens,
-            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_prompt_tokens=self.max_prompt_tokens,
             batch_size=cfg.eval_batch_size,
             greedy=cfg.eval_greedy,
             temperature=cfg.temperature,
@@ -710,12 +735,14 @@ class Trainer:
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
         self.last_eval = res.mean_reward
+        judged = rewards.pop_metrics(self.reward)
+        rewards.check_judged(judged, self.reward)
         return {
             "step": self.step,
             "eval/reward": res.mean_reward,
             "eval/ras": res.ras,
             "eval/nag": evaluate.nag(res.rewards, self.baseline_eval),
-            **{f"eval/{k}": v for k, v in rewards.pop_metrics(self.reward).items()},
+            **{f"eval/{k}": v for k, v in judged.items()},
         }
 
     def log(self, line: dict) -> None:
