@@ -5,6 +5,7 @@ and SIGTERM to one rank of a two-process run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -219,6 +220,7 @@ def test_sigterm_to_one_rank_of_a_two_process_run_exits_143_with_a_checkpoint(tm
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: the cleanup below ends the ranks too
     )
     try:
         deadline = time.monotonic() + 150
@@ -231,7 +233,8 @@ def test_sigterm_to_one_rank_of_a_two_process_run_exits_143_with_a_checkpoint(tm
         os.kill(pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=150)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "ChildFailedError" not in err and "Traceback" not in err
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*"))  # the steps done were saved
