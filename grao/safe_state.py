@@ -8,13 +8,19 @@ tuples holding a NumPy array, are stored as tensors and numbers (:func:`rng_stat
 Checkpoints written before this format hold NumPy's state as a pickled array: they are read with only NumPy's array
 reconstruction allowed in addition (what ``torch.serialization`` documents for arrays), which builds data, never
 calls anything else.
+
+A sharded checkpoint's ``distributed/.metadata`` is a plain pickle that ``torch.distributed.checkpoint`` reads with
+``pickle.load``; :func:`check_dcp_metadata` unpickles it first allowing only DCP's own dataclasses and enums, torch
+dtypes, sizes and layouts, and paths, so a crafted file is refused before DCP reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import pickle
 import random
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -70,3 +76,31 @@ def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata and nothing else: a global is looked up only in the modules DCP's metadata uses, and
+    must be data (a DCP dataclass or enum, a dtype, ``torch.Size``, a path class, a layout by name)."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint.") or module in ("torch", "torch.serialization", "pathlib"):
+            obj = super().find_class(module, name)  # these modules are imported already: no import runs code
+            if module.startswith("torch.distributed.checkpoint."):
+                if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                    return obj
+            elif module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout))):
+                return obj
+            elif module == "torch.serialization" and name == "_get_layout":
+                return obj
+            elif module == "pathlib" and isinstance(obj, type) and issubclass(obj, PurePath):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """UnpicklingError unless ``path`` (a DCP ``.metadata`` file) holds only checkpoint metadata (see
+    :class:`_DCPMetadataUnpickler`); nothing in it is called but data constructors."""
+    import torch.distributed.checkpoint.metadata  # noqa: F401  (the classes the file names)
+
+    with open(path, "rb") as fh:
+        _DCPMetadataUnpickler(fh).load()

@@ -193,3 +193,22 @@ def test_the_trainer_state_holds_only_plain_data_and_older_numpy_rng_states_stil
     for name in ("new.pt", "old.pt"):
         safe_state.restore_rng(safe_state.load(tmp_path / name)["rng"])
         assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_a_sharded_checkpoints_metadata_is_checked_before_dcp_unpickles_it(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from grao import safe_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one process saving: what DCP warns about
+        dcp.save({"w": torch.randn(3, 2), "step": torch.tensor(4)}, checkpoint_id=tmp_path / "dcp")
+    safe_state.check_dcp_metadata(tmp_path / "dcp" / ".metadata")  # DCP's own metadata passes
+
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(pickle.UnpicklingError, match="is not part of a checkpoint's metadata"):
+        safe_state.check_dcp_metadata(tmp_path / "dcp" / ".metadata")
+    assert not marker.exists()
