@@ -26,9 +26,10 @@ class RunDirBusy(ConfigError):
 
 @contextlib.contextmanager
 def hold(run_dir: str | Path, say=None):
-    """Hold the lock of ``run_dir`` (created if absent; removed again on release if the run left it empty)."""
+    """Hold the lock of ``run_dir`` (created if absent; it and the parents created for it are removed again on release
+    if the run left them empty)."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # innermost first
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     fd = _acquire(path, run_dir)
@@ -46,9 +47,11 @@ def hold(run_dir: str | Path, say=None):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # before the unlock: a process that opened this file now sees it is stale and retries
         os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only when empty: a run that stopped before writing anything leaves nothing
+        for directory in created:  # only while empty: a run that stopped before writing anything leaves nothing
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
 def _acquire(path: Path, run_dir: Path) -> int:
