@@ -246,21 +246,28 @@ def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate: 
 
 
 def _check_logit_range(hidden, weight, bias, head: Head) -> None:
-    """ValueError when the scaled logits could overflow float32: |u| <= max|h| max|w| + max|b| (Cauchy-Schwarz over
-    rows), times logit_scale / temperature (a softcap bounds them by softcap / temperature, checked in _check_head)."""
+    """ValueError when the scaled logits could overflow float32: |u| <= H max|h| max|w| + max|b| (reductions only,
+    no copy of hidden or weight), times logit_scale / temperature (a softcap bounds them by softcap / temperature,
+    checked in _check_head). A -inf bias entry masks its token and does not count; non-finite hidden or weight values
+    are not the temperature's doing and are left to the caller."""
     if head.softcap is not None or hidden.numel() == 0:
         return
-    factor = head.logit_scale / head.temperature
-    h_norm = float(hidden.detach().reshape(-1, hidden.shape[-1]).double().norm(dim=1).max())
-    w_norm = float(weight.detach().double().norm(dim=1).max())
-    b_max = 0.0 if bias is None else float(bias.detach().double().abs().max())
-    bound = (h_norm * w_norm + b_max) * factor
+    h_max = max(abs(float(v)) for v in torch.aminmax(hidden.detach()))
+    w_max = max(abs(float(v)) for v in torch.aminmax(weight.detach()))
+    b_max = 0.0
+    if bias is not None:
+        b = bias.detach().float()
+        b_max = float(torch.where(torch.isfinite(b), b, 0.0).abs().max())
+    magnitude = hidden.shape[-1] * h_max * w_max + b_max
+    if not math.isfinite(magnitude):
+        return
+    bound = magnitude * head.logit_scale / head.temperature
     # half the float32 range: the softmax also forms differences of two logits
     if not bound <= _FLOAT32_MAX / 2:
         raise ValueError(
-            f"temperature={head.temperature:g} (logit_scale={head.logit_scale:g}) scales logits of magnitude up to "
-            f"{h_norm * w_norm + b_max:g} to {bound:g}, beyond float32 ({_FLOAT32_MAX:g}): the log-probs would be "
-            "NaN; raise the temperature"
+            f"temperature={head.temperature:g} (logit_scale={head.logit_scale:g}) scales logits bounded by "
+            f"{magnitude:g} to up to {bound:g}, beyond float32 ({_FLOAT32_MAX:g}): the log-probs would be NaN; "
+            "raise the temperature"
         )
 
 
