@@ -8,6 +8,7 @@ task, writes runs/demo/). Any config key can be given as a flag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -71,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
         help="sample at the run's temperature (default: the run's eval_greedy, greedy unless it was false)",
     )
     e.add_argument("--output", help="also write the results (with every response) to this JSON file")
+    e.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accept a run whose config sets trust_remote_code (runs the Python code its model directory ships)",
+    )
     c = sub.add_parser(
         "compare",
         help="methods x seeds (x a beta/lambda grid) on one task: a table of mean +- std and plots",
@@ -124,11 +130,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """``argv`` (a ``grao train`` command line without ``--nproc``) run by torchrun in ``nproc`` local processes."""
-    import subprocess
+    """``argv`` (a ``grao train`` command line without ``--nproc``) run by torchrun's agent in ``nproc`` local
+    processes; the exit status is the ranks' (128 + the signal when a signal stopped them), not the agent's 1."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*command, "-m", "grao", *argv])
+    args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "grao", *argv])
+    try:
+        torchrun.run(args)
+    except ChildFailedError as exc:
+        return _ranks_status({rank: failure.exitcode for rank, failure in exc.failures.items()})
+    return 0
+
+
+def _ranks_status(codes: dict[int, int]) -> int:
+    """One exit status for failed ranks: a signal's 128 + N when a rank stopped on SIGINT/SIGTERM (it saved a
+    checkpoint; the agent may have ended the others with a signal after it), otherwise the first rank's status."""
+    stopped = [c for c in codes.values() if c in (128 + signal.SIGINT, 128 + signal.SIGTERM)]
+    if stopped:
+        return stopped[0]
+    rank = min(codes)
+    code = codes[rank]
+    say(f"error: rank {rank} exited with status {code}; its messages are above")
+    return code if 0 < code < 256 else EXIT_FAILED
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -144,22 +168,42 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def train(args) -> int:
-    from .train import distributed
+    from .train import distributed, run_dir, run_lock
     from .train.run_dir import CONFIG
     from .train.trainer import Trainer
 
     overrides = config_mod.from_arguments(args)
     cfg = config_mod.load(args.config, overrides)
     saved = Path(cfg.output_dir) / CONFIG
+    run_dir.check_no_symlinks(Path(cfg.output_dir))  # before reading or writing anything through one
     if args.resume and saved.is_file():  # the run's own config, then the file and flags given now
+        given = cfg
         cfg = config_mod.load(args.config, overrides, base=config_mod.load(saved))
+        _refuse_code_from_run(cfg.trust_remote_code and not given.trust_remote_code, saved, "--trust-remote-code true")
+    run_dir.check_writable(Path(cfg.output_dir))
     code = None
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-        code = _train(trainer, cfg, args)
+        # rank 0 holds the run directory's lock for the run's life (torchrun stops the other ranks if it cannot)
+        with run_lock.hold(cfg.output_dir, say) if _rank_zero() else contextlib.nullcontext():
+            trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+            code = _train(trainer, cfg, args)
         return code
     finally:
         distributed.shutdown(wait=code == 0)
+
+
+def _refuse_code_from_run(runs_code: bool, saved: Path, flag: str) -> None:
+    """ConfigError when a run directory's own config.yaml, not the command, turns on trust_remote_code: a received
+    run must not make loading it run the Python code of a model directory."""
+    if runs_code:
+        raise config_mod.ConfigError(
+            f"{saved} sets trust_remote_code: true, which runs the Python code its model directory ships; "
+            f"a run directory cannot turn that on by itself: give {flag} if you trust that code"
+        )
+
+
+def _rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _train(trainer, cfg, args) -> int:
@@ -229,20 +273,34 @@ def _run_of(model_dir: str | None) -> Path | None:
 
 def evaluate_cmd(args) -> int:
     from . import models
-    from .data import load_examples, load_jsonl
+    from .data import context_limits, load_examples, load_jsonl
     from .eval import evaluate, rewards
     from .models import runtime
-    from .train.checkpoint import latest
+    from .train import checkpoint, output_errors
     from .train.run_dir import CONFIG, INITIAL
 
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise config_mod.ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.output:  # before the evaluation, not after it
+        output_errors.check_file_writable(args.output, "--output")
     run = Path(args.run or _run_of(args.model) or config_mod.TrainConfig.output_dir)
     saved = run / CONFIG
     if not saved.is_file() and (args.model is None or args.data is None):
         raise config_mod.ConfigError(f"{run} is not a run directory (no config.yaml): give --model and --data")
     cfg = config_mod.load(saved) if saved.is_file() else config_mod.TrainConfig(data=args.data, model=args.model)
-    model_dir = args.model or latest(run)
+    _refuse_code_from_run(cfg.trust_remote_code and not args.trust_remote_code, saved, "--trust-remote-code")
+    model_dir = args.model
     if model_dir is None:
-        raise config_mod.ConfigError(f"no checkpoint in {run / 'checkpoints'}")
+        model_dir, skipped = checkpoint.latest_intact(run)
+        for reason in skipped:
+            say(f"warning: {reason}; evaluating an older checkpoint")
+        if model_dir is None:
+            detail = f" ({'; '.join(skipped)})" if skipped else ""
+            raise config_mod.ConfigError(f"no intact checkpoint in {run / 'checkpoints'}{detail}")
+    elif (Path(model_dir) / checkpoint.MANIFEST).is_file():  # a checkpoint named by --model: checked the same way
+        reason = checkpoint.problem(Path(model_dir))
+        if reason is not None:
+            raise checkpoint.CheckpointError(f"--model: {reason}")
     baseline = args.baseline
     if baseline is None and saved.is_file():  # the run's starting model
         baseline = run / INITIAL if (run / INITIAL).is_dir() else cfg.model
@@ -255,7 +313,7 @@ def evaluate_cmd(args) -> int:
         **rewards.judge_options(cfg),
     )
     opts = dict(
-        max_new_tokens=args.max_new_tokens or cfg.max_new_tokens,
+        max_new_tokens=cfg.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens,
         batch_size=cfg.eval_batch_size,
         greedy=cfg.eval_greedy and not args.sample,
@@ -276,7 +334,11 @@ def evaluate_cmd(args) -> int:
         else:
             model = models.load_model(path, rt.attn_implementation, cfg.trust_remote_code).to(rt.device)
         tokenizer = models.load_tokenizer(path, cfg.trust_remote_code)
-        return evaluate.evaluate(model, tokenizer, examples, reward, rt, **opts)
+        budget, _ = context_limits.prompt_budget(model.config, opts["max_prompt_tokens"], opts["max_new_tokens"])
+        rewards.pop_metrics(reward)  # counts of this evaluation only
+        result = evaluate.evaluate(model, tokenizer, examples, reward, rt, **dict(opts, max_prompt_tokens=budget))
+        rewards.check_judged(rewards.pop_metrics(reward), reward)
+        return result
 
     res = run_model(model_dir)
     out = {"model": str(model_dir), "prompts": len(examples), "eval/reward": res.mean_reward, "eval/ras": res.ras}
@@ -298,7 +360,10 @@ def evaluate_cmd(args) -> int:
                 for ex, r, v in zip(examples, res.responses, res.rewards)
             ],
         )
-        Path(args.output).write_text(json.dumps(detail, indent=1))
+        try:
+            Path(args.output).write_text(json.dumps(detail, indent=1))
+        except OSError as exc:
+            raise output_errors.OutputError(output_errors.describe(args.output, exc)) from exc
     return 0
 
 
@@ -381,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .tools.plan import PlanError
     from .train.checkpoint import CheckpointError
+    from .train.output_errors import OutputError
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; save_pretrained's would interleave with it
 
@@ -390,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     except (config_mod.ConfigError, DataError, ModelError, PlanError) as exc:
         say(f"error: {exc}")
         return EXIT_CONFIG
-    except (RewardError, CheckpointError) as exc:
+    except (RewardError, CheckpointError, OutputError) as exc:
         say(f"error: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -225,6 +225,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
+        _refuse_double_backward()
         hidden, weight, bias, targets, logp, lse, ent = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if not ctx.entropy:
@@ -256,6 +257,7 @@ class LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_ent):
+        _refuse_double_backward()
         if ctx.grads is None:
             raise RuntimeError("grao_kernels: backward through the same graph twice is not supported")
         grads = ctx.grads
@@ -263,6 +265,16 @@ class LinearLoss(torch.autograd.Function):
         # Scaled in place: no copy of dW and no host sync to test for a 1.
         out = [g.mul_(grad_loss) if need else None for g, need in zip(grads, ctx.needs)]
         return (*out, None, None, None, None)
+
+
+def _refuse_double_backward() -> None:
+    # The sweeps compute gradients outside autograd, so a gradient taken with create_graph=True would carry no
+    # graph and a penalty built on it (a gradient penalty) would silently be a constant: refuse instead.
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "grao_kernels: create_graph=True (double backward) is not supported; the gradients of the fused sweep "
+            "are not differentiable. For a gradient penalty, compute the logits eagerly"
+        )
 
 
 def _linear_combination(coef, logp, ent_coef, ent):

@@ -37,6 +37,7 @@ from .settings import check_budget, settings
 
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_INT64_MIN, _INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 
 
 class LogprobsOutput(NamedTuple):
@@ -187,16 +188,25 @@ def _check_floating(name: str, t) -> None:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_INPUTS:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype} with shape {_shape(t)}")
+    _check_not_meta(name, t)
 
 
-def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate: bool, lead: str) -> int:
-    """Shape, dtype, device and (with ``validate``, a host sync) target-range checks of the linear head."""
+def _check_not_meta(name: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{name} {_shape(t)} is on the meta device and holds no values")
+
+
+def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate: bool, lead: str, head: Head) -> int:
+    """Shape, dtype, device and (with ``validate``, a host sync) target-range and logit-range checks of the linear
+    head."""
     _check_floating("hidden", hidden)
     _check_floating("weight", weight)
     if hidden.dim() < 1:
         raise ValueError(f"hidden must be {lead}, got a 0-d tensor")
     if weight.dim() != 2 or weight.shape[0] < 1:
         raise ValueError(f"weight must be (V, H) with V >= 1, got shape {_shape(weight)}")
+    if weight.shape[1] < 1:
+        raise ValueError(f"hidden size H must be >= 1, got weight {_shape(weight)} and hidden {_shape(hidden)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"hidden size mismatch: hidden {_shape(hidden)} has H={hidden.shape[-1]} "
@@ -217,7 +227,10 @@ def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate: 
                 f"bias must be (V,) = ({weight.shape[0]},) to match weight {_shape(weight)}, got {_shape(bias)}"
             )
     _check_device(hidden, weight=weight, targets=targets, bias=bias)
+    _check_not_meta("targets", targets)
     ignore_index = _integer("ignore_index", ignore_index)
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index}")
     V = weight.shape[0]
     if validate and targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
@@ -227,7 +240,35 @@ def _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate: 
                 f"targets {_shape(targets)} holds id {int(targets[pos])} at {pos}, outside [0, V={V}) "
                 f"and not ignore_index={ignore_index}"
             )
+    if validate:
+        _check_logit_range(hidden, weight, bias, head)
     return ignore_index
+
+
+def _check_logit_range(hidden, weight, bias, head: Head) -> None:
+    """ValueError when the scaled logits could overflow float32: |u| <= H max|h| max|w| + max|b| (reductions only,
+    no copy of hidden or weight), times logit_scale / temperature (a softcap bounds them by softcap / temperature,
+    checked in _check_head). A -inf bias entry masks its token and does not count; non-finite hidden or weight values
+    are not the temperature's doing and are left to the caller."""
+    if head.softcap is not None or hidden.numel() == 0:
+        return
+    h_max = max(abs(float(v)) for v in torch.aminmax(hidden.detach()))
+    w_max = max(abs(float(v)) for v in torch.aminmax(weight.detach()))
+    b_max = 0.0
+    if bias is not None:
+        b = bias.detach().float()
+        b_max = float(torch.where(torch.isfinite(b), b, 0.0).abs().max())
+    magnitude = hidden.shape[-1] * h_max * w_max + b_max
+    if not math.isfinite(magnitude):
+        return
+    bound = magnitude * head.logit_scale / head.temperature
+    # half the float32 range: the softmax also forms differences of two logits
+    if not bound <= _FLOAT32_MAX / 2:
+        raise ValueError(
+            f"temperature={head.temperature:g} (logit_scale={head.logit_scale:g}) scales logits bounded by "
+            f"{magnitude:g} to up to {bound:g}, beyond float32 ({_FLOAT32_MAX:g}): the log-probs would be NaN; "
+            "raise the temperature"
+        )
 
 
 def _check_device(hidden, **others) -> None:
@@ -259,6 +300,7 @@ def _check_rewards(rewards, validate: bool) -> None:
         raise ValueError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
     if not rewards.dtype.is_floating_point:
         raise ValueError(f"rewards must be floating point, got {rewards.dtype} with shape {_shape(rewards)}")
+    _check_not_meta("rewards", rewards)
     if validate and rewards.numel() and not bool(torch.isfinite(rewards).all()):
         raise ValueError(f"rewards {_shape(rewards)} contains non-finite values (NaN or inf)")
 
@@ -324,7 +366,7 @@ def fused_linear_logprobs(
     head = _check_head(temperature, logit_scale, softcap)
     return_entropy = _flag("return_entropy", return_entropy)
     validate = _flag("validate", validate)
-    ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(..., H)")
+    ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(..., H)", head)
     h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
     logp, ent = _functions.logprobs(h, w, b, t, sweep, return_entropy)
     if return_entropy:
@@ -363,7 +405,7 @@ def linear_logprob_loss(
     """
     head = _check_head(temperature, logit_scale, softcap)
     validate = _flag("validate", validate)
-    ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(..., H)")
+    ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(..., H)", head)
     c = _check_coef("coef", coef, targets, validate)
     ec = None if entropy_coef is None else _check_coef("entropy_coef", entropy_coef, targets, validate)
     h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
@@ -584,7 +626,7 @@ def grao_loss(
     validate = _flag("validate", validate)
     if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
         raise ValueError(f"hidden must be (S, T, H), got shape {_shape(hidden)}")
-    ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(S, T, H)")
+    ignore_index = _check_linear_inputs(hidden, weight, targets, bias, ignore_index, validate, "(S, T, H)", head)
     if group_size is None and group_ids is None and is_reference is None:
         if isinstance(rewards, torch.Tensor) and rewards.dim() == 2:
             if rewards.shape[1] < 2:
@@ -617,7 +659,7 @@ def grao_loss(
     coefs = _on(coefs, hidden.device)
     token_coef = _per_token(coefs.seq_coef, targets, ignore_index)
     h, w, b, t, sweep = _sweep_args(hidden, weight, targets, bias, head, ignore_index, backend, memory_budget)
-    loss, logp, _ = _functions.linear_loss(h, w, b, t, token_coef.view(-1), None, sweep)
+    loss, logp, _ = _functions.linear_loss(h, w, b, t, token_coef.reshape(-1), None, sweep)
     seq_logp = sequence_logp(logp.view(targets.shape), (targets != ignore_index).sum(1))
     exploration, imitation, alignment = coefs.terms(seq_logp)
     return GRAOOutput(loss, coefs.advantages.view(rewards.shape), seq_logp, exploration, imitation, alignment)

@@ -259,9 +259,9 @@ def test_the_trainer_takes_a_judge_object_and_a_local_model_judge(tmp_path):
     assert Trainer(small(tmp_path, steps=1), reward=JudgeReward(judge)).train() is True
     assert judge.asked and all(len(pair) == 3 for pair in judge.asked)
 
+    # a random local model as judge writes no verdict at all: the starting model's evaluation says so instead of
+    # reporting RAS 1.0 from ties
     save_tiny_llama(tmp_path / "judge")
     cfg = small(tmp_path, steps=1, reward=f"judge-model:{tmp_path / 'judge'}", judge_max_new_tokens=4)
-    with pytest.warns(JudgeWarning):
-        assert Trainer(cfg, overwrite=True).train() is True
-    (line,) = [ln for ln in read_lines(tmp_path / "run") if "loss" in ln]
-    assert 0 < line["judge/unparsed"] <= line["judge/asked"]
+    with pytest.warns(JudgeWarning), pytest.raises(RewardError, match=r"gave no verdict .* in any of its \d+ replies"):
+        Trainer(cfg, overwrite=True).train()

@@ -72,6 +72,8 @@ def parse_record(record) -> Example:
         prompt, reference = record["prompt"], record["reference"]
         if not isinstance(prompt, str) or not isinstance(reference, str):
             raise ValueError("'prompt' and 'reference' must be strings")
+        if not reference.strip():  # GRAO imitates the reference: an empty one teaches the model to stop at once
+            raise ValueError("'reference' is empty; every example needs a reference answer")
         return Example(prompt, reference, rejected=rejected)
     if "chosen" in record:
         chosen = record["chosen"]

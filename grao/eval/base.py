@@ -31,3 +31,15 @@ def pop_metrics(reward: Reward) -> dict[str, float]:
     :class:`JudgeReward`), for the metrics line; {} for a plain function."""
     pop = getattr(reward, "pop_metrics", None)
     return dict(pop()) if callable(pop) else {}
+
+
+def check_judged(metrics: dict[str, float], reward: Reward) -> None:
+    """RewardError when a judge answered none of the comparisons of an evaluation: every one scored as a tie would
+    report RAS 1.0 and NAG 0 for a judge that never judged."""
+    asked, unparsed = metrics.get("judge/asked", 0), metrics.get("judge/unparsed", 0)
+    if asked and unparsed >= asked:
+        raise RewardError(
+            f"the judge of reward {qualified_name(reward)} gave no verdict (better, worse or tie) in any of its "
+            f"{int(asked)} replies in this evaluation, so RAS and NAG would be meaningless; check judge_template and "
+            "the judge model"
+        )

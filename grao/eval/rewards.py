@@ -31,7 +31,7 @@ import torch
 
 from ..config import ConfigError
 from ..data import demo_task
-from .base import Reward, RewardError, is_number, pop_metrics, qualified_name
+from .base import Reward, RewardError, check_judged, is_number, pop_metrics, qualified_name
 from .judges import JUDGE_TEMPLATE, JudgeReward, ModelJudge, read_template
 
 # The reward API the trainer and evaluation call: this module's and what a reward is (.base).
@@ -39,6 +39,7 @@ __all__ = [
     "BUILTIN",
     "Reward",
     "RewardError",
+    "check_judged",
     "RewardModel",
     "edit_similarity",
     "exact_match",

@@ -49,6 +49,9 @@ def tiny_moe(tokenizer, overrides: dict | None = None, attn_implementation: str 
     """The built-in tiny Qwen3-MoE (4 experts, top-2) with random weights drawn from ``seed``."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
+    known = Qwen3MoeConfig().to_dict()
+    known.update({alias: known.get(name) for alias, name in Qwen3MoeConfig.attribute_map.items()}, **TINY_MOE_CONFIG)
+    check_overrides(overrides or {}, known)
     fields = dict(TINY_MOE_CONFIG, **(overrides or {}))
     fields.update(
         vocab_size=len(tokenizer),
@@ -58,8 +61,29 @@ def tiny_moe(tokenizer, overrides: dict | None = None, attn_implementation: str 
     )
     try:
         config = Qwen3MoeConfig(**fields)
-    except (TypeError, ValueError) as exc:
-        raise ModelError(f"bad model_overrides {overrides}: {exc}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except Exception as exc:  # transformers raises TypeError, ValueError or its own validation errors
+        raise ModelError(f"bad model_overrides {overrides}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def check_overrides(overrides: dict, defaults: dict) -> None:
+    """ModelError for a ``model_overrides`` key the config does not have (a misspelling would be ignored), or a
+    value of another type than the default's, or a count or size below 1."""
+    import difflib
+
+    for key, value in overrides.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModelError(f"model_overrides: unknown key {key!r}{hint}")
+        default = defaults[key]
+        if isinstance(default, bool) or default is None:
+            continue
+        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ModelError(f"model_overrides: {key!r} must be an integer, got {type(value).__name__} {value!r}")
+        if isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ModelError(f"model_overrides: {key!r} must be a number, got {type(value).__name__} {value!r}")
+        if isinstance(default, int) and default >= 1 and value < 1:
+            raise ModelError(f"model_overrides: {key!r} must be >= 1, got {value}")

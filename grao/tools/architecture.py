@@ -3,6 +3,7 @@ the activation and loss formulas read, from a local config, the demo's or a pres
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,37 @@ def model_config(model: str, overrides: dict | None = None):
         fields = dict(PRESETS[model])
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     if (Path(model) / "config.json").is_file():
-        return AutoConfig.from_pretrained(model, local_files_only=True)
+        return _local_config(Path(model))
     raise PlanError(
         f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a local directory with a config.json"
     )
+
+
+_SIZES = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size")
+
+
+def _local_config(model: Path):
+    """The config of a local model directory; PlanError naming config.json when it is not JSON, names a
+    ``model_type`` transformers does not know, or gives a size below 1."""
+    from transformers import AutoConfig
+
+    path = model / "config.json"
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError(f"{path} is not a JSON file ({exc})") from None
+    if not isinstance(fields, dict):
+        raise PlanError(f"{path} is not a JSON object")
+    try:
+        cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"{path}: {str(exc).splitlines()[0]}") from None
+    text = getattr(cfg, "get_text_config", lambda: cfg)()
+    for name in _SIZES:
+        value = getattr(text, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise PlanError(f"{path}: {name} must be an integer >= 1, got {value!r}")
+    return cfg
 
 
 @dataclass(frozen=True)

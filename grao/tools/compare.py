@@ -49,7 +49,7 @@ from .. import config
 from ..config import ConfigError, TrainConfig
 from ..losses import METHODS
 from ..train import checkpoint, run_dir
-from . import plot
+from . import child_process, plot
 
 RECORD = "compare-run.json"  # in each run directory: the peak memory and time of each process that trained it
 # The weights each GRAO-family method reads (an ablation that drops a term ignores that term's weight), so a grid
@@ -259,7 +259,12 @@ def train_run(run: Run, state: str) -> float:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     caught: list[int] = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "grao.tools.compare_run", *argv], env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grao.tools.compare_run", *argv],
+        env=env,
+        start_new_session=True,
+        preexec_fn=child_process.die_with_parent(),  # a SIGKILLed compare's child stops too
+    )
     with _forward_signals(proc, caught):
         rc = proc.wait()
     if caught:

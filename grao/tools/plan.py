@@ -348,6 +348,9 @@ def settings_from_config(cfg, devices: int, memory_gb: float, **overrides) -> Se
     for name in ("devices", "fsdp", "prompts_per_step", "group_size", "seq_len"):
         if getattr(s, name) < 1:
             raise PlanError(f"{name} must be >= 1, got {getattr(s, name)}")
+    for name in ("lora_rank", "micro_batch_prompts"):
+        if getattr(s, name) < 0:
+            raise PlanError(f"{name} must be >= 0, got {getattr(s, name)}")
     if s.fsdp > s.devices:
         raise PlanError(f"fsdp ({s.fsdp}) must be <= devices ({s.devices})")
     if not s.memory_gb > 0:

@@ -12,13 +12,11 @@ lets ``--overwrite`` delete exactly the files the trainer wrote.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
+from . import owned_paths, safe_state
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -35,12 +33,23 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def manifest_files(directory: Path) -> dict[str, int] | None:
-    """{relative path: size} recorded when ``directory`` was written; None without a readable manifest."""
+    """{relative path: size} recorded when ``directory`` was written; None without a readable manifest.
+
+    CheckpointError when it lists a path outside ``directory`` (absolute, ``..``, through a symlink): no trainer
+    wrote that manifest, and nothing it lists may be deleted.
+    """
     try:
         files = json.loads((directory / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return files if isinstance(files, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for name in files:
+        try:
+            owned_paths.inside(directory, name, directory / MANIFEST)
+        except owned_paths.UnsafePath as exc:
+            raise CheckpointError(str(exc)) from None
+    return files
 
 
 def tmp_dir(directory: str | Path) -> Path:
@@ -68,7 +77,7 @@ def save_pretrained(
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if state is not None:
-            torch.save(state, tmp / STATE_FILE)
+            safe_state.save(state, tmp / STATE_FILE)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         if directory.exists() and not remove_written(directory):
@@ -86,20 +95,18 @@ def save_pretrained(
 def remove_written(directory: Path) -> bool:
     """Delete the files ``directory``'s manifest lists (and the manifest); True when the directory is gone.
 
-    Files the trainer did not write stay, and so does the directory holding them.
+    Files the trainer did not write stay, and so does the directory holding them. Each name is checked to be a
+    relative path inside ``directory`` before anything is deleted (CheckpointError otherwise), and a symlinked
+    ``directory`` is left alone.
     """
+    if directory.is_symlink():
+        return False
     files = manifest_files(directory)
     for name in files or ():
-        (directory / name).unlink(missing_ok=True)
+        owned_paths.unlink(directory, name, directory / MANIFEST)
     if files is not None:
         (directory / MANIFEST).unlink(missing_ok=True)
-    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(sub.iterdir()):
-            sub.rmdir()
-    if any(directory.iterdir()):
-        return False
-    directory.rmdir()
-    return True
+    return owned_paths.remove_empty_dirs(directory)
 
 
 def foreign_files(directory: Path) -> list[str]:
@@ -117,7 +124,9 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name))
+    if root.is_symlink():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and STEP_DIR.fullmatch(p.name))
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -127,13 +136,32 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def save(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int, **options) -> Path:
-    """``checkpoints/step-NNNNNN`` for ``step``, then all but the newest ``keep`` complete checkpoints deleted;
-    ``options`` as :func:`save_pretrained`'s."""
+    """``checkpoints/step-NNNNNN`` for ``step``, then :func:`rotate`; ``options`` as :func:`save_pretrained`'s."""
     final = save_pretrained(step_dir(run_dir, step), model, tokenizer, state, **options)
-    complete = [p for p in step_dirs(run_dir) if manifest_files(p) is not None]
-    for old in complete[:-keep]:
-        remove_written(old)
+    rotate(run_dir, final, keep)
     return final
+
+
+def rotate(run_dir: str | Path, newest: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` intact checkpoints, once ``newest`` (just saved) is verified intact.
+
+    Only intact checkpoints are counted or deleted: a damaged one never takes the place of a good one, and the last
+    intact one is never deleted. CheckpointError when ``newest`` is not intact (nothing is deleted then).
+    """
+    reason = problem(newest)
+    if reason is not None:
+        raise CheckpointError(f"the checkpoint just written is not intact ({reason}); no older checkpoint deleted")
+    intact = [p for p in step_dirs(run_dir) if problem(p) is None]
+    for old in intact[: -max(keep, 1)]:
+        remove_written(old)
+
+
+def problem(directory: Path) -> str | None:
+    """:func:`verify`'s reason, also for a manifest that lists paths outside ``directory``."""
+    try:
+        return verify(directory)
+    except CheckpointError as exc:
+        return str(exc)
 
 
 def verify(directory: Path) -> str | None:
@@ -160,7 +188,7 @@ def load(directory: Path, load_model, load_tokenizer) -> tuple:
     if reason is not None:
         raise CheckpointError(reason)
     try:
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        state = safe_state.load(directory / STATE_FILE)  # plain data only: loading runs no code from the file
     except Exception as exc:  # a damaged pickle/zip raises anything from EOFError to RuntimeError
         raise CheckpointError(f"{directory / STATE_FILE} cannot be read ({type(exc).__name__}: {exc})") from exc
     try:
@@ -168,6 +196,17 @@ def load(directory: Path, load_model, load_tokenizer) -> tuple:
     except Exception as exc:
         raise CheckpointError(f"the model in {directory} cannot be loaded ({type(exc).__name__}: {exc})") from exc
     return model, tokenizer, state
+
+
+def latest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint that :func:`verify` finds intact or None, why each newer one was skipped)."""
+    skipped = []
+    for directory in reversed(step_dirs(run_dir)):
+        reason = problem(directory)
+        if reason is None:
+            return directory, skipped
+        skipped.append(reason)
+    return None, skipped
 
 
 def load_latest(run_dir: str | Path, load_model, load_tokenizer) -> tuple[Path, tuple, list[str]]:
@@ -180,20 +219,3 @@ def load_latest(run_dir: str | Path, load_model, load_tokenizer) -> tuple[Path, 
             skipped.append(str(exc))
     detail = f": {'; '.join(skipped)}" if skipped else ""
     raise CheckpointError(f"--resume: no intact checkpoint in {Path(run_dir) / CHECKPOINTS}{detail}")
-
-
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def restore_rng(rng: dict) -> None:
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])

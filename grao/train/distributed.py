@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from .. import models
 from ..config import ConfigError
-from . import checkpoint
+from . import checkpoint, safe_state
 from .policy import Policy
 
 DCP_DIR = "distributed"  # a sharded checkpoint's model and optimizer shards, in the step directory
@@ -279,6 +280,11 @@ def restore(policy: Policy, optimizer, directory: Path, state: dict) -> None:
             policy, optimizer, optim_state_dict=full, options=StateDictOptions(full_state_dict=True)
         )
         return
+    metadata = Path(directory) / DCP_DIR / ".metadata"
+    try:  # DCP unpickles this file with pickle.load: it may hold nothing but metadata
+        safe_state.check_dcp_metadata(metadata)
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise checkpoint.CheckpointError(f"{metadata} is not checkpoint metadata the trainer wrote ({exc})") from None
     target = _state_dicts(policy, optimizer)
     with warnings.catch_warnings():  # one process reading a sharded checkpoint is what this is for
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

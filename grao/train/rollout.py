@@ -35,15 +35,18 @@ class PromptOrder:
         return self._cache[1]
 
 
-def sample_and_score(policy, tokenizer, examples: list[Example], reward, cfg, step: int, rank: int, rejected: str):
+def sample_and_score(
+    policy, tokenizer, examples: list[Example], reward, cfg, step: int, rank: int, rejected: str, max_prompt_tokens: int
+):
     """Sample G completions per prompt (seeded by step and rank, so a resumed run samples the same), then score
     them and each prompt's reference answer; a :class:`Rollout` with rewards (P, G+1), the reference's last.
 
     dpo on the data's preference pairs (``rejected == "data"``) samples nothing: each group's one completion
-    (G = 1) is the example's rejected answer, ended by eos like the reference.
+    (G = 1) is the example's rejected answer, ended by eos like the reference. Prompts keep their last
+    ``max_prompt_tokens`` tokens (what the model's context leaves, :func:`grao.data.context_limits.prompt_budget`).
     """
     G = cfg.group_size
-    prompt_ids = [encode_prompt(tokenizer, ex.prompt, cfg.max_prompt_tokens, cfg.chat_template) for ex in examples]
+    prompt_ids = [encode_prompt(tokenizer, ex.prompt, max_prompt_tokens, cfg.chat_template) for ex in examples]
     if rejected == "data":
         G, texts = 1, [ex.rejected for ex in examples]
         sampled = [encode_reference(tokenizer, text) for text in texts]

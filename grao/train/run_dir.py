@@ -1,8 +1,11 @@
 """The run directory: what a run writes into ``output_dir`` and what a second run into the same directory may do.
 
 A run writes ``config.yaml``, ``metrics.jsonl``, ``plot.png``, ``initial/`` (the demo's starting model) and
-``checkpoints/step-NNNNNN/`` (see :mod:`grao.train.checkpoint`). A new run refuses a directory that is not empty;
-``--resume`` continues the run there and ``--overwrite`` deletes those files (and only those) first.
+``checkpoints/step-NNNNNN/`` (see :mod:`grao.train.checkpoint`), and records each of these names in its ledger
+(:mod:`grao.train.owned_paths`) when it creates it. A new run refuses a directory that is not empty; ``--resume``
+continues the run there and ``--overwrite`` deletes first what the ledger lists (inside ``initial/`` and the
+checkpoints, only the files their manifests list), refusing when a file by one of these names is not in the ledger.
+The lock file and the ledger (:data:`INTERNAL`) do not make a directory non-empty.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import shutil
 from pathlib import Path
 
 from ..config import ConfigError
-from . import checkpoint
+from . import checkpoint, owned_paths
+from .run_lock import LOCK
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 PLOT = "plot.png"
 INITIAL = "initial"
+WRITTEN = (CONFIG, METRICS, PLOT, INITIAL, checkpoint.CHECKPOINTS)  # what a run creates in its directory
+INTERNAL = (LOCK, owned_paths.LEDGER)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -33,19 +39,32 @@ def check_writable(run_dir: Path) -> None:
 
 
 def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
-    """ConfigError unless a new run may start in ``run_dir``: empty or absent, or ``overwrite`` and nothing foreign
-    inside the directories the trainer creates whole (``initial/``, ``checkpoints/step-*``)."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    """ConfigError unless a new run may start in ``run_dir``: empty or absent, or ``overwrite`` and every name a run
+    writes that is there recorded in the ledger, with nothing foreign inside the directories the trainer creates
+    whole (``initial/``, ``checkpoints/step-*``)."""
+    check_no_symlinks(run_dir)
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name not in INTERNAL) if run_dir.is_dir() else []
+    if not entries:
         return
     if not overwrite:
-        entries = sorted(p.name for p in run_dir.iterdir())
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ConfigError(
             f"'output_dir' {str(run_dir)!r} is not empty ({shown}): continue that run with --resume, "
             "or start over with --overwrite (deletes only the files a run writes there)"
         )
+    recorded = _recorded(run_dir)
+    unowned = [name for name in WRITTEN if name in entries and name not in recorded]
+    if unowned:
+        raise ConfigError(
+            f"--overwrite: {', '.join(unowned)} in {run_dir} {'was' if len(unowned) == 1 else 'were'} not written by "
+            f"a run (not in its ledger {owned_paths.LEDGER}), and a new run would write over "
+            f"{'it' if len(unowned) == 1 else 'them'}; move {'it' if len(unowned) == 1 else 'them'} away first"
+        )
     for directory in _whole_dirs(run_dir):
-        foreign = checkpoint.foreign_files(directory)
+        try:
+            foreign = checkpoint.foreign_files(directory)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"--overwrite: {exc}") from None
         if foreign:
             raise ConfigError(
                 f"--overwrite: {directory} holds files the trainer did not write ({', '.join(foreign[:5])}); "
@@ -53,20 +72,57 @@ def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
             )
 
 
+def check_no_symlinks(run_dir: Path) -> None:
+    """ConfigError when a name a run writes or reads in ``run_dir`` is a symlink: writing through it would change
+    a file outside the directory."""
+    links = [name for name in (*WRITTEN, *INTERNAL) if (run_dir / name).is_symlink()]
+    if links:
+        raise ConfigError(f"{run_dir}: {', '.join(links)} is a symlink; a run directory's own files must be plain")
+
+
+def _recorded(run_dir: Path) -> list[str]:
+    try:
+        return owned_paths.recorded(run_dir)
+    except owned_paths.UnsafePath as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def record(run_dir: Path, name: str) -> None:
+    """Note in the ledger that this run created ``name`` in ``run_dir``."""
+    owned_paths.record(run_dir, name)
+
+
 def clear(run_dir: Path) -> None:
-    """Delete what an earlier run wrote in ``run_dir``; anything else stays."""
-    for name in (CONFIG, METRICS, PLOT):
-        (run_dir / name).unlink(missing_ok=True)
-    for directory in _whole_dirs(run_dir):
+    """Delete what earlier runs wrote in ``run_dir`` (what its ledger lists); anything else stays."""
+    names = _recorded(run_dir)
+    for name in names:
+        path = owned_paths.inside(run_dir, name, run_dir / owned_paths.LEDGER)
+        if name == checkpoint.CHECKPOINTS:
+            _clear_checkpoints(path)
+        elif path.is_dir() and not path.is_symlink():  # initial/: the files its manifest lists
+            checkpoint.remove_written(path)
+            _remove_tmp(owned_paths.inside(run_dir, name + ".tmp", run_dir / owned_paths.LEDGER))
+        else:
+            path.unlink(missing_ok=True)
+    owned_paths.forget(run_dir, names)
+
+
+def _clear_checkpoints(ckpts: Path) -> None:
+    if ckpts.is_symlink() or not ckpts.is_dir():
+        return
+    for directory in checkpoint.step_dirs(ckpts.parent):
         checkpoint.remove_written(directory)
     # an interrupted save's leftovers: directories by these names are only ever the trainer's
-    leftovers = [p for p in (run_dir / checkpoint.CHECKPOINTS).glob("*.tmp") if checkpoint.STEP_DIR.fullmatch(p.stem)]
-    for tmp in [*leftovers, run_dir / (INITIAL + ".tmp")]:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-    ckpts = run_dir / checkpoint.CHECKPOINTS
-    if ckpts.is_dir() and not any(ckpts.iterdir()):
+    for tmp in ckpts.glob("*.tmp"):
+        if checkpoint.STEP_DIR.fullmatch(tmp.stem):
+            _remove_tmp(tmp)
+    if not any(ckpts.iterdir()):
         ckpts.rmdir()
+
+
+def _remove_tmp(tmp: Path) -> None:
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)
 
 
 def _whole_dirs(run_dir: Path) -> list[Path]:
@@ -108,5 +164,8 @@ def cut_metrics(run_dir: Path, step: int) -> str | None:
 
 
 def append_metrics(run_dir: Path, line: dict) -> None:
-    with (run_dir / METRICS).open("a") as fh:
+    path = run_dir / METRICS
+    if not path.exists():
+        record(run_dir, METRICS)
+    with path.open("a") as fh:
         fh.write(json.dumps(line) + "\n")

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .. import config, models
+from .. import config, data, models
 from ..config import ConfigError
-from . import checkpoint, run_dir
+from ..data import context_limits, text_coverage
+from ..log import say
+from ..models.generation import encode_prompt
+from . import checkpoint, run_dir, step_bounds
 
 
 def fresh_model(cfg, rt) -> tuple:
@@ -68,3 +71,27 @@ def check_resumable(cfg) -> None:
             f"--resume would change what the run in {directory} computes ({'; '.join(conflicts)}); "
             "start a new run in another output_dir for that"
         )
+
+
+def check_data_fits(cfg, model, tokenizer, examples, device) -> tuple[int, int]:
+    """(the prompt tokens a prompt keeps, how many prompts are longer) for ``model``'s context, after checking that
+    one step fits the machine's memory (:mod:`grao.train.step_bounds`), that every prompt leaves room for its
+    answer, and warning about prompts cut and text the tokenizer does not know."""
+    budget, note = context_limits.prompt_budget(model.config, cfg.max_prompt_tokens, cfg.max_new_tokens)
+    step_bounds.check(cfg, budget, models.output_head(model)[0].shape[1], device)
+    prompts = [ex.prompt for ex in examples]
+    cut = context_limits.count_longer(prompts, lambda p, n: encode_prompt(tokenizer, p, n, cfg.chat_template), budget)
+    if cut:  # max_prompt_tokens defaults to what the context leaves: quiet until a prompt is cut
+        why = f" ({note})" if note else ""
+        say(
+            f"warning: {cut} of {len(prompts)} prompts are longer than {budget} tokens and are cut to their last "
+            f"{budget}{why}; metric data/prompts_cut"
+        )
+    data.check_prompts(examples, lambda p: encode_prompt(tokenizer, p, budget, cfg.chat_template))
+    unknown, first = text_coverage.unknown_examples(examples, tokenizer)
+    if unknown:
+        say(
+            f"warning: {unknown} example(s) hold text the tokenizer does not know (it becomes "
+            f"{tokenizer.unk_token}), first {first}; use a tokenizer that covers the data"
+        )
+    return budget, cut

@@ -36,8 +36,7 @@ from ..eval import evaluate as evaluation
 from ..eval import rewards
 from ..log import say
 from ..models import heads, runtime
-from ..models.generation import encode_prompt
-from . import checkpoint, distributed, run_dir, setup, stopping, update
+from . import checkpoint, distributed, output_errors, run_dir, safe_state, setup, stopping, update
 from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch, micro_batches
 from .policy import Policy
 from .rollout import PromptOrder, sample_and_score
@@ -83,6 +82,7 @@ class Trainer:
             )
         run_dir.check_writable(self.run_dir)
         if resume:
+            run_dir.check_no_symlinks(self.run_dir)
             setup.check_resumable(cfg)
         else:
             run_dir.check_fresh_start(self.run_dir, overwrite)
@@ -139,9 +139,9 @@ class Trainer:
             module_loss.to(self.runtime.device)
             if state is not None:  # before sharding: the checkpoint holds its whole state, whoever saved it
                 self._restore_loss(state)
-        data.check_prompts(
-            self.train_examples + self.eval_examples,
-            lambda p: encode_prompt(self.tokenizer, p, cfg.max_prompt_tokens, cfg.chat_template),
+        # the prompt tokens that fit the model's context next to max_new_tokens; the step's memory bound
+        self.max_prompt_tokens, self.prompts_cut = setup.check_data_fits(
+            cfg, inner, self.tokenizer, self.train_examples + self.eval_examples, self.runtime.device
         )
         # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL): loaded afresh from the
         # config, so a resumed run gets the same one.
@@ -231,6 +231,7 @@ class Trainer:
                             **start_eval,
                             "params/trainable": self.trainable_params,
                             "params/total": self.total_params,
+                            "data/prompts_cut": self.prompts_cut,
                         }
                     )
                 while self.step < cfg.steps and not self._stop_agreed():
@@ -252,6 +253,8 @@ class Trainer:
             except rewards.RewardError:
                 self._save_progress()  # keep the steps done; the error names the reward and its bad value
                 raise
+            except output_errors.OutputError as exc:  # metrics could not be written: keep the steps done first
+                raise output_errors.OutputError(f"{exc}; {self._save_after_error()}") from exc.__cause__
             finally:
                 bar.close()
                 self._plot()
@@ -290,7 +293,15 @@ class Trainer:
         """Sample G completions per prompt and score them and the reference answers
         (:func:`grao.train.rollout.sample_and_score`)."""
         return sample_and_score(
-            self.policy, self.tokenizer, examples, self.reward, self.cfg, step, self.world.rank, self.rejected_source
+            self.policy,
+            self.tokenizer,
+            examples,
+            self.reward,
+            self.cfg,
+            step,
+            self.world.rank,
+            self.rejected_source,
+            self.max_prompt_tokens,
         )
 
     # ------------------------------------------------------------------ update: loss, backward, optimizer
@@ -384,7 +395,7 @@ class Trainer:
             examples,
             self.reward,
             max_new_tokens=cfg.max_new_tokens,
-            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_prompt_tokens=self.max_prompt_tokens,
             batch_size=cfg.eval_batch_size,
             greedy=cfg.eval_greedy,
             temperature=cfg.temperature,
@@ -396,17 +407,22 @@ class Trainer:
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
         self.last_eval = res.mean_reward
+        judged = rewards.pop_metrics(self.reward)
+        rewards.check_judged(judged, self.reward)
         return {
             "step": self.step,
             "eval/reward": res.mean_reward,
             "eval/ras": res.ras,
             "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
-            **{f"eval/{k}": v for k, v in rewards.pop_metrics(self.reward).items()},
+            **{f"eval/{k}": v for k, v in judged.items()},
         }
 
     def log(self, line: dict) -> None:
         if self.world.main:
-            run_dir.append_metrics(self.run_dir, line)
+            try:
+                run_dir.append_metrics(self.run_dir, line)
+            except OSError as exc:
+                raise output_errors.OutputError(output_errors.describe(self.run_dir / run_dir.METRICS, exc)) from exc
 
     def _plot(self) -> None:
         metrics = self.run_dir / run_dir.METRICS
@@ -415,6 +431,7 @@ class Trainer:
         from ..tools.plot import plot_metrics
 
         try:
+            run_dir.record(self.run_dir, run_dir.PLOT)
             plot_metrics(metrics, self.run_dir / run_dir.PLOT)
         except OSError as exc:  # e.g. a full disk: the plot is not worth hiding the run's own outcome
             say(f"warning: could not write {run_dir.PLOT}: {exc}")
@@ -434,8 +451,10 @@ class Trainer:
             if self.overwrite:
                 run_dir.clear(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.record(self.run_dir, run_dir.CONFIG)
             config.write(self.cfg, self.run_dir / run_dir.CONFIG)
             if initial:
+                run_dir.record(self.run_dir, run_dir.INITIAL)
                 checkpoint.save_pretrained(
                     self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer, state_dict=weights
                 )
@@ -453,21 +472,34 @@ class Trainer:
             "step": self.step,
             **({"optimizer": self.optimizer.state_dict()} if self.sharding is None else {}),  # sharded: in DCP
             "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": safe_state.rng_state(),
             "baseline_eval": self.baseline_eval,
             "config": config.to_dict(self.cfg),
         }
         if isinstance(self.loss, torch.nn.Module):  # sharded: gathered, as one process has it
             state["loss"] = self.loss.state_dict() if self.sharding is None else self.sharding.full_state("loss")
+        if self.world.main:
+            run_dir.record(self.run_dir, checkpoint.CHECKPOINTS)
         try:
             save = checkpoint.save if self.sharding is None else self.sharding.save_checkpoint
             path = save(self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
         except checkpoint.CheckpointError as exc:
-            previous = checkpoint.latest(self.run_dir)
+            previous, _ = checkpoint.latest_intact(self.run_dir)
             kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
             raise checkpoint.CheckpointError(f"{exc}; {kept}") from exc.__cause__
         self.saved_step = self.step
         return path
+
+    def _save_after_error(self) -> str:
+        """Try to checkpoint the steps done after a failed write; what became of them, for the error message."""
+        if self.sharding is not None:  # a checkpoint is collective and the other ranks did not fail
+            return "no checkpoint attempted in a sharded run; the newest earlier checkpoint remains"
+        try:
+            self._save_progress()
+        except checkpoint.CheckpointError as exc:
+            return f"saving a checkpoint failed too ({exc})"
+        ckpt = checkpoint.latest(self.run_dir)
+        return f"the steps done are in {ckpt}" if ckpt is not None else "no step was done; nothing to save"
 
     def _save_progress(self) -> None:
         """A checkpoint of the steps done unless the last one saved holds them (or none was done)."""
@@ -488,7 +520,7 @@ class Trainer:
         else:  # a sharded run's, or one process's checkpoint resumed sharded
             distributed.restore(self.policy, self.optimizer, self.checkpoint, state)
         self.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.restore_rng(state["rng"])
+        safe_state.restore_rng(state["rng"])
         self.step = self.saved_step = int(state["step"])
         self.baseline_eval = state["baseline_eval"]
 
