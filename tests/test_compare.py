@@ -180,7 +180,7 @@ def test_a_signal_to_compare_reaches_the_running_child_once():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "ready"
     caught, before = [], signal.getsignal(signal.SIGTERM)
-    with compare._forward_signals(proc, caught):
+    with compare.forward_signals(proc, caught):
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the compare: forwarded, not fatal here
         rc = proc.wait(timeout=30)
     assert caught == [signal.SIGTERM] and rc == 143
