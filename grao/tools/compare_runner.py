@@ -102,6 +102,15 @@ def forward_signals(proc: subprocess.Popen, caught: list[int]):
             signal.signal(sig, handler)
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with the directory holding this grao package first on ``PYTHONPATH``, so the
+    child trains with this checkout's grao, also when another one is installed."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # grao/tools/compare_runner.py -> the directory holding grao
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def train_run(run: Run, state: str) -> float:
     """Train ``run`` to its last step in a fresh child process; the seconds it took (process start to exit)."""
     argv = train_flags(run.cfg)
@@ -110,14 +119,11 @@ def train_run(run: Run, state: str) -> float:
     elif state == "restart":
         (run.dir / RECORD).unlink(missing_ok=True)
         argv.append("--overwrite")
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # this checkout's grao, also when not installed
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     caught: list[int] = []
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "grao.tools.compare_run", *argv],
-        env=env,
+        env=child_env(),
         start_new_session=True,
         preexec_fn=child_process.die_with_parent(),  # a SIGKILLed compare's child stops too
     )
