@@ -1,6 +1,7 @@
-"""What a run starts from: its runtime and processes, the checks of its output directory (new or resumed), its model
-and tokenizer (fresh, LoRA-wrapped, a checkpoint's), the frozen starting model a loss may compare against, the
-routers' balancing biases, and the check that its data fits the model's context and the machine's memory."""
+"""What a run starts from: its runtime and processes, the checks of its output directory (new or resumed), its data,
+its model and tokenizer (fresh, LoRA-wrapped, a checkpoint's), the frozen starting model a loss may compare against,
+the policy module (sharded with FSDP2 when the run is), the routers' balancing biases, and the check that its data
+fits the model's context and the machine's memory."""
 
 from __future__ import annotations
 

@@ -157,20 +157,7 @@ class Trainer:
             try:
                 self._start_run()
                 if self.step == 0:  # the starting model: the baseline of eval/nag
-                    started = time.perf_counter()
-                    say(f"evaluating the starting model on {len(self.eval_examples)} prompts ...")
-                    start_eval = self.evaluate()
-                    say(
-                        f"starting model: reward {start_eval['eval/reward']:.3f} ({time.perf_counter() - started:.1f}s)"
-                    )
-                    self.log(
-                        {
-                            **start_eval,
-                            "params/trainable": self.trainable_params,
-                            "params/total": self.total_params,
-                            "data/prompts_cut": self.prompts_cut,
-                        }
-                    )
+                    self._evaluate_start()
                 while self.step < cfg.steps and not self._stop_agreed():
                     step = self.step + 1
                     metrics = self.train_step(step)
@@ -349,6 +336,21 @@ class Trainer:
             "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
             **{f"eval/{k}": v for k, v in judged.items()},
         }
+
+    def _evaluate_start(self) -> None:
+        """Evaluate and log the starting model (the baseline of eval/nag), with the run's parameter counts."""
+        started = time.perf_counter()
+        say(f"evaluating the starting model on {len(self.eval_examples)} prompts ...")
+        start_eval = self.evaluate()
+        say(f"starting model: reward {start_eval['eval/reward']:.3f} ({time.perf_counter() - started:.1f}s)")
+        self.log(
+            {
+                **start_eval,
+                "params/trainable": self.trainable_params,
+                "params/total": self.total_params,
+                "data/prompts_cut": self.prompts_cut,
+            }
+        )
 
     def log(self, line: dict) -> None:
         if self.world.main:
