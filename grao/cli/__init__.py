@@ -25,6 +25,8 @@ __all__ = ["COMPARE_SETS", "EXIT_CONFIG", "EXIT_FAILED", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``grao`` command (``argv``: its arguments, default ``sys.argv[1:]``, none: the demo); its exit status, with
+    each error the commands raise as a one-line message."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]

@@ -11,6 +11,7 @@ from ..log import say
 
 
 def run(args) -> int:
+    """``grao compare`` with the parsed ``args``: trains the unfinished runs, then writes the report; its exit status."""
     from ..tools import compare
 
     overrides = config_mod.from_arguments(args)

@@ -23,6 +23,7 @@ def _run_of(model_dir: str | None) -> Path | None:
 
 
 def run(args) -> int:
+    """``grao eval`` with the parsed ``args``: prints (and with ``--output`` writes) the results; its exit status."""
     from .. import models
     from ..data import context_limits, load_examples, load_jsonl
     from ..eval import evaluate, rewards

@@ -7,6 +7,7 @@ from ..log import say
 
 
 def run(args) -> int:
+    """``grao plan`` with the parsed ``args``: prints the memory plan (Markdown or JSON); its exit status."""
     from ..tools import plan
 
     # A model named on the command line is the run's model, so the run's model-dependent defaults (max_new_tokens)

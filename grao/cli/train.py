@@ -15,6 +15,7 @@ from .common import EXIT_FAILED, refuse_code_from_run
 
 
 def run(args) -> int:
+    """``grao train`` with the parsed ``args``, holding the run directory's lock on rank 0; its exit status."""
     from ..train import distributed, run_dir, run_lock
     from ..train.run_dir import CONFIG
     from ..train.trainer import Trainer
