@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import pytest
 from utils import read_lines, restore_threads_and_seed, small  # noqa: F401
 
+import grao
 from grao import cli, config
 from grao.config import ConfigError, TrainConfig
 from grao.tools import compare
@@ -180,8 +182,16 @@ def test_a_signal_to_compare_reaches_the_running_child_once():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stdout.readline().strip() == "ready"
     caught, before = [], signal.getsignal(signal.SIGTERM)
-    with compare._forward_signals(proc, caught):
+    with compare.forward_signals(proc, caught):
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the compare: forwarded, not fatal here
         rc = proc.wait(timeout=30)
     assert caught == [signal.SIGTERM] and rc == 143
     assert signal.getsignal(signal.SIGTERM) is before  # restored afterwards
+
+
+def test_a_compare_child_finds_this_checkouts_grao_first_on_its_path(monkeypatch):
+    from grao.tools import compare_runner
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    first = pathlib.Path(compare_runner.child_env()["PYTHONPATH"].split(os.pathsep)[0])
+    assert (first / "grao" / "__init__.py").resolve() == pathlib.Path(grao.__file__).resolve()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .. import cli
-from .compare import RECORD
+from .compare_runner import RECORD
 
 
 def _peak_memory() -> dict:

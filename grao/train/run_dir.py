@@ -15,7 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
+from .. import config
 from ..config import ConfigError
+from ..log import say
 from . import checkpoint, owned_paths
 from .run_lock import LOCK
 
@@ -128,6 +130,30 @@ def _remove_tmp(tmp: Path) -> None:
 def _whole_dirs(run_dir: Path) -> list[Path]:
     initial = run_dir / INITIAL
     return [*([initial] if initial.is_dir() else []), *checkpoint.step_dirs(run_dir)]
+
+
+def start(
+    run_dir: Path, cfg, *, overwrite: bool, resumed_at: int | None, initial=None, tokenizer=None, weights=None
+) -> None:
+    """Rank 0's start of a run in ``run_dir``. A new run (``resumed_at`` None) writes its config (after deleting an
+    earlier run's files with ``overwrite``) and ``initial``, when given, into ``initial/`` with ``tokenizer`` (the
+    demo's random starting model, what ``grao eval`` measures NAG against; ``weights``: its gathered state dict when
+    sharded). A run resumed at step ``resumed_at`` drops the lines logged after its checkpoint and records the
+    (resume-safe) settings it continues with."""
+    if resumed_at is None:
+        if overwrite:
+            clear(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record(run_dir, CONFIG)
+        config.write(cfg, run_dir / CONFIG)
+        if initial is not None:
+            record(run_dir, INITIAL)
+            checkpoint.save_pretrained(run_dir / INITIAL, initial, tokenizer, state_dict=weights)
+    else:
+        note = cut_metrics(run_dir, resumed_at)
+        if note:
+            say(f"warning: {note}")
+        config.write(cfg, run_dir / CONFIG)
 
 
 def read_metrics(path: Path) -> tuple[list[dict], str | None]:

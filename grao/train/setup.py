@@ -1,9 +1,12 @@
-"""What a run starts from: its model and tokenizer (fresh, LoRA-wrapped, a checkpoint's), the frozen starting
-model a loss may compare against, and the check that a run can be resumed with the settings given."""
+"""What a run starts from: its runtime and processes, the checks of its output directory (new or resumed), its data,
+its model and tokenizer (fresh, LoRA-wrapped, a checkpoint's), the frozen starting model a loss may compare against,
+the policy module (sharded with FSDP2 when the run is), the routers' balancing biases, and the check that its data
+fits the model's context and the machine's memory."""
 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -12,8 +15,11 @@ from .. import config, data, models
 from ..config import ConfigError
 from ..data import context_limits, text_coverage
 from ..log import say
+from ..models import runtime
 from ..models.generation import encode_prompt
-from . import checkpoint, run_dir, step_bounds
+from . import checkpoint, distributed, run_dir, step_bounds
+from .batch import IGNORE_INDEX
+from .policy import Policy
 
 
 def fresh_model(cfg, rt) -> tuple:
@@ -95,3 +101,120 @@ def check_data_fits(cfg, model, tokenizer, examples, device) -> tuple[int, int]:
             f"{tokenizer.unk_token}), first {first}; use a tokenizer that covers the data"
         )
     return budget, cut
+
+
+def start_runtime(cfg) -> tuple:
+    """(runtime, world, sharded) of the run: its device, precision and processes, FSDP2 under torchrun or with an
+    fsdp_* memory option; warns when the learning rate would never leave its warmup."""
+    rt = runtime.choose(cfg.device, cfg.precision, cfg.attn_implementation)
+    sharded = distributed.sharded(cfg)
+    world, rt = distributed.init(rt, sharded)
+    runtime.check_loss_backend(cfg.loss_backend, rt.device)
+    if cfg.warmup_steps >= cfg.steps:
+        say(
+            f"warning: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate is still "
+            "warming up at the last step and never decays; lower warmup_steps for a run this short"
+        )
+    return rt, world, sharded
+
+
+def check_output_dir(cfg, resume: bool, overwrite: bool) -> None:
+    """ConfigError unless ``cfg.output_dir`` can take this run: writable, and resumable (``resume``) or free for a
+    new run (empty, or ``overwrite`` and holding only what runs wrote there)."""
+    directory = Path(cfg.output_dir)
+    run_dir.check_writable(directory)
+    if resume:
+        run_dir.check_no_symlinks(directory)
+        check_resumable(cfg)
+    else:
+        run_dir.check_fresh_start(directory, overwrite)
+
+
+def load_data(cfg) -> tuple:
+    """(training examples, held-out examples, where dpo's rejected answers come from): the data's own ("data": each
+    group is rejected + reference, nothing is sampled) or the lowest-scored of the G samples ("sampled")."""
+    train_examples, eval_examples = data.load_examples(cfg)
+    rejected = "sampled"
+    if cfg.method == "dpo":
+        rejected = data.rejected_source(cfg.dpo_rejected, train_examples)
+        say(f"dpo: rejected answers from {'the data' if rejected == 'data' else 'the G samples'}")
+    return train_examples, eval_examples, rejected
+
+
+def load_start(cfg, rt, resume: bool) -> tuple:
+    """(checkpoint, model, tokenizer, initial model, trainer state) the run starts from: with ``resume`` the newest
+    intact checkpoint's (no initial model), else :func:`fresh_model`'s (no checkpoint, no state)."""
+    loading = time.perf_counter()
+    say(f"loading model {cfg.model} ...")
+    if resume:
+        ckpt, (model, tokenizer, state), skipped = checkpoint.load_latest(
+            cfg.output_dir,
+            lambda d: checkpoint_model(d, cfg, rt),
+            lambda d: models.load_tokenizer(d, cfg.trust_remote_code),
+        )
+        for reason in skipped:
+            say(f"warning: {reason}; falling back to an older checkpoint")
+        initial = None
+    else:
+        ckpt, state = None, None
+        model, tokenizer, initial = fresh_model(cfg, rt)
+    say(f"loaded model {cfg.model} in {time.perf_counter() - loading:.1f}s")
+    if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+        say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
+    return ckpt, model, tokenizer, initial, state
+
+
+def logit_transform(head: models.LogitHead, temperature: float) -> dict:
+    """How this run forms log-probs from the lm_head output (``head``'s logit scale and soft cap, the log-prob
+    ``temperature``): ``grao_kernels`` keyword arguments and :class:`grao.losses.LossBatch` fields."""
+    return dict(logit_scale=head.logit_scale, softcap=head.softcap, temperature=temperature, ignore_index=IGNORE_INDEX)
+
+
+def reference_policy(cfg, rt, logit_transform: dict, sharded: bool) -> tuple:
+    """(reference model, its Policy) for a loss that compares against the frozen starting policy (DPO, GRPO's KL),
+    sharded like the policy when the run is; loaded afresh from the config, so a resumed run gets the same one."""
+    model = frozen_start(cfg, rt)
+    reference = Policy(model, runtime=rt, logit_transform=logit_transform)
+    if sharded:  # frozen: sharded like the policy, forward only
+        distributed.shard(reference, rt.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
+    return model, reference
+
+
+def router_biases(cfg, model) -> list:
+    """The routers' correction biases that auxiliary-loss-free balancing updates after each step (none unless
+    ``router_bias_update_rate`` > 0); ConfigError for a model without them."""
+    if cfg.router_bias_update_rate <= 0:
+        return []
+    try:
+        return models.correction_biases(model)
+    except models.ModelError as exc:
+        raise ConfigError(f"'router_bias_update_rate' is {cfg.router_bias_update_rate}: {exc}") from None
+
+
+def report_parameters(cfg, trainable: int, total: int) -> None:
+    """Say how many parameters train (under LoRA the adapters only, PPO's value head included)."""
+    lora = f"; LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}, base frozen" if cfg.lora_rank else ""
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.2f}%){lora}")
+
+
+def policy(cfg, model, module_loss, rt, logit_transform: dict, world, sharded: bool) -> tuple:
+    """(Policy, Sharding or None): ``model`` (and a loss that is an nn.Module) as the module the loss, generate and
+    evaluation run in, with its MoE load-balancing loss, activation checkpointing when configured, and FSDP2 over
+    ``world`` when ``sharded``."""
+    inner = models.unwrap(model)  # the Hugging Face model, also under a LoRA wrapper
+    if cfg.gradient_checkpointing:
+        models.enable_activation_checkpointing(inner)
+    model.config.use_cache = True  # for generate; the training forward passes use_cache=False
+    pol = Policy(
+        model,
+        module_loss,
+        runtime=rt,
+        logit_transform=logit_transform,
+        moe=models.moe_info(inner),
+        aux_coef=models.aux_loss_coef(inner, cfg.router_aux_loss_coef),
+        router_scoring=models.router_scoring(inner),
+    )
+    sharding = None
+    if sharded:
+        sharding = distributed.Sharding(pol, world, rt.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
+    return pol, sharding

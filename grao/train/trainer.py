@@ -18,8 +18,11 @@ Each step, for P prompts (:meth:`Trainer.train_step`):
 Everything else is a call into a module named for its job: ``rollout``
 (sample and score), ``update`` (micro-batch gradients, optimizer step,
 schedule), ``policy`` (the model's passes, one named method each),
-``distributed`` (FSDP2 under torchrun), ``checkpoint``, ``run_dir`` and
-``stopping`` here; ``models``, ``data``, ``losses`` and ``eval`` beside.
+``setup`` (runtime, output directory checks, model, reference, data fit),
+``distributed`` (FSDP2 under torchrun), ``trainer_state`` (what a checkpoint
+holds beside the model, and its restore), ``run_dir`` (the run directory's
+start and metrics) and ``stopping`` here; ``models``, ``data``, ``losses`` and
+``eval`` beside.
 """
 
 from __future__ import annotations
@@ -29,16 +32,15 @@ from pathlib import Path
 
 import torch
 
-from .. import config, data, losses, models
+from .. import losses, models
 from ..config import ConfigError, TrainConfig
 from ..data import Example
 from ..eval import evaluate as evaluation
 from ..eval import rewards
 from ..log import say
 from ..models import heads, runtime
-from . import checkpoint, distributed, output_errors, run_dir, safe_state, setup, stopping, update
-from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch, micro_batches
-from .policy import Policy
+from . import output_errors, run_dir, setup, stopping, trainer_state, update
+from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch
 from .rollout import PromptOrder, sample_and_score
 from .update import lr_lambda
 
@@ -71,29 +73,10 @@ class Trainer:
         if resume and overwrite:
             raise ConfigError("--resume continues the run in output_dir and --overwrite starts it over: give one")
         self.cfg, self.run_dir, self.overwrite = cfg, Path(cfg.output_dir), overwrite
-        self.runtime = runtime.choose(cfg.device, cfg.precision, cfg.attn_implementation)
-        sharded = distributed.sharded(cfg)  # under torchrun or with an fsdp_* memory option: FSDP2
-        self.world, self.runtime = distributed.init(self.runtime, sharded)
-        runtime.check_loss_backend(cfg.loss_backend, self.runtime.device)
-        if cfg.warmup_steps >= cfg.steps:
-            say(
-                f"warning: warmup_steps ({cfg.warmup_steps}) >= steps ({cfg.steps}): the learning rate is still "
-                "warming up at the last step and never decays; lower warmup_steps for a run this short"
-            )
-        run_dir.check_writable(self.run_dir)
-        if resume:
-            run_dir.check_no_symlinks(self.run_dir)
-            setup.check_resumable(cfg)
-        else:
-            run_dir.check_fresh_start(self.run_dir, overwrite)
+        self.runtime, self.world, sharded = setup.start_runtime(cfg)
+        setup.check_output_dir(cfg, resume, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
-        self.train_examples, self.eval_examples = data.load_examples(cfg)
-        # dpo's rejected answers: the data's own ("data": each group is rejected + reference, nothing is sampled)
-        # or the lowest-scored of the G samples ("sampled")
-        self.rejected_source = "sampled"
-        if cfg.method == "dpo":
-            self.rejected_source = data.rejected_source(cfg.dpo_rejected, self.train_examples)
-            say(f"dpo: rejected answers from {'the data' if self.rejected_source == 'data' else 'the G samples'}")
+        self.train_examples, self.eval_examples, self.rejected_source = setup.load_data(cfg)
         if reward is None:
             reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
         self.reward = reward
@@ -102,34 +85,14 @@ class Trainer:
         self.prompt_order = PromptOrder(self.train_examples, cfg.prompts_per_step, cfg.seed)
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
-        state = None
-        loading = time.perf_counter()
-        say(f"loading model {cfg.model} ...")
-        if resume:
-            self.checkpoint, (self.model, self.tokenizer, state), skipped = checkpoint.load_latest(
-                self.run_dir,
-                lambda d: setup.checkpoint_model(d, cfg, self.runtime),
-                lambda d: models.load_tokenizer(d, cfg.trust_remote_code),
-            )
-            for reason in skipped:
-                say(f"warning: {reason}; falling back to an older checkpoint")
-        else:
-            self.checkpoint = None
-            self.model, self.tokenizer, self.initial_model = setup.fresh_model(cfg, self.runtime)
-        say(f"loaded model {cfg.model} in {time.perf_counter() - loading:.1f}s")
-        if cfg.chat_template and not getattr(self.tokenizer, "chat_template", None):
-            say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
+        self.checkpoint, self.model, self.tokenizer, self.initial_model, state = setup.load_start(
+            cfg, self.runtime, resume
+        )
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
         # model itself: the loss computes the log-probs of these logits, never those of a plain linear head.
         self.head = heads.logit_head(inner, cfg.loss_backend)
-        # How this run forms log-probs from the lm_head output: grao_kernels keyword arguments and LossBatch fields.
-        self.logit_transform = dict(
-            logit_scale=self.head.logit_scale,
-            softcap=self.head.softcap,
-            temperature=self.logprob_temperature,
-            ignore_index=IGNORE_INDEX,
-        )
+        self.logit_transform = setup.logit_transform(self.head, self.logprob_temperature)
         self.loss = (
             loss if loss is not None else losses.from_config(cfg, hidden_size=heads.output_head(inner)[0].shape[1])
         )
@@ -137,58 +100,29 @@ class Trainer:
         module_loss = self.loss if isinstance(self.loss, torch.nn.Module) else None
         if module_loss is not None:
             module_loss.to(self.runtime.device)
-            if state is not None:  # before sharding: the checkpoint holds its whole state, whoever saved it
-                self._restore_loss(state)
+            if state is not None:
+                trainer_state.restore_loss(module_loss, state, self.checkpoint)
         # the prompt tokens that fit the model's context next to max_new_tokens; the step's memory bound
         self.max_prompt_tokens, self.prompts_cut = setup.check_data_fits(
             cfg, inner, self.tokenizer, self.train_examples + self.eval_examples, self.runtime.device
         )
-        # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL): loaded afresh from the
-        # config, so a resumed run gets the same one.
+        # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL).
         self.reference_model = self.reference = None
         if getattr(self.loss, "needs_reference_model", False):
-            self.reference_model = setup.frozen_start(cfg, self.runtime)
-            self.reference = Policy(self.reference_model, runtime=self.runtime, logit_transform=self.logit_transform)
-        if sharded and self.reference is not None:  # frozen: sharded like the policy, forward only
-            distributed.shard(self.reference, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
-        self.moe = models.moe_info(inner)
-        self.aux_coef = models.aux_loss_coef(inner, cfg.router_aux_loss_coef)
-        self.router_scoring = models.router_scoring(inner)
-        self.router_biases = []  # updated after each step by auxiliary-loss-free balancing
-        if cfg.router_bias_update_rate > 0:
-            try:
-                self.router_biases = models.correction_biases(inner)
-            except models.ModelError as exc:
-                raise ConfigError(f"'router_bias_update_rate' is {cfg.router_bias_update_rate}: {exc}") from None
-        if cfg.gradient_checkpointing:
-            models.enable_activation_checkpointing(inner)
-        self.model.config.use_cache = True  # for generate; the training forward passes use_cache=False
-        self.policy = Policy(  # the loss, generate and evaluation run in its named forward methods
-            self.model,
-            module_loss,
-            runtime=self.runtime,
-            logit_transform=self.logit_transform,
-            moe=self.moe,
-            aux_coef=self.aux_coef,
-            router_scoring=self.router_scoring,
-        )
-        self.sharding = None
-        if sharded:
-            self.sharding = distributed.Sharding(
-                self.policy, self.world, self.runtime.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype
+            self.reference_model, self.reference = setup.reference_policy(
+                cfg, self.runtime, self.logit_transform, sharded
             )
+        self.router_biases = setup.router_biases(cfg, inner)  # updated after each step by loss-free balancing
+        self.policy, self.sharding = setup.policy(  # the loss, generate and evaluation run in its named methods
+            cfg, self.model, module_loss, self.runtime, self.logit_transform, self.world, sharded
+        )
+        self.moe, self.aux_coef, self.router_scoring = self.policy.moe, self.policy.aux_coef, self.policy.router_scoring
 
         # LoRA: the adapters only; the policy's parameter order (the model's, then the loss's) names the optimizer's.
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.trainable = trainable
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.trainable_params, self.total_params = models.parameter_counts(self.policy)  # ppo: its value head too
-        lora = f"; LoRA rank {cfg.lora_rank} on {cfg.lora_target_modules}, base frozen" if cfg.lora_rank else ""
-        say(
-            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
-            f"({100 * self.trainable_params / max(1, self.total_params):.2f}%){lora}"
-        )
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        setup.report_parameters(cfg, self.trainable_params, self.total_params)
+        self.optimizer, self.scheduler = update.optimizer_and_schedule(self.trainable, cfg)
         if self.sharding is not None:
             self.sharding.optimizer = self.optimizer
         self.step = 0
@@ -197,7 +131,10 @@ class Trainer:
         self.last_eval: float | None = None
         self.stopped_by: str | None = None  # the signal (or request_stop) that ends the run early
         if state is not None:
-            self._restore(state)
+            self.step, self.baseline_eval = trainer_state.restore(
+                state, self.policy, self.optimizer, self.scheduler, self.checkpoint, self.sharding is not None
+            )
+            self.saved_step = self.step
         self.world.barrier()  # every rank has checked the run directory before rank 0 writes to it
 
     # ------------------------------------------------------------------ the loop
@@ -220,20 +157,7 @@ class Trainer:
             try:
                 self._start_run()
                 if self.step == 0:  # the starting model: the baseline of eval/nag
-                    started = time.perf_counter()
-                    say(f"evaluating the starting model on {len(self.eval_examples)} prompts ...")
-                    start_eval = self.evaluate()
-                    say(
-                        f"starting model: reward {start_eval['eval/reward']:.3f} ({time.perf_counter() - started:.1f}s)"
-                    )
-                    self.log(
-                        {
-                            **start_eval,
-                            "params/trainable": self.trainable_params,
-                            "params/total": self.total_params,
-                            "data/prompts_cut": self.prompts_cut,
-                        }
-                    )
+                    self._evaluate_start()
                 while self.step < cfg.steps and not self._stop_agreed():
                     step = self.step + 1
                     metrics = self.train_step(step)
@@ -254,7 +178,8 @@ class Trainer:
                 self._save_progress()  # keep the steps done; the error names the reward and its bad value
                 raise
             except output_errors.OutputError as exc:  # metrics could not be written: keep the steps done first
-                raise output_errors.OutputError(f"{exc}; {self._save_after_error()}") from exc.__cause__
+                after = trainer_state.save_after_error(self.run_dir, self.sharding is not None, self._save_progress)
+                raise output_errors.OutputError(f"{exc}; {after}") from exc.__cause__
             finally:
                 bar.close()
                 self._plot()
@@ -364,20 +289,15 @@ class Trainer:
     def micro_batches(self, rollout: Rollout, old=None, reference=None) -> list[MicroBatch]:
         """This rank's micro-batches of ``micro_batch_prompts`` prompt groups, each with its ``old`` snapshot and
         ``reference`` log-probs (lists with one entry per micro-batch, or None), numbered in the whole step."""
-        token_counts = self.world.gather_rows(torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]))
-        first = self.world.rank * (token_counts.shape[0] // self.world.size)
-        batches = micro_batches(
-            rollout, self.cfg.micro_batch_prompts, self.tokenizer.pad_token_id, self.runtime.device, token_counts, first
+        return update.rank_micro_batches(
+            rollout,
+            self.world,
+            self.cfg.micro_batch_prompts,
+            self.tokenizer.pad_token_id,
+            self.runtime.device,
+            old,
+            reference,
         )
-        for name, per_batch in (("old", old), ("reference", reference)):
-            if per_batch is not None and len(per_batch) != len(batches):
-                raise ValueError(
-                    f"{name} holds {len(per_batch)} entries for the rollout's {len(batches)} micro-batches"
-                )
-        return [
-            mb.with_passes(None if old is None else old[k], None if reference is None else reference[k])
-            for k, mb in enumerate(batches)
-        ]
 
     def optimizer_step(self) -> dict:
         """Clip the gradient norm, take the AdamW step, advance the schedule; returns grad_norm and the lr used."""
@@ -417,6 +337,21 @@ class Trainer:
             **{f"eval/{k}": v for k, v in judged.items()},
         }
 
+    def _evaluate_start(self) -> None:
+        """Evaluate and log the starting model (the baseline of eval/nag), with the run's parameter counts."""
+        started = time.perf_counter()
+        say(f"evaluating the starting model on {len(self.eval_examples)} prompts ...")
+        start_eval = self.evaluate()
+        say(f"starting model: reward {start_eval['eval/reward']:.3f} ({time.perf_counter() - started:.1f}s)")
+        self.log(
+            {
+                **start_eval,
+                "params/trainable": self.trainable_params,
+                "params/total": self.total_params,
+                "data/prompts_cut": self.prompts_cut,
+            }
+        )
+
     def log(self, line: dict) -> None:
         if self.world.main:
             try:
@@ -439,90 +374,48 @@ class Trainer:
     # ------------------------------------------------------------------ run directory and checkpoints
 
     def _start_run(self) -> None:
-        """A new run writes its config (after deleting an earlier run's files with ``overwrite``) and, for the demo,
-        its random starting model (``initial/``, what ``grao eval`` measures NAG against). A resumed run drops the
-        lines logged after its checkpoint and records the (resume-safe) settings it continues with."""
+        """Rank 0 starts the run directory (:func:`grao.train.run_dir.start`): the config and, for the demo's new
+        run, its random starting model; a resumed run's metrics cut back to its checkpoint."""
         initial = self.checkpoint is None and self.cfg.model == models.TINY_MOE and self.initial_model is not None
         # A sharded model's starting weights, gathered by every rank for rank 0 to write (under LoRA initial_model is
         # the plain copy taken before the adapters were added, never sharded).
         gather = initial and self.sharding is not None and self.initial_model is self.model
         weights = self.sharding.full_model_state() if gather else None
-        if self.world.main and self.checkpoint is None:
-            if self.overwrite:
-                run_dir.clear(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            run_dir.record(self.run_dir, run_dir.CONFIG)
-            config.write(self.cfg, self.run_dir / run_dir.CONFIG)
-            if initial:
-                run_dir.record(self.run_dir, run_dir.INITIAL)
-                checkpoint.save_pretrained(
-                    self.run_dir / run_dir.INITIAL, self.initial_model, self.tokenizer, state_dict=weights
-                )
-        elif self.world.main:
-            note = run_dir.cut_metrics(self.run_dir, self.step)
-            if note:
-                say(f"warning: {note}")
-            config.write(self.cfg, self.run_dir / run_dir.CONFIG)
+        if self.world.main:
+            run_dir.start(
+                self.run_dir,
+                self.cfg,
+                overwrite=self.overwrite,
+                resumed_at=None if self.checkpoint is None else self.step,
+                initial=self.initial_model if initial else None,
+                tokenizer=self.tokenizer,
+                weights=weights,
+            )
         self.initial_model = None  # saved once (a later train() call must not save a trained model as the start)
         self.world.barrier()
 
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-NNNNNN``; a failed save raises CheckpointError and leaves the previous checkpoint."""
-        state = {
-            "step": self.step,
-            **({"optimizer": self.optimizer.state_dict()} if self.sharding is None else {}),  # sharded: in DCP
-            "scheduler": self.scheduler.state_dict(),
-            "rng": safe_state.rng_state(),
-            "baseline_eval": self.baseline_eval,
-            "config": config.to_dict(self.cfg),
-        }
-        if isinstance(self.loss, torch.nn.Module):  # sharded: gathered, as one process has it
-            state["loss"] = self.loss.state_dict() if self.sharding is None else self.sharding.full_state("loss")
-        if self.world.main:
-            run_dir.record(self.run_dir, checkpoint.CHECKPOINTS)
-        try:
-            save = checkpoint.save if self.sharding is None else self.sharding.save_checkpoint
-            path = save(self.run_dir, self.step, self.model, self.tokenizer, state, self.cfg.keep_checkpoints)
-        except checkpoint.CheckpointError as exc:
-            previous, _ = checkpoint.latest_intact(self.run_dir)
-            kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
-            raise checkpoint.CheckpointError(f"{exc}; {kept}") from exc.__cause__
+        state = trainer_state.collect(
+            self.step, self.optimizer, self.scheduler, self.baseline_eval, self.cfg, self.loss, self.sharding
+        )
+        path = trainer_state.save(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.tokenizer,
+            state,
+            self.cfg.keep_checkpoints,
+            self.sharding,
+            self.world.main,
+        )
         self.saved_step = self.step
         return path
-
-    def _save_after_error(self) -> str:
-        """Try to checkpoint the steps done after a failed write; what became of them, for the error message."""
-        if self.sharding is not None:  # a checkpoint is collective and the other ranks did not fail
-            return "no checkpoint attempted in a sharded run; the newest earlier checkpoint remains"
-        try:
-            self._save_progress()
-        except checkpoint.CheckpointError as exc:
-            return f"saving a checkpoint failed too ({exc})"
-        ckpt = checkpoint.latest(self.run_dir)
-        return f"the steps done are in {ckpt}" if ckpt is not None else "no step was done; nothing to save"
 
     def _save_progress(self) -> None:
         """A checkpoint of the steps done unless the last one saved holds them (or none was done)."""
         if self.step > 0 and self.saved_step != self.step:
             self.save_checkpoint()
-
-    def _restore_loss(self, state: dict) -> None:
-        if "loss" not in state:
-            raise checkpoint.CheckpointError(
-                f"{self.checkpoint / checkpoint.STATE_FILE} holds no state of the {type(self.loss).__name__} loss "
-                "(its parameters were not saved): the run cannot be resumed exactly"
-            )
-        self.loss.load_state_dict(state["loss"])
-
-    def _restore(self, state: dict) -> None:
-        if self.sharding is None and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        else:  # a sharded run's, or one process's checkpoint resumed sharded
-            distributed.restore(self.policy, self.optimizer, self.checkpoint, state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        safe_state.restore_rng(state["rng"])
-        self.step = self.saved_step = int(state["step"])
-        self.baseline_eval = state["baseline_eval"]
 
     # ------------------------------------------------------------------ stopping early
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import models
 from . import distributed
-from .batch import MicroBatch
+from .batch import MicroBatch, micro_batches
 from .policy import Policy
 
 
@@ -38,6 +38,12 @@ def lr_lambda(cfg) -> Callable[[int], float]:
     return f
 
 
+def optimizer_and_schedule(trainable: list[torch.Tensor], cfg) -> tuple:
+    """(AdamW over ``trainable``, its :func:`lr_lambda` schedule) with the config's learning rate and weight decay."""
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
 def mean_over_iterations(lines: list[dict]) -> dict:
     """One metrics line for a step's optimizer steps: each number's mean (a list's, element-wise), tokens summed."""
     out = {}
@@ -53,6 +59,21 @@ def mean_over_iterations(lines: list[dict]) -> dict:
 
 
 @torch.no_grad()
+def rank_micro_batches(rollout, world, size: int, pad_id: int, device, old=None, reference=None) -> list[MicroBatch]:
+    """This rank's micro-batches of ``size`` prompt groups of ``rollout``, each with its ``old`` snapshot and
+    ``reference`` log-probs (lists with one entry per micro-batch, or None), numbered in the whole step."""
+    token_counts = world.gather_rows(torch.tensor([[len(c) for c in g] for g in rollout.completion_ids]))
+    first = world.rank * (token_counts.shape[0] // world.size)
+    batches = micro_batches(rollout, size, pad_id, device, token_counts, first)
+    for name, per_batch in (("old", old), ("reference", reference)):
+        if per_batch is not None and len(per_batch) != len(batches):
+            raise ValueError(f"{name} holds {len(per_batch)} entries for the rollout's {len(batches)} micro-batches")
+    return [
+        mb.with_passes(None if old is None else old[k], None if reference is None else reference[k])
+        for k, mb in enumerate(batches)
+    ]
+
+
 def reference_logps(reference: Policy, batches: list[MicroBatch], backend: str, sharded: bool) -> list[torch.Tensor]:
     """The frozen ``reference`` policy's (S, T) token log-probs of each micro-batch (``LossBatch.reference_logp``)."""
     logps = [reference.token_logprobs(mb, backend) for mb in batches]

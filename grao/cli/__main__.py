@@ -1,0 +1,7 @@
+"""``python -m grao.cli``: the ``grao`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""``grao compare``: methods x seeds (x a beta/lambda grid), each a ``grao train`` run, and their report."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from .. import config as config_mod
+from ..log import say
+
+
+def run(args) -> int:
+    """``grao compare`` with the parsed ``args``: trains the unfinished runs, then writes the report; its exit status."""
+    from ..tools import compare
+
+    overrides = config_mod.from_arguments(args)
+    # the shared settings: the defaults without a progress bar per run (compare prints one line per run)
+    base = config_mod.load(args.config, overrides, base=config_mod.TrainConfig(progress=False))
+    methods = compare.parse_methods(args.methods)
+    betas, lams = compare.parse_values(args.betas, "--beta"), compare.parse_values(args.lams, "--lam")
+    runs = compare.plan(base, methods, args.seeds, args.compare_dir, betas, lams)
+    Path(args.compare_dir).mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["grao", "compare", *args.argv])
+    try:
+        summary = compare.compare(runs, args.compare_dir, command, say=say)
+    except compare.CompareStopped as exc:
+        say(f"{exc}; that run saved a checkpoint. Continue with the same command: {command}")
+        return 128 + exc.signum
+    except compare.RunFailed as exc:
+        say(f"error: {exc}; the finished runs are kept, and the same command continues after a fix")
+        return exc.rc
+    print(json.dumps({label: entry["reward"]["mean"] for label, entry in summary.items()}))
+    say(f"done; compare.md, compare.json and the plots in {args.compare_dir}")
+    return 0
