@@ -4,7 +4,7 @@ The harness itself lives in ``benchmarks/measure/``, one module per job (see its
 shapes and inputs, methods (ours and the peers), the float64 oracle, the memory probe, the gate, the GEMM floor,
 ``compare`` and the pytest-benchmark cases. Front ends (``benchmarks/test_bench_*.py``, ``benchmarks/gpu/check.py``,
 ``benchmarks/native_floor.py``, ``benchmarks/integrations_step.py``) ``import harness`` with ``benchmarks/`` on the
-path; ``tests/test_memory.py`` runs ``python benchmarks/harness.py probe N H V`` in a fresh process.
+path; ``tests/kernels/test_memory.py`` runs ``python benchmarks/harness.py probe N H V`` in a fresh process.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ __all__ = [
 
 
 def main(argv=None) -> int:
-    """``python benchmarks/harness.py probe N H V [...]``: one memory probe (tests/test_memory.py) as JSON."""
+    """``python benchmarks/harness.py probe N H V [...]``: one memory probe (tests/kernels/test_memory.py) as JSON."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Print one fresh-process memory probe as JSON.")

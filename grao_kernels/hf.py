@@ -45,7 +45,7 @@ class LogitHead:
 # Inkling divide the hidden states instead: the same for a bias-free head, which the probe checks), "multiply"
 # logits * value, "softcap" value * tanh(logits / value). An empty entry is a plain head whatever the config
 # holds (Gemma3ForConditionalGeneration never applies its text config's final_logit_softcapping; MPT keeps a
-# logit_scale field its forward never reads). tests/test_hf_heads.py checks every entry, and every causal-LM
+# logit_scale field its forward never reads). tests/kernels/test_hf_heads.py checks every entry, and every causal-LM
 # family of the installed transformers whose config has such a field, against the model's own forward.
 _SOFTCAP = (("final_logit_softcapping", "softcap"),)
 HEADS: dict[str, tuple[tuple[str, str], ...]] = {

@@ -7,7 +7,7 @@ fresh processes) -> ``gate`` (oracle gate, cached per shape) -> ``floor`` (the t
 
 Front ends: the pytest-benchmark suite (``benchmarks/test_bench_*.py``), the GPU check (``benchmarks/gpu/check.py``),
 the native floor script (``benchmarks/native_floor.py``), ``benchmarks/integrations_step.py`` and the memory test
-(``tests/test_memory.py``, through ``python benchmarks/harness.py probe``), all through ``benchmarks/harness.py``.
+(``tests/kernels/test_memory.py``, through ``python benchmarks/harness.py probe``), all through ``benchmarks/harness.py``.
 ``benchmarks/render.py`` turns their results into Markdown and plots.
 
 FLOP counts (N tokens, V vocabulary entries, H hidden size; one multiply-add = 2 FLOPs): the logits ``Z = h W^T``,

@@ -56,7 +56,7 @@ def plan_blocks(V: int, H: int, low_precision: bool, budget: int, buffers: int =
     # 10% + 4 MiB (at least a quarter of the budget) stay free for the O(N)
     # vectors (coefficients, log-probs, row indices) and the BLAS scratch: the
     # GEMMs pack panels of their tile operands, a few MB that does not shrink
-    # with the tiles (tests/test_memory.py holds an 8 MiB budget to its bound).
+    # with the tiles (tests/kernels/test_memory.py holds an 8 MiB budget to its bound).
     budget = max(int(0.9 * budget) - 4 * 2**20, budget // 4)
     per_elem = 4 * buffers + 2
     w_bytes = 4 * H * V if low_precision else 0

@@ -27,7 +27,7 @@ pytest.importorskip("transformers")
 
 from grao import cli  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 FAST = (
     *("--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3"),
     *("--demo-train-size", "16", "--eval-size", "2", "--eval-every", "1000", "--save-every", "1"),

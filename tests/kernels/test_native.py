@@ -24,7 +24,7 @@ from grao_kernels.backends import native_backend
 from grao_kernels.settings import settings
 from grao_kernels.testing import reference_logprobs, reference_lse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

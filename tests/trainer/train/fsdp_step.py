@@ -1,6 +1,6 @@
-"""One trainer update on a fixed rollout, run by each of the processes torchrun starts (tests/test_distributed.py).
+"""One trainer update on a fixed rollout, run by each of the processes torchrun starts (tests/trainer/train/test_distributed.py).
 
-``python -m torch.distributed.run --standalone --nproc-per-node K tests/fsdp_step.py OUT RUN_DIR MODEL [METHOD
+``python -m torch.distributed.run --standalone --nproc-per-node K tests/trainer/train/fsdp_step.py OUT RUN_DIR MODEL [METHOD
 [LORA_RANK]]``: every rank updates on its block of the rollout's prompt groups; rank 0 writes the step's metrics and
 the whole model's gradients and updated parameters (gathered from the shards) to OUT. :func:`one_step` is the same
 in one process.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: utils
 
 from utils import small  # noqa: E402
 

@@ -340,7 +340,7 @@ def test_target_outside_the_vocabulary_reads_nothing_and_gives_nan(mode):
     are right and the backward returns. The kernels never load a target's logit or bias outside their tensors (a
     subprocess, because an unmasked load there is a segmentation fault under the interpreter)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     res = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", _OUT_OF_VOCAB.format(mode=mode)],
         env=env, cwd=root, capture_output=True, text=True, timeout=300,
@@ -784,7 +784,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_value_error():
 def _compile_check(*args, timeout):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-W", "ignore", "-m", "grao_kernels.triton_kernels.compile_check", *args]
-    root = os.path.join(os.path.dirname(__file__), "..")  # -m imports this tree's grao_kernels
+    root = os.path.join(os.path.dirname(__file__), "..", "..")  # -m imports this tree's grao_kernels
     return subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
@@ -843,7 +843,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run of the GPU check")
 def test_gpu_check_script_dry_run(tmp_path):
     """benchmarks/gpu/check.py --smoke: the whole script at tiny sizes under the interpreter."""
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu", "check.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu", "check.py")
     cmd = [sys.executable, "-W", "ignore", script, str(tmp_path), "--smoke"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

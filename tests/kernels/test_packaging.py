@@ -28,7 +28,7 @@ from utils import FP32_VALUES, assert_close, assert_grads_close
 from grao_kernels.backends import native_backend
 from grao_kernels.testing import reference_logprobs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NATIVE_FILES = native_backend._SOURCES + native_backend._HEADERS
 COMPILING = "compiling the native CPU backend"
 # What a source distribution leaves out: VCS, environments, build outputs, run artefacts.

@@ -17,7 +17,7 @@ from grao import cli, config
 from grao.tools import plan
 from grao_kernels.testing import peak_meter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PAPER = ROOT / "configs" / "paper_hh_qwen2.5-7b.yaml"
 # A dense Llama large enough that its step memory stands well above the process's allocator noise.
 LLAMA = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

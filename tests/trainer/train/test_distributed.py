@@ -32,12 +32,16 @@ def no_process_group_after():
     distributed.shutdown()
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def run_two(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     """``args`` (a module or script and its arguments) in 2 processes under torchrun, one thread each."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "trainer" / "train")]),
+        OMP_NUM_THREADS="1",
+    )
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -63,7 +67,7 @@ def test_two_processes_take_the_one_process_step_on_a_fixed_rollout(tmp_path, fa
     else:
         model = "tiny-moe"
     args = [str(tmp_path / "two.pt"), str(tmp_path / "two"), model, method, str(lora_rank)]
-    run_two([str(ROOT / "tests" / "fsdp_step.py"), *args])
+    run_two([str(ROOT / "tests" / "trainer" / "train" / "fsdp_step.py"), *args])
     two = torch.load(tmp_path / "two.pt", weights_only=False)
     one = one_step(Trainer(step_config(tmp_path / "one", model, method, lora_rank)))
 

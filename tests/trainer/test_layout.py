@@ -6,7 +6,7 @@ import ast
 import importlib
 import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent / "grao"
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "grao"
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 
 from grao import cli  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A couple of seconds of the demo: 2 prompts x 2 samples, 2 steps, a checkpoint and an evaluation after each.
 FAST = (
     *("--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3"),

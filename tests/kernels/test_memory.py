@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-PROBE = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "harness.py")
+PROBE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "benchmarks", "harness.py")
 MiB = 2**20
 # grao_loss, or fused_linear_logprobs(return_entropy=True) with a loss of the log-probs and the entropy
 CALLS = [pytest.param((), id="grao_loss"), pytest.param(("--entropy",), id="logprobs+entropy")]
