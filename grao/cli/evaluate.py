@@ -35,7 +35,7 @@ def run(args) -> int:
         raise config_mod.ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.output:  # before the evaluation, not after it
         output_errors.check_file_writable(args.output, "--output")
-    run = Path(args.run or _run_of(args.model) or config_mod.TrainConfig.output_dir)
+    run = Path(args.run or _run_of(args.model) or config_mod.TrainConfig().output_dir)
     saved = run / CONFIG
     if not saved.is_file() and (args.model is None or args.data is None):
         raise config_mod.ConfigError(f"{run} is not a run directory (no config.yaml): give --model and --data")

@@ -1,35 +1,29 @@
-"""The trainer's configuration: one dataclass of keys with their defaults, help and ranges, validated once,
-read from YAML/TOML and overridden by the ``grao train`` flags generated from it."""
+"""The trainer's configuration: sections of keys with their defaults, help, ranges and choices, validated once,
+read from YAML/TOML and overridden by the ``grao train`` flags generated from them."""
 
+from .fields import ConfigError
+from .files import RenamedKeyWarning, load, read_file, update, write
+from .flags import add_arguments, from_arguments
+from .sections import SECTIONS
 from .train_config import (
-    CHOICES,
     FIELDS,
+    FLAT,
     MODEL_DEFAULTS,
-    NON_NEGATIVE,
-    POSITIVE,
-    RANGES,
-    ConfigError,
     TrainConfig,
-    add_arguments,
-    from_arguments,
-    load,
     lora_targets,
-    read_file,
     resume_conflicts,
     to_dict,
-    update,
+    to_nested,
     validate,
-    write,
 )
 
 __all__ = [
-    "CHOICES",
     "ConfigError",
     "FIELDS",
+    "FLAT",
     "MODEL_DEFAULTS",
-    "NON_NEGATIVE",
-    "POSITIVE",
-    "RANGES",
+    "RenamedKeyWarning",
+    "SECTIONS",
     "TrainConfig",
     "add_arguments",
     "from_arguments",
@@ -38,6 +32,7 @@ __all__ = [
     "read_file",
     "resume_conflicts",
     "to_dict",
+    "to_nested",
     "update",
     "validate",
     "write",

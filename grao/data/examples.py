@@ -137,7 +137,7 @@ def rejected_source(choice: str, examples: list[Example]) -> str:
     if choice == "data":
         where = examples[missing].where or f"example {missing}"
         raise ConfigError(
-            f"'dpo_rejected' is data but {where} has no 'rejected' answer ({sum(ex.rejected is None for ex in examples)} "
+            f"'dpo.rejected' is data but {where} has no 'rejected' answer ({sum(ex.rejected is None for ex in examples)} "
             f"of {len(examples)} training examples lack one); use sampled or auto, or add 'rejected' to every line"
         )
     return "sampled"

@@ -13,17 +13,17 @@ def load_examples(cfg) -> tuple[list[Example], list[Example]]:
     last ``eval_size`` examples of the data file (removed from training).
     """
     held_out = None
-    if cfg.data == "demo":
-        train, held_out = demo_task.make_splits(cfg.demo_train_size, cfg.eval_size, cfg.seed)
+    if cfg.dataset.data == "demo":
+        train, held_out = demo_task.make_splits(cfg.dataset.demo_train_size, cfg.evaluation.size, cfg.run.seed)
     else:
-        train = load_jsonl(cfg.data)
-    if cfg.eval_data == "demo":
-        held_out = demo_task.make_splits(0, cfg.eval_size, cfg.seed)[1]
-    elif cfg.eval_data is not None:
-        held_out = load_jsonl(cfg.eval_data)[: cfg.eval_size]
+        train = load_jsonl(cfg.dataset.data)
+    if cfg.evaluation.data == "demo":
+        held_out = demo_task.make_splits(0, cfg.evaluation.size, cfg.run.seed)[1]
+    elif cfg.evaluation.data is not None:
+        held_out = load_jsonl(cfg.evaluation.data)[: cfg.evaluation.size]
     elif held_out is None:
         if len(train) < 2:
-            raise DataError(f"{cfg.data} has {len(train)} example(s): too few to hold some out")
-        k = min(cfg.eval_size, len(train) // 2)
+            raise DataError(f"{cfg.dataset.data} has {len(train)} example(s): too few to hold some out")
+        k = min(cfg.evaluation.size, len(train) // 2)
         train, held_out = train[:-k], train[-k:]
     return train, held_out

@@ -128,9 +128,9 @@ def read_template(path: str | Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"'judge_template': cannot read {str(path)!r} ({exc})") from None
+        raise ConfigError(f"'judge.template': cannot read {str(path)!r} ({exc})") from None
     try:
-        return check_template(text, f"'judge_template' {str(path)!r}")
+        return check_template(text, f"'judge.template' {str(path)!r}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -168,9 +168,9 @@ def resolve(
 def judge_options(cfg) -> dict:
     """The keyword arguments of :func:`resolve` a TrainConfig's ``judge_*`` keys give."""
     return dict(
-        judge_template=cfg.judge_template,
-        judge_max_new_tokens=cfg.judge_max_new_tokens,
-        judge_batch_size=cfg.judge_batch_size,
+        judge_template=cfg.judge.template,
+        judge_max_new_tokens=cfg.judge.max_new_tokens,
+        judge_batch_size=cfg.judge.batch_size,
     )
 
 

@@ -44,42 +44,44 @@ def _ppo(cfg, hidden_size: int | None) -> PPO:
         raise ValueError("method 'ppo' builds a value head on the backbone: from_config needs its hidden_size")
     return PPO(
         hidden_size,
-        kl_coef=cfg.ppo_kl_coef,
-        gamma=cfg.ppo_gamma,
-        lam=cfg.ppo_gae_lambda,
-        clip_epsilon=cfg.clip_epsilon,
-        vf_clip=cfg.ppo_vf_clip,
-        vf_coef=cfg.ppo_vf_coef,
-        seed=cfg.seed,
-        backend=cfg.loss_backend,
+        kl_coef=cfg.ppo.kl_coef,
+        gamma=cfg.ppo.gamma,
+        lam=cfg.ppo.gae_lambda,
+        clip_epsilon=cfg.objective.clip_epsilon,
+        vf_clip=cfg.ppo.vf_clip,
+        vf_coef=cfg.ppo.vf_coef,
+        seed=cfg.run.seed,
+        backend=cfg.objective.loss_backend,
     )
 
 
 # method -> the loss of a config (``cfg``, ``hidden_size`` of the backbone for a loss with a head of its own).
 REGISTRY: dict[str, Callable] = {
-    "grao": lambda cfg, _: GRAO(cfg.beta, cfg.lam, cfg.loss_backend),
-    "grao-no-exploration": lambda cfg, _: GRAO(cfg.beta, cfg.lam, cfg.loss_backend, exploration=0.0),
-    "grao-no-imitation": lambda cfg, _: GRAO(0.0, cfg.lam, cfg.loss_backend),
-    "grao-no-alignment": lambda cfg, _: GRAO(cfg.beta, 0.0, cfg.loss_backend),
-    "sft": lambda cfg, _: SFT(cfg.loss_backend),
-    "grpo": lambda cfg, _: GRPO(
-        cfg.grpo_loss_type,
-        max_completion_length=cfg.max_new_tokens,
-        kl_beta=cfg.grpo_kl_beta,
-        clip_epsilon=cfg.clip_epsilon,
-        clip_epsilon_high=cfg.clip_epsilon_high,
-        backend=cfg.loss_backend,
+    "grao": lambda cfg, _: GRAO(cfg.grao.beta, cfg.grao.lam, cfg.objective.loss_backend),
+    "grao-no-exploration": lambda cfg, _: GRAO(
+        cfg.grao.beta, cfg.grao.lam, cfg.objective.loss_backend, exploration=0.0
     ),
-    "dpo": lambda cfg, _: DPO(cfg.dpo_beta, backend=cfg.loss_backend),
+    "grao-no-imitation": lambda cfg, _: GRAO(0.0, cfg.grao.lam, cfg.objective.loss_backend),
+    "grao-no-alignment": lambda cfg, _: GRAO(cfg.grao.beta, 0.0, cfg.objective.loss_backend),
+    "sft": lambda cfg, _: SFT(cfg.objective.loss_backend),
+    "grpo": lambda cfg, _: GRPO(
+        cfg.grpo.loss_type,
+        max_completion_length=cfg.rollout.max_new_tokens,
+        kl_beta=cfg.grpo.kl_beta,
+        clip_epsilon=cfg.objective.clip_epsilon,
+        clip_epsilon_high=cfg.objective.clip_epsilon_high,
+        backend=cfg.objective.loss_backend,
+    ),
+    "dpo": lambda cfg, _: DPO(cfg.dpo.beta, backend=cfg.objective.loss_backend),
     "ppo": _ppo,
 }
 METHODS = tuple(REGISTRY)
 
 
 def from_config(cfg, *, hidden_size: int | None = None):
-    """The loss of ``cfg.method`` with the config's weights, backend and (for grpo) aggregation; ``ppo``'s value
-    head needs the backbone's ``hidden_size``."""
-    build = REGISTRY.get(cfg.method)
+    """The loss of ``cfg.objective.method`` with the config's weights, backend and (for grpo) aggregation; ``ppo``'s
+    value head needs the backbone's ``hidden_size``."""
+    build = REGISTRY.get(cfg.objective.method)
     if build is None:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {cfg.objective.method!r}")
     return build(cfg, hidden_size)

@@ -107,7 +107,7 @@ def _machine(load_at_start: str | None) -> str:
 
 def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, machine: str) -> str:
     cfg = runs[0].cfg
-    default_steps = TrainConfig.steps
+    default_steps = TrainConfig().run.steps
     steps = f"{cfg.steps} steps per run" + (
         " (the trainer's default)" if cfg.steps == default_steps else f" (the trainer's default is {default_steps})"
     )

@@ -317,7 +317,7 @@ def resolve_model(model: str) -> tuple[str, str | None]:
 
 
 def needs_reference_model(cfg) -> bool:
-    """Whether ``cfg.method``'s loss keeps a frozen reference model (its own ``needs_reference_model``; the
+    """Whether ``cfg.objective.method``'s loss keeps a frozen reference model (its own ``needs_reference_model``; the
     hidden size only sizes ppo's value head, which the answer does not depend on)."""
     from ..losses import from_config
 
@@ -330,19 +330,19 @@ def settings_from_config(cfg, devices: int, memory_gb: float, **overrides) -> Se
     s = Settings(
         devices=devices,
         memory_gb=memory_gb,
-        prompts_per_step=cfg.prompts_per_step,
-        micro_batch_prompts=cfg.micro_batch_prompts,
-        group_size=cfg.group_size,
-        seq_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-        compute_dtype="fp32" if cfg.precision == "fp32" else "bf16",
-        lora_rank=cfg.lora_rank,
-        lora_base_dtype="fp32" if cfg.lora_base_dtype == "fp32" else "bf16",
+        prompts_per_step=cfg.rollout.prompts_per_step,
+        micro_batch_prompts=cfg.runtime.micro_batch_prompts,
+        group_size=cfg.rollout.group_size,
+        seq_len=cfg.dataset.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        compute_dtype="fp32" if cfg.runtime.precision == "fp32" else "bf16",
+        lora_rank=cfg.lora.rank,
+        lora_base_dtype="fp32" if cfg.lora.base_dtype == "fp32" else "bf16",
         fsdp=devices,
         fsdp_param_dtype=getattr(cfg, "fsdp_param_dtype", "fp32"),
         cpu_offload=getattr(cfg, "fsdp_cpu_offload", False),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.runtime.gradient_checkpointing,
         reference_model=needs_reference_model(cfg),
-        loss_backend="triton" if cfg.loss_backend == "auto" else cfg.loss_backend,
+        loss_backend="triton" if cfg.objective.loss_backend == "auto" else cfg.objective.loss_backend,
     )
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     for name in ("devices", "fsdp", "prompts_per_step", "group_size", "seq_len"):

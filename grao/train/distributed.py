@@ -162,9 +162,9 @@ def sharded(cfg) -> bool:
     """Whether the run shards its model: under torchrun (``WORLD_SIZE`` > 1) or with an fsdp_* memory option;
     ConfigError for settings a sharded run cannot use."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1 and not cfg.fsdp_cpu_offload and cfg.fsdp_param_dtype == "fp32":
+    if size == 1 and not cfg.fsdp.cpu_offload and cfg.fsdp.param_dtype == "fp32":
         return False
-    World(size=size).share(list(range(cfg.prompts_per_step)))
+    World(size=size).share(list(range(cfg.rollout.prompts_per_step)))
     return True
 
 

@@ -45,20 +45,20 @@ def sample_and_score(
     (G = 1) is the example's rejected answer, ended by eos like the reference. Prompts keep their last
     ``max_prompt_tokens`` tokens (what the model's context leaves, :func:`grao.data.context_limits.prompt_budget`).
     """
-    G = cfg.group_size
-    prompt_ids = [encode_prompt(tokenizer, ex.prompt, max_prompt_tokens, cfg.chat_template) for ex in examples]
+    G = cfg.rollout.group_size
+    prompt_ids = [encode_prompt(tokenizer, ex.prompt, max_prompt_tokens, cfg.dataset.chat_template) for ex in examples]
     if rejected == "data":
         G, texts = 1, [ex.rejected for ex in examples]
         sampled = [encode_reference(tokenizer, text) for text in texts]
     else:
-        torch.manual_seed(cfg.seed * 1_000_003 + step + 1_000_000_007 * rank)
+        torch.manual_seed(cfg.run.seed * 1_000_003 + step + 1_000_000_007 * rank)
         sampled = policy.generate(
             tokenizer,
             prompt_ids,
             num_return=G,
             sample=True,
-            temperature=cfg.temperature,
-            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            max_new_tokens=cfg.rollout.max_new_tokens,
         )
         texts = generation.decode(tokenizer, sampled)
     prompts, refs = [ex.prompt for ex in examples], [ex.reference for ex in examples]

@@ -21,9 +21,9 @@ BYTES_PER_TOKEN = 32  # int64 ids and targets, masks, float32 log-probs (samplin
 
 
 def step_bytes(cfg: TrainConfig, prompt_tokens: int, hidden_size: int) -> int:
-    seq = prompt_tokens + cfg.max_new_tokens
-    sequences = cfg.prompts_per_step * (cfg.group_size + 1)
-    micro = (cfg.micro_batch_prompts or cfg.prompts_per_step) * (cfg.group_size + 1)
+    seq = prompt_tokens + cfg.rollout.max_new_tokens
+    sequences = cfg.rollout.prompts_per_step * (cfg.rollout.group_size + 1)
+    micro = (cfg.runtime.micro_batch_prompts or cfg.rollout.prompts_per_step) * (cfg.rollout.group_size + 1)
     return sequences * seq * BYTES_PER_TOKEN + micro * seq * hidden_size * 4
 
 
@@ -40,8 +40,9 @@ def check(cfg: TrainConfig, prompt_tokens: int, hidden_size: int, device: torch.
     need, have = step_bytes(cfg, prompt_tokens, hidden_size), device_bytes(device)
     if need > have:
         raise ConfigError(
-            f"one step needs at least {need / 2**30:.3g} GiB (prompts_per_step={cfg.prompts_per_step}, "
-            f"group_size={cfg.group_size}, micro_batch_prompts={cfg.micro_batch_prompts}, {prompt_tokens} prompt + "
-            f"{cfg.max_new_tokens} new tokens per sequence), more than the {have / 2**30:.3g} GiB of {device}; "
+            f"one step needs at least {need / 2**30:.3g} GiB (prompts_per_step={cfg.rollout.prompts_per_step}, "
+            f"group_size={cfg.rollout.group_size}, micro_batch_prompts={cfg.runtime.micro_batch_prompts}, "
+            f"{prompt_tokens} prompt + {cfg.rollout.max_new_tokens} new tokens per sequence), more than the "
+            f"{have / 2**30:.3g} GiB of {device}; "
             f"lower these keys (or set {SKIP}=1 to skip this check)"
         )

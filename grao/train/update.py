@@ -23,16 +23,16 @@ def lr_lambda(cfg) -> Callable[[int], float]:
     num_iterations`` optimizer steps and the decay ends after ``steps *
     num_iterations``.
     """
-    n = cfg.num_iterations
-    warm, total, floor = cfg.warmup_steps * n, cfg.steps * n, cfg.min_lr_ratio
+    n = cfg.objective.num_iterations
+    warm, total, floor = cfg.optimizer.warmup_steps * n, cfg.run.steps * n, cfg.optimizer.min_lr_ratio
 
     def f(i: int) -> float:  # i = optimizer steps taken so far
         if i < warm:
             return (i + 1) / warm
-        if cfg.lr_schedule == "constant" or total <= warm:
+        if cfg.optimizer.lr_schedule == "constant" or total <= warm:
             return 1.0
         progress = min(1.0, (i - warm) / max(1, total - warm))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.optimizer.lr_schedule == "cosine" else 1 - progress
         return floor + (1 - floor) * decay
 
     return f

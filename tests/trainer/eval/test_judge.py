@@ -105,9 +105,9 @@ def test_judge_specs_resolve_and_name_what_is_wrong(tmp_path):
         rewards.resolve("judge:grao.eval.judges:nope")
     with pytest.raises(ConfigError, match="judge model directory .* does not exist"):
         rewards.resolve(f"judge-model:{tmp_path / 'missing'}")
-    with pytest.raises(ConfigError, match="'judge_template' is set but 'reward' is 'edit'"):
+    with pytest.raises(ConfigError, match="'judge.template' is set but 'reward' is 'edit'"):
         TrainConfig(reward="edit", judge_template="t.txt")
-    for key in ("judge_max_new_tokens", "judge_batch_size"):
+    for key in ("judge.max_new_tokens", "judge.batch_size"):
         with pytest.raises(ConfigError, match=f"'{key}' must be >= 1"):
             TrainConfig(**{key: 0})
 
@@ -174,9 +174,9 @@ def test_judge_templates_are_checked(tmp_path):
         ("{response} {reference", "is not a format template"),
     ]:
         custom.write_text(text)
-        with pytest.raises(ConfigError, match="^'judge_template' .*" + message.replace("{", r"\{")):
+        with pytest.raises(ConfigError, match="^'judge.template' .*" + message.replace("{", r"\{")):
             judges.read_template(custom)
-    with pytest.raises(ConfigError, match="'judge_template': cannot read"):
+    with pytest.raises(ConfigError, match="'judge.template': cannot read"):
         judges.read_template(tmp_path / "missing.txt")
 
 

@@ -72,12 +72,12 @@ def test_dpo_rejected_chooses_the_data_only_when_every_example_has_one(tmp_path)
     partial = load_jsonl(write_hh(tmp_path / "partial.jsonl", [hh_line("abc"), {"chosen": hh_line("dog")["chosen"]}]))
     assert [rejected_source(c, full) for c in ("auto", "data", "sampled")] == ["data", "data", "sampled"]
     assert [rejected_source(c, partial) for c in ("auto", "sampled")] == ["sampled", "sampled"]
-    with pytest.raises(ConfigError, match=r"'dpo_rejected' is data but .*partial.jsonl:2 has no 'rejected' answer"):
+    with pytest.raises(ConfigError, match=r"'dpo.rejected' is data but .*partial.jsonl:2 has no 'rejected' answer"):
         rejected_source("data", partial)
-    with pytest.raises(ConfigError, match="'dpo_rejected' must be one of auto, data, sampled"):
+    with pytest.raises(ConfigError, match="'dpo.rejected' must be one of auto, data, sampled"):
         TrainConfig(dpo_rejected="worst")
     assert config.resume_conflicts(TrainConfig(), TrainConfig(dpo_rejected="data")) == [
-        "dpo_rejected: 'auto' -> 'data'"
+        "dpo.rejected: 'auto' -> 'data'"
     ]
 
 

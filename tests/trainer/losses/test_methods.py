@@ -312,7 +312,7 @@ def test_grpo_needs_the_reference_and_sampling_log_probs_it_uses(batch):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("grpo_kl_beta", -0.5, r"'grpo_kl_beta' must be a finite number in \[0, 1000\]"),
+        ("grpo.kl_beta", -0.5, r"'grpo.kl_beta' must be a finite number in \[0, 1000\]"),
         ("num_iterations", 0, "'num_iterations' must be >= 1"),
         ("clip_epsilon", 0.0, r"'clip_epsilon' must be a finite number in \(0, 1\]"),
         ("clip_epsilon", 1.5, r"'clip_epsilon' must be a finite number in \(0, 1\]"),
@@ -337,14 +337,14 @@ def test_grpo_keys_reach_the_loss_and_resume_may_not_change_them():
         is None
     )
     for key, value in [
-        ("grpo_kl_beta", 0.1),
+        ("grpo.kl_beta", 0.1),
         ("num_iterations", 3),
         ("clip_epsilon", 0.3),
         ("clip_epsilon_high", 0.3),
         ("logprob_temperature", "sampling"),
     ]:
         assert config.resume_conflicts(TrainConfig(), TrainConfig(**{key: value})) == [
-            f"{key}: {getattr(TrainConfig(), key)!r} -> {value!r}"
+            f"{key}: {config.to_dict(TrainConfig())[key]!r} -> {value!r}"
         ]
 
 
@@ -362,11 +362,11 @@ def test_lr_schedule_counts_optimizer_steps():
 def test_method_is_a_validated_config_key_that_resume_may_not_change():
     with pytest.raises(ConfigError, match="'method' must be one of grao, grao-no-exploration"):
         TrainConfig(method="reinforce")
-    with pytest.raises(ConfigError, match="'grpo_loss_type' must be one of grpo, dr_grpo, dapo"):
+    with pytest.raises(ConfigError, match="'grpo.loss_type' must be one of grpo, dr_grpo, dapo"):
         TrainConfig(grpo_loss_type="bnpo")
     assert config.resume_conflicts(TrainConfig(), TrainConfig(method="sft")) == ["method: 'grao' -> 'sft'"]
     assert config.resume_conflicts(TrainConfig(), TrainConfig(grpo_loss_type="dapo")) == [
-        "grpo_loss_type: 'grpo' -> 'dapo'"
+        "grpo.loss_type: 'grpo' -> 'dapo'"
     ]
     cfg = TrainConfig(method="grao-no-imitation", beta=0.3, lam=0.2)
     loss = from_config(cfg)

@@ -208,7 +208,7 @@ def test_ppo_checks_its_inputs():
 
 
 def test_ppo_config_keys_are_validated_and_build_the_loss():
-    for key, value in [("ppo_gamma", 1.5), ("ppo_gae_lambda", -0.1), ("clip_epsilon", 0.0), ("ppo_vf_clip", 0.0)]:
+    for key, value in [("ppo.gamma", 1.5), ("ppo.gae_lambda", -0.1), ("clip_epsilon", 0.0), ("ppo.vf_clip", 0.0)]:
         with pytest.raises(ConfigError, match=f"'{key}' must be"):
             TrainConfig(**{key: value})
     cfg = TrainConfig(method="ppo", ppo_kl_coef=0.2, ppo_gamma=0.99, clip_epsilon=0.1, ppo_vf_coef=0.5, seed=4)

@@ -161,7 +161,7 @@ def test_resume_from_a_lora_checkpoint_matches_an_uninterrupted_run(tmp_path):
 def test_lora_targets_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         small(tmp_path, lora_rank=4, lora_target_modules="q_proj,lm_head")
-    with pytest.raises(ConfigError, match="lora_dropout"):
+    with pytest.raises(ConfigError, match="lora.dropout"):
         small(tmp_path, lora_rank=4, lora_dropout=1.0)
     with pytest.raises(ConfigError, match="router_bias_update_rate"):
         small(tmp_path, lora_rank=4, router_bias_update_rate=0.001)
