@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grao_kernels.reference import reference_grao, reference_logprobs
+from grao_kernels.testing.reference import reference_grao, reference_logprobs
 from utils import FP32_VALUES, assert_close, assert_grads_close, backends_under_test, grads, leaves
 
 from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss

@@ -311,7 +311,7 @@ def test_masked_first_tile_is_not_nan_default_configs(mode, monkeypatch):
 _OUT_OF_VOCAB = """
 import torch
 from grao_kernels import fused_linear_logprobs
-from grao_kernels.reference import reference_logprobs
+from grao_kernels.testing.reference import reference_logprobs
 from grao_kernels.settings import settings
 
 settings.triton_mode = {mode!r}
