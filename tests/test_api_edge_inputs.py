@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grao_kernels.testing.reference import reference_grao, reference_logprobs
 from utils import FP32_VALUES, assert_close, assert_grads_close, backends_under_test, grads, leaves
 
 from grao_kernels import fused_linear_logprobs, grao_loss, linear_logprob_loss
+from grao_kernels.testing.reference import reference_grao, reference_logprobs
 
 BACKENDS = backends_under_test("cpu")
 P, G, T, H, V = 2, 2, 5, 6, 11
