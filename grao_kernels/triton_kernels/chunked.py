@@ -182,15 +182,30 @@ def weight_slice_rows(sizes: Sizes) -> int:
     return min(sizes.V, max(1, SLICE_BYTES // (sizes.e * sizes.H)))
 
 
-def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) -> Workspace:
+# How a bfloat16/float16 weight's gradient is summed over several row groups
+# (settings.triton_dweight_sum): in a float32 V x H accumulator, or in the
+# returned gradient itself, rounded to the weight's dtype once per group.
+DWEIGHT_SUMS = ("float32", "weight")
+
+
+def float32_dweight_sum(sizes: Sizes, groups: int, dw: bool, dweight_sum: str) -> bool:
+    """Whether ``run`` sums dweight in a float32 V x H accumulator: several groups add to a 16-bit weight's
+    gradient and ``dweight_sum`` is "float32" (or the weight's dtype is not hidden's, which the GEMM
+    cannot accumulate into)."""
+    if not dw or groups <= 1 or sizes.weight_dtype == torch.float32:
+        return False
+    return dweight_sum == "float32" or sizes.weight_dtype != sizes.dtype
+
+
+def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), dweight_sum="float32") -> Workspace:
     """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
 
     Persistent: the group's float32 logits (4 R V), its float32 dhidden rows
-    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and, when
-    several groups each add to dweight and the weight is not float32, the
-    float32 dweight accumulator (4 V H; with one group the product is written
-    once into the returned gradient, a float32 weight's gradient is its own
-    accumulator). Transient, one at a time: a slice of the weight cast to
+    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and,
+    when ``float32_dweight_sum``, the float32 dweight accumulator (4 V H).
+    Otherwise the returned gradient is the accumulator (one group; a float32
+    weight; or ``dweight_sum="weight"``: each group's product is added into
+    the bf16/fp16 gradient by the GEMM, beta = 1). Transient, one at a time: a slice of the weight cast to
     hidden's dtype, dbias's per-group sum (4 V), the rounded dhidden rows of
     a gathered group, mm_into's float32 temporary.
     """
@@ -203,7 +218,7 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) 
         persistent["dhidden rows"] = 4 * R * H
     if sizes.gathered:
         persistent["gathered hidden"] = e * R * H
-    if dw and G > 1 and sizes.weight_dtype != torch.float32:
+    if float32_dweight_sum(sizes, G, dw, dweight_sum):
         persistent["dweight accumulator"] = 4 * V * H
     transient = {}
     if cast:
@@ -218,10 +233,12 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) 
     return Workspace(persistent, {k: v for k, v in transient.items() if v})
 
 
-def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True)) -> int:
+def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True), dweight_sum="float32") -> int:
     """Rows per group so ``workspace`` fits 90% of ``budget`` bytes (0 when not even 16 rows fit); the rest
     stays free for the call's O(N) vectors and allocator rounding."""
-    return largest_rows(sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs))
+    return largest_rows(
+        sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs, dweight_sum=dweight_sum)
+    )
 
 
 def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = False, alpha: float = 1.0) -> None:
@@ -239,14 +256,14 @@ def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = Fal
         del w
 
 
-def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
+def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs, dweight_sum):
     """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
     whose gradients the backend has allocated; allocates exactly ``workspace``."""
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
     sizes = prob.sizes()
-    plan = workspace(sizes, rows, grad=grad, needs=needs)
+    plan = workspace(sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
     dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
     scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
