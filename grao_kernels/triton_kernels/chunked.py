@@ -86,8 +86,9 @@ several groups, a float32 V x H accumulator: 2.3 GiB at V=151936, H=4096
 chunked sweep therefore runs only where one group holds every row, and
 "auto" takes the fused sweep otherwise, unless ``settings.triton_dweight_sum``
 is "weight": each group's product is then added into the returned bf16/fp16
-gradient by the GEMM (rounded once per group; the error grows about as the
-square root of the group count), and nothing V x H is allocated. A float32 master weight's gradient
+gradient by the GEMM (rounded once per group: 1.1x, 1.7x, 2.4x eager
+bf16's own dweight error at 2, 10, 20 groups, measured at small sizes), and
+nothing V x H is allocated. A float32 master weight's gradient
 is its own accumulator; that weight is cast to hidden's dtype slice by slice
 (at most ``SLICE_BYTES`` at once, one more read of the weight per group),
 never as a whole V x H copy.
