@@ -652,6 +652,22 @@ def test_chunked_dweight_summed_in_the_weights_dtype_matches_float64(tb, monkeyp
         tb.grad(hidden, weight, b, targets, Head(), -100, coef=coef, budget=BUDGET)
 
 
+@pytest.mark.parametrize("V", [151936, 262144])
+def test_dweight_summed_in_the_weight_keeps_three_gemms_within_the_default_budget(V, monkeypatch):
+    """At N=16384, H=4096, bf16 and 1 GiB the float32 dweight sum does not fit beside a useful row group, so
+    auto plans the fused sweep; summed in the weight's dtype nothing is V x H and auto plans the chunked one,
+    within 90% of the budget (the plans chunked.py's arithmetic compares)."""
+    from grao_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(settings, "triton_mode", "auto")
+    monkeypatch.setattr(settings, "triton_dweight_sum", "float32")
+    assert tb.workspace_bytes(16384, V, 4096).mode == "fused"
+    monkeypatch.setattr(settings, "triton_dweight_sum", "weight")
+    p = tb.workspace_bytes(16384, V, 4096)
+    assert p.mode == "chunked" and p.rows >= 256 and p.groups > 1 and p.bytes <= 0.9 * tb.DEFAULT_BUDGET, p
+    assert "dweight accumulator" not in p.workspace.persistent
+
+
 def test_triton_config_setting_is_parsed(monkeypatch):
     from grao_kernels.triton_kernels import common
 

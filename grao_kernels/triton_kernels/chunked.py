@@ -37,7 +37,7 @@ V=262144; the three-GEMM floor is 81.6 / 140.7 ms. Costs beyond the floor:
 * dhidden per group is a small-M GEMM (M = R): 5-12% slower than one over N.
 
 Rows per group from the budget (4 V + 4 H bytes each, 90% usable): at 1 GiB
-R=1548, 11 groups (V=151936) / R=907, 19 groups (V=262144).
+R=1547, 11 groups (V=151936) / R=906, 19 groups (V=262144): ``workspace_bytes``.
 
 The plans, grao_loss at 1 GiB (range, point estimate), V=151936 / V=262144:
 
