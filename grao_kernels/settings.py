@@ -20,6 +20,11 @@ attribute                      environment variable                    meaning
                                                                        when the backend is first loaded
 ``triton_mode``                ``GRAO_KERNELS_TRITON_MODE``            "auto", "chunked" or "fused"
 ``triton_config``              ``GRAO_KERNELS_TRITON_CONFIG``          pinned launch config (``"BLOCK_N=64,..."``)
+``triton_dweight_sum``         ``GRAO_KERNELS_TRITON_DWEIGHT_SUM``     how the chunked sweep sums a bf16/fp16
+                                                                       weight's gradient over row groups:
+                                                                       "float32" (a V x H float32 accumulator
+                                                                       in the budget) or "weight" (in the
+                                                                       gradient itself, rounded once per group)
 =============================  ======================================  =====================================
 """
 
@@ -59,6 +64,7 @@ class Settings:
     native_build_dir: str | None = None
     triton_mode: str = "auto"
     triton_config: str | None = None
+    triton_dweight_sum: str = "float32"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -70,6 +76,7 @@ class Settings:
             native_build_dir=env("GRAO_KERNELS_BUILD_DIR") or None,
             triton_mode=env("GRAO_KERNELS_TRITON_MODE", "auto"),
             triton_config=env("GRAO_KERNELS_TRITON_CONFIG") or None,
+            triton_dweight_sum=env("GRAO_KERNELS_TRITON_DWEIGHT_SUM", "float32"),
         )
 
     def budget(self, per_call: int | None, default: int) -> int:

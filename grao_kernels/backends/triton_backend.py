@@ -34,8 +34,9 @@ float32 products (Triton ``input_precision="ieee"``; cuBLAS as PyTorch's
 hidden's dtype, dweight in the weight's dtype (a float32 weight's gradient
 is its own accumulator; the chunked sweep sums a bf16/fp16 weight's gradient
 over several row groups in a float32 V x H buffer, which its workspace
-counts; the fused sweep sums each dweight chunk over every row first), dbias
-in float32.
+counts, or with ``settings.triton_dweight_sum = "weight"`` in the gradient
+itself, rounded to its dtype once per group; the fused sweep sums each
+dweight chunk over every row first), dbias in float32.
 
 Targets outside [0, V) other than ``ignore_index`` (possible only with
 ``validate=False``): nothing outside a tensor is read; that row's logp is
@@ -156,12 +157,18 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
     mode = settings.triton_mode
     if mode not in MODES:
         raise ValueError(f"settings.triton_mode (GRAO_KERNELS_TRITON_MODE) must be one of {MODES}, got {mode!r}")
+    dweight_sum = settings.triton_dweight_sum
+    if dweight_sum not in chunked.DWEIGHT_SUMS:
+        raise ValueError(
+            f"settings.triton_dweight_sum (GRAO_KERNELS_TRITON_DWEIGHT_SUM) must be one of {chunked.DWEIGHT_SUMS}, "
+            f"got {dweight_sum!r}"
+        )
     needs = tuple(bool(grad and x) for x in needs)
     if sizes.n == 0:  # nothing to sweep: the call only fills zeros
         return Plan("fused" if mode == "fused" else "chunked", 0, 0, Workspace({}, {}), 0)
     chunk_ok = sizes.dtype == torch.float32 or fp32_output_gemm(torch.device("cuda" if sizes.cuda else "cpu"))
     if mode != "fused":
-        rows = chunked.rows_per_group(sizes, budget, grad, needs)
+        rows = chunked.rows_per_group(sizes, budget, grad, needs, dweight_sum)
         if mode == "chunked":
             if not chunk_ok:
                 raise ValueError(
@@ -174,7 +181,7 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
                     f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight)"
                 )
         if mode == "chunked" or (chunk_ok and rows >= min(chunked.MIN_ROWS, max(sizes.n, 1))):
-            ws = chunked.workspace(sizes, rows, grad=grad, needs=needs)
+            ws = chunked.workspace(sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum)
             return Plan("chunked", rows, 0, ws, sizes.n)
     rows, chunk = fused.rows_per_group(sizes, budget, grad, entropy, needs, forward)
     if rows == 0:
@@ -241,7 +248,7 @@ def _sweep(prob: Problem, out: Outputs, budget: int, *, entropy, coef=None, ent_
     p = plan(prob.sizes(), budget, grad=grad, entropy=ent, needs=needs, forward=not stats_given)
     kwargs = dict(entropy=entropy, coef=coef, ent_coef=ent_coef, stats_given=stats_given, needs=needs)
     if p.mode == "chunked":
-        chunked.run(prob, out, rows=p.rows, **kwargs)
+        chunked.run(prob, out, rows=p.rows, dweight_sum=settings.triton_dweight_sum, **kwargs)
     else:
         fused.run(prob, out, rows=p.rows, chunk=p.chunk, **kwargs)
 

@@ -6,7 +6,7 @@ Per group of R non-ignored rows (R bounded by the memory budget)::
     z   = head(L + bias)                                   # row kernel: max / lse, target, entropy ...
     L  <- d loss / d raw  (in hidden's dtype)              # ... and the logits gradient, written over L
     dhidden[g] = L @ weight                                # cuBLAS, complete per group (the whole V)
-    dweight   += L.T @ hidden[g]                           # cuBLAS, float32 accumulation (beta = 1)
+    dweight   += L.T @ hidden[g]                           # cuBLAS, beta = 1, float32 (or see dweight_sum)
     dbias     += L.sum(0)
 
 Three GEMMs and one read-modify pass over the logits, nothing recomputed.
@@ -17,14 +17,66 @@ gradient lands on bytes the row kernel has already read (2j < 4j), and a
 barrier between each block's load and store keeps a faster warp from
 overwriting the first block before a slower one has read it.
 
-Traffic at N=16384, H=4096, V=151936, bf16 (floor: 3 GEMMs, 6 N V H = 61 TFLOP,
-about 80 ms on an H100/H200 at ~750 TFLOP/s dense bf16): per element of N x V
-the logits are written once (4 B) and read twice by the row kernel (8 B), the
-gradient written (2 B) and read by the two GEMMs (4 B): ~18 B x 2.5e9 = 45 GB
-(~10 ms at 4.8 TB/s, partly overlapped with the GEMMs), plus dweight's float32
-read-modify-write per row group (2 x 4 V H = 5 GB per group; 1 GiB of
-workspace holds ~1700 rows, so ~10 groups, ~50 GB, most of it hidden in the
-dW GEMM's epilogue). Expected ~1.15-1.3x the floor.
+Arithmetic of the ``grao_loss`` entry (coefficients known, one sweep) at
+N=16384 computed rows, H=4096, bf16, on an H100 SXM taken as ~750 TFLOP/s
+for cuBLAS bf16 GEMMs and 3.35 TB/s (the model of ``fused.py``). One GEMM
+is 2 N V H: 20.4 TFLOP = 27.2 ms at V=151936, 35.2 TFLOP = 46.9 ms at
+V=262144; the three-GEMM floor is 81.6 / 140.7 ms. Costs beyond the floor:
+
+* streaming (the row kernel): the float32 logits read twice, the gradient
+  written once, 10 B per logit that no GEMM hides: 7.4 ms (2.5e9 logits)
+  / 12.8 ms (4.3e9). GEMM1's float32 write (4 B, not 2) and the two reads of
+  dz run inside compute-bound GEMMs and are not counted.
+* dweight's read-modify-write, once per row group: 8 V H bytes per group with
+  the float32 accumulator, 4 V H summed in the bf16 gradient itself
+  (``dweight_sum="weight"``). Its GEMM does 2 R V H FLOPs per 4 V H bytes,
+  R/2 FLOP/B against the H100's ridge of ~224: with R ~ 1500 the traffic is
+  ~30% of the GEMM's time, hidden as far as cuBLAS overlaps its epilogue
+  with other tiles' main loops (bounds below: none to all of it exposed;
+  point estimates: a quarter).
+* dhidden per group is a small-M GEMM (M = R): 5-12% slower than one over N.
+
+Rows per group from the budget (4 V + 4 H bytes each, 90% usable): at 1 GiB
+R=1547, 11 groups (V=151936) / R=906, 19 groups (V=262144): ``workspace_bytes``.
+
+The plans, grao_loss at 1 GiB (range, point estimate), V=151936 / V=262144:
+
+* fused (``fused.py``): ~1.6x / ~1.6x;
+* chunked with the float32 dweight sum: does not fit (its accumulator alone
+  is 2.3 / 4 GiB), so "auto" runs fused;
+* chunked, ``dweight_sum="weight"``: 1.11-1.23x, ~1.14x / 1.11-1.30x, ~1.16x;
+* (at 4 GiB, chunked with the float32 sum: 1.11-1.28x, ~1.16x / does not fit).
+
+What reaches <= 1.1x (not built here; no GPU was available to time a Triton
+GEMM against cuBLAS): GEMM1 in Triton at cuBLAS speed (TMA descriptors,
+persistent grid, warp specialisation on Hopper) whose epilogue, besides
+each (row, 128-column tile)'s max m, sum of exponentials and target logit
+(as ``fused.lse_partials_kernel`` writes them), stores p~ = exp(z - m) in
+bfloat16 (in (0, 1], relative error 2**-9, the same as the gradient's own
+rounding; z - lse = log p~ + m - lse recovers the entropy and soft-cap
+terms) instead of the float32 logits. Then:
+
+* the buffer holds 2 B per logit, not 4: twice the rows per group at the same
+  budget (R=3017, 6 groups / R=1787, 10 groups at 1 GiB), halving the
+  dweight read-modify-writes and the small-M loss;
+* the row kernel shrinks to one pass over p~, dz = c (onehot - p~ e^(m - lse))
+  written in place: 4 B per logit, 3.0 / 5.1 ms;
+* dweight summed in the weight's dtype (``dweight_sum="weight"``): nothing
+  V x H in the workspace.
+
+Model: V=151936: 81.6 + 3.0 + (0-4.5, ~1.1) + (1.4-3.3) = 86-92 ms,
+1.05-1.13x, ~1.08x; V=262144: 140.7 + 5.1 + (0-12.8, ~3.2) + (2.3-5.6) =
+148-164 ms, 1.05-1.17x, ~1.09x. A Triton GEMM1 at ~600 TFLOP/s instead of
+750 adds 6.8 / 11.7 ms (~1.16x): the speed of that one kernel decides
+whether the goal is met. Larger budgets help through R only (at 4 GiB and
+V=151936: ~1.06x, or ~1.08x with the float32 dweight sum, which fits there).
+
+Log-probs forward+backward (coefficients known only in the backward): the
+backward recomputes GEMM1, four GEMMs, so 4/3 = 1.33x of the three-GEMM
+floor is a lower bound for any sweep that does not keep the N x V logits
+(which no budget independent of V holds); this sweep: ~1.44-1.56x at 1 GiB
+(V=151936), the epilogue design above ~1.4x. The <= 1.3x goal for that
+entry is out of reach by construction.
 
 Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
 the group's float32 logits (4 R V) and dhidden rows (4 R H), its gathered
@@ -32,7 +84,11 @@ hidden rows and, when a bfloat16/float16 weight's gradient is summed over
 several groups, a float32 V x H accumulator: 2.3 GiB at V=151936, H=4096
 (4 GiB at V=262144), counted in the budget. Under the default 1 GiB the
 chunked sweep therefore runs only where one group holds every row, and
-"auto" takes the fused sweep otherwise. A float32 master weight's gradient
+"auto" takes the fused sweep otherwise, unless ``settings.triton_dweight_sum``
+is "weight": each group's product is then added into the returned bf16/fp16
+gradient by the GEMM (rounded once per group: 1.1x, 1.7x, 2.4x eager
+bf16's own dweight error at 2, 10, 20 groups, measured at small sizes), and
+nothing V x H is allocated. A float32 master weight's gradient
 is its own accumulator; that weight is cast to hidden's dtype slice by slice
 (at most ``SLICE_BYTES`` at once, one more read of the weight per group),
 never as a whole V x H copy.
@@ -182,15 +238,30 @@ def weight_slice_rows(sizes: Sizes) -> int:
     return min(sizes.V, max(1, SLICE_BYTES // (sizes.e * sizes.H)))
 
 
-def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) -> Workspace:
+# How a bfloat16/float16 weight's gradient is summed over several row groups
+# (settings.triton_dweight_sum): in a float32 V x H accumulator, or in the
+# returned gradient itself, rounded to the weight's dtype once per group.
+DWEIGHT_SUMS = ("float32", "weight")
+
+
+def float32_dweight_sum(sizes: Sizes, groups: int, dw: bool, dweight_sum: str) -> bool:
+    """Whether ``run`` sums dweight in a float32 V x H accumulator: several groups add to a 16-bit weight's
+    gradient and ``dweight_sum`` is "float32" (or the weight's dtype is not hidden's, which the GEMM
+    cannot accumulate into)."""
+    if not dw or groups <= 1 or sizes.weight_dtype == torch.float32:
+        return False
+    return dweight_sum == "float32" or sizes.weight_dtype != sizes.dtype
+
+
+def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), dweight_sum="float32") -> Workspace:
     """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
 
     Persistent: the group's float32 logits (4 R V), its float32 dhidden rows
-    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and, when
-    several groups each add to dweight and the weight is not float32, the
-    float32 dweight accumulator (4 V H; with one group the product is written
-    once into the returned gradient, a float32 weight's gradient is its own
-    accumulator). Transient, one at a time: a slice of the weight cast to
+    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and,
+    when ``float32_dweight_sum``, the float32 dweight accumulator (4 V H).
+    Otherwise the returned gradient is the accumulator (one group; a float32
+    weight; or ``dweight_sum="weight"``: each group's product is added into
+    the bf16/fp16 gradient by the GEMM, beta = 1). Transient, one at a time: a slice of the weight cast to
     hidden's dtype, dbias's per-group sum (4 V), the rounded dhidden rows of
     a gathered group, mm_into's float32 temporary.
     """
@@ -203,7 +274,7 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) 
         persistent["dhidden rows"] = 4 * R * H
     if sizes.gathered:
         persistent["gathered hidden"] = e * R * H
-    if dw and G > 1 and sizes.weight_dtype != torch.float32:
+    if float32_dweight_sum(sizes, G, dw, dweight_sum):
         persistent["dweight accumulator"] = 4 * V * H
     transient = {}
     if cast:
@@ -218,10 +289,12 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True)) 
     return Workspace(persistent, {k: v for k, v in transient.items() if v})
 
 
-def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True)) -> int:
+def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True), dweight_sum="float32") -> int:
     """Rows per group so ``workspace`` fits 90% of ``budget`` bytes (0 when not even 16 rows fit); the rest
     stays free for the call's O(N) vectors and allocator rounding."""
-    return largest_rows(sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs))
+    return largest_rows(
+        sizes.n, int(0.9 * budget), lambda r: workspace(sizes, r, grad=grad, needs=needs, dweight_sum=dweight_sum)
+    )
 
 
 def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = False, alpha: float = 1.0) -> None:
@@ -239,14 +312,14 @@ def _weight_mm(out, a, weight, dtype, *, transpose: bool, accumulate: bool = Fal
         del w
 
 
-def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
+def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs, dweight_sum):
     """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
     whose gradients the backend has allocated; allocates exactly ``workspace``."""
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
     sizes = prob.sizes()
-    plan = workspace(sizes, rows, grad=grad, needs=needs)
+    plan = workspace(sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
     dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
     scale = dz_scale(prob, coef, ent_coef) if grad else 1.0

@@ -39,10 +39,9 @@ budget; ``triton_backend.workspace_bytes`` gives the plan: one group, C=8192,
   dz (7.7 ms) + 32 chunks of dhidden (17 GB, 5 ms) = ~224 ms, ~1.6x.
 
 The goal of <= 1.1x the floor needs the three-GEMM chunked sweep (each
-logit computed once) with its dweight products not costing a float32 V x H
-read-modify-write per row group; within 1 GiB that is not reached here (see
-``chunked.py``: its float32 accumulator alone exceeds the budget, so "auto"
-runs this sweep at that budget).
+logit computed once) without a float32 V x H accumulator: ``chunked.py``
+models it (~1.14x at 1 GiB with ``settings.triton_dweight_sum = "weight"``,
+~1.08x with softmax statistics in a Triton GEMM1's epilogue, not built).
 
 The forward writes one partial triple per (row, tile) and reduces them in a
 second small kernel, rather than sweeping the vocabulary inside a program:

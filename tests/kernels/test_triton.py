@@ -9,6 +9,7 @@ tiles; the bug regressions use the default configs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -528,19 +529,25 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("master", [False, True], ids=["bf16-weight", "fp32-master-weight"])
+@pytest.mark.parametrize(
+    "master,dweight_sum",
+    [(False, "float32"), (False, "weight"), (True, "float32")],
+    ids=["bf16-weight", "bf16-weight-summed-in-bf16", "fp32-master-weight"],
+)
 @pytest.mark.parametrize("groups", ["one-group", "several-groups"])
 @pytest.mark.parametrize("mode", MODES)
-def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master, monkeypatch):
+def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master, dweight_sum, monkeypatch):
     """workspace_bytes (the plan auto, grao plan and the budget use) equals the peak of the tensors the sweep
     allocates, measured under a dispatch mode, for one and several row groups, with a bf16 weight (several
-    groups: dweight summed in float32) and a float32 master weight under bf16 activations (cast slice by slice).
+    chunked groups: dweight summed in float32, or in the bf16 gradient itself with triton_dweight_sum="weight")
+    and a float32 master weight under bf16 activations (cast slice by slice).
     Not measured: the Triton interpreter's own copies and the CPU emulation of float32-output bf16 GEMMs."""
     from grao_kernels.backends import triton_backend as tb
     from grao_kernels.triton_kernels import chunked, fused
 
     monkeypatch.setattr(settings, "triton_mode", mode)
     monkeypatch.setattr(settings, "triton_config", None)
+    monkeypatch.setattr(settings, "triton_dweight_sum", dweight_sum)
     # Several fused groups beat one when the dz chunk saved (2 (n - R) C) exceeds the float32 dweight chunk (4 C H).
     N, H, V = 96, 16, 300
     hidden, weight, bias, targets = _inputs(N, H, V, True, torch.bfloat16, 0.3)
@@ -594,6 +601,8 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
     report = tb.workspace_bytes(N, V, H, dtype=torch.bfloat16, weight_dtype=weight.dtype, ignored=N - n,
                                 entropy=True, budget=budget, device="cpu")  # fmt: skip
     assert report == planned[0]
+    float32_sum = mode == "chunked" and groups == "several-groups" and not master and dweight_sum == "float32"
+    assert ("dweight accumulator" in planned[0].workspace.persistent) == float32_sum, planned[0]
     # The sweep is still right, whatever its grouping.
     ref = _reference(hidden, weight, bias, targets, Head(), coef, ent_coef)
     same = _reference(hidden, weight.bfloat16(), bias, targets, Head(), coef, ent_coef, dtype=torch.bfloat16)
@@ -612,6 +621,51 @@ def test_workspace_bytes_rejects_bad_sizes_and_plans_nothing_for_no_rows():
     # A float32 master weight under bf16 activations never costs a whole-weight copy, only slices of it.
     big = tb.workspace_bytes(4096, 151936, 4096, weight_dtype=torch.float32)
     assert big.bytes <= 0.9 * tb.DEFAULT_BUDGET and big.mode == "chunked", big
+
+
+def test_chunked_dweight_summed_in_the_weights_dtype_matches_float64(tb, monkeypatch):
+    """triton_dweight_sum="weight": over several row groups (16 rows each, see tb) a bf16 weight's gradient is
+    summed in the returned bf16 gradient (one rounding per group, no float32 V x H accumulator) and stays within
+    the bf16 tolerance of the oracle; a float16 weight under bf16 activations still sums in float32 (the GEMM
+    cannot add a bf16 product into it); an unknown value is a ValueError naming the setting."""
+    monkeypatch.setattr(settings, "triton_mode", "chunked")
+    monkeypatch.setattr(settings, "triton_dweight_sum", "weight")
+    N, H, V = 90, 21, 101
+    hidden, weight, b, targets = _inputs(N, H, V, True, torch.bfloat16, 0.2)
+    coef = torch.randn(N, device=DEVICE)
+    n = int((targets != -100).sum())
+    assert n > 3 * 16
+    _, *grads = tb.grad(hidden, weight, b, targets, Head(), -100, coef=coef, budget=BUDGET)
+    ref = _reference(hidden, weight, b, targets, Head(), coef)
+    same = _reference(hidden, weight, b, targets, Head(), coef, dtype=torch.bfloat16)
+    assert grads[1].dtype == torch.bfloat16
+    _check_grads(grads, ref[1:], same[1:], (2.0, 1e-3))
+
+    from grao_kernels.triton_kernels import chunked
+
+    sizes = tb._prepare(hidden, weight, b, targets, Head(), -100).sizes()
+    assert "dweight accumulator" not in chunked.workspace(sizes, 16, grad=True, dweight_sum="weight").persistent
+    fp16_weight = dataclasses.replace(sizes, weight_dtype=torch.float16)
+    assert "dweight accumulator" in chunked.workspace(fp16_weight, 16, grad=True, dweight_sum="weight").persistent
+    monkeypatch.setattr(settings, "triton_dweight_sum", "bfloat16")
+    with pytest.raises(ValueError, match="triton_dweight_sum"):
+        tb.grad(hidden, weight, b, targets, Head(), -100, coef=coef, budget=BUDGET)
+
+
+@pytest.mark.parametrize("V", [151936, 262144])
+def test_dweight_summed_in_the_weight_keeps_three_gemms_within_the_default_budget(V, monkeypatch):
+    """At N=16384, H=4096, bf16 and 1 GiB the float32 dweight sum does not fit beside a useful row group, so
+    auto plans the fused sweep; summed in the weight's dtype nothing is V x H and auto plans the chunked one,
+    within 90% of the budget (the plans chunked.py's arithmetic compares)."""
+    from grao_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(settings, "triton_mode", "auto")
+    monkeypatch.setattr(settings, "triton_dweight_sum", "float32")
+    assert tb.workspace_bytes(16384, V, 4096).mode == "fused"
+    monkeypatch.setattr(settings, "triton_dweight_sum", "weight")
+    p = tb.workspace_bytes(16384, V, 4096)
+    assert p.mode == "chunked" and p.rows >= 256 and p.groups > 1 and p.bytes <= 0.9 * tb.DEFAULT_BUDGET, p
+    assert "dweight accumulator" not in p.workspace.persistent
 
 
 def test_triton_config_setting_is_parsed(monkeypatch):
