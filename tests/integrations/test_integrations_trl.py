@@ -317,13 +317,22 @@ def test_patch_trl_matches_stock_trl(tokenizer, tmp_path):
     assert ours.state.global_step == 2 and all(math.isfinite(h["loss"]) and h["kl"] >= 0 for h in logs)
 
 
-def test_head_arguments_read_the_config():
-    from transformers import PretrainedConfig
+def test_head_arguments_read_the_one_head_table():
+    from transformers import AutoConfig, LlamaConfig
 
-    assert head_arguments(PretrainedConfig()) == {"logit_scale": 1.0, "softcap": None}
-    assert head_arguments(PretrainedConfig(final_logit_softcapping=30.0)) == {"logit_scale": 1.0, "softcap": 30.0}
-    assert head_arguments(PretrainedConfig(logits_scaling=4.0))["logit_scale"] == 0.25
-    assert head_arguments(PretrainedConfig(logit_scale=0.5))["logit_scale"] == 0.5
+    from grao_kernels.hf import HeadError
+
+    def head(model_type, **fields):
+        return head_arguments(AutoConfig.for_model(model_type, **fields))
+
+    assert head_arguments(LlamaConfig()) == {"logit_scale": 1.0, "softcap": None}
+    assert head("gemma2", final_logit_softcapping=30.0) == {"logit_scale": 1.0, "softcap": 30.0}
+    assert head("granite", logits_scaling=4.0)["logit_scale"] == 0.25  # Granite divides its logits
+    assert head("hyperclovax", logits_scaling=4.0)["logit_scale"] == 4.0  # HyperCLOVAX multiplies them
+    assert head("cohere", logit_scale=0.5)["logit_scale"] == 0.5
+    assert head("gemma3")["softcap"] is None  # the conditional model never soft-caps, whatever its text config says
+    with pytest.raises(HeadError, match="sets output_multiplier=2.0"):  # a family the table does not know
+        head_arguments(LlamaConfig(output_multiplier=2.0))
 
 
 def test_patch_trl_refuses_other_trainers():
