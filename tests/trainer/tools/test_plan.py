@@ -160,7 +160,8 @@ def test_planned_step_memory_is_the_measured_peak_within_20_percent(kind, checkp
         model = str(tmp_path / "llama")
         save_tiny_llama(model, **LLAMA)
     code = (
-        f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; import test_plan; "
+        f"import sys, json; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}, {str(Path(__file__).parent)!r}]; "
+        "import test_plan; "
         f"print(json.dumps(test_plan.measure({model!r}, {str(tmp_path / 'run')!r}, {checkpointing})))"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
