@@ -198,16 +198,19 @@ def score(reward: Reward, prompts: list[str], completions: list[str], references
     return [float(v) for v in values]
 
 
-def statistics(rewards: torch.Tensor) -> dict[str, float]:
+def statistics(rewards: torch.Tensor, reference_in_group: bool = True) -> dict[str, float]:
     """Per-step statistics of a (P, G+1) reward tensor (the G samples, then the reference), for the metrics line.
 
     ``reward/std`` and the quartiles ``reward/q25``, ``reward/q50``, ``reward/q75`` are over the P·G sampled
-    rewards (population std). ``reward/zero_std_groups`` is the share of prompts whose G+1 rewards are all
-    equal: their normalised advantages are all 0, so they give GRAO no gradient.
+    rewards (population std). ``reward/zero_std_groups`` is the share of prompts whose advantage group ties:
+    the G+1 rewards when the method normalises over the samples and the reference (GRAO), the G samples'
+    alone otherwise (``reference_in_group=False``: GRPO, PPO); such a group's normalised advantages are all 0,
+    so it gives no gradient.
     """
     samples = rewards[:, :-1].double().flatten()
     q25, q50, q75 = torch.quantile(samples, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    tied = (rewards == rewards[:, :1]).all(1)
+    group = rewards if reference_in_group else rewards[:, :-1]
+    tied = (group == group[:, :1]).all(1)
     return {
         "reward/std": float(samples.std(correction=0)),
         "reward/q25": q25,

@@ -129,8 +129,10 @@ class LossOutput:
 
 
 class Loss(Protocol):
-    """``loss(batch)``; optionally ``needs_reference_model`` (bool attribute or property, default False) and
-    ``snapshot(batch) -> dict[str, Tensor]`` (called under no_grad, see the module docstring)."""
+    """``loss(batch)``; optionally ``needs_reference_model`` (bool attribute or property, default False),
+    ``reference_in_group`` (bool, default True: the advantages are normalised over the G samples and the
+    reference answer; False where they are over the samples alone, which ``reward/zero_std_groups`` follows)
+    and ``snapshot(batch) -> dict[str, Tensor]`` (called under no_grad, see the module docstring)."""
 
     def __call__(self, batch: LossBatch) -> LossOutput: ...
 

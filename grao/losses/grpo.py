@@ -53,6 +53,8 @@ class GRPO:
     (``LossBatch.step_token_counts``).
     """
 
+    reference_in_group = False  # advantages over the G samples alone: reward/zero_std_groups ties those
+
     def __init__(
         self,
         loss_type: str = "grpo",

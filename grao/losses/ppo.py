@@ -99,6 +99,7 @@ class PPO(torch.nn.Module):
     """
 
     needs_reference_model = True
+    reference_in_group = False  # the samples' rewards alone: reward/zero_std_groups ties those
 
     def __init__(
         self,

@@ -199,7 +199,7 @@ class Trainer:
             "step": step,
             "reward/samples": float(r[:, :-1].mean()),
             "reward/reference": float(r[:, -1].mean()),
-            **rewards.statistics(r),
+            **rewards.statistics(r, getattr(self.loss, "reference_in_group", True)),
             **rewards.pop_metrics(self.reward),  # the rollout's (a judge's counts); evaluate() pops its own
             **stats,
             "completion_len": float(lengths.sum()) / r[:, :-1].numel(),
