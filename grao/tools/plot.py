@@ -62,11 +62,18 @@ def _save(fig, plt, out_path: str | Path) -> Path:
     return out_path
 
 
-def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+def plot_metrics(metrics_path: str | Path, out_path: str | Path, method: str = "grao") -> Path | None:
+    """A run's ``plot.png`` (:func:`metrics_figure`); None when ``metrics_path`` holds no line yet."""
     plt = _pyplot()
     train, evals = read_metrics(metrics_path)
     if not train and not evals:
         return None
+    return _save(metrics_figure(plt, train, evals, method), plt, out_path)
+
+
+def metrics_figure(plt, train: list[dict], evals: list[dict], method: str):
+    """Rewards over the steps (top), titled by ``method``; below, each GRAO term's share of the objective for the
+    grao methods, the loss for the others (which have no GRAO terms)."""
     window = max(1, len(train) // 25)
     steps = [r["step"] for r in train]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
@@ -76,19 +83,22 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     if evals:
         ax1.plot([r["step"] for r in evals], [r["eval/reward"] for r in evals], "o-", label="eval/reward (held out)")
     ax1.set_ylabel("reward")
-    ax1.set_title(f"GRAO training (moving average over {window} steps)")
+    ax1.set_title(f"{method} training (moving average over {window} steps)")
     ax1.grid(alpha=0.3)
     ax1.legend(loc="best")
-    if train:
-        share_steps, shares = term_shares(train)
+    share_steps, shares = term_shares(train)
+    if share_steps:
         for term, values in shares.items():
             ax2.plot(share_steps, _smooth(values, window), label=term)
-    ax2.set_ylabel("share of |objective|")
+        ax2.set_ylabel("share of |objective|")
+        ax2.set_ylim(0, 1)
+    else:
+        ax2.plot(steps, _smooth([r.get("loss", float("nan")) for r in train], window), label="loss")
+        ax2.set_ylabel("loss")
     ax2.set_xlabel("step")
-    ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
     ax2.legend(loc="best")
-    return _save(fig, plt, out_path)
+    return fig
 
 
 # ---------------------------------------------------------------------- grao compare (grao.tools.compare)

@@ -367,7 +367,7 @@ class Trainer:
 
         try:
             run_dir.record(self.run_dir, run_dir.PLOT)
-            plot_metrics(metrics, self.run_dir / run_dir.PLOT)
+            plot_metrics(metrics, self.run_dir / run_dir.PLOT, self.cfg.method)
         except OSError as exc:  # e.g. a full disk: the plot is not worth hiding the run's own outcome
             say(f"warning: could not write {run_dir.PLOT}: {exc}")
 

@@ -1,0 +1,34 @@
+"""A run's plot.png says which method trained, and shows the GRAO term shares only for the grao methods."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from grao.tools.plot import _pyplot, metrics_figure  # noqa: E402
+
+
+def lines(with_terms: bool) -> list[dict]:
+    out = []
+    for step in range(1, 5):
+        line = {"step": step, "reward/samples": 0.1 * step, "reward/reference": 1.0, "loss": 2.0 / step}
+        if with_terms:
+            line.update({"objective/exploration": 0.3, "objective/imitation": -0.5, "objective/alignment": 0.2})
+        out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("method,with_terms,panel", [("grao", True, "share of |objective|"), ("grpo", False, "loss")])
+def test_the_figure_is_titled_and_paneled_by_method(method, with_terms, panel):
+    plt = _pyplot()
+    fig = metrics_figure(plt, lines(with_terms), [{"step": 4, "eval/reward": 0.5}], method)
+    top, bottom = fig.axes
+    assert top.get_title().startswith(f"{method} training")
+    assert bottom.get_ylabel() == panel
+    drawn = [line.get_label() for line in bottom.get_lines()]
+    assert drawn == (["exploration", "imitation", "alignment"] if with_terms else ["loss"])
+    assert all(not math.isnan(y) for line in bottom.get_lines() for y in line.get_ydata())
+    plt.close(fig)
