@@ -105,6 +105,36 @@ def _machine(load_at_start: str | None) -> str:
     )
 
 
+# Keys that name where a run writes or how it reports, not what it computes.
+_NOT_SETTINGS = {"output_dir", "seed", "progress", "plot"}
+
+
+def settings_table(runs: list[Run]) -> list[str]:
+    """Markdown lines: per label, its learning rate, warmup and schedule, and every other key whose value differs
+    from the default for the run's model (the trainer's model-dependent defaults resolved), seeds aside."""
+    lines = [
+        "Settings per row (learning rate, warmup in training steps, schedule; then each key that differs from the "
+        "default for the model):",
+        "",
+        "| method | lr | warmup | schedule | differs from the defaults |",
+        "|---|---|---|---|---|",
+    ]
+    seen = set()
+    for run in runs:
+        if run.label in seen:
+            continue
+        seen.add(run.label)
+        cfg = run.cfg
+        given, default = config.to_dict(cfg), config.to_dict(TrainConfig(model=cfg.model))
+        shown = {"lr", "warmup_steps", "lr_schedule", "min_lr_ratio"} | _NOT_SETTINGS
+        differs = [f"{k}={given[k]}" for k in given if k not in shown and given[k] != default.get(k)]
+        schedule = cfg.optimizer.lr_schedule
+        if schedule != "constant":
+            schedule += f" to {cfg.optimizer.min_lr_ratio:g} x lr"
+        lines.append(f"| {run.label} | {cfg.lr:g} | {cfg.warmup_steps} | {schedule} | {', '.join(differs) or 'none'} |")
+    return lines
+
+
 def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, machine: str) -> str:
     cfg = runs[0].cfg
     default_steps = TrainConfig().run.steps
@@ -142,6 +172,7 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
     for label, entry in summary.items():
         cells = [_cell(entry[key], fmt) for key, _, fmt in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(entry['seeds'])} |")
+    lines += ["", *settings_table(runs)]
     lines += [
         "",
         "Per run:",

@@ -78,6 +78,13 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
         memory = saved["summary"][label]["peak_memory_mib"]
         assert memory["n"] == 2 and all(v > 0 for v in memory["values"])
     assert {r["memory_measure"] for r in saved["runs"]} == {"peak_rss"}
+    # each row's learning rate, warmup and schedule, and what differs from the defaults (tests/utils.small's)
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if "cosine to 0.1 x lr" in line}
+    assert set(rows) == {"sft", "grao"}
+    for label, row in rows.items():
+        assert row.startswith(f"| {label} | 0.01 | 1 | cosine to 0.1 x lr | ")
+        assert "steps=2" in row and "group_size=3" in row and "output_dir" not in row
+    assert "method=sft" in rows["sft"] and "method=" not in rows["grao"]  # grao is the default method
     assert [r["method"] for r in saved["runs"]] == ["sft", "sft", "grao", "grao"]
     assert saved["runs"][0]["config"]["method"] == "sft" and saved["runs"][3]["config"]["seed"] == 1
 
