@@ -47,6 +47,8 @@ def result(run: Run) -> dict:
         "reward": final["eval/reward"],
         "ras": final["eval/ras"],
         "nag": final["eval/nag"],
+        # wins, ties, losses of the final responses against the starting model's (NAG's counts); older runs lack them
+        "win_tie_loss": [final[k] for k in ("eval/wins", "eval/ties", "eval/losses")] if "eval/wins" in final else None,
         "reward@start": evals[0]["eval/reward"],
         "tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in train) if train else None,
         "peak_memory_mib": max(cuda) if cuda else (max(rss) if rss else None),
@@ -79,6 +81,8 @@ def summarize(results: list[dict]) -> dict[str, dict]:
         entry["seeds"] = [r["seed"] for r in runs]
         for key, _, _ in COLUMNS:
             entry[key] = _stats([r[key] for r in runs])
+        counts = [r["win_tie_loss"] for r in runs]  # summed over the seeds: every held-out prompt of every run
+        entry["win_tie_loss"] = None if None in counts else [sum(c[i] for c in counts) for i in range(3)]
     return out
 
 
@@ -161,16 +165,19 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
         f"± the sample standard deviation (n - 1) over the seeds, at the last step's evaluation.",
         "",
         "Columns: held-out reward `eval/reward`; RAS = (wins + ties) / n against the reference answers; "
-        "NAG = (wins - losses) / n against the starting model's responses; tokens/s = training tokens per second "
+        "NAG = (wins - losses) / n against the starting model's responses, and those wins/ties/losses summed over "
+        "the seeds; tokens/s = training tokens per second "
         f"of the update phase (forward, loss, backward, optimizer), mean over the steps; peak memory = {memory}.",
         "",
         f"Machine: {machine}. Throughput and times depend on the other load of the machine.",
         "",
-        "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " | seeds |",
-        "|---|" + "---|" * (len(COLUMNS) + 1),
+        "| method | " + " | ".join(title for _, title, _ in COLUMNS) + " | wins/ties/losses vs start | seeds |",
+        "|---|" + "---|" * (len(COLUMNS) + 2),
     ]
     for label, entry in summary.items():
         cells = [_cell(entry[key], fmt) for key, _, fmt in COLUMNS]
+        wtl = entry["win_tie_loss"]
+        cells.append("n/a" if wtl is None else "/".join(map(str, wtl)))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(entry['seeds'])} |")
     lines += ["", *settings_table(runs)]
     lines += [

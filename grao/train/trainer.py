@@ -47,6 +47,7 @@ from .update import lr_lambda
 __all__ = ["IGNORE_INDEX", "TIME_KEYS", "Rollout", "Trainer", "build_batch", "lr_lambda"]
 
 TIME_KEYS = ("tokens_per_s", "time/generate", "time/train")
+WTL_KEYS = ("eval/wins", "eval/ties", "eval/losses")  # against the starting model's responses: NAG's counts
 
 
 class Trainer:
@@ -334,6 +335,7 @@ class Trainer:
             "eval/reward": res.mean_reward,
             "eval/ras": res.ras,
             "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
+            **dict(zip(WTL_KEYS, evaluation.win_tie_loss(res.rewards, self.baseline_eval, "eval/nag"))),
             **{f"eval/{k}": v for k, v in judged.items()},
         }
 

@@ -73,8 +73,14 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
             assert got["values"] == values
             assert got["mean"] == pytest.approx(statistics.fmean(values))
             assert got["std"] == pytest.approx(statistics.stdev(values))
+        for f in finals:  # each evaluation's counts against the starting model are NAG's
+            n = f["eval/wins"] + f["eval/ties"] + f["eval/losses"]
+            assert n == 4 and f["eval/nag"] == pytest.approx((f["eval/wins"] - f["eval/losses"]) / n)
+        wtl = [sum(f[k] for f in finals) for k in ("eval/wins", "eval/ties", "eval/losses")]
+        assert saved["summary"][label]["win_tie_loss"] == wtl
         reward = saved["summary"][label]["reward"]
         assert f"| {label} | {reward['mean']:.3f} ± {reward['std']:.3f} |" in table
+        assert f" | {'/'.join(map(str, wtl))} | 2 |" in table
         memory = saved["summary"][label]["peak_memory_mib"]
         assert memory["n"] == 2 and all(v > 0 for v in memory["values"])
     assert {r["memory_measure"] for r in saved["runs"]} == {"peak_rss"}
