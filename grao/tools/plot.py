@@ -110,6 +110,11 @@ def plot_compare_curves(curves: dict[str, list[list]], out_path: str | Path) -> 
     ``curves[label]`` is one ``[[step, reward], ...]`` list per seed; a step is drawn where every seed evaluated.
     """
     plt = _pyplot()
+    return _save(compare_curves_figure(plt, curves), plt, out_path)
+
+
+def compare_curves_figure(plt, curves: dict[str, list[list]]):
+    """The figure of :func:`plot_compare_curves`: a marker at each evaluation, a band where a label has 2+ seeds."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, per_seed in curves.items():
         common = sorted(set.intersection(*({s for s, _ in c} for c in per_seed)))
@@ -123,10 +128,11 @@ def plot_compare_curves(curves: dict[str, list[list]], out_path: str | Path) -> 
             )
     ax.set_xlabel("step")
     ax.set_ylabel("held-out reward (eval/reward)")
-    ax.set_title("held-out reward: mean over seeds, band = min to max")
+    banded = any(len(per_seed) > 1 for per_seed in curves.values())
+    ax.set_title("held-out reward: mean over seeds" + (", band = min to max" if banded else ", one seed (no band)"))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, plt, out_path)
+    return fig
 
 
 def plot_compare_shares(shares: dict[str, list[tuple]], out_path: str | Path) -> Path:

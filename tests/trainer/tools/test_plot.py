@@ -32,3 +32,18 @@ def test_the_figure_is_titled_and_paneled_by_method(method, with_terms, panel):
     assert drawn == (["exploration", "imitation", "alignment"] if with_terms else ["loss"])
     assert all(not math.isnan(y) for line in bottom.get_lines() for y in line.get_ydata())
     plt.close(fig)
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_compare_curves_mark_each_evaluation_and_draw_a_band_only_over_seeds(seeds):
+    from grao.tools.plot import compare_curves_figure
+
+    plt = _pyplot()
+    curve = [[0, 0.1], [5, 0.4], [10, 0.6]]
+    fig = compare_curves_figure(plt, {"grao": [[[s, r + 0.1 * i] for s, r in curve] for i in range(seeds)]})
+    (ax,) = fig.axes
+    (line,) = ax.get_lines()
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [0, 5, 10]
+    assert len(ax.collections) == (1 if seeds > 1 else 0)  # the min-max band
+    assert ("band = min to max" in ax.get_title()) == (seeds > 1)
+    plt.close(fig)
