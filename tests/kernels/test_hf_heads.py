@@ -95,7 +95,10 @@ def tiny_model(model_type: str, fields: list[str], value: float = 3.0):
     if values.get("unpadded_vocab_size") is not None:
         sizes["unpadded_vocab_size"] = WIDTHS["vocab_size"]
     if values.get("rope_parameters") == {} and values.get("layer_types"):  # a default config without its rope
-        sizes["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": 1e4} for t in set(values["layer_types"])}
+        rope = {"rope_type": "default", "rope_theta": 1e4}
+        if model_type.startswith("cohere_compass"):  # splits the rotary dims by mrope_section (default: 128-wide)
+            rope["mrope_section"] = [2, 2, WIDTHS["head_dim"] // 2 - 4]
+        sizes["rope_parameters"] = {t: dict(rope) for t in set(values["layer_types"])}
     sizes.update(pad_token_id=0, eos_token_id=1, bos_token_id=1)
     if text is default:
         config = AutoConfig.for_model(model_type, **sizes)
