@@ -59,7 +59,7 @@ import torch
 
 # Importing the kernels imports triton: an ImportError here disables only this backend.
 from ..settings import settings
-from ..triton_kernels import chunked, fused
+from ..triton_kernels import chunked, epilogue, fused
 from ..triton_kernels.common import (
     Problem,
     Sizes,
@@ -73,7 +73,7 @@ from . import Head, Stats
 # Working memory beyond inputs and returned gradients: 1 GiB holds ~1700 rows
 # of float32 logits at V=151936 in the chunked sweep.
 DEFAULT_BUDGET = 2**30
-MODES = ("auto", "chunked", "fused")
+MODES = ("auto", "chunked", "fused", "epilogue")
 
 
 @dataclass
@@ -165,8 +165,24 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
         )
     needs = tuple(bool(grad and x) for x in needs)
     if sizes.n == 0:  # nothing to sweep: the call only fills zeros
-        return Plan("fused" if mode == "fused" else "chunked", 0, 0, Workspace({}, {}), 0)
+        return Plan("chunked" if mode == "auto" else mode, 0, 0, Workspace({}, {}), 0)
     chunk_ok = sizes.dtype == torch.float32 or fp32_output_gemm(torch.device("cuda" if sizes.cuda else "cpu"))
+    if mode == "epilogue":
+        if not chunk_ok:
+            raise ValueError(
+                f"settings.triton_mode='epilogue' needs float32-output {sizes.dtype} GEMMs (torch >= 2.8), "
+                f"this is torch {torch.__version__}; use 'fused' or 'auto'"
+            )
+        rows = epilogue.rows_per_group(sizes, budget, grad, entropy, needs, forward)
+        if rows == 0:
+            least = epilogue.workspace(sizes, 16, grad=grad, entropy=entropy, needs=needs, forward=forward)
+            raise ValueError(
+                f"memory_budget of {budget} bytes holds fewer than 16 rows of the epilogue sweep "
+                f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight); "
+                f"it needs at least {-(-least.bytes * 10 // 9)} bytes ({least})"
+            )
+        ws = epilogue.workspace(sizes, rows, grad=grad, entropy=entropy, needs=needs, forward=forward)
+        return Plan("epilogue", rows, 0, ws, sizes.n)
     if mode != "fused":
         rows = chunked.rows_per_group(sizes, budget, grad, needs, dweight_sum)
         if mode == "chunked":
@@ -196,9 +212,9 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
 
 
 def choose_mode(prob: Problem, budget: int, *, grad: bool, entropy: bool):
-    """("chunked", rows) or ("fused", (rows, chunk)): ``plan``'s choice for ``prob``."""
+    """("chunked" or "epilogue", rows) or ("fused", (rows, chunk)): ``plan``'s choice for ``prob``."""
     p = plan(prob.sizes(), budget, grad=grad, entropy=entropy)
-    return (p.mode, p.rows) if p.mode == "chunked" else (p.mode, (p.rows, p.chunk))
+    return (p.mode, (p.rows, p.chunk)) if p.mode == "fused" else (p.mode, p.rows)
 
 
 def workspace_bytes(
@@ -249,6 +265,8 @@ def _sweep(prob: Problem, out: Outputs, budget: int, *, entropy, coef=None, ent_
     kwargs = dict(entropy=entropy, coef=coef, ent_coef=ent_coef, stats_given=stats_given, needs=needs)
     if p.mode == "chunked":
         chunked.run(prob, out, rows=p.rows, dweight_sum=settings.triton_dweight_sum, **kwargs)
+    elif p.mode == "epilogue":
+        epilogue.run(prob, out, rows=p.rows, **kwargs)
     else:
         fused.run(prob, out, rows=p.rows, chunk=p.chunk, **kwargs)
 

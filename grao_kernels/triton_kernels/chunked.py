@@ -256,20 +256,35 @@ def float32_dweight_sum(sizes: Sizes, groups: int, dw: bool, dweight_sum: str) -
 def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), dweight_sum="float32") -> Workspace:
     """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
 
-    Persistent: the group's float32 logits (4 R V), its float32 dhidden rows
-    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and,
-    when ``float32_dweight_sum``, the float32 dweight accumulator (4 V H).
-    Otherwise the returned gradient is the accumulator (one group; a float32
-    weight; or ``dweight_sum="weight"``: each group's product is added into
-    the bf16/fp16 gradient by the GEMM, beta = 1). Transient, one at a time: a slice of the weight cast to
-    hidden's dtype, dbias's per-group sum (4 V), the rounded dhidden rows of
-    a gathered group, mm_into's float32 temporary.
+    Persistent: the group's float32 logits (4 R V) and ``group_buffers``'.
+    Transient, one at a time: ``group_buffers``', the weight slice also for
+    the logits' GEMM.
+    """
+    persistent, transient = group_buffers(
+        sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum, weight_slices_for_logits=True
+    )
+    return Workspace({"logits": 4 * min(rows, sizes.n) * sizes.V, **persistent}, transient)
+
+
+def group_buffers(sizes: Sizes, rows: int, *, grad: bool, needs, dweight_sum: str, weight_slices_for_logits: bool):
+    """(persistent, transient) bytes by name of what a sweep over groups of ``rows`` rows allocates besides its
+    GEMM1 output, for the cuBLAS gradient products of ``group_products`` (this sweep's and the epilogue sweep's).
+
+    Persistent: the group's float32 dhidden rows (4 R H), its gathered hidden
+    rows (e R H, when rows are ignored) and, when ``float32_dweight_sum``, the
+    float32 dweight accumulator (4 V H). Otherwise the returned gradient is
+    the accumulator (one group; a float32 weight; or ``dweight_sum="weight"``:
+    each group's product is added into the bf16/fp16 gradient by the GEMM,
+    beta = 1). Transient, one at a time: a slice of the weight cast to
+    hidden's dtype (for dhidden, and for the logits when
+    ``weight_slices_for_logits``), dbias's per-group sum (4 V), the rounded
+    dhidden rows of a gathered group, mm_into's float32 temporary.
     """
     R, G = min(rows, sizes.n), -(-sizes.n // max(rows, 1))
     V, H, e = sizes.V, sizes.H, sizes.e
     dh, dw, db = (grad and bool(x) for x in needs)
     cast = sizes.weight_dtype != sizes.dtype
-    persistent = {"logits": 4 * R * V}
+    persistent = {}
     if dh:
         persistent["dhidden rows"] = 4 * R * H
     if sizes.gathered:
@@ -277,7 +292,7 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), 
     if float32_dweight_sum(sizes, G, dw, dweight_sum):
         persistent["dweight accumulator"] = 4 * V * H
     transient = {}
-    if cast:
+    if cast and (dh or weight_slices_for_logits):
         # dhidden accumulates slice by slice: mm_into's temporary beside the slice.
         transient["weight slice"] = e * weight_slice_rows(sizes) * H + (mm_temp_bytes(sizes, R, H, True) if dh else 0)
     if db:
@@ -286,7 +301,7 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), 
         transient["dhidden scatter"] = e * R * H
     if dw and (sizes.weight_dtype == torch.float32 or "dweight accumulator" in persistent):
         transient["dweight gemm temporary"] = mm_temp_bytes(sizes, V, H, G > 1)
-    return Workspace(persistent, {k: v for k, v in transient.items() if v})
+    return persistent, {k: v for k, v in transient.items() if v}
 
 
 def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True), dweight_sum="float32") -> int:
@@ -318,14 +333,9 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
-    sizes = prob.sizes()
-    plan = workspace(sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
-    dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
+    dh_rows, dweight = gradient_accumulators(prob, out, rows, needs, dweight_sum) if grad else (None, None)
     scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
-    dweight = out.dweight
-    if "dweight accumulator" in plan.persistent:
-        dweight = torch.empty(V, H, dtype=torch.float32, device=buf.device)
     h = None
     for g, r0 in enumerate(range(0, prob.n, rows)):
         r1 = min(prob.n, r0 + rows)
@@ -344,18 +354,38 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
             dz_scale=scale, STATS_GIVEN=stats_given, INTERPRET=interpreting(),
         )  # fmt: skip
         launch(rows_kernel, CONFIGS, INTERPRETER_CONFIG, lambda meta, r=r1 - r0: (r,), args, key=("V",))
-        if not grad:
-            continue
-        if needs[0]:
-            d = dh_rows[: r1 - r0]
-            _weight_mm(d, dz, prob.weight, dtype, transpose=False, alpha=1.0 / scale)
-            if ids is None:
-                out.dhidden[r0:r1] = d
-            else:
-                out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
-        if needs[1]:
-            mm_into(dweight, dz.T, h, accumulate=g > 0, alpha=1.0 / scale)
-        if needs[2]:
-            out.dbias.add_(dz.sum(0, dtype=torch.float32), alpha=1.0 / scale)
-    if dweight is not out.dweight:
+        if grad:
+            group_products(prob, out, dz, h, ids, r0, r1, first=g == 0, dh_rows=dh_rows, dweight=dweight,
+                           scale=scale, needs=needs)  # fmt: skip
+    if grad and dweight is not out.dweight:
         out.dweight.copy_(dweight)
+
+
+def gradient_accumulators(prob: Problem, out, rows: int, needs, dweight_sum: str):
+    """(float32 dhidden rows of a group or None, the tensor dweight is summed in) of ``group_buffers``: the
+    float32 V x H accumulator when ``float32_dweight_sum``, else ``out.dweight`` itself. A caller whose
+    accumulator is not ``out.dweight`` copies it there after the last group."""
+    N, V, H = prob.shape
+    dev = prob.hidden.device
+    dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=dev) if needs[0] else None
+    groups = -(-prob.n // max(rows, 1))
+    if float32_dweight_sum(prob.sizes(), groups, bool(needs[1]), dweight_sum):
+        return dh_rows, torch.empty(V, H, dtype=torch.float32, device=dev)
+    return dh_rows, out.dweight
+
+
+def group_products(prob: Problem, out, dz, h, ids, r0: int, r1: int, *, first, dh_rows, dweight, scale, needs):
+    """The cuBLAS products of one group's logits gradient ``dz`` ((r, V), stored times ``scale``): its dhidden
+    rows (complete: the whole V), its share of dweight (added into ``dweight`` unless ``first``) and of dbias."""
+    dtype = prob.dtype
+    if needs[0]:
+        d = dh_rows[: r1 - r0]
+        _weight_mm(d, dz, prob.weight, dtype, transpose=False, alpha=1.0 / scale)
+        if ids is None:
+            out.dhidden[r0:r1] = d
+        else:
+            out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
+    if needs[1]:
+        mm_into(dweight, dz.T, h, accumulate=not first, alpha=1.0 / scale)
+    if needs[2]:
+        out.dbias.add_(dz.sum(0, dtype=torch.float32), alpha=1.0 / scale)

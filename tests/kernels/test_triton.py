@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
     unavailable_reason("triton", torch.device(DEVICE)) is not None,
     reason=f"triton backend unavailable: {unavailable_reason('triton', torch.device(DEVICE))}",
 )
-MODES = ["chunked", "fused"]
+MODES = ["chunked", "fused", "epilogue"]
 BUDGET = 2**30
 
 # (dtype, None for fixed float32 bounds | (factor, floor) against PyTorch's own error in that dtype)
@@ -61,11 +61,12 @@ CASES = [
 def tb(monkeypatch):
     """The triton backend with small tiles, several row groups and several dz chunks (settings restored after)."""
     from grao_kernels.backends import triton_backend
-    from grao_kernels.triton_kernels import chunked, fused
+    from grao_kernels.triton_kernels import chunked, epilogue, fused
 
     monkeypatch.setattr(settings, "triton_config", "BLOCK_N=16,BLOCK_V=32,BLOCK_H=16,GROUP_N=2")
     monkeypatch.setattr(settings, "triton_mode", "auto")
     monkeypatch.setattr(chunked, "rows_per_group", lambda sizes, budget, grad, *needs: 16)
+    monkeypatch.setattr(epilogue, "rows_per_group", lambda sizes, budget, grad, entropy, *needs_forward: 16)
     monkeypatch.setattr(fused, "rows_per_group", lambda sizes, budget, grad, entropy, *needs_forward: (16, 64))
     return triton_backend
 
@@ -177,7 +178,7 @@ def test_needs_skip_gradients_not_asked_for(tb, mode, monkeypatch):
     coef = torch.randn(21, device=DEVICE)
     ref = _reference(hidden, weight, b, targets, Head(), coef)
     products = []
-    module = chunked if mode == "chunked" else fused
+    module = fused if mode == "fused" else chunked  # the epilogue sweep's products are chunked's
     real = module.mm_into
     monkeypatch.setattr(
         module, "mm_into", lambda out, a, b_, **kw: products.append(out.shape) or real(out, a, b_, **kw)
@@ -543,7 +544,7 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
     and a float32 master weight under bf16 activations (cast slice by slice).
     Not measured: the Triton interpreter's own copies and the CPU emulation of float32-output bf16 GEMMs."""
     from grao_kernels.backends import triton_backend as tb
-    from grao_kernels.triton_kernels import chunked, fused
+    from grao_kernels.triton_kernels import chunked, epilogue, fused
 
     monkeypatch.setattr(settings, "triton_mode", mode)
     monkeypatch.setattr(settings, "triton_config", None)
@@ -572,7 +573,11 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
 
         return paused
 
-    for module, names in ((chunked, ("launch", "mm_into")), (fused, ("launch", "launch_fixed", "mm_into"))):
+    for module, names in (
+        (chunked, ("launch", "mm_into")),
+        (fused, ("launch", "launch_fixed", "mm_into")),
+        (epilogue, ("launch",)),
+    ):
         for name in names:
             monkeypatch.setattr(module, name, pause(getattr(module, name)))
     planned, real_sweep = [], tb._sweep
@@ -902,7 +907,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = (tmp_path / "gpu_check.md").read_text()
-    for mode in ("chunked", "fused"):  # both sweeps, on both ops, pass the float64 gate
+    for mode in ("chunked", "fused", "epilogue"):  # every sweep, on both ops, passes the float64 gate
         for op in ("logprobs", "grao"):
             rows = [ln for ln in table.splitlines() if ln.startswith(f"| grao_kernels (triton, {mode}) | {op} |")]
             assert rows and all(ln.rstrip().endswith("| ok |") for ln in rows), (mode, op, rows)
