@@ -41,7 +41,7 @@ term, z = log P + m adds an absolute error u to z, so that term's error is
 scale / T with th = z T / cap adds 2 |th| u T / cap relative. dhidden,
 dweight and dbias are float32-accumulated sums of dz: dbias_v is off by at
 most 2u sum_rows |dz_rv| (plus float32 rounding), which
-``test_epilogue_dz_error_is_within_the_stated_bound`` checks; the oracle
+``test_dz_error_is_within_the_stated_bound`` checks; the oracle
 tests hold the three gradients to 2x eager PyTorch's own same-dtype error,
 as for the other sweeps.
 

@@ -215,6 +215,29 @@ def test_float16_gradient_survives_tiny_coefficients(tb, mode):
         assert err <= bound, f"{name}: relative L2 {err:.2e}"
 
 
+@pytest.mark.parametrize("mode,roundings", [("epilogue", 2), ("chunked", 1)])
+@pytest.mark.parametrize("dtype,u", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)], ids=["bf16", "fp16"])
+def test_dz_error_is_within_the_stated_bound(tb, mode, roundings, dtype, u):
+    """The epilogue sweep stores P = exp(z - tile max) rounded to hidden's dtype (unit roundoff u) and rounds dz
+    to it again: each dz entry is off by at most 2u |dz| (plus, in fp16, |c| 2**-25 / T below fp16's normals), so
+    dbias, a float32 sum of dz over the rows, by at most 2u sum_rows |dz| (epilogue.py's bound). The chunked
+    sweep, from float32 logits, rounds dz once: u. dz from float64 logits of the same rounded inputs."""
+    settings.triton_mode = mode
+    N, H, V, T = 37, 21, 301, 0.8
+    hidden, weight, b, targets = _inputs(N, H, V, True, dtype, 0.25, scale=2.0)
+    coef = torch.randn(N, device=DEVICE)
+    _, _, _, db = tb.grad(hidden, weight, b, targets, Head(temperature=T), -100, coef=coef, budget=BUDGET)
+    raw = (hidden.double() @ weight.double().T + b.double()).requires_grad_(True)
+    valid = targets != -100
+    logp = (raw / T).log_softmax(-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    (dz,) = torch.autograd.grad((torch.where(valid, logp, 0) * coef.double()).sum(), raw)
+    sum_abs = dz.abs().sum(0)
+    subnormal = float(coef[valid].abs().sum()) * 2**-25 / T if dtype == torch.float16 and mode == "epilogue" else 0
+    bound = roundings * u * sum_abs + subnormal + 1e-5 * sum_abs + 1e-7  # + float32 GEMM1 and summation
+    err = (db.double() - dz.sum(0)).abs()
+    assert (err <= bound).all(), f"dbias error up to {(err / bound).max():.2f}x the bound"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_ignored_rows_are_never_read(tb, mode):
     settings.triton_mode = mode
