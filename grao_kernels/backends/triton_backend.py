@@ -1,4 +1,4 @@
-"""Triton backend: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``), two sweeps.
+"""Triton backend: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``), three sweeps.
 
 Implements the contract of ``grao_kernels/backends/__init__.py`` (forward,
 grad with entropy coefficients, ``needs``, ``budget``). The kernels and their
@@ -13,13 +13,20 @@ launchers live in ``grao_kernels/triton_kernels/``:
   per-tile partial sums, a Triton kernel recomputes dz per vocabulary chunk
   for two cuBLAS products. Four GEMMs' worth of FLOPs; workspace independent
   of V (see its docstring).
+* ``epilogue.py`` (by name only): the Triton GEMM1 of the fused forward also
+  writes exp(z - tile max) in hidden's dtype (2 B per logit for bf16/fp16,
+  not chunked's 4), one row kernel turns it into the logits gradient in place,
+  and cuBLAS computes dhidden and dweight as in the chunked sweep (dweight
+  summed in the weight's dtype). Three GEMMs, twice chunked's rows per group;
+  modelled at ~1.10x the three-GEMM floor, not yet timed on a GPU, so "auto"
+  does not pick it.
 
 Memory: each sweep's ``workspace`` function lists every buffer it allocates
 (logits, partials, dz, float32 accumulators, gathered rows, weight casts,
 temporaries), and its ``run`` allocates exactly those; ``plan`` sizes the row
 groups (and fused's dz chunk) from it so the peak stays within 90% of the
 budget, and ``workspace_bytes`` reports it for given sizes before a call.
-Mode: ``settings.triton_mode`` ("auto", "chunked" or "fused"). "auto" takes
+Mode: ``settings.triton_mode`` ("auto", "chunked", "fused" or "epilogue"). "auto" takes
 the chunked sweep when the budget holds at least ``chunked.MIN_ROWS`` rows
 per group (or every row), else the fused one. Each module docstring gives
 the FLOP floor and byte traffic of its sweep.
@@ -126,7 +133,7 @@ def _prepare(hidden, weight, bias, targets, head: Head, ignore_index: int) -> Pr
 
 @dataclass(frozen=True)
 class Plan:
-    """A call's sweep: ``mode``, rows per group, dz chunk width (fused; 0 for chunked) and its buffers."""
+    """A call's sweep: ``mode``, rows per group, dz chunk width (fused; 0 otherwise) and its buffers."""
 
     mode: str
     rows: int
@@ -149,10 +156,10 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
 
     "auto" takes the chunked sweep when its workspace (every buffer counted,
     see ``chunked.workspace``) fits 90% of the budget with at least
-    ``chunked.MIN_ROWS`` rows per group (or every row), else the fused one. A
-    mode asked for by name that cannot fit 16 rows in the budget, or the
-    chunked mode on a torch without float32-output bf16/fp16 GEMMs, is a
-    ValueError naming the setting.
+    ``chunked.MIN_ROWS`` rows per group (or every row), else the fused one;
+    "epilogue" only by name. A mode asked for by name that cannot fit 16 rows
+    in the budget, or the chunked or epilogue mode on a torch without
+    float32-output bf16/fp16 GEMMs, is a ValueError naming the setting.
     """
     mode = settings.triton_mode
     if mode not in MODES:

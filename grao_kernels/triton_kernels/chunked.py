@@ -47,35 +47,21 @@ The plans, grao_loss at 1 GiB (range, point estimate), V=151936 / V=262144:
 * chunked, ``dweight_sum="weight"``: 1.11-1.23x, ~1.14x / 1.11-1.30x, ~1.16x;
 * (at 4 GiB, chunked with the float32 sum: 1.11-1.28x, ~1.16x / does not fit).
 
-What reaches <= 1.1x (not built here; no GPU was available to time a Triton
-GEMM against cuBLAS): GEMM1 in Triton at cuBLAS speed (TMA descriptors,
-persistent grid, warp specialisation on Hopper) whose epilogue, besides
-each (row, 128-column tile)'s max m, sum of exponentials and target logit
-(as ``fused.lse_partials_kernel`` writes them), stores p~ = exp(z - m) in
-bfloat16 (in (0, 1], relative error 2**-9, the same as the gradient's own
-rounding; z - lse = log p~ + m - lse recovers the entropy and soft-cap
-terms) instead of the float32 logits. Then:
-
-* the buffer holds 2 B per logit, not 4: twice the rows per group at the same
-  budget (R=3017, 6 groups / R=1787, 10 groups at 1 GiB), halving the
-  dweight read-modify-writes and the small-M loss;
-* the row kernel shrinks to one pass over p~, dz = c (onehot - p~ e^(m - lse))
-  written in place: 4 B per logit, 3.0 / 5.1 ms;
-* dweight summed in the weight's dtype (``dweight_sum="weight"``): nothing
-  V x H in the workspace.
-
-Model: V=151936: 81.6 + 3.0 + (0-4.5, ~1.1) + (1.4-3.3) = 86-92 ms,
-1.05-1.13x, ~1.08x; V=262144: 140.7 + 5.1 + (0-12.8, ~3.2) + (2.3-5.6) =
-148-164 ms, 1.05-1.17x, ~1.09x. A Triton GEMM1 at ~600 TFLOP/s instead of
-750 adds 6.8 / 11.7 ms (~1.16x): the speed of that one kernel decides
-whether the goal is met. Larger budgets help through R only (at 4 GiB and
-V=151936: ~1.06x, or ~1.08x with the float32 dweight sum, which fits there).
+What reaches <= 1.1x is built as the "epilogue" sweep (``epilogue.py``, by
+name): GEMM1 in Triton writes each (row, tile)'s softmax partials and
+exp(z - m) in bf16 instead of these float32 logits, so twice the rows per
+group and a 4 B-per-logit streaming pass; its docstring carries the
+arithmetic (~1.10x / ~1.11x with GEMM1 at cuBLAS speed and its epilogue
+exposed, ~1.19x / ~1.20x at 600 TFLOP/s: the speed of that one kernel
+decides whether the goal is met) and the error bound of the bf16 rounding.
+Larger budgets help this sweep through R only (at 4 GiB and V=151936, with
+the float32 dweight sum, which fits there: ~1.16x).
 
 Log-probs forward+backward (coefficients known only in the backward): the
 backward recomputes GEMM1, four GEMMs, so 4/3 = 1.33x of the three-GEMM
 floor is a lower bound for any sweep that does not keep the N x V logits
 (which no budget independent of V holds); this sweep: ~1.44-1.56x at 1 GiB
-(V=151936), the epilogue design above ~1.4x. The <= 1.3x goal for that
+(V=151936), the epilogue sweep ~1.4x. The <= 1.3x goal for that
 entry is out of reach by construction.
 
 Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):

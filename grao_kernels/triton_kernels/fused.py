@@ -41,7 +41,8 @@ budget; ``triton_backend.workspace_bytes`` gives the plan: one group, C=8192,
 The goal of <= 1.1x the floor needs the three-GEMM chunked sweep (each
 logit computed once) without a float32 V x H accumulator: ``chunked.py``
 models it (~1.14x at 1 GiB with ``settings.triton_dweight_sum = "weight"``,
-~1.08x with softmax statistics in a Triton GEMM1's epilogue, not built).
+~1.10x with softmax statistics in a Triton GEMM1's epilogue: ``epilogue.py``,
+which reuses this module's forward kernels).
 
 The forward writes one partial triple per (row, tile) and reduces them in a
 second small kernel, rather than sweeping the vocabulary inside a program:
