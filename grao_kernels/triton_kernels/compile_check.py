@@ -110,8 +110,10 @@ def record(dtypes, pick: int = 0):
                 triton_backend.grad(hidden, weight, bias, targets, Head(), -100, coef=coef)
                 # ... and every feature at once.
                 head = Head(temperature=0.7, logit_scale=0.5, softcap=30.0)
-                triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
+                stats = triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
                 triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef)
+                # ... also given the forward's statistics (the backward of fused_linear_logprobs).
+                triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef, stats=stats)
         return recorded
     finally:
         for mod, name, fn in saved:

@@ -1,7 +1,7 @@
 """Triton backend against a float64 oracle, under the interpreter on CPU (or on a GPU when there is one).
 
 ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no CUDA device,
-before anything imports triton. Both sweeps ("chunked", "fused") are tested
+before anything imports triton. Every sweep ("chunked", "fused", "epilogue") is tested
 through the backend contract (``forward``/``grad``), most with small pinned
 tiles and several row groups and vocabulary chunks so tiny shapes span many
 tiles; the bug regressions use the default configs.
@@ -876,7 +876,7 @@ def test_compile_check_derives_the_jit_specialisation():
     res = _compile_check("--list", "--dtype", "bf16", "--first", timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    for kernel in ("rows_kernel", "lse_partials_kernel", "lse_reduce_kernel", "dlogits_kernel"):
+    for kernel in ("rows_kernel", "lse_partials_kernel", "lse_reduce_kernel", "dlogits_kernel", "dz_kernel"):
         assert kernel in out
     assert "'bias_ptr': 'constexpr'" in out and "'bias_ptr': '*bf16'" in out
     assert "divisible_by_16=['hidden_ptr', 'weight_ptr'" in out
