@@ -333,6 +333,25 @@ def test_masked_first_tile_is_not_nan_default_configs(mode, monkeypatch):
     assert_close(logp, ref[0].logp, rtol=1e-5, atol=2e-5, name="logp through fused_linear_logprobs")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_vocabulary_over_64k_default_configs(mode, monkeypatch):
+    """V = 65536 + 1019 (past 16-bit column ids, not a multiple of any tile): statistics with the entropy and the
+    three gradients with bias, temperature and entropy coefficients against float64, ignored rows included."""
+    from grao_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(settings, "triton_mode", mode)
+    N, H, V = 7, 8, 65536 + 1019
+    hidden, weight, bias, targets = _inputs(N, H, V, True, torch.float32, 0.3, scale=2.0)
+    targets[0], targets[1] = V - 1, 65536  # targets in the last, partial tile and just past 2**16
+    head = Head(temperature=1.3)
+    coef, ent_coef = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    stats, *grads = tb.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=ent_coef, budget=BUDGET)
+    ref = _reference(hidden, weight, bias, targets, head, coef, ent_coef)
+    _check_stats(stats, ref[0], True)
+    _check_grads(grads, ref[1:], ref[1:], None)
+
+
 _OUT_OF_VOCAB = """
 import torch
 from grao_kernels import fused_linear_logprobs
