@@ -1,4 +1,4 @@
-"""Pieces shared by the sweeps (``chunked.py``, ``fused.py``, ``epilogue.py``): ``@triton.jit`` maths and the launch helper.
+"""Pieces shared by the sweeps (``chunked.py``, ``fused.py``, ``epilogue.py``): ``@triton.jit`` maths, launch helper.
 
 The jit helpers are inlined by Triton, so each formula below is written once:
 the head (scale, soft-cap, temperature) and its derivative, the online

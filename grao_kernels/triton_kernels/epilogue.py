@@ -169,7 +169,7 @@ def dz_kernel(
     else:
         row = row0 + i
     row = row.to(tl.int64)
-    one = tl.zeros([1], tl.int64)
+    one = tl.zeros([1], tl.int64)  # offset 0 that makes each per-row load below a (1,) vector
     # The target is only compared with column ids, never used as an address.
     tgt = tl.load(targets_ptr + row + one)
     lse = tl.load(lse_ptr + row + one)
