@@ -18,13 +18,16 @@ attribute                      environment variable                    meaning
                                                                        cached (None: the user's cache directory,
                                                                        see ``backends/native_backend.py``); read
                                                                        when the backend is first loaded
-``triton_mode``                ``GRAO_KERNELS_TRITON_MODE``            "auto", "chunked" or "fused"
+``triton_mode``                ``GRAO_KERNELS_TRITON_MODE``            "auto", "chunked", "fused" or
+                                                                       "epilogue" (by name only, see
+                                                                       triton_kernels/epilogue.py)
 ``triton_config``              ``GRAO_KERNELS_TRITON_CONFIG``          pinned launch config (``"BLOCK_N=64,..."``)
 ``triton_dweight_sum``         ``GRAO_KERNELS_TRITON_DWEIGHT_SUM``     how the chunked sweep sums a bf16/fp16
                                                                        weight's gradient over row groups:
                                                                        "float32" (a V x H float32 accumulator
                                                                        in the budget) or "weight" (in the
-                                                                       gradient itself, rounded once per group)
+                                                                       gradient itself, rounded once per group;
+                                                                       the epilogue sweep always does this)
 =============================  ======================================  =====================================
 """
 

@@ -7,7 +7,7 @@ installed but torch, triton and the peers that are present::
 
 A front end of ``harness.compare``. Shapes: N = 16384 tokens, H = 4096, bfloat16; each vocabulary size (default
 151936 and 262144) with 10% ignored targets, and the first one also with none ignored. Every method of the harness
-that runs on the GPU, side by side with the CPU suite's peers: the triton backend in its chunked and fused modes,
+that runs on the GPU, side by side with the CPU suite's peers: the triton backend in its chunked, fused and epilogue modes,
 the torch backend, naive eager (full logits), Cut Cross-Entropy with and without its gradient filtering, Liger's
 fused linear cross-entropy and chunked GRPO loss, TRL's chunked log-probs. Fair by construction:
 

@@ -207,10 +207,11 @@ METHODS: dict[str, Method] = {
     for m in [
         _ours("torch"),
         _ours("native"),
-        # Both sweeps at the same working-memory budget: the call's, else settings.memory_budget, else the
+        # Every sweep at the same working-memory budget: the call's, else settings.memory_budget, else the
         # backend's default (1 GiB); the GPU check sets one budget for every grao_kernels method.
         _ours("triton", "chunked"),
         _ours("triton", "fused"),
+        _ours("triton", "epilogue"),
         Method("naive", "naive PyTorch (eager, full logits)", OPS, _ours_fwd),
         Method("cce", "Cut Cross-Entropy (gradient filtering)", ("logprobs",), _cce, needs="cut_cross_entropy"),
         Method(

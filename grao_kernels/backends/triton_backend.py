@@ -1,4 +1,4 @@
-"""Triton backend: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``), two sweeps.
+"""Triton backend: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``), three sweeps.
 
 Implements the contract of ``grao_kernels/backends/__init__.py`` (forward,
 grad with entropy coefficients, ``needs``, ``budget``). The kernels and their
@@ -13,13 +13,20 @@ launchers live in ``grao_kernels/triton_kernels/``:
   per-tile partial sums, a Triton kernel recomputes dz per vocabulary chunk
   for two cuBLAS products. Four GEMMs' worth of FLOPs; workspace independent
   of V (see its docstring).
+* ``epilogue.py`` (by name only): the Triton GEMM1 of the fused forward also
+  writes exp(z - tile max) in hidden's dtype (2 B per logit for bf16/fp16,
+  not chunked's 4), one row kernel turns it into the logits gradient in place,
+  and cuBLAS computes dhidden and dweight as in the chunked sweep (dweight
+  summed in the weight's dtype). Three GEMMs, twice chunked's rows per group;
+  modelled at ~1.10x the three-GEMM floor, not yet timed on a GPU, so "auto"
+  does not pick it.
 
 Memory: each sweep's ``workspace`` function lists every buffer it allocates
 (logits, partials, dz, float32 accumulators, gathered rows, weight casts,
 temporaries), and its ``run`` allocates exactly those; ``plan`` sizes the row
 groups (and fused's dz chunk) from it so the peak stays within 90% of the
 budget, and ``workspace_bytes`` reports it for given sizes before a call.
-Mode: ``settings.triton_mode`` ("auto", "chunked" or "fused"). "auto" takes
+Mode: ``settings.triton_mode`` ("auto", "chunked", "fused" or "epilogue"). "auto" takes
 the chunked sweep when the budget holds at least ``chunked.MIN_ROWS`` rows
 per group (or every row), else the fused one. Each module docstring gives
 the FLOP floor and byte traffic of its sweep.
@@ -59,7 +66,7 @@ import torch
 
 # Importing the kernels imports triton: an ImportError here disables only this backend.
 from ..settings import settings
-from ..triton_kernels import chunked, fused
+from ..triton_kernels import chunked, epilogue, fused
 from ..triton_kernels.common import (
     Problem,
     Sizes,
@@ -73,7 +80,7 @@ from . import Head, Stats
 # Working memory beyond inputs and returned gradients: 1 GiB holds ~1700 rows
 # of float32 logits at V=151936 in the chunked sweep.
 DEFAULT_BUDGET = 2**30
-MODES = ("auto", "chunked", "fused")
+MODES = ("auto", "chunked", "fused", "epilogue")
 
 
 @dataclass
@@ -126,7 +133,7 @@ def _prepare(hidden, weight, bias, targets, head: Head, ignore_index: int) -> Pr
 
 @dataclass(frozen=True)
 class Plan:
-    """A call's sweep: ``mode``, rows per group, dz chunk width (fused; 0 for chunked) and its buffers."""
+    """A call's sweep: ``mode``, rows per group, dz chunk width (fused; 0 otherwise) and its buffers."""
 
     mode: str
     rows: int
@@ -149,10 +156,10 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
 
     "auto" takes the chunked sweep when its workspace (every buffer counted,
     see ``chunked.workspace``) fits 90% of the budget with at least
-    ``chunked.MIN_ROWS`` rows per group (or every row), else the fused one. A
-    mode asked for by name that cannot fit 16 rows in the budget, or the
-    chunked mode on a torch without float32-output bf16/fp16 GEMMs, is a
-    ValueError naming the setting.
+    ``chunked.MIN_ROWS`` rows per group (or every row), else the fused one;
+    "epilogue" only by name. A mode asked for by name that cannot fit 16 rows
+    in the budget, or the chunked or epilogue mode on a torch without
+    float32-output bf16/fp16 GEMMs, is a ValueError naming the setting.
     """
     mode = settings.triton_mode
     if mode not in MODES:
@@ -165,8 +172,24 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
         )
     needs = tuple(bool(grad and x) for x in needs)
     if sizes.n == 0:  # nothing to sweep: the call only fills zeros
-        return Plan("fused" if mode == "fused" else "chunked", 0, 0, Workspace({}, {}), 0)
+        return Plan("chunked" if mode == "auto" else mode, 0, 0, Workspace({}, {}), 0)
     chunk_ok = sizes.dtype == torch.float32 or fp32_output_gemm(torch.device("cuda" if sizes.cuda else "cpu"))
+    if mode == "epilogue":
+        if not chunk_ok:
+            raise ValueError(
+                f"settings.triton_mode='epilogue' needs float32-output {sizes.dtype} GEMMs (torch >= 2.8), "
+                f"this is torch {torch.__version__}; use 'fused' or 'auto'"
+            )
+        rows = epilogue.rows_per_group(sizes, budget, grad, entropy, needs, forward)
+        if rows == 0:
+            least = epilogue.workspace(sizes, 16, grad=grad, entropy=entropy, needs=needs, forward=forward)
+            raise ValueError(
+                f"memory_budget of {budget} bytes holds fewer than 16 rows of the epilogue sweep "
+                f"(N={sizes.N}, V={sizes.V}, H={sizes.H}, {sizes.dtype} activations, {sizes.weight_dtype} weight); "
+                f"it needs at least {-(-least.bytes * 10 // 9)} bytes ({least})"
+            )
+        ws = epilogue.workspace(sizes, rows, grad=grad, entropy=entropy, needs=needs, forward=forward)
+        return Plan("epilogue", rows, 0, ws, sizes.n)
     if mode != "fused":
         rows = chunked.rows_per_group(sizes, budget, grad, needs, dweight_sum)
         if mode == "chunked":
@@ -196,9 +219,9 @@ def plan(sizes: Sizes, budget: int, *, grad: bool, entropy: bool, needs=(True, T
 
 
 def choose_mode(prob: Problem, budget: int, *, grad: bool, entropy: bool):
-    """("chunked", rows) or ("fused", (rows, chunk)): ``plan``'s choice for ``prob``."""
+    """("chunked" or "epilogue", rows) or ("fused", (rows, chunk)): ``plan``'s choice for ``prob``."""
     p = plan(prob.sizes(), budget, grad=grad, entropy=entropy)
-    return (p.mode, p.rows) if p.mode == "chunked" else (p.mode, (p.rows, p.chunk))
+    return (p.mode, (p.rows, p.chunk)) if p.mode == "fused" else (p.mode, p.rows)
 
 
 def workspace_bytes(
@@ -249,6 +272,8 @@ def _sweep(prob: Problem, out: Outputs, budget: int, *, entropy, coef=None, ent_
     kwargs = dict(entropy=entropy, coef=coef, ent_coef=ent_coef, stats_given=stats_given, needs=needs)
     if p.mode == "chunked":
         chunked.run(prob, out, rows=p.rows, dweight_sum=settings.triton_dweight_sum, **kwargs)
+    elif p.mode == "epilogue":
+        epilogue.run(prob, out, rows=p.rows, **kwargs)
     else:
         fused.run(prob, out, rows=p.rows, chunk=p.chunk, **kwargs)
 

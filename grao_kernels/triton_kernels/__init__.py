@@ -1,6 +1,6 @@
 """Triton kernels of the ``triton`` backend, each file holding its kernels, their heuristics and launchers.
 
-``chunked.py`` and ``fused.py`` are the two vocabulary sweeps, ``common.py`` the shared ``@triton.jit`` maths and the
+``chunked.py``, ``fused.py`` and ``epilogue.py`` are the vocabulary sweeps, ``common.py`` the shared ``@triton.jit`` maths and the
 launch helper. ``grao_kernels.backends.triton_backend`` validates, picks the
 sweep by the memory budget and allocates the outputs. These modules are
 imported when the backend first is (``triton.jit`` decides at decoration time

@@ -47,35 +47,21 @@ The plans, grao_loss at 1 GiB (range, point estimate), V=151936 / V=262144:
 * chunked, ``dweight_sum="weight"``: 1.11-1.23x, ~1.14x / 1.11-1.30x, ~1.16x;
 * (at 4 GiB, chunked with the float32 sum: 1.11-1.28x, ~1.16x / does not fit).
 
-What reaches <= 1.1x (not built here; no GPU was available to time a Triton
-GEMM against cuBLAS): GEMM1 in Triton at cuBLAS speed (TMA descriptors,
-persistent grid, warp specialisation on Hopper) whose epilogue, besides
-each (row, 128-column tile)'s max m, sum of exponentials and target logit
-(as ``fused.lse_partials_kernel`` writes them), stores p~ = exp(z - m) in
-bfloat16 (in (0, 1], relative error 2**-9, the same as the gradient's own
-rounding; z - lse = log p~ + m - lse recovers the entropy and soft-cap
-terms) instead of the float32 logits. Then:
-
-* the buffer holds 2 B per logit, not 4: twice the rows per group at the same
-  budget (R=3017, 6 groups / R=1787, 10 groups at 1 GiB), halving the
-  dweight read-modify-writes and the small-M loss;
-* the row kernel shrinks to one pass over p~, dz = c (onehot - p~ e^(m - lse))
-  written in place: 4 B per logit, 3.0 / 5.1 ms;
-* dweight summed in the weight's dtype (``dweight_sum="weight"``): nothing
-  V x H in the workspace.
-
-Model: V=151936: 81.6 + 3.0 + (0-4.5, ~1.1) + (1.4-3.3) = 86-92 ms,
-1.05-1.13x, ~1.08x; V=262144: 140.7 + 5.1 + (0-12.8, ~3.2) + (2.3-5.6) =
-148-164 ms, 1.05-1.17x, ~1.09x. A Triton GEMM1 at ~600 TFLOP/s instead of
-750 adds 6.8 / 11.7 ms (~1.16x): the speed of that one kernel decides
-whether the goal is met. Larger budgets help through R only (at 4 GiB and
-V=151936: ~1.06x, or ~1.08x with the float32 dweight sum, which fits there).
+What reaches <= 1.1x is built as the "epilogue" sweep (``epilogue.py``, by
+name): GEMM1 in Triton writes each (row, tile)'s softmax partials and
+exp(z - m) in bf16 instead of these float32 logits, so twice the rows per
+group and a 4 B-per-logit streaming pass; its docstring carries the
+arithmetic (~1.10x / ~1.11x with GEMM1 at cuBLAS speed and its epilogue
+exposed, ~1.19x / ~1.20x at 600 TFLOP/s: the speed of that one kernel
+decides whether the goal is met) and the error bound of the bf16 rounding.
+Larger budgets help this sweep through R only (at 4 GiB and V=151936, with
+the float32 dweight sum, which fits there: ~1.16x).
 
 Log-probs forward+backward (coefficients known only in the backward): the
 backward recomputes GEMM1, four GEMMs, so 4/3 = 1.33x of the three-GEMM
 floor is a lower bound for any sweep that does not keep the N x V logits
 (which no budget independent of V holds); this sweep: ~1.44-1.56x at 1 GiB
-(V=151936), the epilogue design above ~1.4x. The <= 1.3x goal for that
+(V=151936), the epilogue sweep ~1.4x. The <= 1.3x goal for that
 entry is out of reach by construction.
 
 Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
@@ -256,20 +242,35 @@ def float32_dweight_sum(sizes: Sizes, groups: int, dw: bool, dweight_sum: str) -
 def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), dweight_sum="float32") -> Workspace:
     """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
 
-    Persistent: the group's float32 logits (4 R V), its float32 dhidden rows
-    (4 R H), its gathered hidden rows (e R H, when rows are ignored) and,
-    when ``float32_dweight_sum``, the float32 dweight accumulator (4 V H).
-    Otherwise the returned gradient is the accumulator (one group; a float32
-    weight; or ``dweight_sum="weight"``: each group's product is added into
-    the bf16/fp16 gradient by the GEMM, beta = 1). Transient, one at a time: a slice of the weight cast to
-    hidden's dtype, dbias's per-group sum (4 V), the rounded dhidden rows of
-    a gathered group, mm_into's float32 temporary.
+    Persistent: the group's float32 logits (4 R V) and ``group_buffers``'.
+    Transient, one at a time: ``group_buffers``', the weight slice also for
+    the logits' GEMM.
+    """
+    persistent, transient = group_buffers(
+        sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum, weight_slices_for_logits=True
+    )
+    return Workspace({"logits": 4 * min(rows, sizes.n) * sizes.V, **persistent}, transient)
+
+
+def group_buffers(sizes: Sizes, rows: int, *, grad: bool, needs, dweight_sum: str, weight_slices_for_logits: bool):
+    """(persistent, transient) bytes by name of what a sweep over groups of ``rows`` rows allocates besides its
+    GEMM1 output, for the cuBLAS gradient products of ``group_products`` (this sweep's and the epilogue sweep's).
+
+    Persistent: the group's float32 dhidden rows (4 R H), its gathered hidden
+    rows (e R H, when rows are ignored) and, when ``float32_dweight_sum``, the
+    float32 dweight accumulator (4 V H). Otherwise the returned gradient is
+    the accumulator (one group; a float32 weight; or ``dweight_sum="weight"``:
+    each group's product is added into the bf16/fp16 gradient by the GEMM,
+    beta = 1). Transient, one at a time: a slice of the weight cast to
+    hidden's dtype (for dhidden, and for the logits when
+    ``weight_slices_for_logits``), dbias's per-group sum (4 V), the rounded
+    dhidden rows of a gathered group, mm_into's float32 temporary.
     """
     R, G = min(rows, sizes.n), -(-sizes.n // max(rows, 1))
     V, H, e = sizes.V, sizes.H, sizes.e
     dh, dw, db = (grad and bool(x) for x in needs)
     cast = sizes.weight_dtype != sizes.dtype
-    persistent = {"logits": 4 * R * V}
+    persistent = {}
     if dh:
         persistent["dhidden rows"] = 4 * R * H
     if sizes.gathered:
@@ -277,7 +278,7 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), 
     if float32_dweight_sum(sizes, G, dw, dweight_sum):
         persistent["dweight accumulator"] = 4 * V * H
     transient = {}
-    if cast:
+    if cast and (dh or weight_slices_for_logits):
         # dhidden accumulates slice by slice: mm_into's temporary beside the slice.
         transient["weight slice"] = e * weight_slice_rows(sizes) * H + (mm_temp_bytes(sizes, R, H, True) if dh else 0)
     if db:
@@ -286,7 +287,7 @@ def workspace(sizes: Sizes, rows: int, *, grad: bool, needs=(True, True, True), 
         transient["dhidden scatter"] = e * R * H
     if dw and (sizes.weight_dtype == torch.float32 or "dweight accumulator" in persistent):
         transient["dweight gemm temporary"] = mm_temp_bytes(sizes, V, H, G > 1)
-    return Workspace(persistent, {k: v for k, v in transient.items() if v})
+    return persistent, {k: v for k, v in transient.items() if v}
 
 
 def rows_per_group(sizes: Sizes, budget: int, grad: bool, needs=(True, True, True), dweight_sum="float32") -> int:
@@ -318,14 +319,9 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
     N, V, H = prob.shape
     dtype = prob.dtype
     grad = coef is not None
-    sizes = prob.sizes()
-    plan = workspace(sizes, rows, grad=grad, needs=needs, dweight_sum=dweight_sum)
     buf = torch.empty(min(rows, prob.n), V, dtype=torch.float32, device=prob.hidden.device)
-    dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=buf.device) if grad and needs[0] else None
+    dh_rows, dweight = gradient_accumulators(prob, out, rows, needs, dweight_sum) if grad else (None, None)
     scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
-    dweight = out.dweight
-    if "dweight accumulator" in plan.persistent:
-        dweight = torch.empty(V, H, dtype=torch.float32, device=buf.device)
     h = None
     for g, r0 in enumerate(range(0, prob.n, rows)):
         r1 = min(prob.n, r0 + rows)
@@ -344,18 +340,38 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
             dz_scale=scale, STATS_GIVEN=stats_given, INTERPRET=interpreting(),
         )  # fmt: skip
         launch(rows_kernel, CONFIGS, INTERPRETER_CONFIG, lambda meta, r=r1 - r0: (r,), args, key=("V",))
-        if not grad:
-            continue
-        if needs[0]:
-            d = dh_rows[: r1 - r0]
-            _weight_mm(d, dz, prob.weight, dtype, transpose=False, alpha=1.0 / scale)
-            if ids is None:
-                out.dhidden[r0:r1] = d
-            else:
-                out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
-        if needs[1]:
-            mm_into(dweight, dz.T, h, accumulate=g > 0, alpha=1.0 / scale)
-        if needs[2]:
-            out.dbias.add_(dz.sum(0, dtype=torch.float32), alpha=1.0 / scale)
-    if dweight is not out.dweight:
+        if grad:
+            group_products(prob, out, dz, h, ids, r0, r1, first=g == 0, dh_rows=dh_rows, dweight=dweight,
+                           scale=scale, needs=needs)  # fmt: skip
+    if grad and dweight is not out.dweight:
         out.dweight.copy_(dweight)
+
+
+def gradient_accumulators(prob: Problem, out, rows: int, needs, dweight_sum: str):
+    """(float32 dhidden rows of a group or None, the tensor dweight is summed in) of ``group_buffers``: the
+    float32 V x H accumulator when ``float32_dweight_sum``, else ``out.dweight`` itself. A caller whose
+    accumulator is not ``out.dweight`` copies it there after the last group."""
+    N, V, H = prob.shape
+    dev = prob.hidden.device
+    dh_rows = torch.empty(min(rows, prob.n), H, dtype=torch.float32, device=dev) if needs[0] else None
+    groups = -(-prob.n // max(rows, 1))
+    if float32_dweight_sum(prob.sizes(), groups, bool(needs[1]), dweight_sum):
+        return dh_rows, torch.empty(V, H, dtype=torch.float32, device=dev)
+    return dh_rows, out.dweight
+
+
+def group_products(prob: Problem, out, dz, h, ids, r0: int, r1: int, *, first, dh_rows, dweight, scale, needs):
+    """The cuBLAS products of one group's logits gradient ``dz`` ((r, V), stored times ``scale``): its dhidden
+    rows (complete: the whole V), its share of dweight (added into ``dweight`` unless ``first``) and of dbias."""
+    dtype = prob.dtype
+    if needs[0]:
+        d = dh_rows[: r1 - r0]
+        _weight_mm(d, dz, prob.weight, dtype, transpose=False, alpha=1.0 / scale)
+        if ids is None:
+            out.dhidden[r0:r1] = d
+        else:
+            out.dhidden.index_copy_(0, ids, d.to(out.dhidden.dtype))
+    if needs[1]:
+        mm_into(dweight, dz.T, h, accumulate=not first, alpha=1.0 / scale)
+    if needs[2]:
+        out.dbias.add_(dz.sum(0, dtype=torch.float32), alpha=1.0 / scale)

@@ -1,4 +1,4 @@
-"""Pieces shared by the two sweeps (``chunked.py``, ``fused.py``): ``@triton.jit`` maths and the launch helper.
+"""Pieces shared by the sweeps (``chunked.py``, ``fused.py``, ``epilogue.py``): ``@triton.jit`` maths, launch helper.
 
 The jit helpers are inlined by Triton, so each formula below is written once:
 the head (scale, soft-cap, temperature) and its derivative, the online
@@ -210,6 +210,15 @@ def apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def head_grad_from_z(z, scale, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dz/draw of ``apply_head`` from its output z (finite): with the soft-cap tanh(u / cap) = z T / cap."""
+    if HAS_SOFTCAP:
+        th = z / (softcap * inv_temp)
+        return (1.0 - th * th) * (scale * inv_temp)
+    return tl.zeros_like(z) + scale * inv_temp
+
+
+@triton.jit
 def merge_lse(m, s, t, pm, ps, pt, ENTROPY: tl.constexpr):
     """Fold (rows, k) partial (max, sum-exp, entropy sum) triples into each row's running triple.
 
@@ -245,13 +254,19 @@ def lse_and_entropy(m, s, t):
 
 @triton.jit
 def logits_grad(z, dz_draw, onehot, coef, ent_coef, lse, ent, HAS_ENT_COEF: tl.constexpr):
-    """d/draw of ``coef logp + ent_coef entropy`` for a block of logits (rows broadcast from (rows,) vectors).
+    """d/draw of ``coef logp + ent_coef entropy`` for a block of logits (rows broadcast from (rows,) vectors),
+    with p = exp(z - lse); see ``logits_grad_p``."""
+    return logits_grad_p(tl.exp(z - lse[:, None]), z, dz_draw, onehot, coef, ent_coef, lse, ent, HAS_ENT_COEF)
 
-    d logp / dz = onehot(target) - p and d entropy / dz = -p (z - lse + entropy),
-    with p = exp(z - lse); times dz/draw of the head. A -inf logit has p = 0
-    and contributes exactly 0 (its ``p (z - lse)`` would be 0 * -inf).
+
+@triton.jit
+def logits_grad_p(p, z, dz_draw, onehot, coef, ent_coef, lse, ent, HAS_ENT_COEF: tl.constexpr):
+    """d/draw of ``coef logp + ent_coef entropy`` given the probabilities ``p`` of the logits ``z``.
+
+    d logp / dz = onehot(target) - p and d entropy / dz = -p (z - lse + entropy);
+    times dz/draw of the head. A -inf logit has p = 0 and contributes exactly 0
+    (its ``p (z - lse)`` would be 0 * -inf). ``z`` is read only with HAS_ENT_COEF.
     """
-    p = tl.exp(z - lse[:, None])
     g = coef[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
     if HAS_ENT_COEF:
         g -= tl.where(p > 0, ent_coef[:, None] * p * (z - lse[:, None] + ent[:, None]), 0.0)

@@ -59,25 +59,31 @@ def specialise(value):
     raise TypeError(f"cannot specialise {type(value).__name__}")
 
 
-def record(dtypes):
-    """Recorded launches (kernel, args, configs) of every sweep, mode and feature variant, per dtype."""
+def record(dtypes, pick: int = 0):
+    """Recorded launches (kernel, args, configs) of every sweep, mode and feature variant, per dtype.
+
+    Each recorded launch reports ``configs[pick]``'s block sizes as the one it ran, so a launch whose arguments
+    follow an earlier one's config (the epilogue sweep's dz kernel takes GEMM1's vocabulary tile) is recorded
+    for the first config with ``pick=0`` and for the last with ``pick=-1``.
+    """
     import torch
 
     from grao_kernels.backends import Head, triton_backend
     from grao_kernels.settings import settings
-    from grao_kernels.triton_kernels import chunked, fused
+    from grao_kernels.triton_kernels import chunked, epilogue, fused
 
     recorded = []
 
     def launch(kernel, configs, interpreter_config, grid, args, key=None):
         recorded.append((kernel, dict(args), configs))
-        return dict(configs[0].kwargs)
+        return dict(configs[pick].kwargs)
 
     def launch_fixed(kernel, grid, args):
         recorded.append((kernel, dict(args), []))
 
     torch.manual_seed(0)
     patches = [(chunked, "launch", launch), (fused, "launch", launch), (fused, "launch_fixed", launch_fixed)]
+    patches += [(epilogue, "launch", launch)]
     # CPU tensors stand for CUDA ones here.
     patches += [(triton_backend, "check_device", lambda *tensors: None)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
@@ -92,7 +98,7 @@ def record(dtypes):
             hidden = torch.randn(N, H).to(dtype)
             weight = torch.randn(V, H).to(dtype)
             coef = torch.randn(N)
-            for mode in ("chunked", "fused"):
+            for mode in ("chunked", "fused", "epilogue"):
                 settings.triton_mode = mode
                 # The benchmark's variant (no bias, soft-cap or entropy, every row valid) ...
                 targets = torch.randint(0, V, (N,))
@@ -104,8 +110,10 @@ def record(dtypes):
                 triton_backend.grad(hidden, weight, bias, targets, Head(), -100, coef=coef)
                 # ... and every feature at once.
                 head = Head(temperature=0.7, logit_scale=0.5, softcap=30.0)
-                triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
+                stats = triton_backend.forward(hidden, weight, bias, targets, head, -100, entropy=True)
                 triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef)
+                # ... also given the forward's statistics (the backward of fused_linear_logprobs).
+                triton_backend.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=coef, stats=stats)
         return recorded
     finally:
         for mod, name, fn in saved:
@@ -118,7 +126,7 @@ def jobs(dtypes, first):
     from grao_kernels.triton_kernels.common import jit_fn
 
     seen = set()
-    for kernel, args, configs in record(dtypes):
+    for kernel, args, configs in [*record(dtypes), *record(dtypes, pick=-1)]:
         fn = jit_fn(kernel)
         heur = dict(getattr(kernel, "values", {}))
         base_consts = {k: f(args) for k, f in heur.items()}
@@ -143,7 +151,7 @@ def jobs(dtypes, first):
             if key in seen:
                 continue
             seen.add(key)
-            ptr = next((sig[n] for n in ("hidden_ptr", "logits_ptr", "dz_ptr") if n in sig), "")
+            ptr = next((sig[n] for n in ("hidden_ptr", "logits_ptr", "dz_ptr", "p_ptr") if n in sig), "")
             label = f"{fn.__name__} {ptr} {cfg.kwargs if cfg is not None else ''} flags=" + ",".join(
                 f"{k}={v}" for k, v in base_consts.items()
             )

@@ -41,7 +41,8 @@ budget; ``triton_backend.workspace_bytes`` gives the plan: one group, C=8192,
 The goal of <= 1.1x the floor needs the three-GEMM chunked sweep (each
 logit computed once) without a float32 V x H accumulator: ``chunked.py``
 models it (~1.14x at 1 GiB with ``settings.triton_dweight_sum = "weight"``,
-~1.08x with softmax statistics in a Triton GEMM1's epilogue, not built).
+~1.10x with softmax statistics in a Triton GEMM1's epilogue: ``epilogue.py``,
+which reuses this module's forward kernels).
 
 The forward writes one partial triple per (row, tile) and reduces them in a
 second small kernel, rather than sweeping the vocabulary inside a program:
@@ -115,7 +116,9 @@ def _row_ids(rows_ptr, row0, offs, mask, HAS_ROWS: tl.constexpr):
     return (row0 + offs).to(tl.int64)
 
 
-@triton.heuristics({**_HEURISTICS, "ENTROPY": lambda a: a["part_t_ptr"] is not None})
+@triton.heuristics(
+    {**_HEURISTICS, "ENTROPY": lambda a: a["part_t_ptr"] is not None, "STORE_P": lambda a: a["p_ptr"] is not None}
+)
 @triton.jit
 def lse_partials_kernel(
     hidden_ptr,  # (R, H) the group's rows, row stride stride_h
@@ -127,12 +130,14 @@ def lse_partials_kernel(
     part_s_ptr,  # (tiles, R) float32 out: sum exp(z - max)
     part_t_ptr,  # (tiles, R) float32 out: sum exp(z - max)(z - max), or None
     tgt_logit_ptr,  # (R,) float32 out: z of the target
+    p_ptr,  # (R, V) out, row stride stride_p: exp(z - tile max) (the epilogue sweep), or None
     row0,
     R,
     V,
     H,
     stride_h,
     stride_w,
+    stride_p,
     scale,
     inv_temp,
     softcap,
@@ -142,6 +147,7 @@ def lse_partials_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     ENTROPY: tl.constexpr,
+    STORE_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -166,6 +172,13 @@ def lse_partials_kernel(
     tl.store(part_s_ptr + out, s, mask=row_mask)
     if ENTROPY:
         tl.store(part_t_ptr + out, t, mask=row_mask)
+    if STORE_P:
+        # The epilogue sweep's GEMM1 output: the tile's exp(z - m) in (0, 1] instead of the float32 logits
+        # (half the bytes in bf16/fp16); m is the tile max just stored (0 for a tile of -inf logits, whose p is 0).
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp(z - m_safe[:, None])
+        p_ptrs = p_ptr + offs_n.to(tl.int64)[:, None] * stride_p + offs_v[None, :]
+        tl.store(p_ptrs, to_store(p, p_ptr.dtype.element_ty, UPCAST_DOT), mask=row_mask[:, None] & col_mask[None, :])
     # The target's logit comes from the tile holding it, with the same rounding
     # as the log-sum-exp (so logp <= 0 holds); columns past V never match.
     tgt = tl.load(targets_ptr + _row_ids(rows_ptr, row0, offs_n, row_mask, HAS_ROWS), mask=row_mask, other=-1)
@@ -282,7 +295,7 @@ def _configs(prob: Problem, configs, configs_fp32):
     return configs_fp32 if prob.dtype == torch.float32 else configs
 
 
-def _tiles(sizes: Sizes) -> int:
+def max_tiles(sizes: Sizes) -> int:
     """Vocabulary tiles of the forward at its narrowest tile (sizes the partial buffers)."""
     configs = FORWARD_CONFIGS_FP32 if sizes.dtype == torch.float32 else FORWARD_CONFIGS
     return triton.cdiv(sizes.V, min_block_v(configs, INTERPRETER_CONFIG))
@@ -329,7 +342,7 @@ def workspace(
         persistent["dweight chunk accumulator"] = 4 * C * H
     transient = {}
     if forward:
-        transient["forward partials"] = (12 if entropy else 8) * _tiles(sizes) * R + 4 * R
+        transient["forward partials"] = (12 if entropy else 8) * max_tiles(sizes) * R + 4 * R
     if dh:
         cast = e * C * H if sizes.weight_dtype != sizes.dtype else 0
         transient["weight chunk"] = cast + mm_temp_bytes(sizes, R, H, V > C)
@@ -380,32 +393,45 @@ def rows_per_group(
     return (rows, chunk) if rows >= 16 else (0, 0)
 
 
-def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
-    """Statistics of the group's ``r`` rows into ``out`` (partials, then their reduction)."""
+def forward_tiles(prob: Problem, h, ids, row0, r, parts, tgt_logit, p=None) -> dict:
+    """GEMM1 of a group's ``r`` rows: per (row, vocabulary tile) the partial triple into ``parts`` ((2 or 3,
+    >= tiles r) float32: max, sum-exp and, with 3, the entropy sum, tile-major with row stride ``r``), the
+    target's logit into ``tgt_logit`` (left as is where no tile holds the target) and, given ``p`` ((r, V)),
+    exp(z - tile max) into it. Returns the launch's block sizes."""
     N, V, H = prob.shape
-    dev = h.device
-    fwd_configs = _configs(prob, FORWARD_CONFIGS, FORWARD_CONFIGS_FP32)
-    tiles_max = triton.cdiv(V, min_block_v(fwd_configs, INTERPRETER_CONFIG))
-    parts = torch.empty(3 if entropy else 2, tiles_max * r, dtype=torch.float32, device=dev)
-    # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
-    tgt_logit = torch.full((r,), float("nan"), dtype=torch.float32, device=dev)
     args = dict(
         hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
-        part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if entropy else None, tgt_logit_ptr=tgt_logit,
-        row0=row0, R=r, V=V, H=H, stride_h=h.stride(0), stride_w=prob.weight.stride(0), **prob.head_args(),
+        part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if len(parts) > 2 else None,
+        tgt_logit_ptr=tgt_logit, p_ptr=p, row0=row0, R=r, V=V, H=H, stride_h=h.stride(0),
+        stride_w=prob.weight.stride(0), stride_p=0 if p is None else p.stride(0), **prob.head_args(),
         **dot_flags(prob.dtype),
     )  # fmt: skip
 
     def grid(meta):
         return (triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
 
-    meta = launch(lse_partials_kernel, fwd_configs, INTERPRETER_CONFIG, grid, args)
+    fwd_configs = _configs(prob, FORWARD_CONFIGS, FORWARD_CONFIGS_FP32)
+    return launch(lse_partials_kernel, fwd_configs, INTERPRETER_CONFIG, grid, args)
+
+
+def reduce_tiles(out, ids, row0, r, parts, tgt_logit, tiles: int, entropy: bool) -> None:
+    """logp, lse (and with ``entropy`` the entropy) of a group's ``r`` rows into ``out`` from ``forward_tiles``'
+    ``tiles`` partials per row."""
     reduce_args = dict(
         part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if entropy else None, tgt_logit_ptr=tgt_logit,
         rows_ptr=ids, logp_ptr=out.logp, lse_ptr=out.lse, ent_ptr=out.entropy if entropy else None,
-        row0=row0, R=r, tiles=triton.cdiv(V, meta["BLOCK_V"]), **REDUCE_CONFIG,
+        row0=row0, R=r, tiles=tiles, **REDUCE_CONFIG,
     )  # fmt: skip
     launch_fixed(lse_reduce_kernel, (triton.cdiv(r, REDUCE_CONFIG["BLOCK_R"]),), reduce_args)
+
+
+def _forward_group(prob: Problem, out, h, ids, row0, r, entropy: bool) -> None:
+    """Statistics of the group's ``r`` rows into ``out`` (partials, then their reduction)."""
+    parts = torch.empty(3 if entropy else 2, max_tiles(prob.sizes()) * r, dtype=torch.float32, device=h.device)
+    # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
+    tgt_logit = torch.full((r,), float("nan"), dtype=torch.float32, device=h.device)
+    meta = forward_tiles(prob, h, ids, row0, r, parts, tgt_logit)
+    reduce_tiles(out, ids, row0, r, parts, tgt_logit, triton.cdiv(prob.shape[1], meta["BLOCK_V"]), entropy)
 
 
 def run(prob: Problem, out, *, rows: int, chunk: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):

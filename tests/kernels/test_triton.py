@@ -1,7 +1,7 @@
 """Triton backend against a float64 oracle, under the interpreter on CPU (or on a GPU when there is one).
 
 ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when there is no CUDA device,
-before anything imports triton. Both sweeps ("chunked", "fused") are tested
+before anything imports triton. Every sweep ("chunked", "fused", "epilogue") is tested
 through the backend contract (``forward``/``grad``), most with small pinned
 tiles and several row groups and vocabulary chunks so tiny shapes span many
 tiles; the bug regressions use the default configs.
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
     unavailable_reason("triton", torch.device(DEVICE)) is not None,
     reason=f"triton backend unavailable: {unavailable_reason('triton', torch.device(DEVICE))}",
 )
-MODES = ["chunked", "fused"]
+MODES = ["chunked", "fused", "epilogue"]
 BUDGET = 2**30
 
 # (dtype, None for fixed float32 bounds | (factor, floor) against PyTorch's own error in that dtype)
@@ -61,11 +61,12 @@ CASES = [
 def tb(monkeypatch):
     """The triton backend with small tiles, several row groups and several dz chunks (settings restored after)."""
     from grao_kernels.backends import triton_backend
-    from grao_kernels.triton_kernels import chunked, fused
+    from grao_kernels.triton_kernels import chunked, epilogue, fused
 
     monkeypatch.setattr(settings, "triton_config", "BLOCK_N=16,BLOCK_V=32,BLOCK_H=16,GROUP_N=2")
     monkeypatch.setattr(settings, "triton_mode", "auto")
     monkeypatch.setattr(chunked, "rows_per_group", lambda sizes, budget, grad, *needs: 16)
+    monkeypatch.setattr(epilogue, "rows_per_group", lambda sizes, budget, grad, entropy, *needs_forward: 16)
     monkeypatch.setattr(fused, "rows_per_group", lambda sizes, budget, grad, entropy, *needs_forward: (16, 64))
     return triton_backend
 
@@ -177,7 +178,7 @@ def test_needs_skip_gradients_not_asked_for(tb, mode, monkeypatch):
     coef = torch.randn(21, device=DEVICE)
     ref = _reference(hidden, weight, b, targets, Head(), coef)
     products = []
-    module = chunked if mode == "chunked" else fused
+    module = fused if mode == "fused" else chunked  # the epilogue sweep's products are chunked's
     real = module.mm_into
     monkeypatch.setattr(
         module, "mm_into", lambda out, a, b_, **kw: products.append(out.shape) or real(out, a, b_, **kw)
@@ -212,6 +213,29 @@ def test_float16_gradient_survives_tiny_coefficients(tb, mode):
     for name, g_big, g_tiny, bound in zip(("dhidden", "dweight", "dbias"), big, tiny, (1.2e-2, 5e-3, 1e-3)):
         err = rel_l2(g_tiny.double(), g_big.double() * 1e-5)
         assert err <= bound, f"{name}: relative L2 {err:.2e}"
+
+
+@pytest.mark.parametrize("mode,roundings", [("epilogue", 2), ("chunked", 1)])
+@pytest.mark.parametrize("dtype,u", [(torch.bfloat16, 2**-8), (torch.float16, 2**-11)], ids=["bf16", "fp16"])
+def test_dz_error_is_within_the_stated_bound(tb, mode, roundings, dtype, u):
+    """The epilogue sweep stores P = exp(z - tile max) rounded to hidden's dtype (unit roundoff u) and rounds dz
+    to it again: each dz entry is off by at most 2u |dz| (plus, in fp16, |c| 2**-25 / T below fp16's normals), so
+    dbias, a float32 sum of dz over the rows, by at most 2u sum_rows |dz| (epilogue.py's bound). The chunked
+    sweep, from float32 logits, rounds dz once: u. dz from float64 logits of the same rounded inputs."""
+    settings.triton_mode = mode
+    N, H, V, T = 37, 21, 301, 0.8
+    hidden, weight, b, targets = _inputs(N, H, V, True, dtype, 0.25, scale=2.0)
+    coef = torch.randn(N, device=DEVICE)
+    _, _, _, db = tb.grad(hidden, weight, b, targets, Head(temperature=T), -100, coef=coef, budget=BUDGET)
+    raw = (hidden.double() @ weight.double().T + b.double()).requires_grad_(True)
+    valid = targets != -100
+    logp = (raw / T).log_softmax(-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    (dz,) = torch.autograd.grad((torch.where(valid, logp, 0) * coef.double()).sum(), raw)
+    sum_abs = dz.abs().sum(0)
+    subnormal = float(coef[valid].abs().sum()) * 2**-25 / T if dtype == torch.float16 and mode == "epilogue" else 0
+    bound = roundings * u * sum_abs + subnormal + 1e-5 * sum_abs + 1e-7  # + float32 GEMM1 and summation
+    err = (db.double() - dz.sum(0)).abs()
+    assert (err <= bound).all(), f"dbias error up to {(err / bound).max():.2f}x the bound"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -307,6 +331,25 @@ def test_masked_first_tile_is_not_nan_default_configs(mode, monkeypatch):
     assert (grads[1][:1024] == 0).all()
     logp = fused_linear_logprobs(hidden, weight, targets, bias=bias, backend="triton")
     assert_close(logp, ref[0].logp, rtol=1e-5, atol=2e-5, name="logp through fused_linear_logprobs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_vocabulary_over_64k_default_configs(mode, monkeypatch):
+    """V = 65536 + 1019 (past 16-bit column ids, not a multiple of any tile): statistics with the entropy and the
+    three gradients with bias, temperature and entropy coefficients against float64, ignored rows included."""
+    from grao_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(settings, "triton_mode", mode)
+    N, H, V = 7, 8, 65536 + 1019
+    hidden, weight, bias, targets = _inputs(N, H, V, True, torch.float32, 0.3, scale=2.0)
+    targets[0], targets[1] = V - 1, 65536  # targets in the last, partial tile and just past 2**16
+    head = Head(temperature=1.3)
+    coef, ent_coef = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    stats, *grads = tb.grad(hidden, weight, bias, targets, head, -100, coef=coef, ent_coef=ent_coef, budget=BUDGET)
+    ref = _reference(hidden, weight, bias, targets, head, coef, ent_coef)
+    _check_stats(stats, ref[0], True)
+    _check_grads(grads, ref[1:], ref[1:], None)
 
 
 _OUT_OF_VOCAB = """
@@ -543,7 +586,7 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
     and a float32 master weight under bf16 activations (cast slice by slice).
     Not measured: the Triton interpreter's own copies and the CPU emulation of float32-output bf16 GEMMs."""
     from grao_kernels.backends import triton_backend as tb
-    from grao_kernels.triton_kernels import chunked, fused
+    from grao_kernels.triton_kernels import chunked, epilogue, fused
 
     monkeypatch.setattr(settings, "triton_mode", mode)
     monkeypatch.setattr(settings, "triton_config", None)
@@ -572,7 +615,11 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
 
         return paused
 
-    for module, names in ((chunked, ("launch", "mm_into")), (fused, ("launch", "launch_fixed", "mm_into"))):
+    for module, names in (
+        (chunked, ("launch", "mm_into")),
+        (fused, ("launch", "launch_fixed", "mm_into")),
+        (epilogue, ("launch",)),
+    ):
         for name in names:
             monkeypatch.setattr(module, name, pause(getattr(module, name)))
     planned, real_sweep = [], tb._sweep
@@ -848,7 +895,7 @@ def test_compile_check_derives_the_jit_specialisation():
     res = _compile_check("--list", "--dtype", "bf16", "--first", timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    for kernel in ("rows_kernel", "lse_partials_kernel", "lse_reduce_kernel", "dlogits_kernel"):
+    for kernel in ("rows_kernel", "lse_partials_kernel", "lse_reduce_kernel", "dlogits_kernel", "dz_kernel"):
         assert kernel in out
     assert "'bias_ptr': 'constexpr'" in out and "'bias_ptr': '*bf16'" in out
     assert "divisible_by_16=['hidden_ptr', 'weight_ptr'" in out
@@ -902,7 +949,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = (tmp_path / "gpu_check.md").read_text()
-    for mode in ("chunked", "fused"):  # both sweeps, on both ops, pass the float64 gate
+    for mode in ("chunked", "fused", "epilogue"):  # every sweep, on both ops, passes the float64 gate
         for op in ("logprobs", "grao"):
             rows = [ln for ln in table.splitlines() if ln.startswith(f"| grao_kernels (triton, {mode}) | {op} |")]
             assert rows and all(ln.rstrip().endswith("| ok |") for ln in rows), (mode, op, rows)

@@ -1,0 +1,272 @@
+"""The "epilogue" sweep: GEMM1 in Triton writes softmax partials and exp(z - m), not float32 logits.
+
+Per group of R non-ignored rows (R bounded by the memory budget)::
+
+    for each (row block, 128- or 256-wide vocabulary tile), one program each:   # fused.lse_partials_kernel
+        z = head(hidden[g] @ weight[tile].T + bias[tile])                       # tl.dot tile loop, fp32 acc.
+        m[tile, rows], s[tile, rows] (, t) = max z, sum exp(z - m) (, entropy sum)
+        target_logit[rows] = z[target]                   # from the tile holding it
+        P[rows, tile] = exp(z - m)                       # in hidden's dtype: 2 B per logit for bf16/fp16
+    lse, logp, entropy = reduce over tiles              # fused.lse_reduce_kernel (skipped given the stats)
+    P <- dz = c (onehot - P e^(m - lse)) - c_ent p (z - lse + H), times dz/draw   # dz_kernel, in place
+    dhidden[g] = dz @ weight                            # cuBLAS (chunked.group_products), complete per group
+    dweight   += dz.T @ hidden[g]                       # cuBLAS, beta = 1, in the weight's dtype
+    dbias     += dz.sum(0)
+
+Three GEMMs, each logit computed once, and one streaming pass that reads P
+and writes dz over it (e B each way, no float32 logits anywhere). The
+statistics-only forward is fused's forward (no P). A bf16/fp16 weight's
+gradient is always summed in the returned gradient itself (cuBLAS beta = 1,
+rounded once per group, as ``settings.triton_dweight_sum = "weight"`` does
+for the chunked sweep; that setting does not apply here): nothing V x H is
+allocated, except for a 16-bit weight of another dtype than hidden's (the
+GEMM cannot add into it), summed in float32 as in the chunked sweep.
+
+z is never stored: where the entropy term or the soft-cap's derivative
+needs it, z = log P + m; the target's own z and p = exp(z_t - lse) come
+from the float32 target logit, so onehot - p at the target (where the two
+nearly cancel) is computed in float32.
+
+Precision of P (what storing exp(z - m) in hidden's dtype costs). P in
+(0, 1] is rounded to nearest with unit roundoff u = 2**-8 (bf16), 2**-11
+(fp16), 2**-24 (fp32), plus, in fp16 only, an absolute 2**-25 below fp16's
+smallest normal 2**-14 (bf16 has float32's exponent range). p = P e^(m - lse)
+then has |p^ - p| <= u p (+ 2**-25 in fp16). So each non-target entry of
+dz, -c p dz/draw under the plain head, carries a relative error <= u from
+P plus the u of its own rounding to hidden's dtype (which every sweep has):
+|dz^ - dz| <= 2u |dz| (+ |c| 2**-25 scale / T in fp16), against u for the
+sweeps that keep float32 logits; the target entry only u. With the entropy
+term, z = log P + m adds an absolute error u to z, so that term's error is
+|c_ent| p (u |z - lse + H| + u); with the soft-cap, dz/draw = (1 - th**2)
+scale / T with th = z T / cap adds 2 |th| u T / cap relative. dhidden,
+dweight and dbias are float32-accumulated sums of dz: dbias_v is off by at
+most 2u sum_rows |dz_rv| (plus float32 rounding), which
+``test_dz_error_is_within_the_stated_bound`` checks; the oracle
+tests hold the three gradients to 2x eager PyTorch's own same-dtype error,
+as for the other sweeps.
+
+Arithmetic of the ``grao_loss`` entry at N=16384 computed rows, H=4096, bf16,
+1 GiB, on an H100 SXM (the model of ``chunked.py``: ~750 TFLOP/s cuBLAS bf16,
+3.35 TB/s; one GEMM 27.2 ms at V=151936 / 46.9 ms at V=262144; three-GEMM
+floor 81.6 / 140.7 ms). Rows per group (``workspace``; per row: P 2 V,
+float32 dhidden rows 4 H, partials 8 B per row and 128-wide tile, 2 H of
+gathered hidden when rows are ignored): R=2928, 6 groups / R=1732, 10 groups
+at 1 GiB (``triton_backend.workspace_bytes`` gives the plan; at 4 GiB 2 / 3
+groups).
+
+* streaming: the reduce reads 8 B per (row, tile): negligible; dz_kernel
+  reads P (and each column's tile max, from L1) and writes dz over it,
+  4 B per logit: 3.0 / 5.1 ms;
+* GEMM1's epilogue: per 128x128 tile 16384 exps (~0.6 us at 16 per clock)
+  and 32 KB of P written (~1.3 us at an SM's share of the bandwidth), ~1.9
+  us after a ~24 us main loop at 750 TFLOP/s. A 128x128 tile at 4 stages
+  holds 128 KB of shared memory, so one program runs per SM (A100 and H100)
+  and nothing overlaps its epilogue: ~8% of GEMM1, 2.2 / 3.8 ms;
+* dweight's read-modify-write in bf16 once per group, 4 V H bytes (0.74 /
+  1.28 ms per group; 0 to all exposed, point estimate a quarter, as in
+  ``chunked.py``): (0-4.5, ~1.1) / (0-12.8, ~3.2) ms;
+* dhidden per group as a small-M GEMM (M = R): 1.4-3.3 / 2.3-5.6 ms.
+
+Model, GEMM1 at cuBLAS speed: V=151936: 81.6 + 3.0 + 2.2 + (0-4.5, ~1.1) +
+(1.4-3.3) = 88-95 ms, 1.08-1.16x, ~1.10x; V=262144: 140.7 + 5.1 + 3.8 +
+(0-12.8, ~3.2) + (2.3-5.6) = 152-168 ms, 1.08-1.19x, ~1.11x. This GEMM1 is
+a plain ``tl.dot`` tile loop (pointer loads, grouped launch order; no TMA,
+no persistent grid, no warp specialisation: nothing newer than triton 3.6,
+one code path for sm_80 and sm_90). Such Triton GEMMs reach ~550-650
+TFLOP/s in bf16 on an H100, not cuBLAS's ~750: at 600 GEMM1 takes 6.8 /
+11.7 ms longer, ~1.19x / ~1.20x. What a Hopper GEMM1 with TMA descriptors
+(``tl.make_tensor_descriptor``, guarded by a fallback
+to this loop), a persistent grid (one program per SM looping over tiles)
+and warp specialisation (a producer warp feeding wgmma consumer
+warpgroups) would add: cuBLAS-like ~700-750 TFLOP/s (the 6.8 / 11.7 ms),
+and the epilogue of one tile overlapped with the next tile's main loop
+(the 2.2 / 3.8 ms): 88 / 153 ms, ~1.08x / ~1.09x, within the goal of
+<= 1.1x. It would change neither what this sweep computes nor what it
+allocates.
+
+Not timed: no GPU was available to this build; every number above is the
+model's. The GPU check (``benchmarks/gpu/check.py``) runs this mode beside
+the chunked and fused ones at the same budget and measures what decides the
+goal: the epilogue sweep's time over the three-GEMM floor at V=151936 and
+262144, which is mostly this GEMM1's speed against cuBLAS.
+
+Log-probs forward+backward: the forward writes only statistics (no P), the
+backward recomputes GEMM1, so four GEMMs: 4/3 of the floor bounds it from
+below (``chunked.py``), ~1.4x here.
+
+Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
+P (e R V), the tile partials (8 or 12 B per row and tile, and the target
+logits), and ``chunked.group_buffers``' (dhidden rows, gathered hidden,
+weight slices for dhidden under a float32 master weight: GEMM1 casts its
+weight tiles itself).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import chunked, fused
+from .common import (
+    Problem,
+    Sizes,
+    Workspace,
+    dz_scale,
+    head_grad_from_z,
+    interpreting,
+    largest_rows,
+    launch,
+    logits_grad_p,
+    to_store,
+)
+
+# One config, never autotuned: the kernel overwrites its input, so an
+# autotuner's repeated trials would read gradients as P. A streaming kernel.
+CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8, num_stages=2)]
+INTERPRETER_CONFIG = {"BLOCK_V": 1024}
+
+# The sweep sums a 16-bit weight's gradient in the gradient itself (see the module docstring).
+DWEIGHT_SUM = "weight"
+
+
+@triton.heuristics(
+    {
+        "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
+        "HAS_ROWS": lambda a: a["rows_ptr"] is not None,
+        "HAS_ENT_COEF": lambda a: a["ent_coef_ptr"] is not None,
+    }
+)
+@triton.jit
+def dz_kernel(
+    p_ptr,  # (R, V) exp(z - tile max) in hidden's dtype, row stride stride_p; overwritten with dz
+    part_m_ptr,  # (tiles, R) float32 tile maxima (row stride R)
+    tgt_logit_ptr,  # (R,) float32 z of the target (NaN for a target outside [0, V))
+    targets_ptr,  # (N,) int64
+    rows_ptr,  # (R,) int64 row ids of the group, or None: ids row0 .. row0 + R
+    coef_ptr,  # (N,) float32
+    ent_coef_ptr,  # (N,) float32 or None
+    lse_ptr,  # (N,) float32
+    ent_ptr,  # (N,) float32 (read with HAS_ENT_COEF)
+    row0,
+    R,
+    V,
+    stride_p,
+    scale,
+    inv_temp,
+    softcap,  # float or None
+    dz_scale,  # float: dz is stored times this (see common.dz_scale)
+    TILE_V: tl.constexpr,  # vocabulary tile of the GEMM1 that wrote P and part_m
+    INTERPRET: tl.constexpr,  # round-to-nearest casts under the interpreter (see common.to_store)
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    HAS_ENT_COEF: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    i = tl.program_id(0)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + i)
+    else:
+        row = row0 + i
+    row = row.to(tl.int64)
+    one = tl.zeros([1], tl.int64)  # offset 0 that makes each per-row load below a (1,) vector
+    # The target is only compared with column ids, never used as an address.
+    tgt = tl.load(targets_ptr + row + one)
+    lse = tl.load(lse_ptr + row + one)
+    c = tl.load(coef_ptr + row + one)
+    ec = c * 0.0
+    ent = c * 0.0
+    if HAS_ENT_COEF:
+        ec = tl.load(ent_coef_ptr + row + one)
+        ent = tl.load(ent_ptr + row + one)
+    z_t = tl.load(tgt_logit_ptr + i + one)
+    p_t = tl.exp(z_t - lse)  # the target's p from its float32 logit (onehot - p cancels there)
+    p_row = p_ptr + i.to(tl.int64) * stride_p
+    offs = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        live = (cols < V)[None, :]
+        pt = tl.load(p_row + cols[None, :], mask=live, other=0.0).to(tl.float32)
+        m = tl.load(part_m_ptr + (cols // TILE_V).to(tl.int64)[None, :] * R + i, mask=live, other=0.0)
+        onehot = (cols[None, :] == tgt[:, None]) & live
+        p = tl.where(onehot, p_t[:, None], pt * tl.exp(m - lse[:, None]))  # 0 for P = 0 or a -inf tile
+        z = pt  # not read: z is needed only for the entropy term and the soft-cap's derivative
+        dz_draw = tl.zeros_like(pt) + scale * inv_temp
+        if HAS_SOFTCAP or HAS_ENT_COEF:
+            z = tl.where(onehot, z_t[:, None], tl.log(pt) + m)
+            # Where p = 0 (z = -inf) the gradient is 0: keep -inf out of the head's derivative.
+            dz_draw = head_grad_from_z(tl.where(p > 0, z, 0.0), scale, inv_temp, softcap, HAS_SOFTCAP)
+        g = logits_grad_p(p, z, dz_draw, onehot, c, ec, lse, ent, HAS_ENT_COEF) * dz_scale
+        # Each element is read and written by the same thread (one layout): no barrier needed in place.
+        tl.store(p_row + cols[None, :], to_store(g, p_ptr.dtype.element_ty, INTERPRET), mask=live)
+
+
+def workspace(
+    sizes: Sizes, rows: int, *, grad: bool, entropy: bool, needs=(True, True, True), forward: bool = True
+) -> Workspace:
+    """Every buffer ``run`` allocates for groups of ``rows`` non-ignored rows (bytes; see ``Workspace``).
+
+    Persistent: P (e R V, with ``grad``), the tile partials (max and sum-exp,
+    with the entropy sum when ``entropy`` is computed by this sweep's forward:
+    4 B each per row and tile), the target logits (4 R) and
+    ``chunked.group_buffers``' (the weight slices only for dhidden).
+    """
+    R = min(rows, sizes.n)
+    k = 3 if entropy and forward else 2
+    persistent = {"tile partials": 4 * k * fused.max_tiles(sizes) * R, "target logits": 4 * R}
+    if grad:
+        persistent["exp(z - m) tiles"] = sizes.e * R * sizes.V
+    more, transient = chunked.group_buffers(
+        sizes, rows, grad=grad, needs=needs, dweight_sum=DWEIGHT_SUM, weight_slices_for_logits=False
+    )
+    return Workspace({**persistent, **more}, transient)
+
+
+def rows_per_group(sizes: Sizes, budget: int, grad: bool, entropy: bool, needs=(True, True, True), forward=True) -> int:
+    """Rows per group so ``workspace`` fits 90% of ``budget`` bytes (0 when not even 16 rows fit)."""
+    return largest_rows(
+        sizes.n,
+        int(0.9 * budget),
+        lambda r: workspace(sizes, r, grad=grad, entropy=entropy, needs=needs, forward=forward),
+    )
+
+
+def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_given: bool, needs):
+    """One sweep over the non-ignored rows in groups of ``rows``; fills ``out`` (see ``Outputs`` in the backend),
+    whose gradients the backend has allocated; allocates exactly ``workspace``."""
+    N, V, H = prob.shape
+    grad = coef is not None
+    dev = prob.hidden.device
+    R = min(rows, prob.n)
+    ent = entropy or ent_coef is not None
+    parts = torch.empty(3 if ent and not stats_given else 2, fused.max_tiles(prob.sizes()) * R,
+                        dtype=torch.float32, device=dev)  # fmt: skip
+    tgt_logit = torch.empty(R, dtype=torch.float32, device=dev)
+    p_buf = torch.empty(R, V, dtype=prob.dtype, device=dev) if grad else None
+    dh_rows, dweight = chunked.gradient_accumulators(prob, out, rows, needs, DWEIGHT_SUM) if grad else (None, None)
+    scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
+    h = None
+    for g, r0 in enumerate(range(0, prob.n, rows)):
+        r1 = min(prob.n, r0 + rows)
+        r = r1 - r0
+        del h  # the previous group's gathered rows go before the next are gathered
+        h, ids, row0 = prob.group(r0, r1)
+        # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
+        t_logit = tgt_logit[:r].fill_(float("nan"))
+        p = p_buf[:r] if grad else None
+        meta = fused.forward_tiles(prob, h, ids, row0, r, parts, t_logit, p)
+        if not stats_given:
+            fused.reduce_tiles(out, ids, row0, r, parts, t_logit, triton.cdiv(V, meta["BLOCK_V"]), ent)
+        if not grad:
+            continue
+        args = dict(
+            p_ptr=p, part_m_ptr=parts[0], tgt_logit_ptr=t_logit, targets_ptr=prob.targets, rows_ptr=ids,
+            coef_ptr=coef, ent_coef_ptr=ent_coef, lse_ptr=out.lse, ent_ptr=out.entropy, row0=row0, R=r, V=V,
+            stride_p=p.stride(0), **prob.head_args(), dz_scale=scale, TILE_V=meta["BLOCK_V"],
+            INTERPRET=interpreting(),
+        )  # fmt: skip
+        launch(dz_kernel, CONFIGS, INTERPRETER_CONFIG, lambda meta, r=r: (r,), args, key=("V",))
+        chunked.group_products(prob, out, p, h, ids, r0, r1, first=g == 0, dh_rows=dh_rows, dweight=dweight,
+                               scale=scale, needs=needs)  # fmt: skip
+    if grad and dweight is not out.dweight:
+        out.dweight.copy_(dweight)
