@@ -36,6 +36,11 @@ class Policy:
         False, "run the Python code a local model or tokenizer directory ships (its auto_map); only for code you trust"
     )
     model_overrides: dict = key({}, 'tiny-moe config fields, e.g. {"num_hidden_layers": 4} (JSON on the command line)')
+    init_from: str | None = key(
+        None,
+        "start from another run's weights: a run directory (its newest intact checkpoint) or a checkpoint directory; "
+        "weights only (a new optimizer, schedule and step), which are also the frozen reference and NAG's baseline",
+    )
     router_aux_loss_coef: float | None = key(
         None, "MoE load-balancing weight (default: the model config's)", range=WEIGHT
     )

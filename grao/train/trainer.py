@@ -77,6 +77,7 @@ class Trainer:
         self.runtime, self.world, sharded = setup.start_runtime(cfg)
         setup.check_output_dir(cfg, resume, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
+        self.init_dir = setup.start_weights(cfg, resume)  # init_from's checkpoint (resumed: the run's initial/)
         self.train_examples, self.eval_examples, self.rejected_source = setup.load_data(cfg)
         if reward is None:
             reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
@@ -87,7 +88,7 @@ class Trainer:
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
         self.checkpoint, self.model, self.tokenizer, self.initial_model, state = setup.load_start(
-            cfg, self.runtime, resume
+            cfg, self.runtime, resume, self.init_dir
         )
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
@@ -111,7 +112,7 @@ class Trainer:
         self.reference_model = self.reference = None
         if getattr(self.loss, "needs_reference_model", False):
             self.reference_model, self.reference = setup.reference_policy(
-                cfg, self.runtime, self.logit_transform, sharded
+                cfg, self.runtime, self.logit_transform, sharded, self.init_dir
             )
         self.router_biases = setup.router_biases(cfg, inner)  # updated after each step by loss-free balancing
         self.policy, self.sharding = setup.policy(  # the loss, generate and evaluation run in its named methods
@@ -376,9 +377,10 @@ class Trainer:
     # ------------------------------------------------------------------ run directory and checkpoints
 
     def _start_run(self) -> None:
-        """Rank 0 starts the run directory (:func:`grao.train.run_dir.start`): the config and, for the demo's new
-        run, its random starting model; a resumed run's metrics cut back to its checkpoint."""
-        initial = self.checkpoint is None and self.cfg.model == models.TINY_MOE and self.initial_model is not None
+        """Rank 0 starts the run directory (:func:`grao.train.run_dir.start`): the config and, for a new run of the
+        demo or from init_from, its starting model; a resumed run's metrics cut back to its checkpoint."""
+        starts_new = self.cfg.model == models.TINY_MOE or self.cfg.init_from is not None
+        initial = self.checkpoint is None and starts_new and self.initial_model is not None
         # A sharded model's starting weights, gathered by every rank for rank 0 to write (under LoRA initial_model is
         # the plain copy taken before the adapters were added, never sharded).
         gather = initial and self.sharding is not None and self.initial_model is self.model
