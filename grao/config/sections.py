@@ -295,6 +295,13 @@ class Evaluation:
         None, "held-out JSONL or 'demo' (default: the demo's, else the last eval_size of data)", flat="eval_data"
     )
     size: int = key(64, "held-out prompts evaluated", range=POSITIVE, flat="eval_size")
+    validation_size: int = key(
+        0,
+        "validation prompts, taken out of the training prompts (none shared with training or the held-out set) and "
+        "evaluated with the held-out ones as val/reward, val/ras: what a choice between runs (grao compare --lr) "
+        "may look at, so the held-out numbers stay unseen; 0 = none",
+        range=NON_NEGATIVE,
+    )
     every: int = key(
         25,
         "evaluate every this many steps (and at step 0 and the end)",

@@ -199,14 +199,16 @@ def check_output_dir(cfg, resume: bool, overwrite: bool) -> None:
 
 
 def load_data(cfg) -> tuple:
-    """(training examples, held-out examples, where dpo's rejected answers come from): the data's own ("data": each
-    group is rejected + reference, nothing is sampled) or the lowest-scored of the G samples ("sampled")."""
+    """(training examples, validation examples, held-out examples, where dpo's rejected answers come from): the
+    data's own ("data": each group is rejected + reference, nothing is sampled) or the lowest-scored of the G samples
+    ("sampled")."""
     train_examples, eval_examples = data.load_examples(cfg)
+    train_examples, validation = data.validation_split(train_examples, eval_examples, cfg.evaluation.validation_size)
     rejected = "sampled"
     if cfg.method == "dpo":
         rejected = data.rejected_source(cfg.dpo_rejected, train_examples)
         say(f"dpo: rejected answers from {'the data' if rejected == 'data' else 'the G samples'}")
-    return train_examples, eval_examples, rejected
+    return train_examples, validation, eval_examples, rejected
 
 
 def load_start(cfg, rt, resume: bool, init_dir: Path | None = None) -> tuple:
