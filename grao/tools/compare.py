@@ -33,21 +33,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compare_plan import GRID_WEIGHTS, WEIGHT_TAGS, Run, parse_methods, parse_values, plan
-from .compare_report import COLUMNS, load_average, markdown, report, result, summarize
+from .compare_plan import GRID_WEIGHTS, PIPE, PIPELINE_SPLIT, WEIGHT_TAGS, Run, parse_methods, parse_values, plan
+from .compare_report import (
+    COLUMNS,
+    choose_lr,
+    load_average,
+    markdown,
+    paired_differences,
+    report,
+    result,
+    summarize,
+    table_rows,
+)
 from .compare_runner import RECORD, CompareStopped, RunFailed, forward_signals, run_state, train_flags, train_run
 
 __all__ = [
     "COLUMNS",
     "GRID_WEIGHTS",
+    "PIPE",
+    "PIPELINE_SPLIT",
     "RECORD",
     "WEIGHT_TAGS",
     "CompareStopped",
     "Run",
     "RunFailed",
+    "choose_lr",
     "compare",
     "forward_signals",
     "markdown",
+    "paired_differences",
     "parse_methods",
     "parse_values",
     "plan",
@@ -55,6 +69,7 @@ __all__ = [
     "result",
     "run_state",
     "summarize",
+    "table_rows",
     "train_flags",
     "train_run",
 ]

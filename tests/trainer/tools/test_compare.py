@@ -27,7 +27,8 @@ from grao.train.trainer import Trainer
 def argv(cfg: TrainConfig, out) -> list[str]:
     """``grao compare`` flags for the shared settings ``cfg`` (those that differ from the defaults) into ``out``."""
     default = config.to_dict(TrainConfig())
-    given = {k for k, v in config.to_dict(cfg).items() if v != default[k] and k not in cli.COMPARE_SETS}
+    # compare's own --lr takes one value as a shared setting, as the train flag does
+    given = {k for k, v in config.to_dict(cfg).items() if v != default[k] and (k not in cli.COMPARE_SETS or k == "lr")}
     flags = [f for f in compare.train_flags(cfg) if f[2:].split("=")[0].replace("-", "_") in given]
     return [*flags, "--output-dir", str(out)]
 
@@ -73,17 +74,26 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
             assert got["values"] == values
             assert got["mean"] == pytest.approx(statistics.fmean(values))
             assert got["std"] == pytest.approx(statistics.stdev(values))
+            assert got["ci95"] == pytest.approx(12.7062047 * statistics.stdev(values) / 2**0.5)  # t_{0.975, 1}
         for f in finals:  # each evaluation's counts against the starting model are NAG's
             n = f["eval/wins"] + f["eval/ties"] + f["eval/losses"]
             assert n == 4 and f["eval/nag"] == pytest.approx((f["eval/wins"] - f["eval/losses"]) / n)
         wtl = [sum(f[k] for f in finals) for k in ("eval/wins", "eval/ties", "eval/losses")]
         assert saved["summary"][label]["win_tie_loss"] == wtl
         reward = saved["summary"][label]["reward"]
-        assert f"| {label} | {reward['mean']:.3f} ± {reward['std']:.3f} |" in table
+        assert f"| {label} | {reward['mean']:.3f} ± {reward['ci95']:.3f} |" in table
         assert f" | {'/'.join(map(str, wtl))} | 2 |" in table
         memory = saved["summary"][label]["peak_memory_mib"]
         assert memory["n"] == 2 and all(v > 0 for v in memory["values"])
     assert {r["memory_measure"] for r in saved["runs"]} == {"peak_rss"}
+    # GRAO minus the best baseline (sft, the only one), paired by seed
+    finals = {(r["label"], r["seed"]): r["reward"] for r in saved["runs"]}
+    diffs = [finals["grao", s] - finals["sft", s] for s in (0, 1)]
+    (paired,) = saved["paired"]
+    assert (paired["grao"], paired["baseline"], paired["seeds"]) == ("grao", "sft", [0, 1])
+    assert paired["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert paired["ci95"] == pytest.approx(12.7062047 * statistics.stdev(diffs) / 2**0.5)
+    assert f"- grao − sft: {paired['mean']:+.3f} ± {paired['ci95']:.3f} (95 % t-interval)" in table
     # each row's learning rate, warmup and schedule, and what differs from the defaults (tests/utils.small's)
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if "cosine to 0.1 x lr" in line}
     assert set(rows) == {"sft", "grao"}
