@@ -218,3 +218,99 @@ def test_a_compare_child_finds_this_checkouts_grao_first_on_its_path(monkeypatch
     monkeypatch.delenv("PYTHONPATH", raising=False)
     first = pathlib.Path(compare_runner.child_env()["PYTHONPATH"].split(os.pathsep)[0])
     assert (first / "grao" / "__init__.py").resolve() == pathlib.Path(grao.__file__).resolve()
+
+
+def test_a_pipeline_starts_its_second_stage_from_the_first_stages_final_model_within_the_same_steps(
+    tmp_path,
+    monkeypatch,
+    restore_threads_and_seed,  # noqa: F811
+):
+    shared, out = small(tmp_path, steps=4), tmp_path / "cmp"
+    runs = compare.plan(shared, ["sft+grpo", "sft+grao", "grao"], 1, out)
+    # one sft first stage of half the steps, shared by both pipelines, before them
+    assert [(r.name, r.method, r.cfg.steps, r.reported) for r in runs] == [
+        ("sft-2steps/seed-0", "sft", 2, False),
+        ("sft+grpo/seed-0", "grpo", 2, True),
+        ("sft+grao/seed-0", "grao", 2, True),
+        ("grao/seed-0", "grao", 4, True),
+    ]
+    first = runs[0]
+    assert runs[1].first is first and runs[2].first is first and runs[3].first is None
+    assert runs[1].cfg.init_from == runs[2].cfg.init_from == str(first.dir) and runs[3].cfg.init_from is None
+    assert [r.cfg.steps for r in compare.plan(shared, ["sft+grpo"], 1, out, split=0.25)] == [1, 3]
+    with pytest.raises(ConfigError, match="leaves a stage without steps"):
+        compare.plan(shared, ["sft+grpo"], 1, out, split=0.1)
+    with pytest.raises(ConfigError, match="a pipeline has two stages"):
+        compare.parse_methods("sft+dpo+grpo")
+    with pytest.raises(ConfigError, match=r"unknown method 'sft\+nope'"):
+        compare.parse_methods("sft+nope")
+
+    monkeypatch.setattr(compare, "train_run", lambda run, state: Trainer(run.cfg).train())
+    assert cli.main(["compare", "--methods", "sft+grpo,sft+grao,grao", "--seeds", "1", *argv(shared, out)]) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert list(saved["summary"]) == saved["rows"] == ["sft+grpo", "sft+grao", "grao"]  # the first stage is no row
+    first_evals = [ln for ln in read_lines(first.dir) if "eval/reward" in ln]
+    for res in saved["runs"][:2]:
+        second = [ln for ln in read_lines(pathlib.Path(res["run_dir"])) if "eval/reward" in ln]
+        # the second stage's step-0 evaluation is the first stage's final one: it starts from that model
+        assert second[0]["eval/reward"] == first_evals[-1]["eval/reward"] and second[0]["eval/nag"] == 0.0
+        assert res["step"] == 4 and res["reward"] == second[-1]["eval/reward"]
+        assert res["eval_curve"] == [[ln["step"], ln["eval/reward"]] for ln in first_evals] + [
+            [2 + ln["step"], ln["eval/reward"]] for ln in second[1:]
+        ]
+        assert res["first_stage"]["run_dir"] == str(first.dir) and res["first_stage"]["step"] == 2
+    table = (out / "compare.md").read_text()
+    assert "trains `first` for 2 steps, then `second` from its final model (init_from) for 2 steps, 4 in all" in table
+    assert "| sft+grao | " in table and "| sft-2steps" not in table
+
+
+def test_the_lr_grid_chooses_each_methods_rate_by_validation_not_by_the_held_out_reward(
+    tmp_path,
+    monkeypatch,
+    restore_threads_and_seed,  # noqa: F811
+):
+    shared, out = small(tmp_path, steps=1), tmp_path / "cmp"
+    runs = compare.plan(small(tmp_path, steps=2), ["sft", "sft+grao"], 1, out, lrs=[1e-3, 1e-2])
+    assert [(r.name, r.group, r.cfg.lr) for r in runs] == [
+        ("sft-lr0.001/seed-0", "sft", 1e-3),
+        ("sft-lr0.01/seed-0", "sft", 1e-2),
+        ("sft-1steps-lr0.001/seed-0", "sft-1steps-lr0.001", 1e-3),  # each pipeline's stages at its row's rate
+        ("sft+grao-lr0.001/seed-0", "sft+grao", 1e-3),
+        ("sft-1steps-lr0.01/seed-0", "sft-1steps-lr0.01", 1e-2),
+        ("sft+grao-lr0.01/seed-0", "sft+grao", 1e-2),
+    ]
+    with pytest.raises(ConfigError, match="--lr repeats a value"):
+        compare.parse_values("1e-3,0.001", "--lr")
+    grid = compare.plan(shared, ["sft"], 2, out, lrs=[1e-3, 1e-2])
+    assert [(r.label, r.group, r.cfg.lr, r.seed) for r in grid] == [
+        ("sft-lr0.001", "sft", 1e-3, 0),
+        ("sft-lr0.001", "sft", 1e-3, 1),
+        ("sft-lr0.01", "sft", 1e-2, 0),
+        ("sft-lr0.01", "sft", 1e-2, 1),
+    ]
+    assert {r.cfg.validation_size for r in grid} == {shared.eval_size}  # a validation split for the choice
+    assert compare.plan(shared, ["sft"], 1, out, lrs=[1e-3])[0].label == "sft"  # one rate: a shared setting
+
+    monkeypatch.setattr(compare, "train_run", lambda run, state: Trainer(run.cfg).train())
+    flags = [f for f in argv(shared, out) if not f.startswith("--lr=")]
+    assert cli.main(["compare", "--methods", "sft", "--seeds", "2", "--lr", "1e-3,1e-2", *flags]) == 0
+    # each run's final line: make validation and held-out disagree on the best rate (validation: 1e-3)
+    for run in grid:
+        path = run.dir / "metrics.jsonl"
+        lines = read_lines(run.dir)
+        low = run.cfg.lr == 1e-3
+        lines[-1].update({"val/reward": 0.9 if low else 0.2, "eval/reward": 0.1 if low else 0.8})
+        path.write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    summary = compare.report(grid, out, "test")
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["chosen_lr"] == {"sft": "sft-lr0.001"} and saved["rows"] == ["sft-lr0.001"]
+    assert summary["sft-lr0.01"]["reward"]["mean"] > summary["sft-lr0.001"]["reward"]["mean"]  # held-out disagrees
+    table = (out / "compare.md").read_text()
+    assert "| sft-lr0.001 | 0.100 ± 0.000 |" in table and "| sft-lr0.01 | 0.800" not in table
+    assert "| sft | 0.001 | 0.900 ± 0.000 | 0.100 ± 0.000 | yes |" in table
+    assert "| sft | 0.01 | 0.200 ± 0.000 | 0.800 ± 0.000 |  |" in table
+    # without validation rewards there is nothing to choose by: an error, never a silent held-out choice
+    for entry in summary.values():
+        entry["val_reward"]["mean"] = None
+    with pytest.raises(ConfigError, match="no validation reward"):
+        compare.choose_lr(summary)
