@@ -92,3 +92,29 @@ def test_what_cannot_be_a_start_is_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(ConfigError, match="'init_from' with 'lora.rank' > 0"):
         small(tmp_path, init_from=str(src), lora_rank=2)
     assert not (tmp_path / "run").exists()
+
+
+class Payload:
+    """Unpickling this runs ``Path.touch(marker)``: what a pickled model file from someone else could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_source_whose_weights_are_a_pickle_is_refused_without_running_it(tmp_path, source):
+    import pickle
+    import shutil
+
+    src, _ = source
+    received = tmp_path / "received"
+    shutil.copytree(checkpoint.step_dir(src, 2), received)
+    (received / "model.safetensors").unlink()
+    (received / checkpoint.MANIFEST).unlink()  # as if written before manifests: checked only by loading
+    marker = tmp_path / "payload-ran"
+    (received / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(models.ModelError, match="cannot load a causal LM"):
+        Trainer(small(tmp_path, init_from=str(received)))
+    assert not marker.exists()
