@@ -211,6 +211,8 @@ def settings_table(runs: list[Run]) -> list[str]:
         seen.add(run.label)
         cfg = run.cfg
         given, default = config.to_dict(cfg), config.to_dict(TrainConfig(model=cfg.model))
+        if run.first is not None:  # each seed's own first stage, not this one's directory
+            given["init_from"] = f"the final model of {run.first.label} (same seed)"
         shown = {"lr", "warmup_steps", "lr_schedule", "min_lr_ratio"} | _NOT_SETTINGS
         differs = [f"{k}={given[k]}" for k in given if k not in shown and given[k] != default.get(k)]
         schedule = cfg.optimizer.lr_schedule
