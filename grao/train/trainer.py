@@ -396,8 +396,8 @@ class Trainer:
     def _start_run(self) -> None:
         """Rank 0 starts the run directory (:func:`grao.train.run_dir.start`): the config and, for a new run of the
         demo or from init_from, its starting model; a resumed run's metrics cut back to its checkpoint."""
-        starts_new = self.cfg.model == models.TINY_MOE or self.cfg.init_from is not None
-        initial = self.checkpoint is None and starts_new and self.initial_model is not None
+        writes_initial = self.cfg.model == models.TINY_MOE or self.cfg.init_from is not None
+        initial = self.checkpoint is None and writes_initial and self.initial_model is not None
         # A sharded model's starting weights, gathered by every rank for rank 0 to write (under LoRA initial_model is
         # the plain copy taken before the adapters were added, never sharded).
         gather = initial and self.sharding is not None and self.initial_model is self.model
