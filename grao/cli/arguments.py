@@ -7,7 +7,7 @@ import argparse
 from .. import config as config_mod
 from ..losses import METHODS
 
-COMPARE_SETS = ("method", "beta", "lam", "output_dir")  # keys grao compare sets per run (its own flags)
+COMPARE_SETS = ("method", "beta", "lam", "lr", "output_dir")  # keys grao compare sets per run (its own flags)
 
 
 def _true_false(text: str) -> bool:
@@ -60,15 +60,18 @@ def parser() -> argparse.ArgumentParser:
     )
     c = sub.add_parser(
         "compare",
-        help="methods x seeds (x a beta/lambda grid) on one task: a table of mean +- std and plots",
-        description="Train each method with each seed (and each beta/lambda of the grid, for the GRAO methods), "
-        "each as a grao train run under --output-dir, then write compare.md, compare.json, curves.png, shares.png "
-        "and sweep.png there. Rerunning the same command skips finished runs and resumes interrupted ones.",
+        help="methods and pipelines x seeds (x learning rates, x a beta/lambda grid) on one task: a table of the "
+        "mean +- 95%% CI and plots",
+        description="Train each method or pipeline with each seed (and each learning rate, and each beta/lambda of "
+        "the grid for the GRAO methods), each as a grao train run under --output-dir, then write compare.md, "
+        "compare.json, curves.png, shares.png and sweep.png there. Rerunning the same command skips finished runs "
+        "and resumes interrupted ones.",
     )
     c.add_argument(
         "--methods",
         default=",".join(m for m in METHODS if not m.startswith("grao-")),
-        help=f"comma-separated methods among {', '.join(METHODS)} (default: %(default)s)",
+        help=f"comma-separated methods among {', '.join(METHODS)}, or pipelines of two joined by + (sft+grpo: "
+        "grpo from sft's final model, the steps split between them) (default: %(default)s)",
     )
     c.add_argument("--seeds", type=int, default=3, help="seeds per method: seed, seed+1, ... (default: %(default)s)")
     c.add_argument(
@@ -76,6 +79,19 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--lam", dest="lams", help="comma-separated alignment weights; several = a grid for the GRAO methods"
+    )
+    c.add_argument(
+        "--lr",
+        dest="lrs",
+        help="comma-separated peak learning rates; several = every method at each, and the table reports each "
+        "method's held-out metrics at the rate with the best validation reward (validation_size prompts, by default "
+        "eval_size, taken out of training)",
+    )
+    c.add_argument(
+        "--pipeline-split",
+        type=float,
+        default=0.5,
+        help="a pipeline's first stage's share of the steps, rounded (default: %(default)s, half each)",
     )
     c.add_argument("--config", help="YAML or TOML file of config keys shared by every run")
     c.add_argument(

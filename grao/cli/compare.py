@@ -1,4 +1,5 @@
-"""``grao compare``: methods x seeds (x a beta/lambda grid), each a ``grao train`` run, and their report."""
+"""``grao compare``: methods and pipelines x seeds (x learning rates, x a beta/lambda grid), each a ``grao train``
+run, and their report."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def run(args) -> int:
     base = config_mod.load(args.config, overrides, base=config_mod.TrainConfig(progress=False))
     methods = compare.parse_methods(args.methods)
     betas, lams = compare.parse_values(args.betas, "--beta"), compare.parse_values(args.lams, "--lam")
-    runs = compare.plan(base, methods, args.seeds, args.compare_dir, betas, lams)
+    lrs = compare.parse_values(args.lrs, "--lr")
+    runs = compare.plan(base, methods, args.seeds, args.compare_dir, betas, lams, lrs, args.pipeline_split)
     Path(args.compare_dir).mkdir(parents=True, exist_ok=True)
     command = shlex.join(["grao", "compare", *args.argv])
     try:
@@ -30,6 +32,7 @@ def run(args) -> int:
     except compare.RunFailed as exc:
         say(f"error: {exc}; the finished runs are kept, and the same command continues after a fix")
         return exc.rc
-    print(json.dumps({label: entry["reward"]["mean"] for label, entry in summary.items()}))
+    rows = compare.table_rows(summary, compare.choose_lr(summary))
+    print(json.dumps({label: summary[label]["reward"]["mean"] for label in rows}))
     say(f"done; compare.md, compare.json and the plots in {args.compare_dir}")
     return 0

@@ -36,6 +36,11 @@ class Policy:
         False, "run the Python code a local model or tokenizer directory ships (its auto_map); only for code you trust"
     )
     model_overrides: dict = key({}, 'tiny-moe config fields, e.g. {"num_hidden_layers": 4} (JSON on the command line)')
+    init_from: str | None = key(
+        None,
+        "start from another run's weights: a run directory (its newest intact checkpoint) or a checkpoint directory; "
+        "weights only (a new optimizer, schedule and step), which are also the frozen reference and NAG's baseline",
+    )
     router_aux_loss_coef: float | None = key(
         None, "MoE load-balancing weight (default: the model config's)", range=WEIGHT
     )
@@ -290,6 +295,13 @@ class Evaluation:
         None, "held-out JSONL or 'demo' (default: the demo's, else the last eval_size of data)", flat="eval_data"
     )
     size: int = key(64, "held-out prompts evaluated", range=POSITIVE, flat="eval_size")
+    validation_size: int = key(
+        0,
+        "validation prompts, taken out of the training prompts (none shared with training or the held-out set) and "
+        "evaluated with the held-out ones as val/reward, val/ras: what a choice between runs (grao compare --lr) "
+        "may look at, so the held-out numbers stay unseen; 0 = none",
+        range=NON_NEGATIVE,
+    )
     every: int = key(
         25,
         "evaluate every this many steps (and at step 0 and the end)",

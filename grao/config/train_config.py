@@ -169,6 +169,11 @@ def validate(cfg: TrainConfig) -> None:
             "'router_bias_update_rate' > 0 with 'lora.rank' > 0: a LoRA checkpoint saves only the adapters, "
             "so the updated router biases would be lost on resume; use one of the two"
         )
+    if cfg.policy.init_from is not None and lora.rank:
+        raise ConfigError(
+            "'init_from' with 'lora.rank' > 0: a LoRA run resumes its adapters on the base it started from, which "
+            "init_from does not keep; start a full fine-tuning run from the checkpoint, or give it as 'model'"
+        )
     if cfg.judge.template is not None and not cfg.rollout.reward.startswith("judge-model:"):
         raise ConfigError(
             f"'judge.template' is set but 'reward' is {cfg.rollout.reward!r}: the template is for a judge-model:DIR "

@@ -12,7 +12,7 @@ from .examples import (
     split_hh,
     split_rejected,
 )
-from .splits import load_examples
+from .splits import load_examples, validation_split
 
 __all__ = [
     "DataError",
@@ -25,4 +25,5 @@ __all__ = [
     "rejected_source",
     "split_hh",
     "split_rejected",
+    "validation_split",
 ]

@@ -1,4 +1,4 @@
-"""A config's training and held-out examples: the demo task's splits or a JSONL file's."""
+"""A config's training, validation and held-out examples: the demo task's splits or a JSONL file's."""
 
 from __future__ import annotations
 
@@ -27,3 +27,28 @@ def load_examples(cfg) -> tuple[list[Example], list[Example]]:
         k = min(cfg.evaluation.size, len(train) // 2)
         train, held_out = train[:-k], train[-k:]
     return train, held_out
+
+
+def validation_split(train: list[Example], held_out: list[Example], size: int) -> tuple[list[Example], list[Example]]:
+    """(training examples without the validation prompts, ``size`` validation examples).
+
+    The validation prompts are the first ``size`` distinct prompts of ``train`` (in its order, so deterministic in
+    the data and seed) that the held-out set does not hold; every training example with one of them is taken out of
+    training, so the three splits share no prompt. DataError when ``train`` has too few such prompts.
+    """
+    if size == 0:
+        return train, []
+    held = {ex.prompt for ex in held_out}
+    chosen: dict[str, Example] = {}
+    for ex in train:
+        if len(chosen) == size:
+            break
+        if ex.prompt not in held and ex.prompt not in chosen:
+            chosen[ex.prompt] = ex
+    rest = [ex for ex in train if ex.prompt not in chosen]
+    if len(chosen) < size or not rest:
+        raise DataError(
+            f"'validation_size' {size}: the {len(train)} training examples hold {len(chosen)} distinct prompts "
+            "that are not held out, and training needs some left; lower validation_size"
+        )
+    return rest, list(chosen.values())

@@ -68,7 +68,11 @@ def check_source(model: str, tokenizer: str | None) -> None:
         raise ModelError(f"tokenizer directory {tokenizer!r} does not exist (no hub downloads: give a local path)")
 
 
-def load_model(path: str | Path, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+def load_model(
+    path: str | Path, attn_implementation: str = "sdpa", trust_remote_code: bool = False, safetensors: bool = False
+):
+    """The causal LM in the local directory ``path`` in fp32; ``safetensors``: its weights from safetensors files
+    only (a directory with only pickled ``.bin`` weights is an error, never unpickled)."""
     from transformers import AutoModelForCausalLM
 
     check_source(str(path), None)
@@ -79,6 +83,7 @@ def load_model(path: str | Path, attn_implementation: str = "sdpa", trust_remote
             dtype=torch.float32,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
+            **({"use_safetensors": True} if safetensors else {}),
         )
     except (OSError, ValueError) as exc:
         raise _load_error("a causal LM", Path(path), exc, trust_remote_code) from None

@@ -1,10 +1,14 @@
-"""``grao compare``: methods x seeds (x a beta/lambda grid) on one task, then a paper-style table and plots.
+"""``grao compare``: methods and pipelines x seeds (x learning rates, x a beta/lambda grid) on one task, then a
+paper-style table and plots.
 
 Every run is one ``grao train`` run in its own directory under the compare
-directory, ``<label>/seed-<n>/``, where the label is the method, plus
-``-b<beta>`` / ``-l<lam>`` for a weight that the method reads and that the
-grid varies (``grao-b0.3-l0.6``). The settings of every run are the shared
-ones (defaults, ``--config`` file, flags) with its method, seed and weights.
+directory, ``<label>/seed-<n>/``, where the label is the method (or pipeline
+``first+second``, :mod:`.compare_plan`), plus ``-b<beta>`` / ``-l<lam>`` for a
+weight that the method reads and that the grid varies (``grao-b0.3-l0.6``),
+plus ``-lr<lr>`` under an lr grid. The settings of every run are the shared
+ones (defaults, ``--config`` file, flags) with its method, seed, learning rate
+and weights. Under an lr grid each method's row is its learning rate with the
+best validation reward (:func:`.compare_report.choose_lr`).
 
 Each run is a fresh ``python -m grao.tools.compare_run`` child process that calls
 ``grao train``: its peak memory is then the run's own (the peak RSS of a
@@ -24,8 +28,8 @@ SIGINT/SIGTERM go to the running child once: it finishes its step, saves a
 checkpoint, and the compare stops; the same command continues.
 
 Outputs, in the compare directory: ``compare.json`` (every run's final
-metrics and config, and the summary), ``compare.md`` (mean +- std over seeds
-per label), ``curves.png``, ``shares.png`` (GRAO-family runs) and
+metrics and config, and the summary), ``compare.md`` (mean +- 95 % t-interval
+over seeds per row, and GRAO minus the best baseline paired by seed), ``curves.png``, ``shares.png`` (GRAO-family runs) and
 ``sweep.png`` (when the grid has more than one value).
 """
 
@@ -33,21 +37,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .compare_plan import GRID_WEIGHTS, WEIGHT_TAGS, Run, parse_methods, parse_values, plan
-from .compare_report import COLUMNS, load_average, markdown, report, result, summarize
+from .compare_plan import GRID_WEIGHTS, PIPE, PIPELINE_SPLIT, WEIGHT_TAGS, Run, parse_methods, parse_values, plan
+from .compare_report import (
+    COLUMNS,
+    choose_lr,
+    load_average,
+    markdown,
+    paired_differences,
+    report,
+    result,
+    summarize,
+    table_rows,
+)
 from .compare_runner import RECORD, CompareStopped, RunFailed, forward_signals, run_state, train_flags, train_run
 
 __all__ = [
     "COLUMNS",
     "GRID_WEIGHTS",
+    "PIPE",
+    "PIPELINE_SPLIT",
     "RECORD",
     "WEIGHT_TAGS",
     "CompareStopped",
     "Run",
     "RunFailed",
+    "choose_lr",
     "compare",
     "forward_signals",
     "markdown",
+    "paired_differences",
     "parse_methods",
     "parse_values",
     "plan",
@@ -55,6 +73,7 @@ __all__ = [
     "result",
     "run_state",
     "summarize",
+    "table_rows",
     "train_flags",
     "train_run",
 ]

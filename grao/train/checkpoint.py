@@ -172,6 +172,12 @@ def verify(directory: Path) -> str | None:
     """
     if not (directory / STATE_FILE).is_file():
         return f"{directory} has no {STATE_FILE}"
+    return files_problem(directory)
+
+
+def files_problem(directory: Path) -> str | None:
+    """Why the files of ``directory`` differ from its manifest (a missing or truncated file), or None when they
+    match: a checkpoint's or ``initial/``'s (which holds weights only, no trainer state)."""
     files = manifest_files(directory) or {}
     for name, size in files.items():
         path = directory / name
@@ -207,6 +213,28 @@ def latest_intact(run_dir: str | Path) -> tuple[Path | None, list[str]]:
             return directory, skipped
         skipped.append(reason)
     return None, skipped
+
+
+def weights_source(path: str | Path) -> tuple[Path, list[str]]:
+    """(the checkpoint whose weights ``path`` names, why each newer one was skipped): ``path`` itself when it is a
+    checkpoint directory (one with a trainer state), else the newest intact checkpoint of the run directory ``path``.
+    CheckpointError naming the path when it is neither, or when the checkpoint is not intact."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        reason = problem(path)
+        if reason is not None:
+            raise CheckpointError(f"{path} is not an intact checkpoint: {reason}")
+        return path, []
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory (give a run directory or one of its checkpoints)")
+    found, skipped = latest_intact(path)
+    if found is None:
+        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        raise CheckpointError(
+            f"{path} is neither a checkpoint directory nor a run directory with an intact checkpoint in "
+            f"{CHECKPOINTS}/{detail}"
+        )
+    return found, skipped
 
 
 def load_latest(run_dir: str | Path, load_model, load_tokenizer) -> tuple[Path, tuple, list[str]]:

@@ -1,6 +1,6 @@
 """The run directory: what a run writes into ``output_dir`` and what a second run into the same directory may do.
 
-A run writes ``config.yaml``, ``metrics.jsonl``, ``plot.png``, ``initial/`` (the demo's starting model) and
+A run writes ``config.yaml``, ``metrics.jsonl``, ``plot.png``, ``initial/`` (the starting model of the demo or of an ``init_from`` run) and
 ``checkpoints/step-NNNNNN/`` (see :mod:`grao.train.checkpoint`), and records each of these names in its ledger
 (:mod:`grao.train.owned_paths`) when it creates it. A new run refuses a directory that is not empty; ``--resume``
 continues the run there and ``--overwrite`` deletes first what the ledger lists (inside ``initial/`` and the
@@ -137,7 +137,7 @@ def start(
 ) -> None:
     """Rank 0's start of a run in ``run_dir``. A new run (``resumed_at`` None) writes its config (after deleting an
     earlier run's files with ``overwrite``) and ``initial``, when given, into ``initial/`` with ``tokenizer`` (the
-    demo's random starting model, what ``grao eval`` measures NAG against; ``weights``: its gathered state dict when
+    demo's random starting model or an init_from run's starting weights, what ``grao eval`` measures NAG against; ``weights``: its gathered state dict when
     sharded). A run resumed at step ``resumed_at`` drops the lines logged after its checkpoint and records the
     (resume-safe) settings it continues with."""
     if resumed_at is None:

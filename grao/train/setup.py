@@ -22,9 +22,58 @@ from .batch import IGNORE_INDEX
 from .policy import Policy
 
 
-def fresh_model(cfg, rt) -> tuple:
-    """(model, tokenizer, initial model) of a new run: the config's model on ``rt.device``, under LoRA its adapters
-    over the base; the initial model is what ``initial/`` holds for the demo (the full-weight base under LoRA)."""
+def start_weights(cfg, resume: bool) -> Path | None:
+    """The directory of the weights a run with ``init_from`` starts from (None without ``init_from``).
+
+    A new run: the checkpoint ``init_from`` names (a checkpoint directory, or a run directory's newest intact
+    checkpoint), a whole model (not a LoRA adapter) of this run's ``model`` and ``model_overrides`` when the source
+    run's config.yaml says what it trained. A resumed run: its own ``initial/``, the copy of those weights it wrote
+    when it started, so its frozen reference does not move when the source run goes on. ConfigError otherwise."""
+    if cfg.policy.init_from is None:
+        return None
+    if resume:
+        initial = Path(cfg.run.output_dir) / run_dir.INITIAL
+        if not (initial / checkpoint.MANIFEST).is_file():
+            raise ConfigError(f"--resume: {initial}, the starting weights of this init_from run, is missing")
+        try:
+            reason = checkpoint.files_problem(initial)
+        except checkpoint.CheckpointError as exc:
+            reason = str(exc)
+        if reason is not None:
+            raise ConfigError(f"--resume: the starting weights of this init_from run are not intact ({reason})")
+        return initial
+    try:
+        found, skipped = checkpoint.weights_source(cfg.policy.init_from)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"'init_from': {exc}") from None
+    for reason in skipped:
+        say(f"warning: init_from: {reason}; starting from an older checkpoint")
+    if models.is_adapter(found):
+        raise ConfigError(
+            f"'init_from': {found} holds a LoRA adapter, not a whole model; start from a full fine-tuning run's "
+            "checkpoint"
+        )
+    source_config = found.parent.parent / run_dir.CONFIG
+    if found.parent.name == checkpoint.CHECKPOINTS and source_config.is_file():
+        source = config.load(source_config)
+        for name in ("model", "model_overrides"):
+            if getattr(source, name) != getattr(cfg, name):
+                raise ConfigError(
+                    f"'init_from': {found} is a checkpoint of {name} {getattr(source, name)!r} (its run's "
+                    f"{source_config}), this run's {name} is {getattr(cfg, name)!r}; give the same {name}"
+                )
+    say(f"init_from: starting from the weights of {found}")
+    return found
+
+
+def fresh_model(cfg, rt, init_dir: Path | None = None) -> tuple:
+    """(model, tokenizer, initial model) of a new run: the config's model on ``rt.device`` (with ``init_dir``, the
+    weights there, read from safetensors only), under LoRA its adapters over the base; the initial model is what
+    ``initial/`` holds for the demo or an init_from run (the full-weight base under LoRA)."""
+    if init_dir is not None:  # weights only: the source's optimizer, schedule and step stay behind
+        model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
+        tokenizer = models.load_tokenizer(cfg.policy.tokenizer or init_dir, cfg.policy.trust_remote_code)
+        return model.to(rt.device), tokenizer, model
     model, tokenizer = models.load(
         cfg.policy.model,
         cfg.policy.tokenizer,
@@ -48,9 +97,12 @@ def fresh_model(cfg, rt) -> tuple:
     return model, tokenizer, initial
 
 
-def frozen_start(cfg, rt) -> torch.nn.Module:
+def frozen_start(cfg, rt, init_dir: Path | None = None) -> torch.nn.Module:
     """The frozen starting policy, for losses that compare against it (DPO, GRPO's KL, PPO): loaded afresh from the
-    config, so a resumed run gets the same one."""
+    config, or from ``init_dir`` (:func:`start_weights`), so a resumed run gets the same one."""
+    if init_dir is not None:
+        model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
+        return model.to(rt.device).eval().requires_grad_(False)
     model, _ = models.load(
         cfg.policy.model,
         cfg.policy.tokenizer,
@@ -147,19 +199,22 @@ def check_output_dir(cfg, resume: bool, overwrite: bool) -> None:
 
 
 def load_data(cfg) -> tuple:
-    """(training examples, held-out examples, where dpo's rejected answers come from): the data's own ("data": each
-    group is rejected + reference, nothing is sampled) or the lowest-scored of the G samples ("sampled")."""
+    """(training examples, validation examples, held-out examples, where dpo's rejected answers come from): the
+    data's own ("data": each group is rejected + reference, nothing is sampled) or the lowest-scored of the G samples
+    ("sampled")."""
     train_examples, eval_examples = data.load_examples(cfg)
+    train_examples, validation = data.validation_split(train_examples, eval_examples, cfg.evaluation.validation_size)
     rejected = "sampled"
     if cfg.method == "dpo":
         rejected = data.rejected_source(cfg.dpo_rejected, train_examples)
         say(f"dpo: rejected answers from {'the data' if rejected == 'data' else 'the G samples'}")
-    return train_examples, eval_examples, rejected
+    return train_examples, validation, eval_examples, rejected
 
 
-def load_start(cfg, rt, resume: bool) -> tuple:
+def load_start(cfg, rt, resume: bool, init_dir: Path | None = None) -> tuple:
     """(checkpoint, model, tokenizer, initial model, trainer state) the run starts from: with ``resume`` the newest
-    intact checkpoint's (no initial model), else :func:`fresh_model`'s (no checkpoint, no state)."""
+    intact checkpoint's (no initial model), else :func:`fresh_model`'s (no checkpoint, no state), from ``init_dir``
+    when given."""
     loading = time.perf_counter()
     say(f"loading model {cfg.model} ...")
     if resume:
@@ -173,7 +228,7 @@ def load_start(cfg, rt, resume: bool) -> tuple:
         initial = None
     else:
         ckpt, state = None, None
-        model, tokenizer, initial = fresh_model(cfg, rt)
+        model, tokenizer, initial = fresh_model(cfg, rt, init_dir)
     say(f"loaded model {cfg.model} in {time.perf_counter() - loading:.1f}s")
     if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
         say("warning: chat_template is on but the tokenizer has no chat template; prompts are used as written")
@@ -186,10 +241,11 @@ def logit_transform(head: models.LogitHead, temperature: float) -> dict:
     return dict(logit_scale=head.logit_scale, softcap=head.softcap, temperature=temperature, ignore_index=IGNORE_INDEX)
 
 
-def reference_policy(cfg, rt, logit_transform: dict, sharded: bool) -> tuple:
+def reference_policy(cfg, rt, logit_transform: dict, sharded: bool, init_dir: Path | None = None) -> tuple:
     """(reference model, its Policy) for a loss that compares against the frozen starting policy (DPO, GRPO's KL),
-    sharded like the policy when the run is; loaded afresh from the config, so a resumed run gets the same one."""
-    model = frozen_start(cfg, rt)
+    sharded like the policy when the run is; loaded afresh from the config (or ``init_dir``), so a resumed run gets
+    the same one."""
+    model = frozen_start(cfg, rt, init_dir)
     reference = Policy(model, runtime=rt, logit_transform=logit_transform)
     if sharded:  # frozen: sharded like the policy, forward only
         distributed.shard(reference, rt.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)

@@ -77,7 +77,8 @@ class Trainer:
         self.runtime, self.world, sharded = setup.start_runtime(cfg)
         setup.check_output_dir(cfg, resume, overwrite)
         models.check_source(cfg.model, cfg.tokenizer)
-        self.train_examples, self.eval_examples, self.rejected_source = setup.load_data(cfg)
+        self.init_dir = setup.start_weights(cfg, resume)  # init_from's checkpoint (resumed: the run's initial/)
+        self.train_examples, self.validation_examples, self.eval_examples, self.rejected_source = setup.load_data(cfg)
         if reward is None:
             reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
         self.reward = reward
@@ -87,7 +88,7 @@ class Trainer:
         runtime.set_threads(cfg.threads, cfg.model == models.TINY_MOE, self.runtime.device)
 
         self.checkpoint, self.model, self.tokenizer, self.initial_model, state = setup.load_start(
-            cfg, self.runtime, resume
+            cfg, self.runtime, resume, self.init_dir
         )
         inner = models.unwrap(self.model)  # the Hugging Face model, also under a LoRA wrapper
         # How the model's forward transforms its logits (Granite, Cohere, Falcon-H1, Gemma-2 ...), checked on the
@@ -105,13 +106,17 @@ class Trainer:
                 trainer_state.restore_loss(module_loss, state, self.checkpoint)
         # the prompt tokens that fit the model's context next to max_new_tokens; the step's memory bound
         self.max_prompt_tokens, self.prompts_cut = setup.check_data_fits(
-            cfg, inner, self.tokenizer, self.train_examples + self.eval_examples, self.runtime.device
+            cfg,
+            inner,
+            self.tokenizer,
+            self.train_examples + self.validation_examples + self.eval_examples,
+            self.runtime.device,
         )
         # The frozen starting policy, for losses that compare against it (DPO, GRPO's KL).
         self.reference_model = self.reference = None
         if getattr(self.loss, "needs_reference_model", False):
             self.reference_model, self.reference = setup.reference_policy(
-                cfg, self.runtime, self.logit_transform, sharded
+                cfg, self.runtime, self.logit_transform, sharded, self.init_dir
             )
         self.router_biases = setup.router_biases(cfg, inner)  # updated after each step by loss-free balancing
         self.policy, self.sharding = setup.policy(  # the loss, generate and evaluation run in its named methods
@@ -307,10 +312,36 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and logging
 
     def evaluate(self) -> dict:
-        """Held-out reward, RAS and NAG (against the starting model's responses) of the current model; with several
-        processes each rank answers its block of the held-out prompts and the results are gathered in order."""
+        """Held-out reward, RAS and NAG (against the starting model's responses) of the current model, and with
+        ``validation_size`` the validation prompts' reward and RAS (``val/``)."""
+        res = self.answer(self.eval_examples)
+        if self.baseline_eval is None:
+            self.baseline_eval = res.rewards
+        self.last_eval = res.mean_reward
+        judged = rewards.pop_metrics(self.reward)
+        rewards.check_judged(judged, self.reward)
+        line = {
+            "step": self.step,
+            "eval/reward": res.mean_reward,
+            "eval/ras": res.ras,
+            "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
+            **dict(zip(WTL_KEYS, evaluation.win_tie_loss(res.rewards, self.baseline_eval, "eval/nag"))),
+            **{f"eval/{k}": v for k, v in judged.items()},
+        }
+        if self.validation_examples:
+            val = self.answer(self.validation_examples)
+            judged = rewards.pop_metrics(self.reward)
+            rewards.check_judged(judged, self.reward)
+            line.update(
+                {"val/reward": val.mean_reward, "val/ras": val.ras, **{f"val/{k}": v for k, v in judged.items()}}
+            )
+        return line
+
+    def answer(self, examples: list[Example]) -> evaluation.EvalResult:
+        """The current model's responses to ``examples`` (greedy unless ``eval_greedy`` is off) and their rewards;
+        with several processes each rank answers its block of the prompts and the results are gathered in order."""
         cfg = self.cfg
-        examples, real = self.world.padded_share(self.eval_examples)
+        examples, real = self.world.padded_share(examples)
         res = self.policy.evaluate(
             self.tokenizer,
             examples,
@@ -324,20 +355,7 @@ class Trainer:
             chat_template=cfg.chat_template,
         )
         parts = self.world.gather_objects([res.responses[:real], res.rewards[:real], res.reference_rewards[:real]])
-        res = evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
-        if self.baseline_eval is None:
-            self.baseline_eval = res.rewards
-        self.last_eval = res.mean_reward
-        judged = rewards.pop_metrics(self.reward)
-        rewards.check_judged(judged, self.reward)
-        return {
-            "step": self.step,
-            "eval/reward": res.mean_reward,
-            "eval/ras": res.ras,
-            "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
-            **dict(zip(WTL_KEYS, evaluation.win_tie_loss(res.rewards, self.baseline_eval, "eval/nag"))),
-            **{f"eval/{k}": v for k, v in judged.items()},
-        }
+        return evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
 
     def _evaluate_start(self) -> None:
         """Evaluate and log the starting model (the baseline of eval/nag), with the run's parameter counts."""
@@ -376,9 +394,10 @@ class Trainer:
     # ------------------------------------------------------------------ run directory and checkpoints
 
     def _start_run(self) -> None:
-        """Rank 0 starts the run directory (:func:`grao.train.run_dir.start`): the config and, for the demo's new
-        run, its random starting model; a resumed run's metrics cut back to its checkpoint."""
-        initial = self.checkpoint is None and self.cfg.model == models.TINY_MOE and self.initial_model is not None
+        """Rank 0 starts the run directory (:func:`grao.train.run_dir.start`): the config and, for a new run of the
+        demo or from init_from, its starting model; a resumed run's metrics cut back to its checkpoint."""
+        writes_initial = self.cfg.model == models.TINY_MOE or self.cfg.init_from is not None
+        initial = self.checkpoint is None and writes_initial and self.initial_model is not None
         # A sharded model's starting weights, gathered by every rank for rank 0 to write (under LoRA initial_model is
         # the plain copy taken before the adapters were added, never sharded).
         gather = initial and self.sharding is not None and self.initial_model is self.model

@@ -27,7 +27,8 @@ from grao.train.trainer import Trainer
 def argv(cfg: TrainConfig, out) -> list[str]:
     """``grao compare`` flags for the shared settings ``cfg`` (those that differ from the defaults) into ``out``."""
     default = config.to_dict(TrainConfig())
-    given = {k for k, v in config.to_dict(cfg).items() if v != default[k] and k not in cli.COMPARE_SETS}
+    # compare's own --lr takes one value as a shared setting, as the train flag does
+    given = {k for k, v in config.to_dict(cfg).items() if v != default[k] and (k not in cli.COMPARE_SETS or k == "lr")}
     flags = [f for f in compare.train_flags(cfg) if f[2:].split("=")[0].replace("-", "_") in given]
     return [*flags, "--output-dir", str(out)]
 
@@ -73,17 +74,26 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
             assert got["values"] == values
             assert got["mean"] == pytest.approx(statistics.fmean(values))
             assert got["std"] == pytest.approx(statistics.stdev(values))
+            assert got["ci95"] == pytest.approx(12.7062047 * statistics.stdev(values) / 2**0.5)  # t_{0.975, 1}
         for f in finals:  # each evaluation's counts against the starting model are NAG's
             n = f["eval/wins"] + f["eval/ties"] + f["eval/losses"]
             assert n == 4 and f["eval/nag"] == pytest.approx((f["eval/wins"] - f["eval/losses"]) / n)
         wtl = [sum(f[k] for f in finals) for k in ("eval/wins", "eval/ties", "eval/losses")]
         assert saved["summary"][label]["win_tie_loss"] == wtl
         reward = saved["summary"][label]["reward"]
-        assert f"| {label} | {reward['mean']:.3f} ± {reward['std']:.3f} |" in table
+        assert f"| {label} | {reward['mean']:.3f} ± {reward['ci95']:.3f} |" in table
         assert f" | {'/'.join(map(str, wtl))} | 2 |" in table
         memory = saved["summary"][label]["peak_memory_mib"]
         assert memory["n"] == 2 and all(v > 0 for v in memory["values"])
     assert {r["memory_measure"] for r in saved["runs"]} == {"peak_rss"}
+    # GRAO minus the best baseline (sft, the only one), paired by seed
+    finals = {(r["label"], r["seed"]): r["reward"] for r in saved["runs"]}
+    diffs = [finals["grao", s] - finals["sft", s] for s in (0, 1)]
+    (paired,) = saved["paired"]
+    assert (paired["grao"], paired["baseline"], paired["seeds"]) == ("grao", "sft", [0, 1])
+    assert paired["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert paired["ci95"] == pytest.approx(12.7062047 * statistics.stdev(diffs) / 2**0.5)
+    assert f"- grao − sft: {paired['mean']:+.3f} ± {paired['ci95']:.3f} (95 % t-interval)" in table
     # each row's learning rate, warmup and schedule, and what differs from the defaults (tests/utils.small's)
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if "cosine to 0.1 x lr" in line}
     assert set(rows) == {"sft", "grao"}
@@ -208,3 +218,99 @@ def test_a_compare_child_finds_this_checkouts_grao_first_on_its_path(monkeypatch
     monkeypatch.delenv("PYTHONPATH", raising=False)
     first = pathlib.Path(compare_runner.child_env()["PYTHONPATH"].split(os.pathsep)[0])
     assert (first / "grao" / "__init__.py").resolve() == pathlib.Path(grao.__file__).resolve()
+
+
+def test_a_pipeline_starts_its_second_stage_from_the_first_stages_final_model_within_the_same_steps(
+    tmp_path,
+    monkeypatch,
+    restore_threads_and_seed,  # noqa: F811
+):
+    shared, out = small(tmp_path, steps=4), tmp_path / "cmp"
+    runs = compare.plan(shared, ["sft+grpo", "sft+grao", "grao"], 1, out)
+    # one sft first stage of half the steps, shared by both pipelines, before them
+    assert [(r.name, r.method, r.cfg.steps, r.reported) for r in runs] == [
+        ("sft-2steps/seed-0", "sft", 2, False),
+        ("sft+grpo/seed-0", "grpo", 2, True),
+        ("sft+grao/seed-0", "grao", 2, True),
+        ("grao/seed-0", "grao", 4, True),
+    ]
+    first = runs[0]
+    assert runs[1].first is first and runs[2].first is first and runs[3].first is None
+    assert runs[1].cfg.init_from == runs[2].cfg.init_from == str(first.dir) and runs[3].cfg.init_from is None
+    assert [r.cfg.steps for r in compare.plan(shared, ["sft+grpo"], 1, out, split=0.25)] == [1, 3]
+    with pytest.raises(ConfigError, match="leaves a stage without steps"):
+        compare.plan(shared, ["sft+grpo"], 1, out, split=0.1)
+    with pytest.raises(ConfigError, match="a pipeline has two stages"):
+        compare.parse_methods("sft+dpo+grpo")
+    with pytest.raises(ConfigError, match=r"unknown method 'sft\+nope'"):
+        compare.parse_methods("sft+nope")
+
+    monkeypatch.setattr(compare, "train_run", lambda run, state: Trainer(run.cfg).train())
+    assert cli.main(["compare", "--methods", "sft+grpo,sft+grao,grao", "--seeds", "1", *argv(shared, out)]) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert list(saved["summary"]) == saved["rows"] == ["sft+grpo", "sft+grao", "grao"]  # the first stage is no row
+    first_evals = [ln for ln in read_lines(first.dir) if "eval/reward" in ln]
+    for res in saved["runs"][:2]:
+        second = [ln for ln in read_lines(pathlib.Path(res["run_dir"])) if "eval/reward" in ln]
+        # the second stage's step-0 evaluation is the first stage's final one: it starts from that model
+        assert second[0]["eval/reward"] == first_evals[-1]["eval/reward"] and second[0]["eval/nag"] == 0.0
+        assert res["step"] == 4 and res["reward"] == second[-1]["eval/reward"]
+        assert res["eval_curve"] == [[ln["step"], ln["eval/reward"]] for ln in first_evals] + [
+            [2 + ln["step"], ln["eval/reward"]] for ln in second[1:]
+        ]
+        assert res["first_stage"]["run_dir"] == str(first.dir) and res["first_stage"]["step"] == 2
+    table = (out / "compare.md").read_text()
+    assert "trains `first` for 2 steps, then `second` from its final model (init_from) for 2 steps, 4 in all" in table
+    assert "| sft+grao | " in table and "| sft-2steps" not in table
+
+
+def test_the_lr_grid_chooses_each_methods_rate_by_validation_not_by_the_held_out_reward(
+    tmp_path,
+    monkeypatch,
+    restore_threads_and_seed,  # noqa: F811
+):
+    shared, out = small(tmp_path, steps=1), tmp_path / "cmp"
+    runs = compare.plan(small(tmp_path, steps=2), ["sft", "sft+grao"], 1, out, lrs=[1e-3, 1e-2])
+    assert [(r.name, r.group, r.cfg.lr) for r in runs] == [
+        ("sft-lr0.001/seed-0", "sft", 1e-3),
+        ("sft-lr0.01/seed-0", "sft", 1e-2),
+        ("sft-1steps-lr0.001/seed-0", "sft-1steps-lr0.001", 1e-3),  # each pipeline's stages at its row's rate
+        ("sft+grao-lr0.001/seed-0", "sft+grao", 1e-3),
+        ("sft-1steps-lr0.01/seed-0", "sft-1steps-lr0.01", 1e-2),
+        ("sft+grao-lr0.01/seed-0", "sft+grao", 1e-2),
+    ]
+    with pytest.raises(ConfigError, match="--lr repeats a value"):
+        compare.parse_values("1e-3,0.001", "--lr")
+    grid = compare.plan(shared, ["sft"], 2, out, lrs=[1e-3, 1e-2])
+    assert [(r.label, r.group, r.cfg.lr, r.seed) for r in grid] == [
+        ("sft-lr0.001", "sft", 1e-3, 0),
+        ("sft-lr0.001", "sft", 1e-3, 1),
+        ("sft-lr0.01", "sft", 1e-2, 0),
+        ("sft-lr0.01", "sft", 1e-2, 1),
+    ]
+    assert {r.cfg.validation_size for r in grid} == {shared.eval_size}  # a validation split for the choice
+    assert compare.plan(shared, ["sft"], 1, out, lrs=[1e-3])[0].label == "sft"  # one rate: a shared setting
+
+    monkeypatch.setattr(compare, "train_run", lambda run, state: Trainer(run.cfg).train())
+    flags = [f for f in argv(shared, out) if not f.startswith("--lr=")]
+    assert cli.main(["compare", "--methods", "sft", "--seeds", "2", "--lr", "1e-3,1e-2", *flags]) == 0
+    # each run's final line: make validation and held-out disagree on the best rate (validation: 1e-3)
+    for run in grid:
+        path = run.dir / "metrics.jsonl"
+        lines = read_lines(run.dir)
+        low = run.cfg.lr == 1e-3
+        lines[-1].update({"val/reward": 0.9 if low else 0.2, "eval/reward": 0.1 if low else 0.8})
+        path.write_text("".join(json.dumps(ln) + "\n" for ln in lines))
+    summary = compare.report(grid, out, "test")
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["chosen_lr"] == {"sft": "sft-lr0.001"} and saved["rows"] == ["sft-lr0.001"]
+    assert summary["sft-lr0.01"]["reward"]["mean"] > summary["sft-lr0.001"]["reward"]["mean"]  # held-out disagrees
+    table = (out / "compare.md").read_text()
+    assert "| sft-lr0.001 | 0.100 ± 0.000 |" in table and "| sft-lr0.01 | 0.800" not in table
+    assert "| sft | 0.001 | 0.900 ± 0.000 | 0.100 ± 0.000 | yes |" in table
+    assert "| sft | 0.01 | 0.200 ± 0.000 | 0.800 ± 0.000 |  |" in table
+    # without validation rewards there is nothing to choose by: an error, never a silent held-out choice
+    for entry in summary.values():
+        entry["val_reward"]["mean"] = None
+    with pytest.raises(ConfigError, match="no validation reward"):
+        compare.choose_lr(summary)
