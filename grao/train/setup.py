@@ -32,6 +32,7 @@ def fresh_model(cfg, rt) -> tuple:
         rt,
         cfg.run.seed,
         cfg.policy.trust_remote_code,
+        cfg.dataset.task,
     )
     initial = model
     if cfg.lora.rank:
@@ -58,6 +59,7 @@ def frozen_start(cfg, rt) -> torch.nn.Module:
         rt,
         cfg.run.seed,
         cfg.policy.trust_remote_code,
+        cfg.dataset.task,
     )
     return model.eval().requires_grad_(False)
 

@@ -79,7 +79,9 @@ class Trainer:
         models.check_source(cfg.model, cfg.tokenizer)
         self.train_examples, self.eval_examples, self.rejected_source = setup.load_data(cfg)
         if reward is None:
-            reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
+            reward = rewards.resolve(
+                cfg.reward, cfg.data, self.runtime.device, task=cfg.task, **rewards.judge_options(cfg)
+            )
         self.reward = reward
         self.logprob_temperature = cfg.temperature if cfg.logprob_temperature == "sampling" else 1.0
         self.callbacks = list(callbacks)
