@@ -1,5 +1,5 @@
 """The addition task: its generator (deterministic in the seed, held-out prompts never trained on, answers the
-sums written units digit first), its two checkers on hand-made responses, and how the config selects it."""
+sums), its two checkers on hand-made responses, and how the config selects it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_answers_are_the_sums_of_the_prompts():
     for ex in train + held_out:
         a, b = ex.prompt.removesuffix("=").split("+")
         assert 0 <= int(a) <= 99 and 0 <= int(b) <= 99
-        assert int(ex.reference[::-1]) == int(a) + int(b) and ex.reference == addition_task.solve(ex.prompt)
+        assert ex.reference == str(int(a) + int(b)) == addition_task.solve(ex.prompt)
     # the carries the task is about occur: a sum above 99 and a carried units digit below it
     sums = [(int(a), int(b)) for a, b in (ex.prompt[:-1].split("+") for ex in train)]
     assert any(a + b > 99 for a, b in sums) and any(a % 10 + b % 10 > 9 and a + b < 100 for a, b in sums)
@@ -37,17 +37,17 @@ def test_too_many_held_out_prompts_is_an_error():
 @pytest.mark.parametrize(
     "prompt, response, exact, partial",
     [
-        ("37+58=", "59", 1.0, 1.0),  # 95, units digit first
-        ("37+58=", " 59 ", 1.0, 1.0),  # surrounding whitespace is not part of the answer
-        ("37+58=", "58", 0.0, 1 / 2),  # the units digit right, the carry missed
-        ("37+58=", "95", 0.0, 0.0),  # the sum most significant digit first: each place wrong
-        ("99+7=", "601", 1.0, 1.0),
-        ("99+7=", "6", 0.0, 1 / 3),  # digits are compared by place value, from the units
-        ("99+7=", "6001", 0.0, 2 / 4),  # a longer response is scored over its own length
-        ("99+7=", "6x1", 0.0, 2 / 3),
+        ("37+58=", "95", 1.0, 1.0),
+        ("37+58=", " 95 ", 1.0, 1.0),  # surrounding whitespace is not part of the answer
+        ("37+58=", "85", 0.0, 1 / 2),  # the units digit right, the carry missed
+        ("37+58=", "59", 0.0, 0.0),  # the right digits in the wrong places
+        ("99+7=", "106", 1.0, 1.0),
+        ("99+7=", "6", 0.0, 1 / 3),  # digits are aligned by place value, from the units
+        ("99+7=", "1006", 0.0, 2 / 4),  # a longer response is scored over its own length
+        ("99+7=", "1x6", 0.0, 2 / 3),
         ("0+0=", "0", 1.0, 1.0),
         ("0+0=", "", 0.0, 0.0),
-        ("12+3=", "51=51", 0.0, 2 / 5),  # the answer is the whole response, not a number found in it
+        ("12+3=", "15=15", 0.0, 2 / 5),  # the answer is the whole response, not a number found in it
     ],
 )
 def test_exact_and_per_digit_rewards(prompt, response, exact, partial):
@@ -74,7 +74,7 @@ def test_config_selects_the_task_its_reward_and_its_tokenizer(tmp_path):
     tok = build_demo_tokenizer("addition")
     ids = tok("37+58=", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == list("37+58=") and tok.unk_token_id not in ids
-    assert tok.decode(tok("601", add_special_tokens=False)["input_ids"]) == "601"
+    assert tok.decode(tok("106", add_special_tokens=False)["input_ids"]) == "106"
     with pytest.raises(ConfigError, match="'task' must be one of demo, addition"):
         TrainConfig(task="subtraction")
     with pytest.raises(ValueError, match="task must be one of demo, addition, got 'x'"):
