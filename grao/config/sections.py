@@ -309,6 +309,13 @@ class Evaluation:
         64, "prompts per generate call in evaluation", range=POSITIVE, resume_safe=True, flat="eval_batch_size"
     )
     greedy: bool = key(True, "greedy decoding in evaluation (false: sample at temperature)", flat="eval_greedy")
+    probe_prompts: int = key(
+        4,
+        "grao methods: at each evaluation, each GRAO term's gradient norm on a fixed probe batch of this many "
+        "training prompts and their group_size samples (terms/grad_norm/*; 0 = off)",
+        range=NON_NEGATIVE,
+        resume_safe=True,
+    )
 
 
 @dataclass

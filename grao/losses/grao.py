@@ -3,6 +3,7 @@ Table 3 ablations are one loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -80,3 +81,32 @@ class GRAO:
             loss, terms = out.loss, (exploration * self.exploration, imitation, alignment)
         share = batch.share
         return LossOutput(loss * share, {f"objective/{t}": float(v) * share for t, v in zip(self.TERMS, terms)})
+
+
+def term_gradient_norms(loss: GRAO, batch: LossBatch) -> dict[str, float]:
+    """Each weighted term's pull on the update: ``{term: ||d(-term)/d(hidden, weight, bias)||}`` on ``batch``.
+
+    Each term is ``loss`` with the other two weights 0 (imitation ``beta A_y J(y)``: ``GRAO(beta, lam=0,
+    exploration=0)``; exploration ``A_i J(o_i)``: ``GRAO(beta=0, lam=0, exploration)``; alignment ``lam A_i
+    (J(o_i) - J(y))``: ``GRAO(beta=0, lam, exploration=0)``), one ``linear_logprob_loss`` sweep each; the
+    objective is linear in the terms, so the three gradients sum to ``loss``'s. The norm is over the gradients
+    with respect to the final hidden states and the lm_head weight (and bias) together: what the loss hands
+    the backbone and what it gives the lm_head. Unlike the terms' values, which all shift when every J does by
+    a constant (the advantages sum to 0 within a group, yet the imitation term ``beta A_y J(y)`` moves with
+    J(y)), these measure how hard each term pulls the model. The batch's hidden states and lm_head are taken
+    as constants (detached), so this builds no graph through the backbone.
+    """
+    leaves = [t.detach().requires_grad_(True) for t in (batch.hidden, batch.weight, batch.bias) if t is not None]
+    hidden, weight, *bias = leaves
+    probe = dataclasses.replace(batch, hidden=hidden, weight=weight, bias=bias[0] if bias else None)
+    isolated = {
+        "exploration": dict(beta=0.0, lam=0.0, exploration=loss.exploration),
+        "imitation": dict(beta=loss.beta, lam=0.0, exploration=0.0),
+        "alignment": dict(beta=0.0, lam=loss.lam, exploration=0.0),
+    }
+    norms = {}
+    for term in GRAO.TERMS:
+        out = GRAO(backend=loss.backend, **isolated[term])(probe).loss
+        grads = torch.autograd.grad(out, leaves, allow_unused=True)
+        norms[term] = float(sum(g.double().square().sum() for g in grads if g is not None) ** 0.5)
+    return norms

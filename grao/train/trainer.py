@@ -40,7 +40,7 @@ from ..eval import rewards
 from ..log import say
 from ..models import heads, runtime
 from . import output_errors, run_dir, setup, stopping, trainer_state, update
-from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch
+from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch, micro_batches
 from .rollout import PromptOrder, sample_and_score
 from .update import lr_lambda
 
@@ -339,7 +339,44 @@ class Trainer:
             "eval/nag": evaluation.nag(res.rewards, self.baseline_eval),
             **dict(zip(WTL_KEYS, evaluation.win_tie_loss(res.rewards, self.baseline_eval, "eval/nag"))),
             **{f"eval/{k}": v for k, v in judged.items()},
+            **self.term_gradients(),
         }
+
+    def term_gradients(self) -> dict:
+        """``terms/grad_norm/<term>`` of each GRAO term on the fixed probe batch (:func:`grao.losses.term_gradient_norms`)
+        and ``terms/grad_share/<term>``, its norm over the three norms' sum (left out when all are 0: every probe
+        group tied); {} for a loss without GRAO's terms or ``evaluation.probe_prompts`` 0.
+
+        The probe batch: the first ``probe_prompts`` training prompts, each with ``group_size`` completions
+        sampled from the current model with one seed at every evaluation, and its reference answer; so two
+        evaluations differ by the model alone. It runs under its own RNG state and its reward calls are not
+        counted in any metrics line.
+        """
+        k = self.cfg.evaluation.probe_prompts
+        if not isinstance(self.loss, losses.GRAO) or k == 0:
+            return {}
+        device = self.runtime.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            probe = sample_and_score(
+                self.policy,
+                self.tokenizer,
+                self.train_examples[:k],
+                self.reward,
+                self.cfg,
+                0,  # step 0 has no rollout of its own: the probe's seed, the same on every rank
+                0,
+                self.rejected_source,
+                self.max_prompt_tokens,
+            )
+        rewards.pop_metrics(self.reward)
+        counts = torch.tensor([[len(c) for c in g] for g in probe.completion_ids])
+        (mb,) = micro_batches(probe, 0, self.tokenizer.pad_token_id, device, counts, 0)
+        norms = self.policy.term_gradient_norms(self.loss, mb)
+        total = sum(norms.values())
+        out = {f"terms/grad_norm/{t}": v for t, v in norms.items()}
+        if total > 0:
+            out.update({f"terms/grad_share/{t}": v / total for t, v in norms.items()})
+        return out
 
     def _evaluate_start(self) -> None:
         """Evaluate and log the starting model (the baseline of eval/nag), with the run's parameter counts."""
