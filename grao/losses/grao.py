@@ -91,10 +91,11 @@ def term_gradient_norms(loss: GRAO, batch: LossBatch) -> dict[str, float]:
     (J(o_i) - J(y))``: ``GRAO(beta=0, lam, exploration=0)``), one ``linear_logprob_loss`` sweep each; the
     objective is linear in the terms, so the three gradients sum to ``loss``'s. The norm is over the gradients
     with respect to the final hidden states and the lm_head weight (and bias) together: what the loss hands
-    the backbone and what it gives the lm_head. Unlike the terms' values, which all shift when every J does by
-    a constant (the advantages sum to 0 within a group, yet the imitation term ``beta A_y J(y)`` moves with
-    J(y)), these measure how hard each term pulls the model. The batch's hidden states and lm_head are taken
-    as constants (detached), so this builds no graph through the backbone.
+    the backbone and what it gives the lm_head (measured also where the lm_head is frozen, as under LoRA: it is
+    the loss's pull, whatever the optimizer trains). The terms' values move when every J shifts by a constant c
+    (exploration by ``-c A_y / G``, as a group's G+1 advantages sum to 0; imitation by ``beta A_y c``) while no
+    gradient changes; these norms measure how hard each term pulls the model. The batch's hidden states and
+    lm_head are taken as constants (detached), so this builds no graph through the backbone.
     """
     leaves = [t.detach().requires_grad_(True) for t in (batch.hidden, batch.weight, batch.bias) if t is not None]
     hidden, weight, *bias = leaves

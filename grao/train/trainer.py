@@ -365,7 +365,7 @@ class Trainer:
                 self.cfg,
                 0,  # step 0 has no rollout of its own: the probe's seed, the same on every rank
                 0,
-                self.rejected_source,
+                "sampled",  # GRAO's groups are always G samples and the reference
                 self.max_prompt_tokens,
             )
         rewards.pop_metrics(self.reward)

@@ -104,7 +104,7 @@ def test_keys_live_in_sections_and_keep_their_flat_attribute_names():
 
 def test_every_flat_key_of_a_flat_config_yaml_loads_with_one_note_naming_the_new_spellings(tmp_path):
     cfg = TrainConfig(**CHANGED)
-    assert {k.flat for k in config.FIELDS.values()} == set(FLAT_KEYS)
+    assert set(FLAT_KEYS) <= {k.flat for k in config.FIELDS.values()}  # keys added since keep their defaults
     flat = tmp_path / "config.yaml"  # as the trainer wrote a run's config.yaml before sections
     flat.write_text(yaml.safe_dump({name: getattr(cfg, name) for name in FLAT_KEYS}, sort_keys=False))
     with pytest.warns(RenamedKeyWarning) as notes:
