@@ -312,7 +312,7 @@ class Evaluation:
     probe_prompts: int = key(
         4,
         "grao methods: at each evaluation, each GRAO term's gradient norm on a fixed probe batch of this many "
-        "training prompts and their group_size samples (terms/grad_norm/*; 0 = off)",
+        "training prompts (at most micro_batch_prompts) and their group_size samples (terms/grad_norm/*; 0 = off)",
         range=NON_NEGATIVE,
         resume_safe=True,
     )

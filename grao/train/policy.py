@@ -121,10 +121,12 @@ class Policy(torch.nn.Module):
 
     def term_gradient_norms(self, loss: GRAO, mb: MicroBatch) -> dict[str, float]:
         """Each GRAO term's gradient norm on one micro-batch (:func:`grao.losses.term_gradient_norms`), its hidden
-        states from a backbone forward under no_grad: nothing reaches the parameters' ``.grad``."""
+        states from a backbone forward under no_grad: nothing reaches the parameters' ``.grad``. The lm_head's
+        gradient counts when the lm_head is trained (not under LoRA)."""
         with torch.no_grad():
             hidden, weight, bias, _ = self.head_inputs(mb.ids, mb.mask)
-        return term_gradient_norms(loss, mb.loss_batch(hidden, weight, bias, self.logit_transform))
+        trained = heads.output_head(models.unwrap(self.model))[0].requires_grad
+        return term_gradient_norms(loss, mb.loss_batch(hidden, weight, bias, self.logit_transform), lm_head=trained)
 
     def token_logprobs(self, mb: MicroBatch, backend: str) -> torch.Tensor:
         """(S, T) token log-probs of one micro-batch through the fused path (no logits), with :attr:`logit_transform`: the

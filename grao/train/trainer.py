@@ -27,6 +27,7 @@ start and metrics) and ``stopping`` here; ``models``, ``data``, ``losses`` and
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -347,12 +348,12 @@ class Trainer:
         and ``terms/grad_share/<term>``, its norm over the three norms' sum (left out when all are 0: every probe
         group tied); {} for a loss without GRAO's terms or ``evaluation.probe_prompts`` 0.
 
-        The probe batch: the first ``probe_prompts`` training prompts, each with ``group_size`` completions
-        sampled from the current model with one seed at every evaluation, and its reference answer; so two
-        evaluations differ by the model alone. It runs under its own RNG state and its reward calls are not
-        counted in any metrics line.
+        The probe batch: the first ``probe_prompts`` training prompts (at most ``micro_batch_prompts``, so the
+        probe's one micro-batch fits where training's do), each with ``group_size`` completions sampled from the
+        current model with one seed at every evaluation, and its reference answer; so two evaluations differ by
+        the model alone. It runs under its own RNG state and its reward calls are not counted in any metrics line.
         """
-        k = self.cfg.evaluation.probe_prompts
+        k = min(self.cfg.evaluation.probe_prompts, self.cfg.runtime.micro_batch_prompts or math.inf)
         if not isinstance(self.loss, losses.GRAO) or k == 0:
             return {}
         device = self.runtime.device

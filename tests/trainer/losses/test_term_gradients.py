@@ -15,13 +15,13 @@ from grao_kernels.testing import reference_grao
 P, G, T, H, V = 3, 3, 7, 8, 37  # odd sizes; make_batch pads, ignores prompts, empties one row, ties a group
 
 
-def oracle_norms(batch, beta, lam, exploration, **head) -> dict[str, float]:
+def oracle_norms(batch, beta, lam, exploration, lm_head=True, **head) -> dict[str, float]:
     hidden, weight, bias, targets, rewards = batch
     out = {}
     for term, scale in (("exploration", exploration), ("imitation", 1.0), ("alignment", 1.0)):
         h, w, b = leaves(hidden, weight, bias, dtype=torch.float64)
         value = -scale * reference_grao(h, w, targets, rewards, bias=b, beta=beta, lam=lam, **head)[term]
-        grads = torch.autograd.grad(value, [t for t in (h, w, b) if t is not None])
+        grads = torch.autograd.grad(value, [t for t in ((h, w, b) if lm_head else (h,)) if t is not None])
         out[term] = float(sum(g.square().sum() for g in grads) ** 0.5)
     return out
 
@@ -39,10 +39,12 @@ def loss_batch(batch, **head) -> LossBatch:
         (0.5, 0.6, 1.0, {"logit_scale": 0.5, "softcap": 3.0, "temperature": 0.7}),  # a transformed head
     ],
 )
-def test_each_term_gradient_norm_matches_the_float64_formula(beta, lam, exploration, head):
+@pytest.mark.parametrize("lm_head", [True, False], ids=["trained-head", "frozen-head"])
+def test_each_term_gradient_norm_matches_the_float64_formula(beta, lam, exploration, head, lm_head):
     batch = make_batch(P, G, T, H, V, bias=True, dtype=torch.float32)
-    want = oracle_norms(batch, beta, lam, exploration, **head)
-    got = term_gradient_norms(GRAO(beta, lam, backend="torch", exploration=exploration), loss_batch(batch, **head))
+    want = oracle_norms(batch, beta, lam, exploration, lm_head, **head)
+    loss = GRAO(beta, lam, backend="torch", exploration=exploration)
+    got = term_gradient_norms(loss, loss_batch(batch, **head), lm_head=lm_head)
     assert got == pytest.approx(want, rel=1e-4)
     # the three differ on this batch, so a term swapped with another would not pass
     assert min(want.values()) > 0 and len({round(v, 4) for v in want.values()}) == 3
