@@ -40,3 +40,19 @@ def test_methods_without_grao_terms_log_no_term_gradients(tmp_path):
     lines = train(tmp_path, "grpo", method="grpo", steps=1)
     assert [ln["step"] for ln in lines if "eval/reward" in ln] == [0, 1]
     assert not any(k.startswith("terms/") for ln in lines for k in ln)
+
+
+@pytest.mark.parametrize("micro_batch_prompts, groups", [(0, 2), (1, 1)])
+def test_the_probe_holds_at_most_a_micro_batch_of_prompt_groups(tmp_path, monkeypatch, micro_batch_prompts, groups):
+    from grao.train import policy
+
+    seen = []
+
+    def spy(loss, batch, **kw):
+        seen.append(tuple(batch.rewards.shape))
+        return real(loss, batch, **kw)
+
+    real = policy.term_gradient_norms
+    monkeypatch.setattr(policy, "term_gradient_norms", spy)
+    train(tmp_path, "run", steps=1, probe_prompts=2, micro_batch_prompts=micro_batch_prompts)
+    assert seen == [(groups, 4)] * 2  # evaluations at steps 0 and 1; small() samples 3 completions per prompt
