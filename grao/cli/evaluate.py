@@ -62,6 +62,7 @@ def run(args) -> int:
         args.reward or cfg.reward,
         "demo" if not args.data and cfg.data == "demo" else "file",
         rt.device,
+        task=cfg.task,
         **rewards.judge_options(cfg),
     )
     opts = dict(

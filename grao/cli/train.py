@@ -55,7 +55,8 @@ def _train(trainer, cfg, args) -> int:
             return EXIT_FAILED
         return 0 if done else 128 + int(getattr(signal, trainer.stopped_by, signal.SIGINT))
     where = f"resuming at step {trainer.step} from {trainer.checkpoint}" if args.resume else "from scratch"
-    say(f"training {cfg.model} on {cfg.data} ({where}) -> {cfg.output_dir}")
+    data = f"the {cfg.task} task" if cfg.data == "demo" else cfg.data
+    say(f"training {cfg.model} on {data} ({where}) -> {cfg.output_dir}")
     resume = f"grao train --output-dir {shlex.quote(cfg.output_dir)} --resume"
     try:
         done = trainer.train()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from grao_kernels.backends import BACKENDS
 
+from ..data.tasks import TASKS
 from ..losses import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
 from .fields import NON_NEGATIVE, POSITIVE, key
 
@@ -56,8 +57,15 @@ class Policy:
 class Dataset:
     """The training prompts and how they reach the model."""
 
-    data: str = key("demo", "'demo' or a JSONL file of {prompt, reference} or HH-RLHF {chosen, rejected} lines")
-    demo_train_size: int = key(4000, "training prompts of the demo task", range=POSITIVE)
+    data: str = key(
+        "demo", "'demo' (the embedded task) or a JSONL file of {prompt, reference} or HH-RLHF {chosen, rejected} lines"
+    )
+    task: str = key(
+        "demo",
+        "the embedded task of data or eval_data 'demo': demo (reverse a word) or addition (a+b with a, b <= 99)",
+        choices=TASKS,
+    )
+    demo_train_size: int = key(4000, "training prompts of the embedded task", range=POSITIVE)
     max_prompt_tokens: int = key(512, "prompts are cut to their last this many tokens", range=POSITIVE)
     chat_template: bool = key(
         False, "render each prompt as a user message through the tokenizer's chat template (when it has one)"
@@ -313,6 +321,13 @@ class Evaluation:
         64, "prompts per generate call in evaluation", range=POSITIVE, resume_safe=True, flat="eval_batch_size"
     )
     greedy: bool = key(True, "greedy decoding in evaluation (false: sample at temperature)", flat="eval_greedy")
+    probe_prompts: int = key(
+        4,
+        "grao methods: at each evaluation, each GRAO term's gradient norm on a fixed probe batch of this many "
+        "training prompts (at most micro_batch_prompts) and their group_size samples (terms/grad_norm/*; 0 = off)",
+        range=NON_NEGATIVE,
+        resume_safe=True,
+    )
 
 
 @dataclass

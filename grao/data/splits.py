@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from . import demo_task
+from . import tasks
 from .examples import DataError, Example, load_jsonl
 
 
 def load_examples(cfg) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples of a TrainConfig's ``data`` and ``eval_data``.
 
-    ``eval_data`` unset: the demo's own held-out set for demo data, else the
-    last ``eval_size`` examples of the data file (removed from training).
+    ``demo`` (either key): the embedded task ``dataset.task``'s examples (:mod:`grao.data.tasks`). ``eval_data``
+    unset: that task's own held-out set for demo data, else the last ``eval_size`` examples of the data file
+    (removed from training).
     """
     held_out = None
+    task = tasks.get(cfg.dataset.task)
     if cfg.dataset.data == "demo":
-        train, held_out = demo_task.make_splits(cfg.dataset.demo_train_size, cfg.evaluation.size, cfg.run.seed)
+        train, held_out = task.make_splits(cfg.dataset.demo_train_size, cfg.evaluation.size, cfg.run.seed)
     else:
         train = load_jsonl(cfg.dataset.data)
     if cfg.evaluation.data == "demo":
-        held_out = demo_task.make_splits(0, cfg.evaluation.size, cfg.run.seed)[1]
+        held_out = task.make_splits(0, cfg.evaluation.size, cfg.run.seed)[1]
     elif cfg.evaluation.data is not None:
         held_out = load_jsonl(cfg.evaluation.data)[: cfg.evaluation.size]
     elif held_out is None:

@@ -1,8 +1,12 @@
 """Rewards: any callable ``reward(prompts, completions, references) -> list[float]``.
 
-Built-ins, selected by name in the config's ``reward`` key:
+Built-ins, selected by name in the config's ``reward`` key (``auto``: the embedded task's own, its ``REWARD``,
+for ``data: demo``; ``edit`` for a data file):
 
 - ``demo``: the demo task's checker (:func:`grao.data.demo_task.reward`), partial credit in [0, 1];
+- ``addition``: the addition task's checker (:func:`grao.data.addition_task.reward`), per-digit partial credit
+  in [0, 1] against the sum computed from the prompt; ``addition-exact``: 1.0 for the exact sum, else 0.0
+  (:func:`grao.data.addition_task.exact_reward`);
 - ``exact``: 1.0 when the stripped completion equals the stripped reference, else 0.0;
 - ``edit``: normalised edit similarity ``1 - levenshtein(c, r) / max(len(c), len(r))`` in [0, 1];
 - ``model:DIR``: a local ``AutoModelForSequenceClassification`` scoring prompt + completion;
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data import demo_task
+from ..data import addition_task, demo_task, tasks
 from .base import Reward, RewardError, check_judged, is_number, pop_metrics, qualified_name
 from .judges import JUDGE_TEMPLATE, JudgeReward, ModelJudge, read_template
 
@@ -109,7 +113,13 @@ class RewardModel:
         return out
 
 
-BUILTIN: dict[str, Reward] = {"demo": demo_task.reward, "exact": exact_match, "edit": edit_similarity}
+BUILTIN: dict[str, Reward] = {
+    "demo": demo_task.reward,
+    "addition": addition_task.reward,
+    "addition-exact": addition_task.exact_reward,
+    "exact": exact_match,
+    "edit": edit_similarity,
+}
 JUDGE_MODEL, JUDGE = "judge-model:", "judge:"
 
 
@@ -130,17 +140,19 @@ def resolve(
     data: str = "demo",
     device: torch.device | str = "cpu",
     *,
+    task: str = "demo",
     judge_template: str | None = None,
     judge_max_new_tokens: int = 16,
     judge_batch_size: int = 16,
 ) -> Reward:
-    """The reward named by a config value (see the module docstring); ConfigError for an unknown one.
+    """The reward named by a config value (see the module docstring); ConfigError for an unknown one. ``auto`` is
+    the embedded ``task``'s reward when ``data`` is ``demo``, else ``edit``.
 
     ``judge_*``: the ``judge-model:DIR`` judge's template file (None: :data:`JUDGE_TEMPLATE`), verdict
     length in tokens and prompts per generate call (:func:`judge_options` reads them from a config).
     """
     if spec == "auto":
-        spec = "demo" if data == "demo" else "edit"
+        spec = tasks.get(task).REWARD if data == "demo" else "edit"
     if spec in BUILTIN:
         return BUILTIN[spec]
     if spec.startswith("model:"):

@@ -3,7 +3,7 @@ registry that picks one by the ``method`` key."""
 
 from .base import Loss, LossBatch, LossOutput
 from .dpo import DPO, DPO_REJECTED
-from .grao import GRAO
+from .grao import GRAO, term_gradient_norms
 from .grpo import GRPO, GRPO_LOSS_TYPES
 from .ppo import PPO
 from .registry import METHODS, REGISTRY, from_config
@@ -23,4 +23,5 @@ __all__ = [
     "LossBatch",
     "LossOutput",
     "from_config",
+    "term_gradient_norms",
 ]

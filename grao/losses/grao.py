@@ -3,6 +3,7 @@ Table 3 ablations are one loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -80,3 +81,34 @@ class GRAO:
             loss, terms = out.loss, (exploration * self.exploration, imitation, alignment)
         share = batch.share
         return LossOutput(loss * share, {f"objective/{t}": float(v) * share for t, v in zip(self.TERMS, terms)})
+
+
+def term_gradient_norms(loss: GRAO, batch: LossBatch, *, lm_head: bool = True) -> dict[str, float]:
+    """Each weighted term's pull on the update: ``{term: ||d(-term)/d(hidden, weight, bias)||}`` on ``batch``.
+
+    Each term is ``loss`` with the other two weights 0 (imitation ``beta A_y J(y)``: ``GRAO(beta, lam=0,
+    exploration=0)``; exploration ``A_i J(o_i)``: ``GRAO(beta=0, lam=0, exploration)``; alignment ``lam A_i
+    (J(o_i) - J(y))``: ``GRAO(beta=0, lam, exploration=0)``), one ``linear_logprob_loss`` sweep each; the
+    objective is linear in the terms, so the three gradients sum to ``loss``'s. The norm is over the gradients
+    with respect to the final hidden states (what the loss hands the backbone) and, with ``lm_head`` (False
+    where the lm_head is frozen, as under LoRA: the sweeps then compute no weight gradient), the lm_head weight
+    and bias, together. The terms' values move when every J shifts by a constant c (exploration by
+    ``-c A_y / G``, as a group's G+1 advantages sum to 0; imitation by ``beta A_y c``) while no gradient
+    changes; these norms measure how hard each term pulls the model. The batch's hidden states and lm_head are
+    taken as constants (detached), so this builds no graph through the backbone.
+    """
+    hidden = batch.hidden.detach().requires_grad_(True)
+    weight, bias = (None if t is None else t.detach().requires_grad_(lm_head) for t in (batch.weight, batch.bias))
+    probe = dataclasses.replace(batch, hidden=hidden, weight=weight, bias=bias)
+    leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    isolated = {
+        "exploration": dict(beta=0.0, lam=0.0, exploration=loss.exploration),
+        "imitation": dict(beta=loss.beta, lam=0.0, exploration=0.0),
+        "alignment": dict(beta=0.0, lam=loss.lam, exploration=0.0),
+    }
+    norms = {}
+    for term in GRAO.TERMS:
+        out = GRAO(backend=loss.backend, **isolated[term])(probe).loss
+        grads = torch.autograd.grad(out, leaves)
+        norms[term] = float(sum(g.double().square().sum() for g in grads) ** 0.5)
+    return norms

@@ -1,11 +1,11 @@
 """The demo's model and tokenizer: a tiny random Qwen3-MoE and a character-level tokenizer trained offline
-on the demo task's text."""
+on the embedded task's text."""
 
 from __future__ import annotations
 
 import torch
 
-from ..data import demo_task
+from ..data import tasks
 from .errors import ModelError
 
 TINY_MOE = "tiny-moe"
@@ -29,8 +29,9 @@ TINY_MOE_CONFIG = dict(
 )
 
 
-def build_demo_tokenizer():
-    """A character-level tokenizer trained with ``tokenizers`` on the demo task's text."""
+def build_demo_tokenizer(task: str = "demo"):
+    """A character-level tokenizer trained with ``tokenizers`` on the text of the embedded task ``task``
+    (:mod:`grao.data.tasks`): one token per character, so each digit of the addition task is a token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +39,7 @@ def build_demo_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.train_from_iterator(
-        demo_task.tokenizer_corpus(), trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS))
+        tasks.get(task).tokenizer_corpus(), trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS))
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"

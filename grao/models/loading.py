@@ -89,10 +89,19 @@ def load_model(
         raise _load_error("a causal LM", Path(path), exc, trust_remote_code) from None
 
 
-def load(model: str, tokenizer: str | None, overrides: dict, runtime, seed: int, trust_remote_code: bool = False):
-    """(model, tokenizer) on ``runtime.device`` in fp32 master weights."""
+def load(
+    model: str,
+    tokenizer: str | None,
+    overrides: dict,
+    runtime,
+    seed: int,
+    trust_remote_code: bool = False,
+    task: str = "demo",
+):
+    """(model, tokenizer) on ``runtime.device`` in fp32 master weights; tiny-moe's tokenizer is the embedded
+    ``task``'s unless ``tokenizer`` names one."""
     if model == TINY_MOE:
-        tok = load_tokenizer(tokenizer, trust_remote_code) if tokenizer else build_demo_tokenizer()
+        tok = load_tokenizer(tokenizer, trust_remote_code) if tokenizer else build_demo_tokenizer(task)
         net = tiny_moe(tok, overrides, runtime.attn_implementation, seed)
     else:
         tok = load_tokenizer(tokenizer or model, trust_remote_code)

@@ -1,4 +1,5 @@
-"""The PNG plots: a run's rewards and GRAO term shares over its steps, and ``grao compare``'s figures."""
+"""The PNG plots: a run's rewards and GRAO term shares (of the objective's value and of its gradient) over its
+steps, and ``grao compare``'s figures."""
 
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ def term_shares(train: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
     return steps, shares
 
 
+def gradient_shares(evals: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, shares): each GRAO term's ``terms/grad_share/<term>`` (its gradient norm on the probe batch over the
+    three norms' sum) at the evaluations that logged it."""
+    steps, shares = [], {t: [] for t in TERMS}
+    for rec in evals:
+        if all(f"terms/grad_share/{t}" in rec for t in TERMS):
+            steps.append(rec["step"])
+            for t in TERMS:
+                shares[t].append(rec[f"terms/grad_share/{t}"])
+    return steps, shares
+
+
 def _pyplot():
     import matplotlib
 
@@ -72,11 +85,16 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path, method: str = "
 
 
 def metrics_figure(plt, train: list[dict], evals: list[dict], method: str):
-    """Rewards over the steps (top), titled by ``method``; below, each GRAO term's share of the objective for the
-    grao methods, the loss for the others (which have no GRAO terms)."""
+    """Rewards over the steps (top), titled by ``method``; below, each GRAO term's share of the objective's value for
+    the grao methods, the loss for the others (which have no GRAO terms); under the value shares, when the
+    evaluations measured them, each term's share of the gradient norm on the probe batch, a marker per
+    evaluation."""
     window = max(1, len(train) // 25)
     steps = [r["step"] for r in train]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    grad_steps, grad_shares = gradient_shares(evals)
+    rows = 3 if grad_steps else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.5 * rows), sharex=True)
+    ax1, ax2 = axes[:2]
     if train:
         ax1.plot(steps, _smooth([r["reward/samples"] for r in train], window), label="reward/samples (train)")
         ax1.plot(steps, _smooth([r["reward/reference"] for r in train], window), label="reward/reference", ls="--")
@@ -95,9 +113,15 @@ def metrics_figure(plt, train: list[dict], evals: list[dict], method: str):
     else:
         ax2.plot(steps, _smooth([r.get("loss", float("nan")) for r in train], window), label="loss")
         ax2.set_ylabel("loss")
-    ax2.set_xlabel("step")
-    ax2.grid(alpha=0.3)
-    ax2.legend(loc="best")
+    if grad_steps:
+        for term, values in grad_shares.items():
+            axes[2].plot(grad_steps, values, "o-", ms=3, label=term)
+        axes[2].set_ylabel("share of gradient norm\n(probe batch)")
+        axes[2].set_ylim(0, 1)
+    for ax in axes[1:]:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    axes[-1].set_xlabel("step")
     return fig
 
 

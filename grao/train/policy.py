@@ -19,7 +19,7 @@ from grao_kernels import fused_linear_logprobs
 
 from .. import models
 from ..eval import evaluate as evaluation
-from ..losses import LossOutput
+from ..losses import GRAO, LossOutput, term_gradient_norms
 from ..models import generation, heads
 from ..models.runtime import Runtime, autocast
 from .batch import MicroBatch
@@ -36,7 +36,14 @@ class Policy(torch.nn.Module):
     (``moe`` None: none).
     """
 
-    FORWARD_METHODS = ("generate", "evaluate", "micro_batch_loss", "loss_snapshot", "token_logprobs")
+    FORWARD_METHODS = (
+        "generate",
+        "evaluate",
+        "micro_batch_loss",
+        "loss_snapshot",
+        "token_logprobs",
+        "term_gradient_norms",
+    )
 
     def __init__(
         self,
@@ -111,6 +118,15 @@ class Policy(torch.nn.Module):
         """``take(batch)``, the loss's snapshot (:class:`grao.losses.Loss`) of this policy on one micro-batch."""
         hidden, weight, bias, _ = self.head_inputs(mb.ids, mb.mask)
         return take(mb.loss_batch(hidden, weight, bias, self.logit_transform))
+
+    def term_gradient_norms(self, loss: GRAO, mb: MicroBatch) -> dict[str, float]:
+        """Each GRAO term's gradient norm on one micro-batch (:func:`grao.losses.term_gradient_norms`), its hidden
+        states from a backbone forward under no_grad: nothing reaches the parameters' ``.grad``. The lm_head's
+        gradient counts when the lm_head is trained (not under LoRA)."""
+        with torch.no_grad():
+            hidden, weight, bias, _ = self.head_inputs(mb.ids, mb.mask)
+        trained = heads.output_head(models.unwrap(self.model))[0].requires_grad
+        return term_gradient_norms(loss, mb.loss_batch(hidden, weight, bias, self.logit_transform), lm_head=trained)
 
     def token_logprobs(self, mb: MicroBatch, backend: str) -> torch.Tensor:
         """(S, T) token log-probs of one micro-batch through the fused path (no logits), with :attr:`logit_transform`: the

@@ -81,6 +81,7 @@ def fresh_model(cfg, rt, init_dir: Path | None = None) -> tuple:
         rt,
         cfg.run.seed,
         cfg.policy.trust_remote_code,
+        cfg.dataset.task,
     )
     initial = model
     if cfg.lora.rank:
@@ -110,6 +111,7 @@ def frozen_start(cfg, rt, init_dir: Path | None = None) -> torch.nn.Module:
         rt,
         cfg.run.seed,
         cfg.policy.trust_remote_code,
+        cfg.dataset.task,
     )
     return model.eval().requires_grad_(False)
 

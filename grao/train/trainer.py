@@ -27,6 +27,7 @@ start and metrics) and ``stopping`` here; ``models``, ``data``, ``losses`` and
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from ..eval import rewards
 from ..log import say
 from ..models import heads, runtime
 from . import output_errors, run_dir, setup, stopping, trainer_state, update
-from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch
+from .batch import IGNORE_INDEX, MicroBatch, Rollout, build_batch, micro_batches
 from .rollout import PromptOrder, sample_and_score
 from .update import lr_lambda
 
@@ -80,7 +81,9 @@ class Trainer:
         self.init_dir = setup.start_weights(cfg, resume)  # init_from's checkpoint (resumed: the run's initial/)
         self.train_examples, self.validation_examples, self.eval_examples, self.rejected_source = setup.load_data(cfg)
         if reward is None:
-            reward = rewards.resolve(cfg.reward, cfg.data, self.runtime.device, **rewards.judge_options(cfg))
+            reward = rewards.resolve(
+                cfg.reward, cfg.data, self.runtime.device, task=cfg.task, **rewards.judge_options(cfg)
+            )
         self.reward = reward
         self.logprob_temperature = cfg.temperature if cfg.logprob_temperature == "sampling" else 1.0
         self.callbacks = list(callbacks)
@@ -335,6 +338,7 @@ class Trainer:
             line.update(
                 {"val/reward": val.mean_reward, "val/ras": val.ras, **{f"val/{k}": v for k, v in judged.items()}}
             )
+        line.update(self.term_gradients())
         return line
 
     def answer(self, examples: list[Example]) -> evaluation.EvalResult:
@@ -356,6 +360,42 @@ class Trainer:
         )
         parts = self.world.gather_objects([res.responses[:real], res.rewards[:real], res.reference_rewards[:real]])
         return evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
+
+    def term_gradients(self) -> dict:
+        """``terms/grad_norm/<term>`` of each GRAO term on the fixed probe batch (:func:`grao.losses.term_gradient_norms`)
+        and ``terms/grad_share/<term>``, its norm over the three norms' sum (left out when all are 0: every probe
+        group tied); {} for a loss without GRAO's terms or ``evaluation.probe_prompts`` 0.
+
+        The probe batch: the first ``probe_prompts`` training prompts (at most ``micro_batch_prompts``, so the
+        probe's one micro-batch fits where training's do), each with ``group_size`` completions sampled from the
+        current model with one seed at every evaluation, and its reference answer; so two evaluations differ by
+        the model alone. It runs under its own RNG state and its reward calls are not counted in any metrics line.
+        """
+        k = min(self.cfg.evaluation.probe_prompts, self.cfg.runtime.micro_batch_prompts or math.inf)
+        if not isinstance(self.loss, losses.GRAO) or k == 0:
+            return {}
+        device = self.runtime.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            probe = sample_and_score(
+                self.policy,
+                self.tokenizer,
+                self.train_examples[:k],
+                self.reward,
+                self.cfg,
+                0,  # step 0 has no rollout of its own: the probe's seed, the same on every rank
+                0,
+                "sampled",  # GRAO's groups are always G samples and the reference
+                self.max_prompt_tokens,
+            )
+        rewards.pop_metrics(self.reward)
+        counts = torch.tensor([[len(c) for c in g] for g in probe.completion_ids])
+        (mb,) = micro_batches(probe, 0, self.tokenizer.pad_token_id, device, counts, 0)
+        norms = self.policy.term_gradient_norms(self.loss, mb)
+        total = sum(norms.values())
+        out = {f"terms/grad_norm/{t}": v for t, v in norms.items()}
+        if total > 0:
+            out.update({f"terms/grad_share/{t}": v / total for t, v in norms.items()})
+        return out
 
     def _evaluate_start(self) -> None:
         """Evaluate and log the starting model (the baseline of eval/nag), with the run's parameter counts."""

@@ -336,7 +336,8 @@ def test_resume_refuses_a_run_without_its_config_and_flags_that_change_the_run(t
 
 
 def _after_first_step(bad):
-    """The demo reward until step 2's rollout (call 5: eval at step 0 scores twice, each rollout twice), then ``bad``."""
+    """The demo reward until step 2's rollout (call 5: eval at step 0 scores twice, each rollout twice; with the GRAO
+    term probe off, which scores its samples at each evaluation), then ``bad``."""
     from grao.data.demo_task import reward as demo
 
     calls = []
@@ -370,7 +371,7 @@ for _name, (_bad, _) in REWARDS.items():
 def test_a_bad_reward_mid_run_checkpoints_the_work_done_then_names_the_reward_and_value(tmp_path, capsys, case):
     run = tmp_path / "run"
     args = ["train", *FAST, "--steps", "3", "--save-every", "100", "--eval-every", "100", "--output-dir", str(run)]
-    code = cli.main([*args, "--reward", f"{__name__}:reward_{case}"])
+    code = cli.main([*args, "--probe-prompts", "0", "--reward", f"{__name__}:reward_{case}"])
     err = capsys.readouterr().err
     assert code == 1, err
     (line,) = error_lines(err)

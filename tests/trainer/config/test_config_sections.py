@@ -28,7 +28,7 @@ FLAT_KEYS = (
     "save_every keep_checkpoints plot progress"
 ).split()
 # keys added since, spelled by their field name in files and flags alike
-SINCE_SECTIONS = ("init_from", "validation_size")
+SINCE_SECTIONS = ("init_from", "validation_size", "task", "probe_prompts")
 # a config unlike the defaults in a key of most sections
 CHANGED = dict(
     steps=7,

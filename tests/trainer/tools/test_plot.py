@@ -1,4 +1,5 @@
-"""A run's plot.png says which method trained, and shows the GRAO term shares only for the grao methods."""
+"""A run's plot.png says which method trained, and shows the GRAO term shares (of the value, and of the gradient
+when evaluations measured it) only for the grao methods."""
 
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ def test_the_figure_is_titled_and_paneled_by_method(method, with_terms, panel):
     drawn = [line.get_label() for line in bottom.get_lines()]
     assert drawn == (["exploration", "imitation", "alignment"] if with_terms else ["loss"])
     assert all(not math.isnan(y) for line in bottom.get_lines() for y in line.get_ydata())
+    plt.close(fig)
+
+
+def test_grao_gradient_shares_are_drawn_under_the_value_shares_at_each_evaluation():
+    plt = _pyplot()
+    shares = {"exploration": 0.2, "imitation": 0.5, "alignment": 0.3}
+    evals = [{"step": s, "eval/reward": 0.1, **{f"terms/grad_share/{t}": v for t, v in shares.items()}} for s in (0, 4)]
+    fig = metrics_figure(plt, lines(True), evals, "grao")
+    _, values, gradients = fig.axes
+    assert values.get_ylabel() == "share of |objective|"
+    assert gradients.get_ylabel().startswith("share of gradient norm")
+    drawn = {line.get_label(): line for line in gradients.get_lines()}
+    assert list(drawn) == ["exploration", "imitation", "alignment"]
+    for term, line in drawn.items():
+        assert list(line.get_xdata()) == [0, 4] and list(line.get_ydata()) == [shares[term]] * 2
+        assert line.get_marker() == "o"
     plt.close(fig)
 
 
