@@ -79,11 +79,10 @@ compare: $(STAMP)
 
 # The comparison BENCHMARKS.md publishes, one target per table, each at most about half an hour on 2 CPU cores at the
 # demo size (BENCHMARKS.md gives each one's duration). Each compares into runs/compare-$(TASK)/<name> (rerunning
-# resumes) and copies its table and plots to $(COMPARE_OUT)/$(TASK)/<name>. TASK names the task and TASK_FLAGS the
-# grao flags that select it: the demo needs none; a task selected by a config key is e.g.
-# make compare-methods TASK=<name> TASK_FLAGS="--task <name>".
+# resumes) and copies its table and plots to $(COMPARE_OUT)/$(TASK)/<name>. TASK is the embedded task (demo or
+# addition, grao's dataset.task), e.g. make compare-methods TASK=addition.
 TASK ?= demo
-TASK_FLAGS ?=
+TASK_FLAGS ?= --task $(TASK)
 COMPARE_LRS ?= 1e-3,3e-3,1e-2
 GRID_SEEDS ?= 3
 # Each target sets NAME and FLAGS for this recipe (target-specific, so the flags may hold commas).

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import config
 from ..config import ConfigError, TrainConfig
+from ..data import tasks
 from ..train import run_dir
 from . import plot, stats
 from .compare_plan import PIPE, Run
@@ -231,7 +232,9 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
         " (the trainer's default)" if total == default_steps else f" (the trainer's default is {default_steps})"
     )
     seeds = sorted({r.seed for r in runs})
-    reward = cfg.reward if cfg.reward != "auto" else f"auto ({'demo' if cfg.data == 'demo' else 'edit'})"
+    embedded = cfg.data == "demo"
+    reward = cfg.reward if cfg.reward != "auto" else f"auto ({tasks.get(cfg.task).REWARD if embedded else 'edit'})"
+    data = f"{cfg.data} (task {cfg.task})" if embedded else cfg.data
     measure = {r["memory_measure"] for r in results}
     memory = (
         "torch.cuda.max_memory_allocated of the run"
@@ -247,7 +250,7 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
         "",
         f"`{command}`",
         "",
-        f"Task: model {cfg.model}, data {cfg.data}, reward {reward}; P = {cfg.prompts_per_step} prompts x "
+        f"Task: model {cfg.model}, data {data}, reward {reward}; P = {cfg.prompts_per_step} prompts x "
         f"G = {cfg.group_size} samples per step, {steps}, {cfg.eval_size} held-out prompts "
         f"({'greedy' if cfg.eval_greedy else 'sampled'}). Seeds {', '.join(map(str, seeds))}; each cell is the mean "
         "over the seeds ± the half-width of its 95 % t-interval (Student's t, n - 1 degrees of freedom; none for "
