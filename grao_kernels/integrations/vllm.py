@@ -46,6 +46,13 @@ CPU_HEAD_DIMS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # The CPU fused-MoE kernel works on blocks of 32: a per-expert intermediate or hidden size off that grid fails
 # the weight load.
 CPU_MOE_MULTIPLE = 32
+# Routing that transformers' implementation of a family always does, which its configs do not spell out and vLLM
+# reads from the config (a checkpoint's config.json from DeepSeek carries them; one built by transformers does not).
+ROUTING_DEFAULTS = {"deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}}
+# Families whose vLLM implementation does not reproduce transformers' log-probs (a tiny fp32 DeepSeek-V3, routing
+# spelled out as above, differs by up to 2e-2 per token where Qwen3, Qwen3-MoE, Mixtral and OLMoE agree to 1e-6):
+# sampling there would be off-policy by more than the mismatch metric is meant to catch.
+MISMATCHED = {"deepseek_v3": "vLLM's DeepSeek-V3 (MLA) does not reproduce transformers' log-probs of the same weights"}
 _LAYER = re.compile(r"^(.*?\blayers\.\d+)\.")  # a decoder layer's prefix: the unit gathered and converted at once
 
 
@@ -66,13 +73,17 @@ def _head_dim(config) -> int:
 
 def engine_config(model):
     """A copy of the Hugging Face config of ``model`` (optionally peft-wrapped) that names the model's class in
-    ``architectures``, which vLLM reads to pick its implementation (a model built with ``from_config`` has none)."""
+    ``architectures``, which vLLM reads to pick its implementation (a model built with ``from_config`` has none),
+    and spells out the routing transformers' implementation of the family does (:data:`ROUTING_DEFAULTS`)."""
     import copy
 
     base = _peft_base(model)
     config = copy.deepcopy(base.config)
     if not getattr(config, "architectures", None):
         config.architectures = [type(base).__name__]
+    for name, value in ROUTING_DEFAULTS.get(getattr(config, "model_type", None), {}).items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
     return config
 
 
@@ -80,14 +91,18 @@ def engine_supports(config, device: str | torch.device = "cpu", max_model_len: i
     """Why vLLM cannot run the model of Hugging Face ``config`` (:func:`engine_config` of a model) on ``device``
     ('cpu' or 'cuda'), or None when it can.
 
-    Checks that vLLM imports, knows the architecture, and on CPU that the attention head size is one its CPU
-    attention implements (:data:`CPU_HEAD_DIMS`) and that MoE sizes are multiples of 32; and that
-    ``max_model_len`` fits the model's ``max_position_embeddings``.
+    Checks that vLLM imports, knows the architecture and reproduces transformers' model of that family
+    (:data:`MISMATCHED`), and on CPU that the attention head size is one its CPU attention implements
+    (:data:`CPU_HEAD_DIMS`) and that MoE sizes are multiples of 32; and that ``max_model_len`` fits the model's
+    ``max_position_embeddings``.
     """
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:  # the shape checks below need no import (vLLM's takes seconds)
         return "vLLM is not installed (pip install 'grao-kernels[vllm]')"
+    mismatch = MISMATCHED.get(getattr(config, "model_type", None))
+    if mismatch is not None:
+        return mismatch
     positions = getattr(config, "max_position_embeddings", None)
     if max_model_len is not None and positions is not None and max_model_len > positions:
         return f"prompt + completion length {max_model_len} exceeds the model's max_position_embeddings {positions}"
