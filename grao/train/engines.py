@@ -47,15 +47,16 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
     return seed * 1_000_003 + step + 1_000_000_007 * rank
 
 
-def choose(setting: str, model, device: torch.device, max_model_len: int, world_size: int = 1) -> Choice:
+def choose(setting: str, config, device: torch.device, max_model_len: int, world_size: int = 1) -> Choice:
     """Which engine samples (``setting``: ``rollout_engine``) and why. ``auto`` is vllm when vLLM is installed and
-    runs ``model`` (its architecture, head size, MoE sizes, context ``max_model_len``) on ``device``, else hf;
-    ``vllm`` that vLLM cannot run is a ConfigError naming the reason."""
+    runs the model of Hugging Face ``config`` (its architecture, head size, MoE sizes, context ``max_model_len``;
+    :func:`grao_kernels.integrations.vllm.engine_config` of the model) on ``device``, else hf; ``vllm`` that vLLM
+    cannot run is a ConfigError naming the reason."""
     if setting == "hf":
         return Choice("hf", "rollout_engine hf")
     from grao_kernels.integrations import vllm as integration
 
-    reason = integration.engine_supports(integration.engine_config(model), device, max_model_len)
+    reason = integration.engine_supports(config, device, max_model_len)
     if reason is None and world_size > 1 and torch.device(device).type != "cuda":
         reason = "one vLLM engine per process runs on CUDA only (one GPU per rank)"
     if setting == "vllm":

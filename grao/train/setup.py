@@ -240,10 +240,12 @@ def rollout_engine(cfg, model, policy, tokenizer, rt, world, max_prompt_tokens: 
     """The run's rollout engine (:mod:`grao.train.engines`), chosen by ``rollout_engine`` and announced with the
     reason; ConfigError for vllm where vLLM cannot run the model, or an importance-sampling correction without
     the engine's log-probs."""
+    from grao_kernels.integrations.vllm import engine_config
+
     from . import engines
 
     max_len = max_prompt_tokens + cfg.max_new_tokens
-    choice = engines.choose(cfg.rollout_engine, models.unwrap(model), rt.device, max_len, world.size)
+    choice = engines.choose(cfg.rollout_engine, engine_config(model), rt.device, max_len, world.size)
     if choice.engine == "hf":
         if cfg.vllm_importance_sampling_cap > 0:
             raise ConfigError(
