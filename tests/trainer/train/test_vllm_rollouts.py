@@ -67,11 +67,21 @@ def check_sync_after_a_step(trainer) -> dict:
 
 
 def test_moe_engine_decodes_as_the_policy_after_a_step_and_sync_and_its_logprobs_match(tmp_path):
-    cfg = small(tmp_path, **VLLM, model_overrides=HEAD_32, lr=0.05, eval_size=16, max_new_tokens=8)
+    # log-probs at the sampling temperature (0.7): the engine's temperature-scaled ones (the demo test below
+    # compares those of the model's own distribution, logprob_temperature 1)
+    cfg = small(
+        tmp_path,
+        **VLLM,
+        model_overrides=HEAD_32,
+        lr=0.05,
+        eval_size=16,
+        max_new_tokens=8,
+        logprob_temperature="sampling",
+    )
     trainer = Trainer(cfg)
     assert isinstance(trainer.engine, engines.VLLMEngine)
     metrics = check_sync_after_a_step(trainer)
-    # the step's sampled rollout: the engine's log-probs of its tokens against the loss's (fp32, temperature 0.7)
+    # the step's sampled rollout: the engine's log-probs of its tokens against the loss's (fp32)
     assert 0 <= metrics["rollout/logp_gap"] <= 1e-3
     assert metrics["time/sync"] >= 0
 
