@@ -436,6 +436,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping early
 
+    def close(self, wait: bool = True) -> None:
+        """Shut the rollout engine down (an in-process vLLM engine frees its memory and its process groups);
+        ``wait``: first wait until every rank gets here. The trainer cannot sample afterwards."""
+        if wait:
+            self.world.barrier()
+        self.engine.close()
+
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from :meth:`train` (what SIGINT and SIGTERM do)."""
         self.stopped_by = "request_stop"

@@ -37,9 +37,7 @@ def greedy_both(trainer, n_tokens: int) -> tuple[list, list]:
         for ex in trainer.eval_examples
     ]
     on_engine = trainer.engine.respond(prompts, greedy=True, temperature=1.0, max_new_tokens=n_tokens, seed=0)
-    on_policy = generation.generate(
-        trainer.model, trainer.tokenizer, prompts, trainer.runtime, sample=False, max_new_tokens=n_tokens
-    )
+    on_policy = trainer.policy.generate(trainer.tokenizer, prompts, sample=False, max_new_tokens=n_tokens)
     return on_engine, on_policy
 
 
@@ -81,9 +79,20 @@ def test_moe_engine_decodes_as_the_policy_after_a_step_and_sync_and_its_logprobs
     trainer = Trainer(cfg)
     assert isinstance(trainer.engine, engines.VLLMEngine)
     metrics = check_sync_after_a_step(trainer)
+    trainer.close()
     # the step's sampled rollout: the engine's log-probs of its tokens against the loss's (fp32)
     assert 0 <= metrics["rollout/logp_gap"] <= 1e-3
     assert metrics["time/sync"] >= 0
+
+
+def test_fsdp_sharded_policy_is_gathered_layer_by_layer_into_the_engine(tmp_path):
+    cfg = small(
+        tmp_path, **VLLM, model_overrides=HEAD_32, lr=0.05, eval_size=16, max_new_tokens=8, fsdp_cpu_offload=True
+    )
+    trainer = Trainer(cfg)
+    assert trainer.sharding is not None
+    check_sync_after_a_step(trainer)
+    trainer.close()
 
 
 def test_lora_dense_model_syncs_its_merged_adapters(tmp_path):
@@ -100,6 +109,7 @@ def test_lora_dense_model_syncs_its_merged_adapters(tmp_path):
     )
     trainer = Trainer(cfg)
     check_sync_after_a_step(trainer)
+    trainer.close()
     # the model itself was never merged: its adapters are still separate and trainable
     assert any("lora_B" in n and p.requires_grad and p.abs().sum() > 0 for n, p in trainer.model.named_parameters())
 
