@@ -6,6 +6,8 @@ Each is written straight from its paper or from TRL's formulas with loops over s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from grao_kernels.testing import reference_advantages, reference_logprobs
@@ -36,6 +38,8 @@ def reference_grpo(
     clip_epsilon_high=None,
     kl_beta=0.0,
     reference_logp=None,
+    sampling_logp=None,
+    importance_sampling_cap=0.0,
     bias=None,
     ignore_index=-100,
     eps=1e-6,
@@ -57,7 +61,10 @@ def reference_grpo(
     does over B = P G completions: ``grpo`` the mean over completions of each
     one's token mean, ``dr_grpo`` the token sum / (B * max_completion_length),
     ``dapo`` the token sum / the number of completion tokens. ``head``:
-    temperature, logit_scale, softcap, as in :func:`reference_logits`.
+    temperature, logit_scale, softcap, as in :func:`reference_logits`. With ``sampling_logp`` (the inference
+    engine's log-probs of the sampled tokens) and ``importance_sampling_cap`` > 0, the policy term of each token
+    is multiplied by ``min(exp(old_logp - sampling_logp), cap)``, as TRL's ``vllm_importance_sampling_correction``
+    (truncated importance sampling) does before adding the KL.
     """
     logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
     adv = reference_advantages(rewards, eps).reshape(-1).to(logp.dtype)[:, None]
@@ -68,6 +75,9 @@ def reference_grpo(
         high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
         ratio = torch.exp(logp - old_logp.to(logp.dtype))
         policy = torch.min(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + high) * adv)
+        if importance_sampling_cap > 0:
+            is_ratio = torch.exp(old_logp.to(logp.dtype) - sampling_logp.to(logp.dtype))
+            policy = policy * torch.clamp(is_ratio, max=importance_sampling_cap)
     per_token = -policy
     if kl_beta:
         d = reference_logp.to(logp.dtype) - logp
@@ -135,6 +145,8 @@ def reference_ppo(
     clip_epsilon=0.2,
     vf_clip=0.2,
     vf_coef=0.1,
+    sampling_logp=None,
+    importance_sampling_cap=0.0,
     bias=None,
     ignore_index=-100,
     dtype=None,
@@ -154,7 +166,9 @@ def reference_ppo(
     tokens of the clipped policy loss plus ``vf_coef`` times the clipped
     value loss (0.5 max of the squared errors). Returns a dict with ``loss``,
     ``advantages`` and ``returns`` (S, T, whitened / not, 0 off the tokens),
-    ``policy``, ``value`` and ``clip_frac``.
+    ``policy``, ``value`` and ``clip_frac``. With ``sampling_logp`` (an inference engine's log-probs of the
+    sampled tokens) and ``importance_sampling_cap`` > 0, each token's clipped policy loss is multiplied by
+    ``min(exp(old_logp - sampling_logp), cap)`` (TRL's truncated importance-sampling correction).
     """
     logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
     dt = logp.dtype
@@ -192,7 +206,10 @@ def reference_ppo(
             a, ret = adv[s, t].to(dt), returns[s, t].to(dt)
             ratio = torch.exp(logp[s, t] - old_logp[s, t].to(dt))
             pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon)
-            policy = policy + torch.maximum(pg1, pg2)
+            pg = torch.maximum(pg1, pg2)
+            if importance_sampling_cap > 0:
+                pg = pg * min(math.exp(float(old_logp[s, t]) - float(sampling_logp[s, t])), importance_sampling_cap)
+            policy = policy + pg
             clipped += int(pg2 > pg1)
             v_old = old_values[s, t].to(dt)
             v_clip = v_old + (values[s, t] - v_old).clamp(-vf_clip, vf_clip)

@@ -1,7 +1,7 @@
 """GPU check of the triton backend: float64 oracle gate, speed against the cuBLAS floor and peers, peak memory.
 
-Usage (one CUDA GPU; at most 8 minutes: no new measurement starts after 7), from a bare checkout, nothing
-installed but torch, triton and the peers that are present::
+Usage (one CUDA GPU; at most 8 minutes: no new measurement starts after 7, then at most 3 for vLLM), from a bare
+checkout, nothing installed but torch, triton and the peers that are present (and vllm, for its section)::
 
     python benchmarks/gpu/check.py [OUT] [--smoke]   # OUT: a .md file or a folder (default $OUT, else benchmarks/gpu)
 
@@ -18,8 +18,13 @@ fused linear cross-entropy and chunked GRPO loss, TRL's chunked log-probs. Fair 
 - the floor is the three cuBLAS GEMMs over exactly the rows the methods compute (the non-ignored ones), its
   buffers built for each repetition's timing and freed before any method runs or is measured.
 
+Then, when the CUDA ``vllm`` package imports, the rollout engine's CUDA-only paths (which CPU CI cannot run): two
+steps of ``grao train --rollout-engine vllm`` on the demo (head_dim 32), its engine sharing the GPU
+(``vllm_gpu_memory_utilization``) and sleeping during each update, checked for a finite ``rollout/logp_gap`` below
+1e-2 (bf16) and logged syncs; the result is a section of ``gpu_check.md`` and ``gpu_check_vllm/``.
+
 Writes ``gpu_check.md`` and ``gpu_check.json`` as it goes and prints the table. Exit status 0 when every
-grao_kernels row passed the gate, 1 otherwise, 2 without a CUDA device. ``--smoke`` runs the same logic on CPU at
+grao_kernels row passed the gate (and the vLLM run, where it ran, passed), 1 otherwise, 2 without a CUDA device. ``--smoke`` runs the same logic on CPU at
 tiny sizes under the Triton interpreter (times and memory meaningless).
 """
 
@@ -39,6 +44,45 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]
 
 DEADLINE_S = 7 * 60  # stop starting new measurements after this
+VLLM_RUN_S = 180  # the vLLM section's own limit (engine start, two steps, evaluations)
+
+
+def vllm_section(out: Path) -> tuple[str, bool]:
+    """(Markdown section, passed) of two ``grao train --rollout-engine vllm`` steps on this GPU; ("", True) when
+    the CUDA vllm package does not import."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        return "", True
+    run_dir = out / "gpu_check_vllm"
+    command = [
+        sys.executable, "-m", "grao", "train", "--output-dir", str(run_dir), "--overwrite", "--steps", "2",
+        "--eval-every", "2", "--eval-size", "16", "--rollout-engine", "vllm", "--vllm-sleep", "true",
+        "--vllm-gpu-memory-utilization", "0.3", "--model-overrides", '{"head_dim": 32}', "--progress", "false",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=VLLM_RUN_S, env=env)
+        status, log = proc.returncode, proc.stderr[-3000:]
+    except subprocess.TimeoutExpired as exc:
+        status, log = "timeout", str(exc.stderr or "")[-3000:]
+    lines = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    gaps = [ln.get("rollout/logp_gap") for ln in lines]
+    passed = status == 0 and len(lines) == 2 and all(g is not None and 0 <= g < 1e-2 for g in gaps)
+    rows = "\n".join(
+        f"| {ln['step']} | {ln['rollout/logp_gap']:.2e} | {ln['time/sync']:.3f} | {ln['time/generate']:.3f} |"
+        for ln in lines
+    )
+    text = (
+        f"\n## vLLM rollout engine on CUDA: {'passed' if passed else 'FAILED'}\n\n`{' '.join(command[1:])}`: "
+        f"exit status {status}\n\n| step | rollout/logp_gap | time/sync s | time/generate s |\n|---:|---:|---:|---:|\n"
+        f"{rows}\n" + ("" if passed else f"\n```\n{log}\n```\n")
+    )
+    return text, passed
 
 
 def main(argv=None) -> int:
@@ -97,10 +141,14 @@ def main(argv=None) -> int:
         data.update(results=results, command=f"python benchmarks/gpu/check.py {' '.join(argv or sys.argv[1:])}".strip())
         md_path.write_text(render.compare_markdown(data, title))
         md_path.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    engine_ok = True
+    if not args.smoke:
+        section, engine_ok = vllm_section(md_path.parent)
+        md_path.write_text(md_path.read_text() + section)
     print(md_path.read_text())
     print(f"wrote {md_path} and {md_path.with_suffix('.json')} in {time.time() - t_start:.0f}s")
     ours = [r for res in results for r in res["rows"] if r["kind"] == "ours" and not r["status"].startswith("skipped")]
-    return 0 if all(r["status"] == "ok" for r in ours) else 1
+    return 0 if engine_ok and all(r["status"] == "ok" for r in ours) else 1
 
 
 if __name__ == "__main__":

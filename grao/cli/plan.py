@@ -34,8 +34,32 @@ def run(args) -> int:
         )
     }
     settings = plan.settings_from_config(cfg, args.devices, args.memory_gb, **overrides)
+    say(rollout_engine_line(cfg, model, settings.seq_len))
     result, alternatives = plan.plan(arch, settings), plan.options(arch, settings)
     print(
         plan.dumps(plan.to_json(arch, result, alternatives)) if args.json else plan.markdown(arch, result, alternatives)
     )
     return 0
+
+
+def rollout_engine_line(cfg, model: str, seq_len: int) -> str:
+    """Which rollout engine ``grao train`` would use for ``model`` on CUDA and on CPU, and why
+    (:func:`grao.train.engines.choose`)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ..config import ConfigError
+    from ..tools.architecture import model_config
+    from ..train import engines
+
+    config = model_config(model, cfg.model_overrides)
+    if not getattr(config, "architectures", None):
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)]
+    parts = []
+    seq_len = min(seq_len, getattr(config, "max_position_embeddings", None) or seq_len)  # prompts are cut to fit
+    for device in ("cuda", "cpu"):
+        try:
+            choice = engines.choose(cfg.rollout_engine, config, device, seq_len)
+            parts.append(f"{device}: {choice.engine} ({choice.why})")
+        except ConfigError as exc:
+            parts.append(f"{device}: cannot run ({exc})")
+    return f"rollout engine ({cfg.rollout_engine}) on " + "; ".join(parts)

@@ -29,7 +29,7 @@ def run(args) -> int:
         cfg = config_mod.load(args.config, overrides, base=config_mod.load(saved))
         refuse_code_from_run(cfg.trust_remote_code and not given.trust_remote_code, saved, "--trust-remote-code true")
     run_dir.check_writable(Path(cfg.output_dir))
-    code = None
+    code, trainer = None, None
     try:
         # rank 0 holds the run directory's lock for the run's life (torchrun stops the other ranks if it cannot)
         with run_lock.hold(cfg.output_dir, say) if _rank_zero() else contextlib.nullcontext():
@@ -37,6 +37,8 @@ def run(args) -> int:
             code = _train(trainer, cfg, args)
         return code
     finally:
+        if trainer is not None:  # the rollout engine first: vLLM's teardown uses the process group
+            trainer.close(wait=code == 0)
         distributed.shutdown(wait=code == 0)
 
 

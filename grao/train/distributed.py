@@ -132,6 +132,8 @@ def init(runtime, sharded: bool):
         torch.cuda.set_device(runtime.device)
     backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        global _OWN_GROUP
+        _OWN_GROUP = True
         if size == 1:  # no torchrun: an in-process store for the group of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
@@ -139,14 +141,20 @@ def init(runtime, sharded: bool):
     return World(dist.get_rank(), dist.get_world_size()), runtime
 
 
+_OWN_GROUP = False  # whether init() created the process group (an in-process vLLM engine may create one of its own)
+
+
 def shutdown(wait: bool = True) -> None:
-    """Ends the process group. ``wait``: first wait until every rank gets here (a rank tearing down gloo's connections
+    """Ends the process group :func:`init` created (one that an in-process vLLM engine made for itself stays: the
+    engine still uses it). ``wait``: first wait until every rank gets here (a rank tearing down gloo's connections
     while another still works, rank 0 writing its files, can abort at exit); a rank that failed does not wait, as
     the others may never arrive."""
-    if dist.is_available() and dist.is_initialized():
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_available() and dist.is_initialized():
         if wait and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -13,4 +13,9 @@ imported, never from ``import grao_kernels``:
   which makes a stock ``GRPOTrainer`` compute its log-probs and entropies with
   :func:`grao_kernels.fused_linear_logprobs`, and ``GRAOConfig`` /
   ``GRAOTrainer``, GRAO on top of ``GRPOTrainer``.
+* :mod:`grao_kernels.integrations.vllm` (vLLM >= 0.32, CPU build or CUDA): a
+  policy's current weights into an in-process vLLM engine without a disk
+  round trip (checkpoint names, LoRA merged, FSDP2 gathered layer by layer),
+  and :func:`~grao_kernels.integrations.vllm.engine_supports`, why vLLM cannot
+  run a model on a device. It imports vLLM only when its functions run.
 """

@@ -293,3 +293,57 @@ def test_ppo_with_several_iterations_clips_against_the_rollout_snapshot(tmp_path
     (line,) = [ln for ln in read_lines(tmp_path / "run") if "loss" in ln]
     assert line["ppo/clip_frac"] > 0  # the second and third updates are off-policy and clip
     assert line["ppo/value_clip_frac"] > 0
+
+
+def test_ppo_truncated_importance_sampling_matches_the_float64_oracle():
+    """With an inference engine's log-probs of the sampled tokens, the clipped policy loss of each token is weighted
+    by min(exp(old - engine), cap); some weights reach the cap and some fall below 1, so ignoring them fails."""
+    batch, _, old, ref_logp = make_case(0.6)
+    cap = 1.2
+    loss = PPO(H, **HYPER, seed=3, importance_sampling_cap=cap, backend="torch")
+    hidden, weight, bias, targets, rewards = batch
+    gen = torch.Generator().manual_seed(11)
+    engine = torch.where(SAMPLES[:, None], old["logp"] + 0.3 * torch.randn(old["logp"].shape, generator=gen), 0.0)
+    weights = torch.exp(old["logp"] - engine).clamp(max=cap)[SAMPLES][targets[SAMPLES] != -100]
+    assert (weights == cap).any() and (weights < 0.9).any()
+    h, w, b = leaves(hidden, weight, bias)
+    out = loss(
+        LossBatch(
+            h,
+            w,
+            b,
+            targets,
+            rewards,
+            group_size=G,
+            groups=range(P),
+            num_groups=P,
+            reference_logp=ref_logp,
+            old=old,
+            sampling_logp=engine,
+        )
+    )
+    vh = loss.value_head
+    got_grads = grads(out.loss, h, w, b, vh.weight, vh.bias)
+    hw, ww, bw, vw, vb = leaves(hidden[SAMPLES], weight, bias, vh.weight, vh.bias, dtype=torch.float64)
+    want = reference_ppo(
+        hw,
+        ww,
+        targets[SAMPLES],
+        rewards[:, :G],
+        vw,
+        vb,
+        old["logp"][SAMPLES].double(),
+        old["values"][SAMPLES].double(),
+        ref_logp[SAMPLES].double(),
+        bias=bw,
+        sampling_logp=engine[SAMPLES].double(),
+        importance_sampling_cap=cap,
+        **HYPER,
+    )
+    gh, gw, gb, gvw, gvb = grads(want["loss"], hw, ww, bw, vw, vb)
+    full = torch.zeros(hidden.shape, dtype=torch.float64)
+    full[SAMPLES] = gh
+    assert_close(out.loss.detach(), want["loss"], rtol=1e-5, atol=1e-6, name="ppo loss with IS")
+    assert_grads_close(got_grads, [full, gw, gb, gvw, gvb], NAMES)
+    plain, _ = oracle(loss, batch, old, ref_logp)
+    assert abs(float(plain["loss"].detach()) - float(want["loss"].detach())) > 1e-4

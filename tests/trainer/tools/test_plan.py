@@ -3,6 +3,7 @@ checked against the peak measured while the trainer takes real steps on the tiny
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -95,6 +96,18 @@ def test_plan_cli_paper_config_on_8x80_uses_the_preset_offline(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["plan"]["settings"]["fsdp"] == 8 and data["options"]
     assert data["plan"]["parameters"] == data["architecture"]["params"] * 4 // 8
+
+
+def test_plan_says_which_rollout_engine_a_run_would_use_and_why(capsys):
+    assert cli.main(["plan"]) == 0  # the demo's head_dim 16: no CPU attention kernel of vLLM's
+    err = capsys.readouterr().err
+    assert "rollout engine (auto) on cuda: " in err
+    if importlib.util.find_spec("vllm") is not None:
+        assert "cpu: hf (auto: vLLM's CPU attention has no kernel for head_dim 16" in err
+        assert cli.main(["plan", "moonlight-16b-a3b"]) == 0
+        assert "cuda: hf (auto: vLLM's DeepSeek-V3 (MLA) does not reproduce" in capsys.readouterr().err
+    else:
+        assert "cpu: hf (auto: vLLM is not installed" in err
 
 
 def test_plan_cli_rejects_an_unknown_model(capsys):
