@@ -36,6 +36,8 @@ def reference_grpo(
     clip_epsilon_high=None,
     kl_beta=0.0,
     reference_logp=None,
+    sampling_logp=None,
+    importance_sampling_cap=0.0,
     bias=None,
     ignore_index=-100,
     eps=1e-6,
@@ -57,7 +59,10 @@ def reference_grpo(
     does over B = P G completions: ``grpo`` the mean over completions of each
     one's token mean, ``dr_grpo`` the token sum / (B * max_completion_length),
     ``dapo`` the token sum / the number of completion tokens. ``head``:
-    temperature, logit_scale, softcap, as in :func:`reference_logits`.
+    temperature, logit_scale, softcap, as in :func:`reference_logits`. With ``sampling_logp`` (the inference
+    engine's log-probs of the sampled tokens) and ``importance_sampling_cap`` > 0, the policy term of each token
+    is multiplied by ``min(exp(old_logp - sampling_logp), cap)``, as TRL's ``vllm_importance_sampling_correction``
+    (truncated importance sampling) does before adding the KL.
     """
     logp = reference_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index, dtype=dtype, **head)
     adv = reference_advantages(rewards, eps).reshape(-1).to(logp.dtype)[:, None]
@@ -68,6 +73,9 @@ def reference_grpo(
         high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
         ratio = torch.exp(logp - old_logp.to(logp.dtype))
         policy = torch.min(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + high) * adv)
+        if importance_sampling_cap > 0:
+            is_ratio = torch.exp(old_logp.to(logp.dtype) - sampling_logp.to(logp.dtype))
+            policy = policy * torch.clamp(is_ratio, max=importance_sampling_cap)
     per_token = -policy
     if kl_beta:
         d = reference_logp.to(logp.dtype) - logp

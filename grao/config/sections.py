@@ -22,6 +22,7 @@ from grao_kernels.backends import BACKENDS
 from ..losses import DPO_REJECTED, GRPO_LOSS_TYPES, METHODS
 from .fields import NON_NEGATIVE, POSITIVE, key
 
+ROLLOUT_ENGINES = ("auto", "hf", "vllm")
 WEIGHT = (0.0, 1e3, True)  # a loss weight or penalty: 0 turns it off
 UNIT = (0.0, 1.0, True)
 
@@ -73,6 +74,39 @@ class Rollout:
     temperature: float = key(0.7, "sampling temperature of the completions", range=(0.0, 1e3, False))
     max_new_tokens: int | None = key(
         None, "longest completion, in tokens (default: 8 for tiny-moe, else 256)", range=POSITIVE
+    )
+    rollout_engine: str = key(
+        "auto",
+        "what samples the completions: hf (transformers' generate on the policy), vllm (an in-process vLLM engine, "
+        "weights synced after each optimizer step) or auto (vllm when it is installed and runs the model on this "
+        "device, else hf)",
+        choices=ROLLOUT_ENGINES,
+    )
+    vllm_kv_cache_bytes: int = key(
+        1 << 30,
+        "vllm: the engine's KV cache in bytes, allocated in full at start (CPU; on CUDA vllm_gpu_memory_utilization "
+        "sizes it)",
+        range=POSITIVE,
+        resume_safe=True,
+    )
+    vllm_gpu_memory_utilization: float = key(
+        0.3,
+        "vllm on CUDA: the share of the GPU's memory the engine may take (weights and KV cache), next to training",
+        range=(0.0, 1.0, False),
+        resume_safe=True,
+    )
+    vllm_sleep: bool = key(
+        True,
+        "vllm on CUDA: free the engine's KV cache and offload its weights while the update runs (sleep mode level "
+        "1), woken before each rollout",
+        resume_safe=True,
+    )
+    vllm_importance_sampling_cap: float = key(
+        0.0,
+        "grpo/ppo with num_iterations > 1 on the vllm engine: weight each token's policy loss by "
+        "min(exp(old logp - engine logp), cap), TRL's truncated importance-sampling correction of the engine's "
+        "sampling mismatch (0 = off; TRL uses 2)",
+        range=(0.0, 1e3, True),
     )
 
 

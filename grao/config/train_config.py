@@ -174,6 +174,18 @@ def validate(cfg: TrainConfig) -> None:
             f"'judge.template' is set but 'reward' is {cfg.rollout.reward!r}: the template is for a judge-model:DIR "
             "reward"
         )
+    cap = cfg.rollout.vllm_importance_sampling_cap
+    if cap > 0 and (cfg.objective.method not in ("grpo", "ppo") or cfg.objective.num_iterations == 1):
+        raise ConfigError(
+            f"'vllm_importance_sampling_cap' ({cap:g}) corrects the ratio to the sampling policy of grpo or ppo with "
+            f"'num_iterations' > 1; this run is {cfg.objective.method} with num_iterations "
+            f"{cfg.objective.num_iterations}"
+        )
+    if cap > 0 and cfg.rollout.rollout_engine == "hf":
+        raise ConfigError(
+            "'vllm_importance_sampling_cap' > 0 with 'rollout_engine' hf: the correction needs the vllm engine's "
+            "log-probs"
+        )
     if cfg.runtime.micro_batch_prompts > cfg.rollout.prompts_per_step:
         raise ConfigError(
             f"'micro_batch_prompts' ({cfg.runtime.micro_batch_prompts}) must be <= 'prompts_per_step' "

@@ -70,6 +70,9 @@ class LossBatch:
     # The loss's snapshot of the policy that sampled this rollout (Loss.snapshot), the same on each of the rollout's
     # num_iterations optimizer steps; None with num_iterations = 1 or a loss without snapshot.
     old: dict[str, torch.Tensor] | None = None
+    # (S, T) the sampling engine's log-probs of the sampled completions' tokens (at the batch's temperature), 0 at
+    # the reference answers' and outside completions; None when the engine gives none (transformers' generate).
+    sampling_logp: torch.Tensor | None = None
 
     def head(self) -> dict:
         """The keyword arguments of every grao_kernels call on this batch that say how its logits are formed."""
@@ -122,10 +125,13 @@ class LossBatch:
 @dataclass
 class LossOutput:
     """``loss``: this micro-batch's share of the step's loss (the trainer sums the shares, then backpropagates each);
-    ``metrics``: detached terms to log, in the same convention (their sum over micro-batches is the step's value)."""
+    ``metrics``: detached terms to log, in the same convention (their sum over micro-batches is the step's value);
+    ``token_logp``: the (S, T) detached token log-probs the loss computed on the way (at the batch's temperature), or
+    None: the trainer compares them with the sampling engine's (``rollout/logp_gap``) without another forward."""
 
     loss: torch.Tensor
     metrics: dict[str, float]
+    token_logp: torch.Tensor | None = None
 
 
 class Loss(Protocol):
@@ -135,6 +141,19 @@ class Loss(Protocol):
     and ``snapshot(batch) -> dict[str, Tensor]`` (called under no_grad, see the module docstring)."""
 
     def __call__(self, batch: LossBatch) -> LossOutput: ...
+
+
+def truncated_importance_weights(batch: LossBatch, cap: float) -> torch.Tensor | None:
+    """(S, T) float32 ``min(exp(old_t - sampling_t), cap)`` at the sampled completions' tokens (1 elsewhere): TRL's
+    truncated importance-sampling correction of the mismatch between the engine that sampled (``sampling_logp``)
+    and the trainer's own log-probs of the policy that sampled (``old["logp"]``), multiplied into the policy loss of
+    each token; None when ``cap`` is 0 or the batch has no old or no sampling log-probs."""
+    if cap <= 0 or batch.old is None or batch.sampling_logp is None:
+        return None
+    old = batch.token_values(batch.old.get("logp"), 'old["logp"]', "the importance-sampling correction")
+    sampling = batch.token_values(batch.sampling_logp, "sampling_logp", "the importance-sampling correction")
+    sampled = (batch.targets != batch.ignore_index) & ~batch.is_reference()[:, None]
+    return torch.where(sampled, torch.exp(old - sampling).clamp(max=cap), 1.0)
 
 
 def spread(seq_coef: torch.Tensor, targets: torch.Tensor, ignore_index: int, *, mean: bool) -> torch.Tensor:

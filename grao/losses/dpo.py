@@ -46,4 +46,4 @@ class DPO:
         margin = self.beta * (delta[:, G] - delta.gather(1, rejected[:, None])[:, 0])
         loss = F.softplus(-margin).sum() / batch.num_groups  # -log sigmoid(z) = softplus(-z)
         share = float(margin.detach().sum()) / batch.num_groups
-        return LossOutput(loss, {"objective/dpo": float(loss.detach()), "dpo/margin": share})
+        return LossOutput(loss, {"objective/dpo": float(loss.detach()), "dpo/margin": share}, logp.detach())

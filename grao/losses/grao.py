@@ -79,4 +79,5 @@ class GRAO:
             )
             loss, terms = out.loss, (exploration * self.exploration, imitation, alignment)
         share = batch.share
-        return LossOutput(loss * share, {f"objective/{t}": float(v) * share for t, v in zip(self.TERMS, terms)})
+        metrics = {f"objective/{t}": float(v) * share for t, v in zip(self.TERMS, terms)}
+        return LossOutput(loss * share, metrics, None if self.fn is not None else out.logp)

@@ -7,7 +7,7 @@ import torch
 
 from grao_kernels import group_advantages
 
-from .base import LossBatch, LossOutput, check_number, spread
+from .base import LossBatch, LossOutput, check_number, spread, truncated_importance_weights
 
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -51,6 +51,10 @@ class GRPO:
     or r > 1 + eps_high with A > 0; they get no policy gradient).
     ``dapo``, and the clip ratio, over micro-batches need N of the whole step
     (``LossBatch.step_token_counts``).
+
+    ``importance_sampling_cap`` > 0 (with old log-probs and an engine's ``LossBatch.sampling_logp``): the policy
+    part of loss_t is multiplied by ``min(exp(old_t - sampling_t), cap)``, TRL's truncated importance-sampling
+    correction (:func:`grao.losses.base.truncated_importance_weights`).
     """
 
     reference_in_group = False  # advantages over the G samples alone: reward/zero_std_groups ties those
@@ -64,6 +68,7 @@ class GRPO:
         clip_epsilon: float = 0.2,
         clip_epsilon_high: float | None = None,
         eps: float = 1e-6,
+        importance_sampling_cap: float = 0.0,
         backend: str = "auto",
     ):
         if loss_type not in GRPO_LOSS_TYPES:
@@ -88,6 +93,7 @@ class GRPO:
             backend,
         )
         self.kl_beta = float(kl_beta)
+        self.importance_sampling_cap = check_number("importance_sampling_cap", importance_sampling_cap, 0.0)
         self.clip_low = 1.0 - clip_epsilon
         self.clip_high = 1.0 + (clip_epsilon if clip_epsilon_high is None else clip_epsilon_high)
 
@@ -127,7 +133,7 @@ class GRPO:
         if batch.old is None and self.kl_beta == 0:  # linear in logp: c_t = -A_i w_t, one sweep
             coef = spread(-adv.to(seq_weight.device) * seq_weight, batch.targets, batch.ignore_index, mean=mean)
             out = batch.sweep(coef, self.backend)
-            return LossOutput(out.loss, {"objective/policy": -float(out.loss.detach())})
+            return LossOutput(out.loss, {"objective/policy": -float(out.loss.detach())}, out.logp)
         return self._surrogate(batch, adv, spread(seq_weight, batch.targets, batch.ignore_index, mean=mean))
 
     def _surrogate(self, batch: LossBatch, adv: torch.Tensor, w: torch.Tensor) -> LossOutput:
@@ -142,6 +148,9 @@ class GRPO:
             old = batch.token_values(batch.old.get("logp"), 'old["logp"]', "GRPO's clipped ratio")
             ratio = torch.exp(torch.where(mask, logp - old, 0.0))
             policy = torch.min(ratio * a, ratio.clamp(self.clip_low, self.clip_high) * a)
+            weights = truncated_importance_weights(batch, self.importance_sampling_cap)
+            if weights is not None:
+                policy = policy * weights
             n = batch.sample_token_count()
             if n is not None:
                 clipped = ((ratio < self.clip_low) & (a < 0)) | ((ratio > self.clip_high) & (a > 0))
@@ -155,4 +164,4 @@ class GRPO:
             loss_t = loss_t + self.kl_beta * kl
             metrics["grpo/kl"] = float((w * kl).detach().sum())
         loss = (w * torch.where(mask, loss_t, 0.0)).sum()
-        return LossOutput(loss, {"objective/policy": objective, **metrics})
+        return LossOutput(loss, {"objective/policy": objective, **metrics}, logp.detach())

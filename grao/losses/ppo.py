@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .base import LossBatch, LossOutput, check_number
+from .base import LossBatch, LossOutput, check_number, truncated_importance_weights
 
 WHITEN_EPS = 1e-8
 
@@ -112,6 +112,7 @@ class PPO(torch.nn.Module):
         vf_clip: float = 0.2,
         vf_coef: float = 0.1,
         seed: int = 0,
+        importance_sampling_cap: float = 0.0,
         backend: str = "auto",
     ):
         super().__init__()
@@ -123,6 +124,7 @@ class PPO(torch.nn.Module):
         self.clip_epsilon = check_number("clip_epsilon", clip_epsilon, 0.0, math.inf, low_open=True)
         self.vf_clip = check_number("vf_clip", vf_clip, 0.0, math.inf, low_open=True)
         self.vf_coef = check_number("vf_coef", vf_coef, 0.0, math.inf)
+        self.importance_sampling_cap = check_number("importance_sampling_cap", importance_sampling_cap, 0.0)
         self.backend = backend
         self.value_head = torch.nn.Linear(hidden_size, 1)
         bound = 1.0 / math.sqrt(hidden_size)
@@ -192,7 +194,8 @@ class PPO(torch.nn.Module):
                 f"{batch.num_groups} groups needs the whole step's token counts: LossBatch.step_token_counts is None"
             )
         n = max(n, 1)
-        logp = self._logp(batch)[mask]
+        token_logp = self._logp(batch)
+        logp = token_logp[mask]
         values = self.values(batch.hidden[mask])
         old_logp, old_values = batch.old["logp"][mask].float(), batch.old["values"][mask].float()
         adv, returns = adv[mask].float(), returns[mask].float()
@@ -201,6 +204,9 @@ class PPO(torch.nn.Module):
         pg_plain = -adv * ratio
         pg_clipped = -adv * ratio.clamp(1 - self.clip_epsilon, 1 + self.clip_epsilon)
         pg = torch.maximum(pg_plain, pg_clipped)
+        weights = truncated_importance_weights(batch, self.importance_sampling_cap)
+        if weights is not None:  # the engine's sampling mismatch, TRL's truncated correction
+            pg = pg * weights[mask]
         v_clipped = old_values + (values - old_values).clamp(-self.vf_clip, self.vf_clip)
         vf_plain, vf_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
         vf = 0.5 * torch.maximum(vf_plain, vf_clipped)
@@ -213,4 +219,4 @@ class PPO(torch.nn.Module):
             "ppo/clip_frac": float((pg_clipped > pg_plain).sum()) / n,
             "ppo/value_clip_frac": float((vf_clipped > vf_plain).sum()) / n,
         }
-        return LossOutput(loss, metrics)
+        return LossOutput(loss, metrics, token_logp.detach())

@@ -51,6 +51,7 @@ def _ppo(cfg, hidden_size: int | None) -> PPO:
         vf_clip=cfg.ppo.vf_clip,
         vf_coef=cfg.ppo.vf_coef,
         seed=cfg.run.seed,
+        importance_sampling_cap=cfg.rollout.vllm_importance_sampling_cap,
         backend=cfg.objective.loss_backend,
     )
 
@@ -70,6 +71,7 @@ REGISTRY: dict[str, Callable] = {
         kl_beta=cfg.grpo.kl_beta,
         clip_epsilon=cfg.objective.clip_epsilon,
         clip_epsilon_high=cfg.objective.clip_epsilon_high,
+        importance_sampling_cap=cfg.rollout.vllm_importance_sampling_cap,
         backend=cfg.objective.loss_backend,
     ),
     "dpo": lambda cfg, _: DPO(cfg.dpo.beta, backend=cfg.objective.loss_backend),

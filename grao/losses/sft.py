@@ -23,4 +23,4 @@ class SFT:
     def __call__(self, batch: LossBatch) -> LossOutput:
         seq_coef = torch.where(batch.is_reference(), -1.0 / batch.num_groups, 0.0)
         out = batch.sweep(spread(seq_coef, batch.targets, batch.ignore_index, mean=True), self.backend)
-        return LossOutput(out.loss, {"objective/nll": float(out.loss.detach())})
+        return LossOutput(out.loss, {"objective/nll": float(out.loss.detach())}, out.logp)

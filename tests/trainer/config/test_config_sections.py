@@ -25,7 +25,8 @@ FLAT_KEYS = (
     "lora_rank lora_alpha lora_dropout lora_target_modules lora_base_dtype lr weight_decay warmup_steps "
     "lr_schedule min_lr_ratio max_grad_norm micro_batch_prompts gradient_checkpointing fsdp_cpu_offload "
     "fsdp_param_dtype device precision attn_implementation threads eval_every eval_batch_size eval_greedy "
-    "save_every keep_checkpoints plot progress"
+    "save_every keep_checkpoints plot progress rollout_engine vllm_kv_cache_bytes vllm_gpu_memory_utilization "
+    "vllm_sleep vllm_importance_sampling_cap"
 ).split()
 # a config unlike the defaults in a key of most sections
 CHANGED = dict(
@@ -158,10 +159,12 @@ def test_flags_are_generated_for_every_key_old_flat_flags_still_work_with_a_note
     with pytest.warns(RenamedKeyWarning, match="--grpo-kl-beta -> --grpo.kl-beta, --eval-every -> --evaluation.every"):
         old = _parse(["--grpo-kl-beta", "0.3", "--eval-every", "5", "--lr", "1e-4"])
     assert old == new
+    needs = {"vllm_importance_sampling_cap": ["--method", "grpo", "--num-iterations", "2"]}  # keys that need others
     for name, k in config.FIELDS.items():  # each number's section.field flag sets it
         if k.type in (int, float):
             value = k.type(1 if k.type is int else 0.5)
-            assert config.to_dict(_parse(["--" + k.path.replace("_", "-"), str(value)]))[name] == value, name
+            flags = ["--" + k.path.replace("_", "-"), str(value), *needs.get(name, [])]
+            assert config.to_dict(_parse(flags))[name] == value, name
 
 
 def test_help_groups_the_flags_by_section_and_hides_the_old_spellings():

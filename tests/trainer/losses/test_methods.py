@@ -55,7 +55,17 @@ def sampling_logp(batch):
     return reference_logprobs(hidden, other, targets, bias=bias).detach()
 
 
-def run(loss, batch, splits, *, counts=True, old=False, **head):
+def engine_logp(batch):
+    """(S, T) an inference engine's log-probs of the sampled tokens: :func:`sampling_logp`'s policy computed a little
+    differently (another small perturbation), 0 at the reference answers, which the engine did not sample."""
+    hidden, weight, bias, targets, _ = batch
+    drift = 0.15 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(2))
+    drift = drift + 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3))
+    logp = reference_logprobs(hidden, weight + drift, targets, bias=bias).detach()
+    return torch.where(torch.arange(P * K)[:, None] % K == G, 0.0, logp)
+
+
+def run(loss, batch, splits, *, counts=True, old=False, engine=False, **head):
     """The step's loss (the micro-batches' shares summed) and its gradients w.r.t. hidden, weight, bias;
     ``old``: pass :func:`sampling_logp` as ``LossBatch.old["logp"]``; ``head``: the LossBatch's logit_scale /
     softcap / temperature."""
@@ -77,6 +87,7 @@ def run(loss, batch, splits, *, counts=True, old=False, **head):
                 step_token_counts=token_counts(targets) if counts else None,
                 reference_logp=frozen_logp(batch)[rows],
                 old={"logp": sampling_logp(batch)[rows]} if old else None,
+                sampling_logp=engine_logp(batch)[rows] if engine else None,
                 **head,
             )
         )
@@ -109,9 +120,9 @@ def sft_formula(h, w, b, targets, rewards, **head):
     return reference_sft(h, w, targets, torch.arange(P * K) % K == G, bias=b, **head)
 
 
-def grpo_formula(loss_type, *, kl_beta=0.0, clipped=False, clip_epsilon=0.2, clip_epsilon_high=None):
+def grpo_formula(loss_type, *, kl_beta=0.0, clipped=False, clip_epsilon=0.2, clip_epsilon_high=None, is_cap=0.0):
     """reference_grpo on the batch's samples; with ``clipped`` the ratio to :func:`sampling_logp`, with ``kl_beta``
-    the KL to :func:`frozen_logp`."""
+    the KL to :func:`frozen_logp`, with ``is_cap`` the truncated importance weights to :func:`engine_logp`."""
 
     def formula(h, w, b, targets, rewards, **head):
         samples = torch.arange(P * K) % K != G  # GRPO's groups hold the G samples only
@@ -129,6 +140,8 @@ def grpo_formula(loss_type, *, kl_beta=0.0, clipped=False, clip_epsilon=0.2, cli
             clip_epsilon_high=clip_epsilon_high,
             kl_beta=kl_beta,
             reference_logp=frozen_logp(batch)[samples],
+            sampling_logp=engine_logp(batch)[samples],
+            importance_sampling_cap=is_cap,
             **head,
         )
 
@@ -162,9 +175,18 @@ CASES = {
         GRPO("dapo", kl_beta=0.3, clip_epsilon=0.1, clip_epsilon_high=0.3, backend="torch"),
         grpo_formula("dapo", kl_beta=0.3, clipped=True, clip_epsilon=0.1, clip_epsilon_high=0.3),
     ),
+    "grpo-clipped-is": (
+        GRPO("grpo", importance_sampling_cap=1.1, backend="torch"),
+        grpo_formula("grpo", clipped=True, is_cap=1.1),
+    ),
+    "dapo-clipped-kl-is": (
+        GRPO("dapo", kl_beta=0.3, importance_sampling_cap=2.0, backend="torch"),
+        grpo_formula("dapo", kl_beta=0.3, clipped=True, is_cap=2.0),
+    ),
     "dpo": (DPO(0.7, backend="torch"), dpo_formula),
 }
 CLIPPED = {name for name in CASES if "clipped" in name}  # their batches carry the sampling policy's log-probs
+ENGINE = {name for name in CASES if name.endswith("-is")}  # and the inference engine's
 
 
 @pytest.mark.parametrize("splits", [WHOLE, SPLIT], ids=["one-batch", "micro-batches"])
@@ -172,7 +194,7 @@ CLIPPED = {name for name in CASES if "clipped" in name}  # their batches carry t
 def test_method_loss_and_gradients_match_the_float64_formula(batch, name, splits):
     loss, formula = CASES[name]
     want, want_grads = oracle(formula, batch)
-    got, got_grads, _ = run(loss, batch, splits, old=name in CLIPPED)
+    got, got_grads, _ = run(loss, batch, splits, old=name in CLIPPED, engine=name in ENGINE)
     assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"{name} loss")
     assert_grads_close(got_grads, want_grads)
     assert float(want_grads[0].abs().sum()) > 0  # the batch has signal: a zero gradient would not pass unnoticed
@@ -188,7 +210,7 @@ def test_methods_use_the_model_logit_head(batch, name, head):
     # a Granite-like scale and a Gemma-like soft cap on the logits, and the log-prob temperature, through the LossBatch
     loss, formula = CASES[name]
     want, want_grads = oracle(formula, batch, **head)
-    got, got_grads, _ = run(loss, batch, SPLIT, old=name in CLIPPED, **head)
+    got, got_grads, _ = run(loss, batch, SPLIT, old=name in CLIPPED, engine=name in ENGINE, **head)
     assert_close(got, want, rtol=1e-5, atol=1e-6, name=f"{name} loss")
     assert_grads_close(got_grads, want_grads)
     plain, _ = oracle(formula, batch)
@@ -506,3 +528,27 @@ def test_grpo_with_kl_and_iterations_trains_and_resumes_exactly(tmp_path):
     a = assert_same_run(tmp_path / "a", tmp_path / "b", (full.model, second.model))
     assert [ln["step"] for ln in a] == [0, 1, 2, 2, 3, 4, 4]
     assert all(math.isfinite(ln["grpo/kl"]) and math.isfinite(ln["loss"]) for ln in a if "loss" in ln)
+
+
+def test_truncated_importance_weights_change_the_loss_and_some_reach_the_cap(batch):
+    """The -is cases above would pass with the correction ignored if the weights were all 1 or never capped."""
+    hidden, weight, bias, targets, rewards = batch
+    lb = LossBatch(
+        hidden,
+        weight,
+        bias,
+        targets,
+        rewards,
+        group_size=G,
+        groups=range(P),
+        num_groups=P,
+        old={"logp": sampling_logp(batch)},
+        sampling_logp=engine_logp(batch),
+    )
+    from grao.losses.base import truncated_importance_weights
+
+    w = truncated_importance_weights(lb, 1.1)[targets != -100]
+    assert (w == 1.1).any() and (w < 0.95).any()
+    with_is, _, _ = run(CASES["grpo-clipped-is"][0], batch, WHOLE, old=True, engine=True)
+    without, _, _ = run(CASES["grpo-clipped"][0], batch, WHOLE, old=True, engine=True)
+    assert abs(float(with_is) - float(without)) > 1e-4
