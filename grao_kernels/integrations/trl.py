@@ -174,17 +174,6 @@ def patch_trl(trainer, *, backend: str = "auto", memory_budget: int | None = Non
     return trainer
 
 
-def _kv_cache_bytes(config, dtype: torch.dtype, sequences: int, max_model_len: int) -> int:
-    """Bytes of KV cache for ``sequences`` sequences of ``max_model_len`` tokens of the model of ``config`` (keys and
-    values of every layer), at least 64 MiB: what a colocated engine on CPU reserves, in full, at start (vLLM's own
-    default there is ~30 % of the machine's RAM)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
-    return max(per_token * sequences * max_model_len, 64 * 2**20)
-
-
 class _ColocatedGeneration(VLLMGeneration):
     """TRL's colocated vLLM generation (sampling, log-probs, sleep mode as TRL does them) with the engine built by
     :func:`grao_kernels.integrations.vllm.create_llm` and the weights synced by its ``load_weights``.
@@ -199,18 +188,15 @@ class _ColocatedGeneration(VLLMGeneration):
     stop tokens.
     """
 
-    def __init__(self, *args, eos_token_ids, **kwargs):
+    def __init__(self, *args, eos_token_ids, kv_cache_bytes: int, **kwargs):
         self._eos_token_ids = list(eos_token_ids)
+        self._kv_cache_bytes = kv_cache_bytes
         super().__init__(*args, **kwargs)
 
     def _init_vllm(self):
         from .vllm import create_llm, engine_config, engine_supports
 
         accelerator = self.accelerator
-        if self.mode != "colocate":
-            raise ValueError(
-                f"ColocatedVLLM runs vLLM in the training process: vllm_mode must be 'colocate', got {self.mode!r}"
-            )
         if accelerator.num_processes != 1 or self.tensor_parallel_size != 1:
             raise ValueError(
                 f"ColocatedVLLM runs one engine in one process: got {accelerator.num_processes} processes and "
@@ -230,7 +216,8 @@ class _ColocatedGeneration(VLLMGeneration):
             dtype=dtype,
             max_model_len=max_model_len,
             seed=accelerator.process_index,
-            kv_cache_memory_bytes=_kv_cache_bytes(config, dtype, self.max_num_seqs or 1, max_model_len)
+            # on CPU the KV cache is allocated in full at start; vLLM's own default there is ~30 % of RAM
+            kv_cache_memory_bytes=self._kv_cache_bytes
             if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
             else None,
             gpu_memory_utilization=None if on_cpu else self.gpu_memory_utilization,
@@ -312,6 +299,7 @@ class ColocatedVLLM:
             logprobs=0,
             generation_kwargs=dict(a.generation_kwargs or {}),
             eos_token_ids=self.eos_token_ids,
+            kv_cache_bytes=getattr(a, "vllm_kv_cache_bytes", GRAOConfig.vllm_kv_cache_bytes),
         )
         self._last_loaded_step = -1  # GRPOTrainer syncs before the first generation of each optimizer step
 
@@ -326,7 +314,10 @@ class GRAOConfig(GRPOConfig):
     kernels. TRL's ``beta`` (the KL coefficient) must stay 0: GRAO has no KL term. ``grao_logprob_temperature``:
     the temperature of the log-probs in the loss; the default 1 scores the policy's own distribution, as
     ``grao train`` does (TRL's ``temperature`` then only sets the sampling); set it to ``temperature`` to score
-    the sampling distribution, as ``patch_trl`` does for TRL's losses.
+    the sampling distribution, as ``patch_trl`` does for TRL's losses. ``vllm_kv_cache_bytes``: with
+    ``use_vllm=True`` on CPU, the engine's KV cache (allocated in full at start; ``grao train``'s key of the same
+    name; the environment variable ``VLLM_CPU_KVCACHE_SPACE``, in GiB, overrides it), a trainer without this key
+    (``class T(ColocatedVLLM, GRPOTrainer)`` with a ``GRPOConfig``) gets the same 1 GiB default.
     """
 
     reference_column: str = dataclasses.field(default="reference", metadata={"help": "column of reference answers"})
@@ -337,6 +328,10 @@ class GRAOConfig(GRPOConfig):
     grao_logprob_temperature: float = dataclasses.field(
         default=1.0, metadata={"help": "temperature of the log-probs in the GRAO loss (1: the policy's own)"}
     )
+    vllm_kv_cache_bytes: int = dataclasses.field(
+        default=1 << 30,
+        metadata={"help": "use_vllm on CPU: the engine's KV cache in bytes, allocated in full at start"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -344,6 +339,10 @@ class GRAOConfig(GRPOConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.vllm_kv_cache_bytes, bool) or not isinstance(self.vllm_kv_cache_bytes, int):
+            raise ValueError(f"vllm_kv_cache_bytes must be an integer, got {self.vllm_kv_cache_bytes!r}")
+        if self.vllm_kv_cache_bytes <= 0:
+            raise ValueError(f"vllm_kv_cache_bytes must be > 0, got {self.vllm_kv_cache_bytes}")
         if self.grao_logprob_temperature <= 0:
             raise ValueError(f"grao_logprob_temperature must be > 0, got {self.grao_logprob_temperature}")
         if self.beta != 0.0:

@@ -220,6 +220,8 @@ def test_grao_config_and_trainer_refuse_what_they_cannot_do(tokenizer, tmp_path)
         GRAOConfig(**common_args(tmp_path), grao_lam=float("nan"))
     with pytest.raises(ValueError, match="grao_logprob_temperature"):
         GRAOConfig(**common_args(tmp_path), grao_logprob_temperature=0.0)
+    with pytest.raises(ValueError, match="vllm_kv_cache_bytes must be > 0"):
+        GRAOConfig(**common_args(tmp_path), vllm_kv_cache_bytes=0)
     with pytest.raises(ValueError, match="split evenly"):
         # 2 prompts x (3 + 1) rows do not split into 3 micro-batches
         grao_trainer("dense", tokenizer, tmp_path, per_device_train_batch_size=2, steps_per_generation=3)
