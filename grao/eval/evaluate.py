@@ -73,8 +73,16 @@ def respond(
     temperature: float = 0.7,
     seed: int = 0,
     chat_template: bool = False,
+    engine=None,
 ) -> list[str]:
+    """The model's response to each example; ``engine``: a rollout engine with ``respond`` (the vLLM one,
+    :class:`grao.train.engines.VLLMEngine`, in sync with ``model``) answers instead of ``model.generate``."""
     prompt_ids = [generation.encode_prompt(tokenizer, ex.prompt, max_prompt_tokens, chat_template) for ex in examples]
+    if engine is not None:
+        ids = engine.respond(
+            prompt_ids, greedy=greedy, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+        )
+        return generation.decode(tokenizer, ids)
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
         torch.manual_seed(seed)
         ids = generation.generate(

@@ -21,6 +21,21 @@ class Rollout:
     completion_ids: list[list[list[int]]]  # [P][G+1] token ids, the reference last
     rewards: torch.Tensor  # (P, G+1) float32
     completions: list[list[str]]  # [P][G] decoded samples
+    sampling_logps: list[list[list[float]]] | None = None  # [P][G] the engine's log-prob of each sampled token
+
+
+def sampling_logp(rollout: Rollout, groups: range, width: int, device) -> torch.Tensor | None:
+    """(S, T) the engine's log-probs of the sampled tokens of ``groups``, laid out like :func:`build_batch`'s
+    targets (0 at the reference answers and outside the completions); None when the engine gave none."""
+    if rollout.sampling_logps is None:
+        return None
+    K = len(rollout.completion_ids[groups.start])
+    out = torch.zeros((len(groups) * K, width), dtype=torch.float32)
+    for i, p in enumerate(groups):
+        start = len(rollout.prompt_ids[p]) - 1
+        for j, logps in enumerate(rollout.sampling_logps[p]):
+            out[i * K + j, start : start + len(logps)] = torch.tensor(logps, dtype=torch.float32)
+    return out.to(device)
 
 
 def build_batch(rollout: Rollout, groups: range, pad_id: int, device) -> tuple[torch.Tensor, ...]:
@@ -59,6 +74,7 @@ class MicroBatch:
     step_token_counts: torch.Tensor  # (P, G+1) completion tokens of every sequence of the whole step (all ranks')
     old: dict[str, torch.Tensor] | None = None  # the loss's snapshot of the sampling policy (LossBatch.old)
     reference_logp: torch.Tensor | None = None  # (S, T) the frozen reference model's token log-probs
+    sampling_logp: torch.Tensor | None = None  # (S, T) the rollout engine's log-probs of the sampled tokens
 
     @property
     def num_groups(self) -> int:
@@ -85,6 +101,7 @@ class MicroBatch:
             **head,
             old=self.old,
             reference_logp=self.reference_logp,
+            sampling_logp=self.sampling_logp,
         )
 
 
@@ -99,5 +116,8 @@ def micro_batches(
         groups = range(start, min(P, start + size))
         ids, mask, targets = build_batch(rollout, groups, pad_id, device)
         rewards = rollout.rewards[groups.start : groups.stop]
-        out.append(MicroBatch(groups, ids, mask, targets, rewards, first_group, step_token_counts))
+        engine_logp = sampling_logp(rollout, groups, ids.shape[1], device)
+        out.append(
+            MicroBatch(groups, ids, mask, targets, rewards, first_group, step_token_counts, None, None, engine_logp)
+        )
     return out

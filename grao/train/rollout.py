@@ -11,6 +11,7 @@ from ..eval import rewards
 from ..models import generation
 from ..models.generation import encode_prompt, encode_reference
 from .batch import Rollout
+from .engines import sampling_seed
 
 
 class PromptOrder:
@@ -36,10 +37,11 @@ class PromptOrder:
 
 
 def sample_and_score(
-    policy, tokenizer, examples: list[Example], reward, cfg, step: int, rank: int, rejected: str, max_prompt_tokens: int
+    engine, tokenizer, examples: list[Example], reward, cfg, step: int, rank: int, rejected: str, max_prompt_tokens: int
 ):
-    """Sample G completions per prompt (seeded by step and rank, so a resumed run samples the same), then score
-    them and each prompt's reference answer; a :class:`Rollout` with rewards (P, G+1), the reference's last.
+    """Sample G completions per prompt with the rollout ``engine`` (:mod:`grao.train.engines`; seeded by step and
+    rank, so a resumed run samples the same), then score them and each prompt's reference answer; a
+    :class:`Rollout` with rewards (P, G+1), the reference's last, and the engine's log-probs of the samples.
 
     dpo on the data's preference pairs (``rejected == "data"``) samples nothing: each group's one completion
     (G = 1) is the example's rejected answer, ended by eos like the reference. Prompts keep their last
@@ -47,18 +49,17 @@ def sample_and_score(
     """
     G = cfg.rollout.group_size
     prompt_ids = [encode_prompt(tokenizer, ex.prompt, max_prompt_tokens, cfg.dataset.chat_template) for ex in examples]
+    sampled_logps = None
     if rejected == "data":
         G, texts = 1, [ex.rejected for ex in examples]
         sampled = [encode_reference(tokenizer, text) for text in texts]
     else:
-        torch.manual_seed(cfg.run.seed * 1_000_003 + step + 1_000_000_007 * rank)
-        sampled = policy.generate(
-            tokenizer,
+        sampled, sampled_logps = engine.sample(
             prompt_ids,
-            num_return=G,
-            sample=True,
+            n=G,
             temperature=cfg.rollout.temperature,
             max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=sampling_seed(cfg.run.seed, step, rank),
         )
         texts = generation.decode(tokenizer, sampled)
     prompts, refs = [ex.prompt for ex in examples], [ex.reference for ex in examples]
@@ -70,4 +71,5 @@ def sample_and_score(
     r = torch.cat([r, torch.tensor(ref_rewards, dtype=torch.float32)[:, None]], dim=1)
     completion_ids = [sampled[p * G : (p + 1) * G] + [encode_reference(tokenizer, ref)] for p, ref in enumerate(refs)]
     completions = [texts[p * G : (p + 1) * G] for p in range(len(examples))]
-    return Rollout(prompt_ids, completion_ids, r, completions)
+    logps = None if sampled_logps is None else [sampled_logps[p * G : (p + 1) * G] for p in range(len(examples))]
+    return Rollout(prompt_ids, completion_ids, r, completions, logps)

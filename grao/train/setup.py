@@ -234,3 +234,25 @@ def policy(cfg, model, module_loss, rt, logit_transform: dict, world, sharded: b
     if sharded:
         sharding = distributed.Sharding(pol, world, rt.device, cfg.fsdp_cpu_offload, cfg.fsdp_param_dtype)
     return pol, sharding
+
+
+def rollout_engine(cfg, model, policy, tokenizer, rt, world, max_prompt_tokens: int):
+    """The run's rollout engine (:mod:`grao.train.engines`), chosen by ``rollout_engine`` and announced with the
+    reason; ConfigError for vllm where vLLM cannot run the model, or an importance-sampling correction without
+    the engine's log-probs."""
+    from . import engines
+
+    max_len = max_prompt_tokens + cfg.max_new_tokens
+    choice = engines.choose(cfg.rollout_engine, models.unwrap(model), rt.device, max_len, world.size)
+    if choice.engine == "hf":
+        if cfg.vllm_importance_sampling_cap > 0:
+            raise ConfigError(
+                f"'vllm_importance_sampling_cap' needs the vllm engine's log-probs; the rollouts run on hf ({choice.why})"
+            )
+        say(f"rollout engine: hf, transformers' generate ({choice.why})")
+        return engines.HFEngine(policy, tokenizer)
+    started = time.perf_counter()
+    temperature = cfg.temperature if cfg.logprob_temperature == "sampling" else 1.0
+    engine = engines.VLLMEngine(model, tokenizer, cfg, rt, world, max_len, temperature)
+    say(f"rollout engine: {engine.description} ({choice.why}; started in {time.perf_counter() - started:.1f}s)")
+    return engine

@@ -46,7 +46,7 @@ from .update import lr_lambda
 
 __all__ = ["IGNORE_INDEX", "TIME_KEYS", "Rollout", "Trainer", "build_batch", "lr_lambda"]
 
-TIME_KEYS = ("tokens_per_s", "time/generate", "time/train")
+TIME_KEYS = ("tokens_per_s", "time/generate", "time/train", "time/sync")
 WTL_KEYS = ("eval/wins", "eval/ties", "eval/losses")  # against the starting model's responses: NAG's counts
 
 
@@ -118,6 +118,10 @@ class Trainer:
             cfg, self.model, module_loss, self.runtime, self.logit_transform, self.world, sharded
         )
         self.moe, self.aux_coef, self.router_scoring = self.policy.moe, self.policy.aux_coef, self.policy.router_scoring
+        # What samples the rollouts (and, with vLLM, answers evaluation): grao.train.engines, chosen once per run.
+        self.engine = setup.rollout_engine(
+            cfg, self.model, self.policy, self.tokenizer, self.runtime, self.world, self.max_prompt_tokens
+        )
 
         # LoRA: the adapters only; the policy's parameter order (the model's, then the loss's) names the optimizer's.
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
@@ -189,6 +193,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """Step ``step`` (1-based): rollout (sample, score), then update; returns its metrics line."""
+        sync = self.engine.sync(self.model)  # the engine's weights were the policy's before the last update
         t0 = time.perf_counter()
         rollout = self.rollout(self.world.share(self.prompts_for_step(step)), step)  # this rank's prompt groups
         t1 = time.perf_counter()
@@ -207,6 +212,7 @@ class Trainer:
             "tokens_per_s": n_tokens / max(t2 - t1, 1e-9),
             "time/generate": t1 - t0,
             "time/train": t2 - t1,
+            "time/sync": sync,
         }
 
     # ------------------------------------------------------------------ rollout: sample and score
@@ -219,7 +225,7 @@ class Trainer:
         """Sample G completions per prompt and score them and the reference answers
         (:func:`grao.train.rollout.sample_and_score`)."""
         return sample_and_score(
-            self.policy,
+            self.engine,
             self.tokenizer,
             examples,
             self.reward,
@@ -240,17 +246,22 @@ class Trainer:
         the mean over the iterations of each number (``lr`` too) and the sum of
         ``train_tokens``.
         """
+        self.engine.sleep()  # CUDA: the engine's memory goes to the update until the next sync
         reference = self.reference_logps(rollout)  # fixed for the rollout: once, whatever num_iterations
         old = self.snapshot(rollout, reference)
         lines = []
         for _ in range(self.cfg.num_iterations):
             stats = self.accumulate_gradients(rollout, old, reference)
             stats.update(self.optimizer_step())
+            self.engine.mark_stale()
             counts = stats.pop("moe/layer_counts", None)
             if self.router_biases and counts is not None:
                 models.update_router_bias(self.router_biases, counts, self.cfg.router_bias_update_rate)
             lines.append(stats)
-        return lines[0] if len(lines) == 1 else update.mean_over_iterations(lines)
+        # the engine against the policy that sampled: the first iteration's forward (later ones see updated weights)
+        gap = [line.pop("rollout/logp_gap", None) for line in lines][0]
+        stats = lines[0] if len(lines) == 1 else update.mean_over_iterations(lines)
+        return stats if gap is None else {**stats, "rollout/logp_gap": gap}
 
     def reference_logps(self, rollout: Rollout) -> list[torch.Tensor] | None:
         """The frozen reference model's (S, T) token log-probs of each micro-batch of the rollout
@@ -311,10 +322,7 @@ class Trainer:
         processes each rank answers its block of the held-out prompts and the results are gathered in order."""
         cfg = self.cfg
         examples, real = self.world.padded_share(self.eval_examples)
-        res = self.policy.evaluate(
-            self.tokenizer,
-            examples,
-            self.reward,
+        options = dict(
             max_new_tokens=cfg.max_new_tokens,
             max_prompt_tokens=self.max_prompt_tokens,
             batch_size=cfg.eval_batch_size,
@@ -323,6 +331,13 @@ class Trainer:
             seed=cfg.seed,
             chat_template=cfg.chat_template,
         )
+        if self.engine.name == "vllm":  # the engine answers, with the current weights
+            self.engine.sync(self.model)
+            res = evaluation.evaluate(
+                self.model, self.tokenizer, examples, self.reward, self.runtime, engine=self.engine, **options
+            )
+        else:
+            res = self.policy.evaluate(self.tokenizer, examples, self.reward, **options)
         parts = self.world.gather_objects([res.responses[:real], res.rewards[:real], res.reference_rewards[:real]])
         res = evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
         if self.baseline_eval is None:

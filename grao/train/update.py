@@ -11,7 +11,7 @@ import torch
 
 from .. import models
 from . import distributed
-from .batch import MicroBatch, micro_batches
+from .batch import IGNORE_INDEX, MicroBatch, micro_batches
 from .policy import Policy
 
 
@@ -104,22 +104,39 @@ def accumulate_gradients(policy: Policy, loss_fn, batches: list[MicroBatch], wor
     layers = len(models.routers(models.unwrap(policy.model))) if moe else 0
     counts = torch.zeros(layers, moe.num_experts if moe else 0, device=device)
     total, terms, aux_total, n_tokens = 0.0, {}, 0.0, 0
+    gap = {}  # |engine - trainer| log-prob summed over the sampled tokens, and their count
     for mb in batches:
         n_tokens += int(mb.mask.sum())
         loss, res, aux, batch_counts = policy.micro_batch_loss(loss_fn, mb)
+        if mb.sampling_logp is not None and res.token_logp is not None:
+            total_gap, count = logp_gap(res.token_logp, mb)
+            gap = {"gap_sum": gap.get("gap_sum", 0.0) + total_gap, "gap_tokens": gap.get("gap_tokens", 0) + count}
         loss.backward()
         total += float(loss.detach())
         for key, value in res.metrics.items():
             terms[key] = terms.get(key, 0.0) + float(value)
         aux_total += aux
         counts += batch_counts
-    stats = {"loss": total, **terms, "moe/aux_loss": aux_total, "train_tokens": n_tokens}
+    stats = {"loss": total, **terms, "moe/aux_loss": aux_total, "train_tokens": n_tokens, **gap}
     stats, counts = world.sum(stats), world.sum_tensor(counts)  # the whole step's, over the ranks
+    if gap:
+        stats["rollout/logp_gap"] = stats.pop("gap_sum") / max(stats.pop("gap_tokens"), 1)
     if counts.sum() > 0:
         load = counts.sum(0) / counts.sum()
         stats["moe/expert_load"] = [round(float(x), 4) for x in load]
         stats["moe/layer_counts"] = counts
     return stats
+
+
+@torch.no_grad()
+def logp_gap(trainer_logp: torch.Tensor, mb: MicroBatch) -> tuple[float, int]:
+    """(sum of |trainer - engine| token log-probs, number of tokens) over the micro-batch's sampled completions:
+    the sampling/training mismatch of the rollout engine (``rollout/logp_gap`` is the mean per token)."""
+    K = mb.rewards.shape[1]
+    samples = torch.arange(mb.targets.shape[0], device=mb.targets.device) % K != K - 1
+    sampled = (mb.targets != IGNORE_INDEX) & samples[:, None]
+    diff = (trainer_logp.float() - mb.sampling_logp.to(trainer_logp.device)).abs()
+    return float(diff[sampled].sum()), int(sampled.sum())
 
 
 def optimizer_step(trainable: list[torch.Tensor], optimizer, scheduler, max_grad_norm: float) -> dict:

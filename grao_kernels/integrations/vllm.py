@@ -84,15 +84,10 @@ def engine_supports(config, device: str | torch.device = "cpu", max_model_len: i
     attention implements (:data:`CPU_HEAD_DIMS`) and that MoE sizes are multiples of 32; and that
     ``max_model_len`` fits the model's ``max_position_embeddings``.
     """
-    version = vllm_version()
-    if version is None:
-        return "vLLM is not installed (pip install 'grao-kernels[vllm]')"
-    from vllm import ModelRegistry
+    import importlib.util
 
-    architectures = list(getattr(config, "architectures", None) or [])
-    supported = set(ModelRegistry.get_supported_archs())
-    if not architectures or not any(a in supported for a in architectures):
-        return f"vLLM {version} has no implementation of {architectures or type(config).__name__}"
+    if importlib.util.find_spec("vllm") is None:  # the shape checks below need no import (vLLM's takes seconds)
+        return "vLLM is not installed (pip install 'grao-kernels[vllm]')"
     positions = getattr(config, "max_position_embeddings", None)
     if max_model_len is not None and positions is not None and max_model_len > positions:
         return f"prompt + completion length {max_model_len} exceeds the model's max_position_embeddings {positions}"
@@ -112,6 +107,15 @@ def engine_supports(config, device: str | torch.device = "cpu", max_model_len: i
             for name, size in sizes.items():
                 if size % CPU_MOE_MULTIPLE:
                     return f"vLLM's CPU fused-MoE kernel needs {name} a multiple of {CPU_MOE_MULTIPLE}, got {size}"
+    version = vllm_version()
+    if version is None:
+        return "vLLM is installed but cannot be imported (python -c 'import vllm' shows why)"
+    from vllm import ModelRegistry
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    supported = set(ModelRegistry.get_supported_archs())
+    if not architectures or not any(a in supported for a in architectures):
+        return f"vLLM {version} has no implementation of {architectures or type(config).__name__}"
     return None
 
 
@@ -124,6 +128,7 @@ def create_llm(
     kv_cache_memory_bytes: int | None = None,
     gpu_memory_utilization: float | None = None,
     enable_sleep_mode: bool = False,
+    logprobs_mode: str = "processed_logprobs",
     directory: str | os.PathLike,
     **engine_args,
 ):
@@ -132,8 +137,8 @@ def create_llm(
 
     ``directory`` receives the model's ``config.json`` (vLLM builds the model from it; no weights are written or
     read). ``dtype``: the engine's compute dtype (the policy's, so log-probs match). The engine is fed token ids
-    (no tokenizer) and returns log-probs of the temperature-scaled distribution (``processed_logprobs``, what a
-    trainer computes at its sampling temperature). ``kv_cache_memory_bytes``: the KV cache, allocated in full at
+    (no tokenizer); ``logprobs_mode``: the distribution of the log-probs it reports, ``processed_logprobs`` (after
+    temperature scaling: what a trainer computes at its sampling temperature) or ``raw_logprobs`` (the model's own). ``kv_cache_memory_bytes``: the KV cache, allocated in full at
     start (on CPU vLLM's default is ~30 % of RAM); ``gpu_memory_utilization`` (CUDA): the share of GPU memory the
     engine may take instead. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); its
     construction seeds torch's global RNG, which is restored afterwards. ``engine_args`` go to ``LLM`` as given.
@@ -151,7 +156,7 @@ def create_llm(
         seed=seed,
         max_model_len=max_model_len,
         generation_config="vllm",  # the sampling settings are the trainer's, never a generation_config.json's
-        logprobs_mode="processed_logprobs",
+        logprobs_mode=logprobs_mode,
         enable_sleep_mode=enable_sleep_mode,
     )
     if kv_cache_memory_bytes is not None:
