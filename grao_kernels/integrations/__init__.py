@@ -11,6 +11,7 @@ imported, never from ``import grao_kernels``:
   the log-probs and entropies of verl's actor (``use_fused_kernels``).
 * :mod:`grao_kernels.integrations.trl` (TRL >= 1.16): ``patch_trl(trainer)``,
   which makes a stock ``GRPOTrainer`` compute its log-probs and entropies with
-  :func:`grao_kernels.fused_linear_logprobs`, and ``GRAOConfig`` /
-  ``GRAOTrainer``, GRAO on top of ``GRPOTrainer``.
+  :func:`grao_kernels.fused_linear_logprobs`, ``GRAOConfig`` /
+  ``GRAOTrainer``, GRAO on top of ``GRPOTrainer``, and ``ColocatedVLLM``,
+  which makes TRL's ``use_vllm`` colocate mode work with vLLM >= 0.32.
 """
