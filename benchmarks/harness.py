@@ -3,7 +3,7 @@
 The harness itself lives in ``benchmarks/measure/``, one module per job (see its docstring): device and timing,
 shapes and inputs, methods (ours and the peers), the float64 oracle, the memory probe, the gate, the GEMM floor,
 ``compare`` and the pytest-benchmark cases. Front ends (``benchmarks/test_bench_*.py``, ``benchmarks/gpu/check.py``,
-``benchmarks/native_floor.py``, ``benchmarks/integrations_step.py``) ``import harness`` with ``benchmarks/`` on the
+``benchmarks/native_floor.py``, ``benchmarks/integrations_step.py``, ``benchmarks/rollout_step.py``) ``import harness`` with ``benchmarks/`` on the
 path; ``tests/kernels/test_memory.py`` runs ``python benchmarks/harness.py probe N H V`` in a fresh process.
 """
 
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure.device import bench_device, device_name, sync, timed  # noqa: E402
 from measure.floor import floor_all, floor_gemms, floor_times  # noqa: E402
 from measure.gate import FACTOR, FLOOR, cached, check  # noqa: E402
-from measure.memory import fresh, probe  # noqa: E402
+from measure.memory import command_peak_rss, fresh, probe  # noqa: E402
 from measure.methods import METHODS, Method, import_error, methods_for, warm_up  # noqa: E402
 from measure.oracle import oracle, sketch  # noqa: E402
 from measure.shapes import CPU_SHAPES, GPU_SHAPES, OPS, Shape, layout, make_inputs, shape_skip_reason  # noqa: E402
@@ -44,6 +44,7 @@ __all__ = [
     "cached",
     "cases",
     "check",
+    "command_peak_rss",
     "compare",
     "device_name",
     "floor_all",

@@ -5,7 +5,8 @@ usage: python benchmarks/render.py [RESULTS.json ...] [--md BENCHMARKS.md] [--pl
 renders the pytest-benchmark JSON of the suite into the ``generated`` region of BENCHMARKS.md (default: every
 ``benchmarks/results/*.json``; each may have the ``<name>.session.json`` sidecar that benchmarks/conftest.py
 writes: command, wall time, skipped cases). ``compare_markdown`` renders ``harness.compare`` results (the GPU
-check, the native floor), ``integrations_markdown`` those of benchmarks/integrations_step.py. ``splice`` rewrites
+check, the native floor), ``integrations_markdown`` those of benchmarks/integrations_step.py, ``rollouts_markdown``
+those of benchmarks/rollout_step.py. ``splice`` rewrites
 one ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->`` region of a Markdown file and keeps everything else byte
 for byte.
 """
@@ -391,6 +392,55 @@ def integrations_markdown(data: dict) -> str:
             f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
             "",
             *table("variant | step time: | × stock: | peak memory above the step's start: | × stock memory:", body),
+        ]
+    )
+
+
+def rollouts_markdown(data: dict) -> str:
+    """Markdown of ``benchmarks/rollout_step.py``'s results: one whole RL step per trainer and rollout engine, and
+    the ratios of ``grao train`` on vLLM to TRL's stock trainer with each engine."""
+    rows = {r["variant"]: r for r in data["rows"]}
+    body = [
+        [
+            f"`{r['variant']}`",
+            *(fmt_time(r[k]) for k in ("step", "generate", "sync", "train")),
+            fmt_mib(r["peak_rss_bytes"]),
+        ]
+        for r in data["rows"]
+    ]
+    ours = rows.get("grao-train-vllm")
+    ratios = []
+    for peer, goal in (("trl-grpo-hf", 4.0), ("trl-grpo-vllm", 1.5)):
+        if ours and peer in rows:
+            x = rows[peer]["step"] / ours["step"]
+            verdict = "met" if x >= goal else "not met"
+            ratios.append(f"- `grao-train-vllm` whole step vs `{peer}`: **{x:.2f}×** (goal ≥ {goal:g}×: {verdict}).")
+    return "\n".join(
+        [
+            "<!-- Written by benchmarks/rollout_step.py; edits inside this region are lost. -->",
+            "",
+            "## One whole RL step: `grao train` and TRL, sampling with `generate` or vLLM",
+            "",
+            f"Tiny Qwen3-MoE (H = 64, head_dim 64, 4 experts top-2, random weights, float32), V = {data['vocab']:,}; "
+            f"P = {data['prompts']} prompts of the demo task × G = {data['group']} completions of up to "
+            f"{data['completion']} new tokens at temperature 1; {data['threads']} threads. Each variant is its own "
+            f"program, the same saved model; median of {data['steps']} optimizer steps after {data['warmup']} "
+            "warm-up. `grao-train-*`: the CLI (`grao train --rollout-engine hf|vllm`, GRAO), times from its "
+            "metrics.jsonl (`time/generate` includes scoring); `trl-grpo-*`: TRL's `GRPOTrainer` (defaults: DAPO "
+            "loss, importance-sampling correction with vLLM); its vLLM row runs TRL's colocated generation through "
+            "`ColocatedVLLM` (TRL's own weight sync fails on vLLM's CPU build); `trl-grao-vllm`: `GRAOTrainer` with "
+            "vLLM colocate. TRL: step = `on_step_begin` to `on_step_end`, generation = sampling only, training = "
+            "step − generation − sync. vLLM engines use the 1 GiB KV cache default of `grao train` and `GRAOConfig`, "
+            "allocated in full. Peak memory: the variant's process RSS high-water mark (`getrusage`), model, "
+            "engine and imports included.",
+            "",
+            f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
+            f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end; {data['wall_s']:.0f} s "
+            f"for the whole run. Command: `{data['command']}`.",
+            "",
+            *table("variant | step: | generation: | sync: | training: | peak RSS:", body),
+            "",
+            *ratios,
         ]
     )
 

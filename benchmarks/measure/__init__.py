@@ -6,7 +6,8 @@ fresh processes) -> ``gate`` (oracle gate, cached per shape) -> ``floor`` (the t
 (``compare``: gate, memory and interleaved timing against the floor) -> ``suite`` (the pytest-benchmark cases).
 
 Front ends: the pytest-benchmark suite (``benchmarks/test_bench_*.py``), the GPU check (``benchmarks/gpu/check.py``),
-the native floor script (``benchmarks/native_floor.py``), ``benchmarks/integrations_step.py`` and the memory test
+the native floor script (``benchmarks/native_floor.py``), ``benchmarks/integrations_step.py``,
+``benchmarks/rollout_step.py`` and the memory test
 (``tests/kernels/test_memory.py``, through ``python benchmarks/harness.py probe``), all through ``benchmarks/harness.py``.
 ``benchmarks/render.py`` turns their results into Markdown and plots.
 

@@ -1,4 +1,5 @@
-"""The memory probe (peak above the inputs of one call) and fresh processes to run it in on CPU."""
+"""The memory probe (peak above the inputs of one call), fresh processes to run it in on CPU, and a command's peak
+RSS (``command_peak_rss``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import resource
+import subprocess
 import sys
 
 import torch
@@ -93,4 +96,21 @@ def fresh(what: str, fn, *args):
     p.join()
     if status != "ok":
         raise RuntimeError(f"{what} failed: {res}")
+    return res
+
+
+def _run_command(argv: list[str], env: dict | None) -> dict:
+    # In a fresh fork whose only child is this command: RUSAGE_CHILDREN's high-water mark is the command's own.
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    return {"returncode": proc.returncode, "peak_rss_bytes": peak_kib * 1024, "output": proc.stdout + proc.stderr}
+
+
+def command_peak_rss(what: str, argv: list[str], env: dict | None = None) -> dict:
+    """Run ``argv`` (a whole program: the CLI, a trainer) to completion; its return code, output and peak RSS (the
+    process's high-water mark, from ``getrusage`` in a fresh fork that has no other child). A RuntimeError with
+    the end of its output when it fails."""
+    res = fresh(what, _run_command, argv, env)
+    if res["returncode"] != 0:
+        raise RuntimeError(f"{what} failed (exit {res['returncode']}):\n{res['output'][-4000:]}")
     return res

@@ -11,8 +11,9 @@ imported, never from ``import grao_kernels``:
   the log-probs and entropies of verl's actor (``use_fused_kernels``).
 * :mod:`grao_kernels.integrations.trl` (TRL >= 1.16): ``patch_trl(trainer)``,
   which makes a stock ``GRPOTrainer`` compute its log-probs and entropies with
-  :func:`grao_kernels.fused_linear_logprobs`, and ``GRAOConfig`` /
-  ``GRAOTrainer``, GRAO on top of ``GRPOTrainer``.
+  :func:`grao_kernels.fused_linear_logprobs`, ``GRAOConfig`` /
+  ``GRAOTrainer``, GRAO on top of ``GRPOTrainer``, and ``ColocatedVLLM``,
+  which makes TRL's ``use_vllm`` colocate mode work with vLLM >= 0.32.
 * :mod:`grao_kernels.integrations.vllm` (vLLM >= 0.32, CPU build or CUDA): a
   policy's current weights into an in-process vLLM engine without a disk
   round trip (checkpoint names, LoRA merged, FSDP2 gathered layer by layer),

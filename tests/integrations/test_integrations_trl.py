@@ -83,7 +83,7 @@ def common_args(tmp_path, **overrides):
     return args
 
 
-def grao_trainer(kind, tok, tmp_path, train_dataset=None, logprob_temperature=1.0, **overrides):
+def grao_trainer(kind, tok, tmp_path, train_dataset=None, logprob_temperature=1.0, model=None, **overrides):
     args = GRAOConfig(
         **common_args(tmp_path, **overrides),
         grao_backend="torch",
@@ -92,7 +92,7 @@ def grao_trainer(kind, tok, tmp_path, train_dataset=None, logprob_temperature=1.
         grao_logprob_temperature=logprob_temperature,
     )
     return GRAOTrainer(
-        model=MODELS[kind](tok),
+        model=MODELS[kind](tok) if model is None else model,
         reward_funcs=[reward_reverse, reward_length],
         args=args,
         train_dataset=dataset() if train_dataset is None else train_dataset,
@@ -151,6 +151,13 @@ def captured_step(trainer):
 def test_grao_trainer_loss_and_gradients_equal_the_oracle(kind, temperature, tokenizer, tmp_path):
     # grao_logprob_temperature scores the completions at that temperature (TRL samples at 1.0 here)
     trainer = grao_trainer(kind, tokenizer, tmp_path, logprob_temperature=temperature)
+    assert_step_matches_oracle(trainer, moe=kind == "moe", temperature=temperature)
+
+
+def assert_step_matches_oracle(trainer, moe, temperature):
+    """``captured_step`` of ``trainer`` (4 prompts x (3 samples + 1 reference), 2 micro-batches; built by
+    ``grao_trainer``): its loss, the logged ``grao/loss`` and the gradients of the head and of the final hidden
+    states equal the float64 GRAO oracle's on the captured batch."""
     logged = len(trainer._metrics["train"]["grao/loss"])
     micro, hidden, total = captured_step(trainer)
     assert len(micro) == 2 and len(hidden) == 2
@@ -188,7 +195,7 @@ def test_grao_trainer_loss_and_gradients_equal_the_oracle(kind, temperature, tok
     oracle["loss"].backward()
 
     expected = oracle["loss"].detach()
-    if kind == "moe":  # GRPOTrainer's router term: coef * aux / accumulation steps, per micro-batch
+    if moe:  # GRPOTrainer's router term: coef * aux / accumulation steps, per micro-batch
         aux = trainer._metrics["train"]["aux_loss"][-2:]
         expected = expected + trainer.router_aux_loss_coef * sum(aux) / trainer.args.gradient_accumulation_steps
     torch.testing.assert_close(total.double(), expected, rtol=2e-5, atol=1e-6)
@@ -213,6 +220,8 @@ def test_grao_config_and_trainer_refuse_what_they_cannot_do(tokenizer, tmp_path)
         GRAOConfig(**common_args(tmp_path), grao_lam=float("nan"))
     with pytest.raises(ValueError, match="grao_logprob_temperature"):
         GRAOConfig(**common_args(tmp_path), grao_logprob_temperature=0.0)
+    with pytest.raises(ValueError, match="vllm_kv_cache_bytes must be > 0"):
+        GRAOConfig(**common_args(tmp_path), vllm_kv_cache_bytes=0)
     with pytest.raises(ValueError, match="split evenly"):
         # 2 prompts x (3 + 1) rows do not split into 3 micro-batches
         grao_trainer("dense", tokenizer, tmp_path, per_device_train_batch_size=2, steps_per_generation=3)
