@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 
 from .examples import Example
+from .tasks import disjoint_draws
 
 MAX_OPERAND = 99
 OP, SEP = "+", "="
@@ -63,18 +64,7 @@ def make_splits(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[Ex
     capacity = (MAX_OPERAND + 1) ** 2
     if eval_size >= capacity:
         raise ValueError(f"eval_size {eval_size} exceeds the {capacity} distinct addition prompts")
-    held_out: list[tuple[int, int]] = []
-    seen: set[tuple[int, int]] = set()
-    while len(held_out) < eval_size:
-        pair = _pair(rng)
-        if pair not in seen:
-            seen.add(pair)
-            held_out.append(pair)
-    train = []
-    while len(train) < train_size:
-        pair = _pair(rng)
-        if pair not in seen:  # repeats within the training set are fine, held-out pairs never appear
-            train.append(pair)
+    train, held_out = disjoint_draws(lambda: _pair(rng), train_size, eval_size)
 
     def as_examples(pairs):
         return [Example(f"{a}{OP}{b}{SEP}", str(a + b)) for a, b in pairs]

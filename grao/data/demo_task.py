@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 
 from .examples import Example
+from .tasks import disjoint_draws
 
 ALPHABET = "abcdefghij"
 MIN_LEN, MAX_LEN = 3, 5
@@ -50,18 +51,7 @@ def make_splits(train_size: int, eval_size: int, seed: int = 0) -> tuple[list[Ex
     capacity = sum(len(ALPHABET) ** n for n in range(MIN_LEN, MAX_LEN + 1))
     if eval_size >= capacity:
         raise ValueError(f"eval_size {eval_size} exceeds the {capacity} distinct demo words")
-    held_out: list[str] = []
-    seen: set[str] = set()
-    while len(held_out) < eval_size:
-        w = _word(rng)
-        if w not in seen:
-            seen.add(w)
-            held_out.append(w)
-    train = []
-    while len(train) < train_size:
-        w = _word(rng)
-        if w not in seen:  # repeats within the training set are fine, held-out words never appear
-            train.append(w)
+    train, held_out = disjoint_draws(lambda: _word(rng), train_size, eval_size)
     as_examples = lambda words: [Example(w + SEP, solve(w + SEP)) for w in words]  # noqa: E731
     return as_examples(train), as_examples(held_out)
 

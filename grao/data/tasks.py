@@ -13,7 +13,11 @@ when asked for, so the config can read the names without importing the data pack
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Hashable
 from types import ModuleType
+from typing import TypeVar
+
+T = TypeVar("T", bound=Hashable)
 
 TASKS = ("demo", "addition")
 
@@ -23,3 +27,22 @@ def get(name: str) -> ModuleType:
     if name not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
     return importlib.import_module(f"{__package__}.{name}_task")
+
+
+def disjoint_draws(draw: Callable[[], T], train_size: int, eval_size: int) -> tuple[list[T], list[T]]:
+    """(train, held-out) items from ``draw`` (a seeded generator's next item): ``eval_size`` distinct held-out items
+    drawn first, then ``train_size`` training items, none of them held out (repeats within training are fine). The
+    draw order is part of each task's data: the same seed gives the same sets."""
+    held_out: list[T] = []
+    seen: set[T] = set()
+    while len(held_out) < eval_size:
+        item = draw()
+        if item not in seen:
+            seen.add(item)
+            held_out.append(item)
+    train: list[T] = []
+    while len(train) < train_size:
+        item = draw()
+        if item not in seen:
+            train.append(item)
+    return train, held_out
