@@ -13,7 +13,9 @@ production launch path carries no hook for this). Each recorded argument is spec
 JIT does: a tensor becomes a typed pointer, 16-byte aligned ones get
 ``tt.divisibility=16``; an int equal to 1 becomes a constant, a multiple of 16
 gets the divisibility hint; None is a constant; the heuristics and every
-autotuning config supply the constexprs.
+autotuning config supply the constexprs. The epilogue sweep is recorded twice,
+with each GEMM1 (``common.tma_gemm1`` answered as on a GPU below and at
+compute capability 9); kernels in ``MIN_ARCH`` are built only from that arch up.
 
     python -m grao_kernels.triton_kernels.compile_check [--arch 90 80] [--dtype bf16 fp32] [--first] [--list]
 

@@ -2,8 +2,8 @@
 
 Per group of R non-ignored rows (R bounded by the memory budget)::
 
-    for each (row block, 128- or 256-wide vocabulary tile), one program each:   # fused.lse_partials_kernel
-        z = head(hidden[g] @ weight[tile].T + bias[tile])                       # tl.dot tile loop, fp32 acc.
+    for each (row block, 128- or 256-wide vocabulary tile):   # gemm1: lse_partials_tma_kernel (Hopper: TMA,
+        z = head(hidden[g] @ weight[tile].T + bias[tile])       # persistent) or fused.lse_partials_kernel
         m[tile, rows], s[tile, rows] (, t) = max z, sum exp(z - m) (, entropy sum)
         target_logit[rows] = z[target]                   # from the tile holding it
         P[rows, tile] = exp(z - m)                       # in hidden's dtype: 2 B per logit for bf16/fp16
@@ -15,7 +15,7 @@ Per group of R non-ignored rows (R bounded by the memory budget)::
 
 Three GEMMs, each logit computed once, and one streaming pass that reads P
 and writes dz over it (e B each way, no float32 logits anywhere). The
-statistics-only forward is fused's forward (no P). A bf16/fp16 weight's
+statistics-only forward is the same GEMM1 without P. A bf16/fp16 weight's
 gradient is always summed in the returned gradient itself (cuBLAS beta = 1,
 rounded once per group, as ``settings.triton_dweight_sum = "weight"`` does
 for the chunked sweep; that setting does not apply here): nothing V x H is
@@ -69,26 +69,54 @@ groups).
 
 Model, GEMM1 at cuBLAS speed: V=151936: 81.6 + 3.0 + 2.2 + (0-4.5, ~1.1) +
 (1.4-3.3) = 88-95 ms, 1.08-1.16x, ~1.10x; V=262144: 140.7 + 5.1 + 3.8 +
-(0-12.8, ~3.2) + (2.3-5.6) = 152-168 ms, 1.08-1.19x, ~1.11x. This GEMM1 is
-a plain ``tl.dot`` tile loop (pointer loads, grouped launch order; no TMA,
-no persistent grid, no warp specialisation: nothing newer than triton 3.6,
-one code path for sm_80 and sm_90). Such Triton GEMMs reach ~550-650
-TFLOP/s in bf16 on an H100, not cuBLAS's ~750: at 600 GEMM1 takes 6.8 /
-11.7 ms longer, ~1.19x / ~1.20x. What a Hopper GEMM1 with TMA descriptors
-(``tl.make_tensor_descriptor``, guarded by a fallback
-to this loop), a persistent grid (one program per SM looping over tiles)
-and warp specialisation (a producer warp feeding wgmma consumer
-warpgroups) would add: cuBLAS-like ~700-750 TFLOP/s (the 6.8 / 11.7 ms),
-and the epilogue of one tile overlapped with the next tile's main loop
-(the 2.2 / 3.8 ms): 88 / 153 ms, ~1.08x / ~1.09x, within the goal of
-<= 1.1x. It would change neither what this sweep computes nor what it
-allocates.
+(0-12.8, ~3.2) + (2.3-5.6) = 152-168 ms, 1.08-1.19x, ~1.11x.
+
+GEMM1 is one of two kernels with the same outputs and one epilogue
+(``fused.tile_outputs``); ``common.tma_gemm1`` (``settings.triton_gemm1``)
+picks it per call:
+
+* ``fused.lse_partials_kernel``, a plain ``tl.dot`` tile loop (pointer
+  loads, grouped launch order, one program per tile): below compute
+  capability 9, for a float32 master weight (its tiles are cast in
+  registers), rows that are not a multiple of 16 bytes, or a triton without
+  ``tl.make_tensor_descriptor``. Such Triton GEMMs reach ~550-650 TFLOP/s in
+  bf16 on an H100, not cuBLAS's ~750: at 600 GEMM1 takes 6.8 / 11.7 ms
+  longer and its epilogue is exposed, ~1.19x / ~1.20x.
+* ``lse_partials_tma_kernel`` on compute capability >= 9 (Hopper): hidden
+  and weight tiles arrive by TMA (device-side descriptors, triton >= 3.4;
+  the GPU image has 3.6) into wgmma, a persistent grid of one program per SM
+  walks the tiles in the same grouped order, and the tile loop is flattened
+  into the H loop (``tl.range(flatten=True)``), so the pipeliner issues the
+  next tile's TMA loads while this tile's epilogue runs. The model's
+  assumption for it: cuBLAS-like ~700-750 TFLOP/s (most of the 6.8 / 11.7
+  ms back) and the epilogue hidden behind the next tile's loads (the 2.2 /
+  3.8 ms): 88 / 153 ms, ~1.08x / ~1.09x, within the goal of <= 1.1x. The
+  goal needs GEMM1 at ~700 TFLOP/s or more (within ~7% of cuBLAS): at 700,
+  ~1.10x / ~1.11x; at 650, ~1.13x / ~1.14x. Not built: warp specialisation
+  (a producer warp feeding wgmma consumer warpgroups); triton 3.6 enables
+  ``tl.range(warp_specialize=True)`` for Blackwell, and its persistent
+  matmul tutorial turns it on only for capability >= 10, so on sm_90 the
+  overlap rests on the flattened, pipelined loop alone.
+
+Descriptors: each program builds two (128 B each) in global scratch that
+triton asks for at launch through its allocator; ``run`` allocates
+``DESCRIPTOR_SCRATCH`` bytes per SM once per sweep (in ``workspace``) and
+``gemm1`` hands that buffer to ``triton.set_allocator`` inside a copied
+context (triton's allocator is a context variable), so no process-wide
+allocator is set, unlike triton's tutorials, which set one for the process.
+TMA zero-fills a block's part outside the tensor: the last row block, the
+last vocabulary tile and a partial H block read nothing past hidden or the
+weight.
 
 Not timed: no GPU was available to this build; every number above is the
-model's. The GPU check (``benchmarks/gpu/check.py``) runs this mode beside
-the chunked and fused ones at the same budget and measures what decides the
-goal: the epilogue sweep's time over the three-GEMM floor at V=151936 and
-262144, which is mostly this GEMM1's speed against cuBLAS.
+model's. Tested under the interpreter (which runs descriptors and the
+persistent loop in Python) against the float64 oracle; compiled for sm_90
+by the compile check (wgmma, TMA loads, no spills) and never for sm_80. The
+GPU check (``benchmarks/gpu/check.py``) runs this mode beside the chunked
+and fused ones at the same budget, with the TMA GEMM1 on a Hopper card, and
+measures what decides the goal: the epilogue sweep's time over the
+three-GEMM floor at V=151936 and 262144, which is mostly this GEMM1's speed
+against cuBLAS.
 
 Log-probs forward+backward: the forward writes only statistics (no P), the
 backward recomputes GEMM1, so four GEMMs: 4/3 of the floor bounds it from
@@ -96,9 +124,10 @@ below (``chunked.py``), ~1.4x here.
 
 Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
 P (e R V), the tile partials (8 or 12 B per row and tile, and the target
-logits), and ``chunked.group_buffers``' (dhidden rows, gathered hidden,
-weight slices for dhidden under a float32 master weight: GEMM1 casts its
-weight tiles itself).
+logits), the TMA GEMM1's descriptor scratch (``DESCRIPTOR_SCRATCH`` per SM,
+66 KB on a 132-SM H100), and ``chunked.group_buffers``' (dhidden rows,
+gathered hidden, weight slices for dhidden under a float32 master weight:
+GEMM1 casts its weight tiles itself).
 """
 
 from __future__ import annotations
@@ -338,7 +367,8 @@ def workspace(
 
     Persistent: P (e R V, with ``grad``), the tile partials (max and sum-exp,
     with the entropy sum when ``entropy`` is computed by this sweep's forward:
-    4 B each per row and tile), the target logits (4 R) and
+    4 B each per row and tile), the target logits (4 R), the TMA GEMM1's
+    descriptor scratch (``sizes.descriptor_programs`` > 0) and
     ``chunked.group_buffers``' (the weight slices only for dhidden).
     """
     R = min(rows, sizes.n)
