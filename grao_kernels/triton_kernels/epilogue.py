@@ -138,6 +138,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..settings import settings
 from . import chunked, fused
 from .common import (
     INTERPRETER_PROGRAMS,
@@ -151,6 +152,7 @@ from .common import (
     largest_rows,
     launch,
     logits_grad_p,
+    parse_config,
     tile_coords,
     tma_gemm1,
     to_store,
@@ -245,8 +247,17 @@ def lse_partials_tma_kernel(
         )  # fmt: skip
 
 
+# TMA moves boxes of at most 256 elements per dimension.
+MAX_TMA_BOX = 256
+
+
 def _tma_ready(*tensors) -> bool:
-    """Whether TMA descriptors can address these 2-D tensors: 16-byte aligned base and row stride, unit columns."""
+    """Whether TMA descriptors can address these 2-D tensors (16-byte aligned base and row stride, unit columns)
+    in the blocks of a pinned ``settings.triton_config`` (the interpreter has no box limit)."""
+    if settings.triton_config and not interpreting():
+        pinned = parse_config(settings.triton_config)
+        if any(pinned.get(k, 0) > MAX_TMA_BOX for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")):
+            return False
     return all(
         t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1 for t in tensors
     )

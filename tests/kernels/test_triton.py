@@ -183,6 +183,21 @@ def test_gemm1_choice_follows_the_setting_and_the_operands(monkeypatch):
         tma_gemm1(cpu, bf16, bf16, 64)
 
 
+def test_tma_gemm1_takes_only_operands_and_blocks_tma_can_address(monkeypatch):
+    """Per launch: 16-byte aligned base pointers and rows, and (on a GPU) pinned blocks within TMA's 256-element box;
+    else the pointer-load GEMM1 runs."""
+    from grao_kernels.triton_kernels import epilogue
+
+    x = torch.empty(32, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(epilogue, "interpreting", lambda: False)
+    monkeypatch.setattr(settings, "triton_config", "BLOCK_N=64,BLOCK_V=256,BLOCK_H=64")
+    assert epilogue._tma_ready(x, x[16:])
+    assert not epilogue._tma_ready(x, x[:, 1:])  # base 2 bytes past an aligned one
+    assert not epilogue._tma_ready(x.t())  # columns not contiguous
+    monkeypatch.setattr(settings, "triton_config", "BLOCK_N=64,BLOCK_V=512,BLOCK_H=64")
+    assert not epilogue._tma_ready(x)
+
+
 def _sweep_matches_float64(tb, dtype, tol, case):
     _, N, H, V, bias, head, ignored, entropy = case
     hidden, weight, b, targets = _inputs(N, H, V, bias, dtype, ignored)
