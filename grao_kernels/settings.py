@@ -28,6 +28,11 @@ attribute                      environment variable                    meaning
                                                                        in the budget) or "weight" (in the
                                                                        gradient itself, rounded once per group;
                                                                        the epilogue sweep always does this)
+``triton_gemm1``               ``GRAO_KERNELS_TRITON_GEMM1``           the epilogue sweep's GEMM1: "auto"
+                                                                       (persistent TMA kernel on compute
+                                                                       capability >= 9, else pointer loads),
+                                                                       "tma" (also under the interpreter) or
+                                                                       "loads" (see common.tma_gemm1)
 =============================  ======================================  =====================================
 """
 
@@ -68,6 +73,7 @@ class Settings:
     triton_mode: str = "auto"
     triton_config: str | None = None
     triton_dweight_sum: str = "float32"
+    triton_gemm1: str = "auto"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -80,6 +86,7 @@ class Settings:
             triton_mode=env("GRAO_KERNELS_TRITON_MODE", "auto"),
             triton_config=env("GRAO_KERNELS_TRITON_CONFIG") or None,
             triton_dweight_sum=env("GRAO_KERNELS_TRITON_DWEIGHT_SUM", "float32"),
+            triton_gemm1=env("GRAO_KERNELS_TRITON_GEMM1", "auto"),
         )
 
     def budget(self, per_call: int | None, default: int) -> int:

@@ -7,7 +7,8 @@ checkout, nothing installed but torch, triton and the peers that are present (an
 
 A front end of ``harness.compare``. Shapes: N = 16384 tokens, H = 4096, bfloat16; each vocabulary size (default
 151936 and 262144) with 10% ignored targets, and the first one also with none ignored. Every method of the harness
-that runs on the GPU, side by side with the CPU suite's peers: the triton backend in its chunked, fused and epilogue modes,
+that runs on the GPU, side by side with the CPU suite's peers: the triton backend in its chunked, fused and epilogue modes
+(on a Hopper card the epilogue mode's GEMM1 is the persistent TMA kernel: ``settings.triton_gemm1="auto"``),
 the torch backend, naive eager (full logits), Cut Cross-Entropy with and without its gradient filtering, Liger's
 fused linear cross-entropy and chunked GRPO loss, TRL's chunked log-probs. Fair by construction:
 

@@ -73,6 +73,7 @@ from ..triton_kernels.common import (
     Workspace,
     check_device,
     fp32_output_gemm,
+    tma_programs,
     unavailable_reason,  # noqa: F401  (part of the backend contract)
 )
 from . import Head, Stats
@@ -259,7 +260,10 @@ def workspace_bytes(
             raise ValueError(f"{name} must be a non-negative int, got {x!r}")
     if ignored > N:
         raise ValueError(f"ignored={ignored} exceeds N={N}")
-    sizes = Sizes(N, V, H, N - ignored, dtype, weight_dtype or dtype, torch.device(device).type == "cuda")
+    device = torch.device(device)
+    weight_dtype = weight_dtype or dtype
+    programs = tma_programs(device, dtype, weight_dtype, H)
+    sizes = Sizes(N, V, H, N - ignored, dtype, weight_dtype, device.type == "cuda", programs)
     return plan(sizes, budget, grad=grad, entropy=entropy, needs=needs)
 
 

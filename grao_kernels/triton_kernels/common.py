@@ -146,7 +146,12 @@ def grouped_tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N
     programs share one vocabulary tile and walk GROUP_N row blocks, so the
     hidden rows and the weight tile they read stay in L2 while those programs run.
     """
-    pid = tl.program_id(0)
+    return tile_coords(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP_N)
+
+
+@triton.jit
+def tile_coords(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """(row block, vocabulary tile) of tile ``pid`` of an N x V grid in ``grouped_tile_ids``' order."""
     num_n = tl.cdiv(N, BLOCK_N)
     num_v = tl.cdiv(V, BLOCK_V)
     per_group = GROUP_N * num_v
@@ -298,6 +303,49 @@ def to_store(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 # launcher side: the prepared problem, row groups and the cuBLAS products
 
 
+# tl.make_tensor_descriptor (device-side TMA descriptors): triton >= 3.4, so the GPU image's 3.6 has it.
+HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+GEMM1_CHOICES = ("auto", "tma", "loads")
+# Persistent programs of the TMA GEMM1 under the interpreter: few, so that each walks several tiles.
+INTERPRETER_PROGRAMS = 2
+
+
+def tma_operands(dtype: torch.dtype, weight_dtype: torch.dtype, H: int) -> bool:
+    """Whether this triton has TMA descriptors and they can load the operands (see ``tma_gemm1``)."""
+    return HAS_TENSOR_DESCRIPTORS and dtype in (torch.bfloat16, torch.float16) and weight_dtype == dtype and H % 8 == 0
+
+
+def tma_gemm1(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype, H: int) -> bool:
+    """Whether the epilogue sweep's GEMM1 is the persistent TMA kernel (``epilogue.lse_partials_tma_kernel``).
+
+    ``settings.triton_gemm1``: "auto" takes it on GPUs of compute capability
+    9.0 or newer, "tma" also under the interpreter (which runs descriptors in
+    Python), "loads" never. Either way only where TMA can load the operands:
+    bf16/fp16 hidden and weight of one dtype (a float32 master weight keeps
+    the pointer loads, which cast its tiles) and rows of a multiple of 16
+    bytes (H % 8 == 0); the launcher also checks the base pointers.
+    """
+    choice = settings.triton_gemm1
+    if choice not in GEMM1_CHOICES:
+        raise ValueError(
+            f"settings.triton_gemm1 (GRAO_KERNELS_TRITON_GEMM1) must be one of {GEMM1_CHOICES}, got {choice!r}"
+        )
+    if choice == "loads" or not tma_operands(dtype, weight_dtype, H):
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
+    return choice == "tma" and interpreting()
+
+
+def tma_programs(device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype, H: int) -> int:
+    """``Sizes.descriptor_programs``: the SM count where the TMA GEMM1 runs on a GPU, else 0."""
+    device = torch.device(device)
+    if device.type != "cuda" or not tma_gemm1(device, dtype, weight_dtype, H):
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @dataclass
 class Problem:
     """One call's inputs as the sweeps take them.
@@ -340,12 +388,18 @@ class Problem:
 
     def sizes(self) -> Sizes:
         N, V, H = self.shape
-        return Sizes(N, V, H, self.n, self.dtype, self.weight.dtype, self.hidden.is_cuda)
+        programs = tma_programs(self.hidden.device, self.dtype, self.weight.dtype, H)
+        return Sizes(N, V, H, self.n, self.dtype, self.weight.dtype, self.hidden.is_cuda, programs)
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """What a sweep's working memory depends on: N rows (``n`` of them not ignored), V, H, the dtypes, the device."""
+    """What a sweep's working memory depends on: N rows (``n`` of them not ignored), V, H, the dtypes, the device.
+
+    ``descriptor_programs``: programs of the epilogue sweep's TMA GEMM1 that
+    each need global scratch for their tensor descriptors (the device's SM
+    count where that GEMM1 runs on a GPU; 0 otherwise, the interpreter included).
+    """
 
     N: int
     V: int
@@ -354,6 +408,7 @@ class Sizes:
     dtype: torch.dtype
     weight_dtype: torch.dtype
     cuda: bool = True
+    descriptor_programs: int = 0
 
     @property
     def e(self) -> int:

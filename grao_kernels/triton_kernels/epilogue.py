@@ -2,8 +2,8 @@
 
 Per group of R non-ignored rows (R bounded by the memory budget)::
 
-    for each (row block, 128- or 256-wide vocabulary tile), one program each:   # fused.lse_partials_kernel
-        z = head(hidden[g] @ weight[tile].T + bias[tile])                       # tl.dot tile loop, fp32 acc.
+    for each (row block, 128- or 256-wide vocabulary tile):   # gemm1: lse_partials_tma_kernel (Hopper: TMA,
+        z = head(hidden[g] @ weight[tile].T + bias[tile])       # persistent) or fused.lse_partials_kernel
         m[tile, rows], s[tile, rows] (, t) = max z, sum exp(z - m) (, entropy sum)
         target_logit[rows] = z[target]                   # from the tile holding it
         P[rows, tile] = exp(z - m)                       # in hidden's dtype: 2 B per logit for bf16/fp16
@@ -15,7 +15,7 @@ Per group of R non-ignored rows (R bounded by the memory budget)::
 
 Three GEMMs, each logit computed once, and one streaming pass that reads P
 and writes dz over it (e B each way, no float32 logits anywhere). The
-statistics-only forward is fused's forward (no P). A bf16/fp16 weight's
+statistics-only forward is the same GEMM1 without P. A bf16/fp16 weight's
 gradient is always summed in the returned gradient itself (cuBLAS beta = 1,
 rounded once per group, as ``settings.triton_dweight_sum = "weight"`` does
 for the chunked sweep; that setting does not apply here): nothing V x H is
@@ -69,26 +69,54 @@ groups).
 
 Model, GEMM1 at cuBLAS speed: V=151936: 81.6 + 3.0 + 2.2 + (0-4.5, ~1.1) +
 (1.4-3.3) = 88-95 ms, 1.08-1.16x, ~1.10x; V=262144: 140.7 + 5.1 + 3.8 +
-(0-12.8, ~3.2) + (2.3-5.6) = 152-168 ms, 1.08-1.19x, ~1.11x. This GEMM1 is
-a plain ``tl.dot`` tile loop (pointer loads, grouped launch order; no TMA,
-no persistent grid, no warp specialisation: nothing newer than triton 3.6,
-one code path for sm_80 and sm_90). Such Triton GEMMs reach ~550-650
-TFLOP/s in bf16 on an H100, not cuBLAS's ~750: at 600 GEMM1 takes 6.8 /
-11.7 ms longer, ~1.19x / ~1.20x. What a Hopper GEMM1 with TMA descriptors
-(``tl.make_tensor_descriptor``, guarded by a fallback
-to this loop), a persistent grid (one program per SM looping over tiles)
-and warp specialisation (a producer warp feeding wgmma consumer
-warpgroups) would add: cuBLAS-like ~700-750 TFLOP/s (the 6.8 / 11.7 ms),
-and the epilogue of one tile overlapped with the next tile's main loop
-(the 2.2 / 3.8 ms): 88 / 153 ms, ~1.08x / ~1.09x, within the goal of
-<= 1.1x. It would change neither what this sweep computes nor what it
-allocates.
+(0-12.8, ~3.2) + (2.3-5.6) = 152-168 ms, 1.08-1.19x, ~1.11x.
+
+GEMM1 is one of two kernels with the same outputs and one epilogue
+(``fused.tile_outputs``); ``common.tma_gemm1`` (``settings.triton_gemm1``)
+picks it per call:
+
+* ``fused.lse_partials_kernel``, a plain ``tl.dot`` tile loop (pointer
+  loads, grouped launch order, one program per tile): below compute
+  capability 9, for a float32 master weight (its tiles are cast in
+  registers), rows that are not a multiple of 16 bytes, or a triton without
+  ``tl.make_tensor_descriptor``. Such Triton GEMMs reach ~550-650 TFLOP/s in
+  bf16 on an H100, not cuBLAS's ~750: at 600 GEMM1 takes 6.8 / 11.7 ms
+  longer and its epilogue is exposed, ~1.19x / ~1.20x.
+* ``lse_partials_tma_kernel`` on compute capability >= 9 (Hopper): hidden
+  and weight tiles arrive by TMA (device-side descriptors, triton >= 3.4;
+  the GPU image has 3.6) into wgmma, a persistent grid of one program per SM
+  walks the tiles in the same grouped order, and the tile loop is flattened
+  into the H loop (``tl.range(flatten=True)``), so the pipeliner issues the
+  next tile's TMA loads while this tile's epilogue runs. The model's
+  assumption for it: cuBLAS-like ~700-750 TFLOP/s (most of the 6.8 / 11.7
+  ms back) and the epilogue hidden behind the next tile's loads (the 2.2 /
+  3.8 ms): 88 / 153 ms, ~1.08x / ~1.09x, within the goal of <= 1.1x. The
+  goal needs GEMM1 at ~700 TFLOP/s or more (within ~7% of cuBLAS): at 700,
+  ~1.10x / ~1.11x; at 650, ~1.13x / ~1.14x. Not built: warp specialisation
+  (a producer warp feeding wgmma consumer warpgroups); triton 3.6 enables
+  ``tl.range(warp_specialize=True)`` for Blackwell, and its persistent
+  matmul tutorial turns it on only for capability >= 10, so on sm_90 the
+  overlap rests on the flattened, pipelined loop alone.
+
+Descriptors: each program builds two (128 B each) in global scratch that
+triton asks for at launch through its allocator; ``run`` allocates
+``DESCRIPTOR_SCRATCH`` bytes per SM once per sweep (in ``workspace``) and
+``gemm1`` hands that buffer to ``triton.set_allocator`` inside a copied
+context (triton's allocator is a context variable), so no process-wide
+allocator is set, unlike triton's tutorials, which set one for the process.
+TMA zero-fills a block's part outside the tensor: the last row block, the
+last vocabulary tile and a partial H block read nothing past hidden or the
+weight.
 
 Not timed: no GPU was available to this build; every number above is the
-model's. The GPU check (``benchmarks/gpu/check.py``) runs this mode beside
-the chunked and fused ones at the same budget and measures what decides the
-goal: the epilogue sweep's time over the three-GEMM floor at V=151936 and
-262144, which is mostly this GEMM1's speed against cuBLAS.
+model's. Tested under the interpreter (which runs descriptors and the
+persistent loop in Python) against the float64 oracle; compiled for sm_90
+by the compile check (wgmma, TMA loads, no spills) and never for sm_80. The
+GPU check (``benchmarks/gpu/check.py``) runs this mode beside the chunked
+and fused ones at the same budget, with the TMA GEMM1 on a Hopper card, and
+measures what decides the goal: the epilogue sweep's time over the
+three-GEMM floor at V=151936 and 262144, which is mostly this GEMM1's speed
+against cuBLAS.
 
 Log-probs forward+backward: the forward writes only statistics (no P), the
 backward recomputes GEMM1, so four GEMMs: 4/3 of the floor bounds it from
@@ -96,28 +124,37 @@ below (``chunked.py``), ~1.4x here.
 
 Memory (``workspace`` lists every buffer, ``run`` allocates exactly those):
 P (e R V), the tile partials (8 or 12 B per row and tile, and the target
-logits), and ``chunked.group_buffers``' (dhidden rows, gathered hidden,
-weight slices for dhidden under a float32 master weight: GEMM1 casts its
-weight tiles itself).
+logits), the TMA GEMM1's descriptor scratch (``DESCRIPTOR_SCRATCH`` per SM,
+66 KB on a 132-SM H100), and ``chunked.group_buffers``' (dhidden rows,
+gathered hidden, weight slices for dhidden under a float32 master weight:
+GEMM1 casts its weight tiles itself).
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 import triton
 import triton.language as tl
 
+from ..settings import settings
 from . import chunked, fused
 from .common import (
+    INTERPRETER_PROGRAMS,
     Problem,
     Sizes,
     Workspace,
+    dot_flags,
     dz_scale,
     head_grad_from_z,
     interpreting,
     largest_rows,
     launch,
     logits_grad_p,
+    parse_config,
+    tile_coords,
+    tma_gemm1,
     to_store,
 )
 
@@ -128,6 +165,139 @@ INTERPRETER_CONFIG = {"BLOCK_V": 1024}
 
 # The sweep sums a 16-bit weight's gradient in the gradient itself (see the module docstring).
 DWEIGHT_SUM = "weight"
+
+
+# Global scratch the TMA GEMM1 may ask for per program: a descriptor is 128 B (the kernel makes two;
+# room for four). ``run`` allocates it once per sweep and hands it out through triton's allocator.
+DESCRIPTOR_SCRATCH = 4 * 128
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["bias_ptr"] is not None,
+        "HAS_SOFTCAP": lambda a: a["softcap"] is not None,
+        "HAS_ROWS": lambda a: a["rows_ptr"] is not None,
+        "ENTROPY": lambda a: a["part_t_ptr"] is not None,
+        "STORE_P": lambda a: a["p_ptr"] is not None,
+    }
+)
+@triton.jit
+def lse_partials_tma_kernel(
+    hidden_ptr,  # (R, H) bf16/fp16, row stride stride_h (16-byte aligned base and rows)
+    weight_ptr,  # (V, H) hidden's dtype, row stride stride_w (16-byte aligned base and rows)
+    bias_ptr,  # (V,) or None
+    targets_ptr,  # (N,) int64
+    rows_ptr,  # (R,) int64 ids or None (ids row0 .. row0 + R)
+    part_m_ptr,  # (tiles, R) float32 out: tile max
+    part_s_ptr,  # (tiles, R) float32 out: sum exp(z - max)
+    part_t_ptr,  # (tiles, R) float32 out: sum exp(z - max)(z - max), or None
+    tgt_logit_ptr,  # (R,) float32 out: z of the target
+    p_ptr,  # (R, V) out, row stride stride_p: exp(z - tile max), or None
+    row0,
+    R,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    stride_p,
+    scale,
+    inv_temp,
+    softcap,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: its tl.dot mishandles bfloat16
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    STORE_P: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,  # the persistent grid's size bound (the SM count)
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """``fused.lse_partials_kernel``'s outputs from a persistent grid whose operands arrive by TMA.
+
+    Each program walks the tiles pid, pid + NUM_PROGRAMS, ... in the grouped
+    order; the tile loop is flattened into the H loop, so the pipeliner issues
+    the next tile's first TMA loads while this tile's epilogue (``fused.tile_outputs``)
+    runs. TMA zero-fills a block's part past the tensor's bounds (rows past R,
+    columns past V, past H): nothing outside hidden or weight is read.
+    """
+    h_desc = tl.make_tensor_descriptor(hidden_ptr, shape=[R, H], strides=[stride_h, 1], block_shape=[BLOCK_N, BLOCK_H])
+    w_desc = tl.make_tensor_descriptor(weight_ptr, shape=[V, H], strides=[stride_w, 1], block_shape=[BLOCK_V, BLOCK_H])
+    tiles = tl.cdiv(R, BLOCK_N) * tl.cdiv(V, BLOCK_V)
+    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
+        pid_n, pid_v = tile_coords(tile, R, V, BLOCK_N, BLOCK_V, GROUP_N)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            a = h_desc.load([pid_n * BLOCK_N, h0])
+            b = w_desc.load([pid_v * BLOCK_V, h0])
+            if UPCAST_DOT:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_v, mask=offs_v < V, other=0.0).to(tl.float32)[None, :]
+        fused.tile_outputs(
+            acc, offs_n, offs_v, pid_v, targets_ptr, rows_ptr, part_m_ptr, part_s_ptr, part_t_ptr, tgt_logit_ptr,
+            p_ptr, row0, R, V, stride_p, scale, inv_temp, softcap,
+            UPCAST_DOT, HAS_SOFTCAP, HAS_ROWS, ENTROPY, STORE_P, BLOCK_N, BLOCK_V,
+        )  # fmt: skip
+
+
+# TMA moves boxes of at most 256 elements per dimension.
+MAX_TMA_BOX = 256
+
+
+def _tma_ready(*tensors) -> bool:
+    """Whether TMA descriptors can address these 2-D tensors (16-byte aligned base and row stride, unit columns)
+    in the blocks of a pinned ``settings.triton_config`` (the interpreter has no box limit)."""
+    if settings.triton_config and not interpreting():
+        pinned = parse_config(settings.triton_config)
+        if any(pinned.get(k, 0) > MAX_TMA_BOX for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")):
+            return False
+    return all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1 for t in tensors
+    )
+
+
+def gemm1(prob: Problem, h, ids, row0, r, parts, tgt_logit, p, scratch) -> dict:
+    """``fused.forward_tiles`` for the sweep: the persistent TMA kernel where ``common.tma_gemm1`` takes it and
+    the operands suit TMA, else fused's pointer-load kernel. ``scratch``: the descriptors' global memory
+    (``DESCRIPTOR_SCRATCH`` per program; None under the interpreter, which needs none). Returns the block sizes."""
+    N, V, H = prob.shape
+    if not (tma_gemm1(h.device, prob.dtype, prob.weight.dtype, H) and _tma_ready(h, prob.weight)):
+        return fused.forward_tiles(prob, h, ids, row0, r, parts, tgt_logit, p)
+    programs = INTERPRETER_PROGRAMS if scratch is None else scratch.numel() // DESCRIPTOR_SCRATCH
+    args = dict(
+        hidden_ptr=h, weight_ptr=prob.weight, bias_ptr=prob.bias, targets_ptr=prob.targets, rows_ptr=ids,
+        part_m_ptr=parts[0], part_s_ptr=parts[1], part_t_ptr=parts[2] if len(parts) > 2 else None,
+        tgt_logit_ptr=tgt_logit, p_ptr=p, row0=row0, R=r, V=V, H=H, stride_h=h.stride(0),
+        stride_w=prob.weight.stride(0), stride_p=0 if p is None else p.stride(0), **prob.head_args(),
+        **dot_flags(prob.dtype), NUM_PROGRAMS=programs,
+    )  # fmt: skip
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(r, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"])),)
+
+    def allocate(size: int, alignment: int, stream):
+        # Triton asks for (grid size) x (scratch per program) bytes at each launch.
+        if scratch is None or size > scratch.numel():
+            raise RuntimeError(
+                f"the TMA GEMM1 asked for {size} bytes of descriptor scratch, more than the "
+                f"{0 if scratch is None else scratch.numel()} its sweep allocated (DESCRIPTOR_SCRATCH per program)"
+            )
+        return scratch
+
+    def run_launch():
+        # Triton's tutorials set a process-wide allocator (triton.set_allocator); it is a context variable,
+        # so setting it inside a copied context leaves the caller's allocator as it was.
+        triton.set_allocator(allocate)
+        return launch(lse_partials_tma_kernel, fused.FORWARD_CONFIGS, fused.INTERPRETER_CONFIG, grid, args)
+
+    return contextvars.copy_context().run(run_launch)
 
 
 @triton.heuristics(
@@ -208,12 +378,15 @@ def workspace(
 
     Persistent: P (e R V, with ``grad``), the tile partials (max and sum-exp,
     with the entropy sum when ``entropy`` is computed by this sweep's forward:
-    4 B each per row and tile), the target logits (4 R) and
+    4 B each per row and tile), the target logits (4 R), the TMA GEMM1's
+    descriptor scratch (``sizes.descriptor_programs`` > 0) and
     ``chunked.group_buffers``' (the weight slices only for dhidden).
     """
     R = min(rows, sizes.n)
     k = 3 if entropy and forward else 2
     persistent = {"tile partials": 4 * k * fused.max_tiles(sizes) * R, "target logits": 4 * R}
+    if sizes.descriptor_programs:
+        persistent["TMA descriptor scratch"] = DESCRIPTOR_SCRATCH * sizes.descriptor_programs
     if grad:
         persistent["exp(z - m) tiles"] = sizes.e * R * sizes.V
     more, transient = chunked.group_buffers(
@@ -243,6 +416,8 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
                         dtype=torch.float32, device=dev)  # fmt: skip
     tgt_logit = torch.empty(R, dtype=torch.float32, device=dev)
     p_buf = torch.empty(R, V, dtype=prob.dtype, device=dev) if grad else None
+    programs = prob.sizes().descriptor_programs
+    scratch = torch.empty(DESCRIPTOR_SCRATCH * programs, dtype=torch.uint8, device=dev) if programs else None
     dh_rows, dweight = chunked.gradient_accumulators(prob, out, rows, needs, DWEIGHT_SUM) if grad else (None, None)
     scale = dz_scale(prob, coef, ent_coef) if grad else 1.0
     h = None
@@ -254,7 +429,7 @@ def run(prob: Problem, out, *, rows: int, entropy: bool, coef, ent_coef, stats_g
         # NaN stays where no tile holds the target: one outside [0, V) (validate=False) gives logp = NaN.
         t_logit = tgt_logit[:r].fill_(float("nan"))
         p = p_buf[:r] if grad else None
-        meta = fused.forward_tiles(prob, h, ids, row0, r, parts, t_logit, p)
+        meta = gemm1(prob, h, ids, row0, r, parts, t_logit, p, scratch)
         if not stats_given:
             fused.reduce_tiles(out, ids, row0, r, parts, t_logit, triton.cdiv(V, meta["BLOCK_V"]), ent)
         if not grad:

@@ -156,12 +156,29 @@ def lse_partials_kernel(
     pid_n, pid_v = grouped_tile_ids(R, V, BLOCK_N, BLOCK_V, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = offs_n < R
-    col_mask = offs_v < V
     raw = raw_logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, R, V, H, stride_h, stride_w,
         HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_H,
     )  # fmt: skip
+    tile_outputs(
+        raw, offs_n, offs_v, pid_v, targets_ptr, rows_ptr, part_m_ptr, part_s_ptr, part_t_ptr, tgt_logit_ptr,
+        p_ptr, row0, R, V, stride_p, scale, inv_temp, softcap,
+        UPCAST_DOT, HAS_SOFTCAP, HAS_ROWS, ENTROPY, STORE_P, BLOCK_N, BLOCK_V,
+    )  # fmt: skip
+
+
+@triton.jit
+def tile_outputs(
+    raw, offs_n, offs_v, pid_v, targets_ptr, rows_ptr, part_m_ptr, part_s_ptr, part_t_ptr, tgt_logit_ptr,
+    p_ptr, row0, R, V, stride_p, scale, inv_temp, softcap,
+    INTERPRET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr, ENTROPY: tl.constexpr,
+    STORE_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """GEMM1's epilogue for the raw logits ``raw`` of rows ``offs_n`` and vocabulary tile ``pid_v`` (columns
+    ``offs_v``): the tile's partial triple, the target logits it holds and, with STORE_P, exp(z - tile max).
+    Rows ``>= R`` and columns ``>= V`` are neither stored nor counted."""
+    row_mask = offs_n < R
+    col_mask = offs_v < V
     z, _ = apply_head(raw, scale, inv_temp, softcap, HAS_SOFTCAP)
     z = tl.where(col_mask[None, :], z, float("-inf"))
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -178,7 +195,7 @@ def lse_partials_kernel(
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp(z - m_safe[:, None])
         p_ptrs = p_ptr + offs_n.to(tl.int64)[:, None] * stride_p + offs_v[None, :]
-        tl.store(p_ptrs, to_store(p, p_ptr.dtype.element_ty, UPCAST_DOT), mask=row_mask[:, None] & col_mask[None, :])
+        tl.store(p_ptrs, to_store(p, p_ptr.dtype.element_ty, INTERPRET), mask=row_mask[:, None] & col_mask[None, :])
     # The target's logit comes from the tile holding it, with the same rounding
     # as the log-sum-exp (so logp <= 0 holds); columns past V never match.
     tgt = tl.load(targets_ptr + _row_ids(rows_ptr, row0, offs_n, row_mask, HAS_ROWS), mask=row_mask, other=-1)

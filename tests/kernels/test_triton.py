@@ -142,6 +142,63 @@ def _check_grads(got, want, same, tol):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_sweeps_match_float64(tb, mode, dtype, tol, case):
     settings.triton_mode = mode
+    _sweep_matches_float64(tb, dtype, tol, case)
+
+
+# The cases with H rounded up to a multiple of 8, so TMA descriptors can address hidden's and weight's rows.
+TMA_CASES = [(name, N, -(-H // 8) * 8, *rest) for name, N, H, *rest in CASES]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES[1:])
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_epilogue_sweep_with_the_tma_gemm1_matches_float64(tb, dtype, tol, case, monkeypatch):
+    """The persistent TMA GEMM1 (``settings.triton_gemm1 = "tma"``; the interpreter runs its descriptors and its
+    tile loop, with 2 programs so each walks several tiles) gives the sweep's outputs and gradients."""
+    from grao_kernels.triton_kernels import epilogue
+
+    settings.triton_mode = "epilogue"
+    monkeypatch.setattr(settings, "triton_gemm1", "tma")
+    launched = []
+    real = epilogue.launch
+    monkeypatch.setattr(epilogue, "launch", lambda kernel, *a, **k: launched.append(kernel) or real(kernel, *a, **k))
+    _sweep_matches_float64(tb, dtype, tol, case)
+    assert epilogue.lse_partials_tma_kernel in launched
+
+
+def test_gemm1_choice_follows_the_setting_and_the_operands(monkeypatch):
+    from grao_kernels.triton_kernels.common import tma_gemm1
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(settings, "triton_gemm1", "auto")
+    assert not tma_gemm1(cpu, bf16, bf16, 64)  # "auto" takes it on Hopper GPUs only, never under the interpreter
+    monkeypatch.setattr(settings, "triton_gemm1", "tma")
+    assert tma_gemm1(cpu, bf16, bf16, 64) == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert not tma_gemm1(cpu, bf16, torch.float32, 64)  # a float32 master weight: pointer loads cast its tiles
+    assert not tma_gemm1(cpu, bf16, bf16, 60)  # 120-byte rows: not 16-byte aligned
+    assert not tma_gemm1(cpu, torch.float32, torch.float32, 64)
+    monkeypatch.setattr(settings, "triton_gemm1", "loads")
+    assert not tma_gemm1(cpu, bf16, bf16, 64)
+    monkeypatch.setattr(settings, "triton_gemm1", "wgmma")
+    with pytest.raises(ValueError, match="triton_gemm1"):
+        tma_gemm1(cpu, bf16, bf16, 64)
+
+
+def test_tma_gemm1_takes_only_operands_and_blocks_tma_can_address(monkeypatch):
+    """Per launch: 16-byte aligned base pointers and rows, and (on a GPU) pinned blocks within TMA's 256-element box;
+    else the pointer-load GEMM1 runs."""
+    from grao_kernels.triton_kernels import epilogue
+
+    x = torch.empty(32, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(epilogue, "interpreting", lambda: False)
+    monkeypatch.setattr(settings, "triton_config", "BLOCK_N=64,BLOCK_V=256,BLOCK_H=64")
+    assert epilogue._tma_ready(x, x[16:])
+    assert not epilogue._tma_ready(x, x[:, 1:])  # base 2 bytes past an aligned one
+    assert not epilogue._tma_ready(x.t())  # columns not contiguous
+    monkeypatch.setattr(settings, "triton_config", "BLOCK_N=64,BLOCK_V=512,BLOCK_H=64")
+    assert not epilogue._tma_ready(x)
+
+
+def _sweep_matches_float64(tb, dtype, tol, case):
     _, N, H, V, bias, head, ignored, entropy = case
     hidden, weight, b, targets = _inputs(N, H, V, bias, dtype, ignored)
     coef = torch.randn(N, device=DEVICE)
@@ -578,16 +635,23 @@ class _Allocations(TorchDispatchMode):
     ids=["bf16-weight", "bf16-weight-summed-in-bf16", "fp32-master-weight"],
 )
 @pytest.mark.parametrize("groups", ["one-group", "several-groups"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "epilogue-tma"])
 def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master, dweight_sum, monkeypatch):
     """workspace_bytes (the plan auto, grao plan and the budget use) equals the peak of the tensors the sweep
     allocates, measured under a dispatch mode, for one and several row groups, with a bf16 weight (several
     chunked groups: dweight summed in float32, or in the bf16 gradient itself with triton_dweight_sum="weight")
-    and a float32 master weight under bf16 activations (cast slice by slice).
+    and a float32 master weight under bf16 activations (cast slice by slice). "epilogue-tma": the epilogue
+    sweep with the TMA GEMM1 and its descriptor scratch, as on a GPU of 5 SMs (the interpreter itself needs none).
     Not measured: the Triton interpreter's own copies and the CPU emulation of float32-output bf16 GEMMs."""
     from grao_kernels.backends import triton_backend as tb
-    from grao_kernels.triton_kernels import chunked, epilogue, fused
+    from grao_kernels.triton_kernels import chunked, common, epilogue, fused
 
+    tma = mode == "epilogue-tma"
+    mode = mode.removesuffix("-tma")
+    if tma:
+        monkeypatch.setattr(settings, "triton_gemm1", "tma")
+        for module in (common, tb):
+            monkeypatch.setattr(module, "tma_programs", lambda *a: 5 if common.tma_gemm1(*a) else 0)
     monkeypatch.setattr(settings, "triton_mode", mode)
     monkeypatch.setattr(settings, "triton_config", None)
     monkeypatch.setattr(settings, "triton_dweight_sum", dweight_sum)
@@ -650,6 +714,8 @@ def test_workspace_report_matches_what_the_sweep_allocates(mode, groups, master,
     assert report == planned[0]
     float32_sum = mode == "chunked" and groups == "several-groups" and not master and dweight_sum == "float32"
     assert ("dweight accumulator" in planned[0].workspace.persistent) == float32_sum, planned[0]
+    scratch = planned[0].workspace.persistent.get("TMA descriptor scratch")
+    assert scratch == (5 * epilogue.DESCRIPTOR_SCRATCH if tma and not master else None), planned[0]
     # The sweep is still right, whatever its grouping.
     ref = _reference(hidden, weight, bias, targets, Head(), coef, ent_coef)
     same = _reference(hidden, weight.bfloat16(), bias, targets, Head(), coef, ent_coef, dtype=torch.bfloat16)
@@ -895,7 +961,8 @@ def test_compile_check_derives_the_jit_specialisation():
     res = _compile_check("--list", "--dtype", "bf16", "--first", timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
-    for kernel in ("rows_kernel", "lse_partials_kernel", "lse_reduce_kernel", "dlogits_kernel", "dz_kernel"):
+    kernels = ("rows_kernel", "lse_partials_kernel", "lse_reduce_kernel", "dlogits_kernel", "dz_kernel")
+    for kernel in (*kernels, "lse_partials_tma_kernel"):  # the last: the epilogue sweep's GEMM1 on Hopper
         assert kernel in out
     assert "'bias_ptr': 'constexpr'" in out and "'bias_ptr': '*bf16'" in out
     assert "divisible_by_16=['hidden_ptr', 'weight_ptr'" in out
