@@ -11,9 +11,12 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Every test starts from seed 0, and gets its thread count back: the trainer runs the tiny MoE on one thread."""
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

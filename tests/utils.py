@@ -150,15 +150,6 @@ def assert_same_run(dir_a, dir_b, *modules) -> list[dict]:
     return a
 
 
-@pytest.fixture
-def restore_threads_and_seed():
-    """The trainer runs the tiny MoE on one thread: give the rest of the suite its thread count back; seed 0 first."""
-    threads = torch.get_num_threads()
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
-
-
 # The smallest decoder config the tests build models from (random weights; vocabulary and special ids added).
 TINY_DECODER = dict(
     hidden_size=32,

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -28,13 +27,6 @@ FAST = (
     *("--demo-train-size", "16", "--eval-size", "2", "--eval-every", "1000", "--save-every", "1000"),
     *("--progress", "false", "--plot", "false"),
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def one_error(capsys) -> str:

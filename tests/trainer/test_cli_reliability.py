@@ -33,13 +33,6 @@ FAST = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # the trainer runs the tiny MoE on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
 def grao(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     """``grao`` as a subprocess of this checkout."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -8,7 +8,7 @@ import os
 import warnings
 
 import pytest
-from utils import TINY_DECODER, read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: F401 (a fixture)
+from utils import TINY_DECODER, read_lines, save_tiny_llama, small
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -228,15 +228,11 @@ def test_a_random_local_model_judge_counts_every_reply_without_a_verdict(tmp_pat
     assert reward.pop_metrics() == {"judge/asked": 3.0, "judge/unparsed": float(unparsed)}
 
 
-trains = pytest.mark.usefixtures("restore_threads_and_seed")
-
-
 def judge_first_letter(prompt, response, reference):
     """A judge for the demo: better when the response starts with the reference's first letter, else worse."""
     return 1 if response[:1] == reference[:1] else -1
 
 
-@trains
 def test_the_trainer_takes_a_judge_from_config_and_logs_its_counts(tmp_path):
     cfg = small(tmp_path, reward=f"judge:{__name__}:judge_first_letter")
     assert Trainer(cfg).train() is True
@@ -253,7 +249,6 @@ def test_the_trainer_takes_a_judge_from_config_and_logs_its_counts(tmp_path):
         assert -1.0 <= ln["eval/reward"] <= 1.0
 
 
-@trains
 def test_the_trainer_takes_a_judge_object_and_a_local_model_judge(tmp_path):
     judge = Scripted([1, -1, 0] * 100)
     assert Trainer(small(tmp_path, steps=1), reward=JudgeReward(judge)).train() is True

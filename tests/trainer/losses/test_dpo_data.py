@@ -9,13 +9,12 @@ import os
 
 import pytest
 import torch
-from utils import (  # noqa: F401 (restore_threads_and_seed: a fixture)
+from utils import (
     assert_close,
     assert_grads_close,
     grads,
     leaves,
     read_lines,
-    restore_threads_and_seed,
     small,
 )
 
@@ -88,7 +87,6 @@ def hh_config(tmp_path, **kw) -> TrainConfig:
     return small(tmp_path, **{**base, "eval_every": 2, "save_every": 2, "loss_backend": "torch", **kw})
 
 
-@pytest.mark.usefixtures("restore_threads_and_seed")
 def test_a_trainer_batch_of_hh_pairs_has_the_float64_dpo_loss_and_gradient(tmp_path):
     trainer = Trainer(hh_config(tmp_path))
     assert trainer.rejected_source == "data"
@@ -138,7 +136,6 @@ def test_a_trainer_batch_of_hh_pairs_has_the_float64_dpo_loss_and_gradient(tmp_p
     assert_grads_close([weight.grad], want_grads[1:], names=("weight",))
 
 
-@pytest.mark.usefixtures("restore_threads_and_seed")
 def test_dpo_trains_on_hh_pairs_without_sampling_and_sampled_keeps_the_g_samples(tmp_path):
     cfg = hh_config(tmp_path)
     trainer = Trainer(cfg)

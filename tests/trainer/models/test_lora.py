@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, restore_threads_and_seed, small  # noqa: E402, F401 (a fixture)
+from utils import read_lines, small  # noqa: E402
 
 import grao_kernels.backends as kernel_backends  # noqa: E402
 from grao import cli, models  # noqa: E402
@@ -25,7 +25,6 @@ from grao.train.trainer import TIME_KEYS, Trainer  # noqa: E402
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 
 
-pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (train extra)")
 
 

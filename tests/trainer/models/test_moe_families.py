@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
+from utils import read_lines, save_tiny_llama, small  # noqa: E402
 
 from grao import models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -60,9 +60,6 @@ FAMILIES = {
         ),
     ),
 }
-
-
-pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from utils import read_lines, restore_threads_and_seed, small  # noqa: F401
+from utils import read_lines, small
 
 import grao
 from grao import cli, config
@@ -36,7 +36,6 @@ def argv(cfg: TrainConfig, out) -> list[str]:
 def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished_runs(
     tmp_path,
     monkeypatch,
-    restore_threads_and_seed,  # noqa: F811
 ):
     out, shared = tmp_path / "cmp", small(tmp_path)
     runs = compare.plan(shared, ["sft", "grao"], 2, out)
@@ -119,7 +118,6 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
 def test_grid_sweeps_the_weights_each_method_reads_and_writes_sweep_png(
     tmp_path,
     monkeypatch,
-    restore_threads_and_seed,  # noqa: F811
 ):
     runs = compare.plan(
         small(tmp_path),
@@ -223,7 +221,6 @@ def test_a_compare_child_finds_this_checkouts_grao_first_on_its_path(monkeypatch
 def test_a_pipeline_starts_its_second_stage_from_the_first_stages_final_model_within_the_same_steps(
     tmp_path,
     monkeypatch,
-    restore_threads_and_seed,  # noqa: F811
 ):
     shared, out = small(tmp_path, steps=4), tmp_path / "cmp"
     runs = compare.plan(shared, ["sft+grpo", "sft+grao", "grao"], 1, out)
@@ -267,7 +264,6 @@ def test_a_pipeline_starts_its_second_stage_from_the_first_stages_final_model_wi
 def test_the_lr_grid_chooses_each_methods_rate_by_validation_not_by_the_held_out_reward(
     tmp_path,
     monkeypatch,
-    restore_threads_and_seed,  # noqa: F811
 ):
     shared, out = small(tmp_path, steps=1), tmp_path / "cmp"
     runs = compare.plan(small(tmp_path, steps=2), ["sft", "sft+grao"], 1, out, lrs=[1e-3, 1e-2])

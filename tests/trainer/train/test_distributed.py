@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 from fsdp_step import one_step, step_config  # noqa: E402
-from utils import read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
+from utils import read_lines, save_tiny_llama, small  # noqa: E402
 
 from grao import config  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -22,7 +22,7 @@ from grao.train import distributed  # noqa: E402
 from grao.train.checkpoint import latest  # noqa: E402
 from grao.train.trainer import Trainer  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("restore_threads_and_seed", "no_process_group_after")
+pytestmark = pytest.mark.usefixtures("no_process_group_after")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import read_lines, restore_threads_and_seed, small  # noqa: E402, F401
+from utils import read_lines, small  # noqa: E402
 
 from grao import models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -44,7 +44,7 @@ def same_weights(a, b) -> bool:
 
 
 @pytest.mark.parametrize("method", ["grpo", "dpo"])
-def test_a_run_from_another_run_starts_at_its_final_model(tmp_path, source, method, restore_threads_and_seed):  # noqa: F811
+def test_a_run_from_another_run_starts_at_its_final_model(tmp_path, source, method):
     src, src_model = source
     cfg = small(tmp_path, method=method, init_from=str(src), steps=2)
     trainer = Trainer(cfg, callbacks=[lambda t, step, m: t.request_stop()])  # stops after step 1
@@ -68,7 +68,7 @@ def test_a_run_from_another_run_starts_at_its_final_model(tmp_path, source, meth
     assert resumed.train() is True
 
 
-def test_a_checkpoint_directory_names_its_own_weights(tmp_path, source, restore_threads_and_seed):  # noqa: F811
+def test_a_checkpoint_directory_names_its_own_weights(tmp_path, source):
     src, _ = source
     step1 = checkpoint.step_dir(src, 1)
     trainer = Trainer(small(tmp_path, init_from=str(step1)))

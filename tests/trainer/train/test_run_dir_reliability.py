@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -33,13 +32,6 @@ FAST = (
     *("--demo-train-size", "16", "--eval-size", "2", "--eval-every", "1000", "--save-every", "1"),
     *("--progress", "false", "--plot", "false"),
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def spawn(*args: str) -> subprocess.Popen:

@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
-from utils import assert_same_run, read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401 (a fixture)
+from utils import assert_same_run, read_lines, save_tiny_llama, small  # noqa: E402
 
 from grao import cli, config, models  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -39,9 +39,6 @@ TRAIN_KEYS = (
     "time/generate",
     "time/train",
 )
-
-
-pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 
 
 def test_two_step_run_of_the_tiny_moe(tmp_path):

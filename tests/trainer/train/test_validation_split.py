@@ -4,7 +4,7 @@ for the same data and seed, and evaluated next to the held-out prompts."""
 from __future__ import annotations
 
 import pytest
-from utils import read_lines, restore_threads_and_seed, small  # noqa: F401
+from utils import read_lines, small
 
 from grao import data
 from grao.data import DataError, Example
@@ -36,7 +36,7 @@ def test_a_file_validation_split_skips_held_out_prompts_and_repeats():
         data.validation_split(train, [ex("h")], 5)
 
 
-def test_each_evaluation_logs_the_validation_reward(tmp_path, restore_threads_and_seed):  # noqa: F811
+def test_each_evaluation_logs_the_validation_reward(tmp_path):
     from grao.train.trainer import Trainer
 
     cfg = small(tmp_path, steps=1, validation_size=3)

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 pytest.importorskip("vllm")
 
-from utils import assert_same_run, read_lines, restore_threads_and_seed, save_tiny_llama, small  # noqa: E402, F401
+from utils import assert_same_run, read_lines, save_tiny_llama, small  # noqa: E402
 
 from grao import cli  # noqa: E402
 from grao.config import ConfigError  # noqa: E402
@@ -22,8 +22,6 @@ from grao.models import generation  # noqa: E402
 from grao.train import engines  # noqa: E402
 from grao.train.checkpoint import latest as latest_checkpoint  # noqa: E402
 from grao.train.trainer import Trainer  # noqa: E402
-
-pytestmark = pytest.mark.usefixtures("restore_threads_and_seed")
 
 # vLLM's CPU attention has no head_dim 16 (the demo model's): the tests give the tiny MoE 32; a small KV cache.
 VLLM = dict(rollout_engine="vllm", vllm_kv_cache_bytes=32 << 20)
