@@ -42,6 +42,7 @@ def result(run: Run) -> dict:
     res["step"] = k + res["step"]
     if first["tokens_per_s"] is not None and res["tokens_per_s"] is not None:
         res["tokens_per_s"] = (k * first["tokens_per_s"] + run.cfg.steps * res["tokens_per_s"]) / (k + run.cfg.steps)
+    res["code"] = sorted(set(first["code"]) | set(res["code"]))
     for key, combine in (("train_s", sum), ("peak_memory_mib", max)):
         values = [r[key] for r in (first, res) if r[key] is not None]
         res[key] = combine(values) if values else None
@@ -82,6 +83,7 @@ def _stage_result(run: Run) -> dict:
         "memory_measure": "cuda_max_allocated" if cuda else "peak_rss",
         "train_s": sum(s["train_s"] for s in segments) if segments else None,
         "processes": len(segments),
+        "code": sorted({s["code"] for s in segments if "code" in s}),  # the code that trained it (compare_run)
         "eval_curve": [[r["step"], r["eval/reward"]] for r in evals],
         "config": config.to_dict(run.cfg),
     }
@@ -223,6 +225,14 @@ def settings_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+def code_of(results: list[dict]) -> str:
+    """The code the runs were trained with: one version, or every version when they differ."""
+    versions = sorted({v for res in results for v in res.get("code", [])})
+    if not versions:
+        return "not recorded"
+    return versions[0] if len(versions) == 1 else "mixed, " + ", ".join(versions)
+
+
 def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, machine: str) -> str:
     reported = [run for run in runs if run.reported]
     cfg = reported[0].cfg
@@ -267,7 +277,8 @@ def markdown(runs: list[Run], results: list[dict], summary: dict, command: str, 
             else "."
         ),
         "",
-        f"Machine: {machine}. Throughput and times depend on the other load of the machine.",
+        f"Machine: {machine}. Throughput and times depend on the other load of the machine. "
+        f"Code: {code_of(results)} (the same seed, thread count and code give the same run).",
         "",
         "| method | "
         + " | ".join(title for _, title, _ in COLUMNS)
@@ -348,6 +359,7 @@ def report(runs: list[Run], out_dir: str | Path, command: str, load_at_start: st
     saved = {
         "command": command,
         "machine": machine,
+        "code": code_of(results),
         "summary": summary,
         "chosen_lr": chosen,  # group -> the label of the learning rate chosen by validation
         "rows": rows,  # the labels of compare.md's table

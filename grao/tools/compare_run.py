@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import resource
+import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from .. import cli
@@ -24,6 +26,28 @@ def _peak_memory() -> dict:
     return {"peak_rss_mib": rss_mib, "cuda_max_allocated_mib": cuda}
 
 
+def code_version() -> str:
+    """The code this process runs: ``git <commit>`` of the checkout holding the ``grao`` package (``+changes`` when
+    tracked files differ from it), else the installed distribution's version."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") if (root / ".git").exists() else None
+    if commit:
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "grao", "grao_kernels", "csrc")
+        return f"git {commit[:12]}" + ("+changes" if changed else "")
+    try:
+        return f"grao-kernels {metadata.version('grao-kernels')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def child_main(argv: list[str]) -> int:
     """``python -m grao.tools.compare_run <grao train flags>``: one run, then its peak memory appended to ``compare-run.json``."""
 
@@ -34,7 +58,13 @@ def child_main(argv: list[str]) -> int:
         path = out / RECORD
         record = json.loads(path.read_text()) if path.is_file() else {"segments": []}
         record["segments"].append(
-            {"exit_status": rc, "resumed": "--resume" in argv, "train_s": time.perf_counter() - t0, **_peak_memory()}
+            {
+                "exit_status": rc,
+                "resumed": "--resume" in argv,
+                "train_s": time.perf_counter() - t0,
+                "code": code_version(),
+                **_peak_memory(),
+            }
         )
         path.write_text(json.dumps(record, indent=1) + "\n")
     return rc

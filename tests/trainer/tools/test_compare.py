@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import statistics
 import subprocess
@@ -19,6 +20,8 @@ import grao
 from grao import cli, config
 from grao.config import ConfigError, TrainConfig
 from grao.tools import compare
+from grao.tools.compare_report import code_of
+from grao.tools.compare_run import code_version
 from grao.train.trainer import Trainer
 
 # Each test's shared settings are tests/utils.small's: a few seconds per run.
@@ -85,6 +88,11 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
         memory = saved["summary"][label]["peak_memory_mib"]
         assert memory["n"] == 2 and all(v > 0 for v in memory["values"])
     assert {r["memory_measure"] for r in saved["runs"]} == {"peak_rss"}
+    # the code that trained the runs: this checkout's commit (or the installed version), in the json and the table
+    code = code_version()
+    assert re.fullmatch(r"git [0-9a-f]{12}(\+changes)?|grao-kernels \S+", code)
+    assert {tuple(r["code"]) for r in saved["runs"]} == {(code,)}
+    assert saved["code"] == code and f"Code: {code} " in table
     # GRAO minus the best baseline (sft, the only one), paired by seed
     finals = {(r["label"], r["seed"]): r["reward"] for r in saved["runs"]}
     diffs = [finals["grao", s] - finals["sft", s] for s in (0, 1)]
@@ -113,6 +121,12 @@ def test_compare_table_is_the_mean_and_std_over_seeds_and_a_rerun_skips_finished
     assert cli.main(["compare", "--methods", "sft,grao", "--seeds", "2", *argv(shared, out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "compare.json").read_text())["summary"] == saved["summary"]
+
+
+def test_the_table_names_every_code_version_its_runs_were_trained_with():
+    assert code_of([{"code": ["git aaa"]}, {"code": ["git aaa"]}]) == "git aaa"
+    assert code_of([{"code": ["git bbb"]}, {"code": ["git aaa", "git bbb"]}]) == "mixed, git aaa, git bbb"
+    assert code_of([{"code": []}, {}]) == "not recorded"  # runs trained before the record had it
 
 
 def test_grid_sweeps_the_weights_each_method_reads_and_writes_sweep_png(
