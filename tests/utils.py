@@ -6,6 +6,11 @@ the trainer methods')."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +126,24 @@ def small(tmp_path, **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spawn_grao(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``grao ARGS`` of this checkout as a child process, its stdout and stderr piped (for signals and races)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [sys.executable, "-m", "grao.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def wait_for(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def read_lines(run_dir):

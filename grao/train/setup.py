@@ -66,15 +66,9 @@ def start_weights(cfg, resume: bool) -> Path | None:
     return found
 
 
-def fresh_model(cfg, rt, init_dir: Path | None = None) -> tuple:
-    """(model, tokenizer, initial model) of a new run: the config's model on ``rt.device`` (with ``init_dir``, the
-    weights there, read from safetensors only), under LoRA its adapters over the base; the initial model is what
-    ``initial/`` holds for the demo or an init_from run (the full-weight base under LoRA)."""
-    if init_dir is not None:  # weights only: the source's optimizer, schedule and step stay behind
-        model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
-        tokenizer = models.load_tokenizer(cfg.policy.tokenizer or init_dir, cfg.policy.trust_remote_code)
-        return model.to(rt.device), tokenizer, model
-    model, tokenizer = models.load(
+def configured_model(cfg, rt) -> tuple:
+    """(model, tokenizer) as the config names them: the policy's model, tokenizer and overrides, seeded."""
+    return models.load(
         cfg.policy.model,
         cfg.policy.tokenizer,
         cfg.policy.model_overrides,
@@ -83,6 +77,17 @@ def fresh_model(cfg, rt, init_dir: Path | None = None) -> tuple:
         cfg.policy.trust_remote_code,
         cfg.dataset.task,
     )
+
+
+def fresh_model(cfg, rt, init_dir: Path | None = None) -> tuple:
+    """(model, tokenizer, initial model) of a new run: the config's model on ``rt.device`` (with ``init_dir``, the
+    weights there, read from safetensors only), under LoRA its adapters over the base; the initial model is what
+    ``initial/`` holds for the demo or an init_from run (the full-weight base under LoRA)."""
+    if init_dir is not None:  # weights only: the source's optimizer, schedule and step stay behind
+        model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
+        tokenizer = models.load_tokenizer(cfg.policy.tokenizer or init_dir, cfg.policy.trust_remote_code)
+        return model.to(rt.device), tokenizer, model
+    model, tokenizer = configured_model(cfg, rt)
     initial = model
     if cfg.lora.rank:
         if cfg.policy.model == models.TINY_MOE:  # tiny by construction: keep the full-weight base for initial/
@@ -104,15 +109,7 @@ def frozen_start(cfg, rt, init_dir: Path | None = None) -> torch.nn.Module:
     if init_dir is not None:
         model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
         return model.to(rt.device).eval().requires_grad_(False)
-    model, _ = models.load(
-        cfg.policy.model,
-        cfg.policy.tokenizer,
-        cfg.policy.model_overrides,
-        rt,
-        cfg.run.seed,
-        cfg.policy.trust_remote_code,
-        cfg.dataset.task,
-    )
+    model, _ = configured_model(cfg, rt)
     return model.eval().requires_grad_(False)
 
 

@@ -19,6 +19,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
+from utils import read_lines  # noqa: E402
+
 from grao import cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,10 +36,6 @@ def one_error(capsys) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("grao: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------- sizes that would hang or exhaust memory
@@ -72,7 +70,7 @@ def test_prompts_beyond_the_context_are_cut_with_a_warning_and_a_metric(tmp_path
     err = capsys.readouterr().err
     # the demo model has 64 positions: 512 + 3 tokens do not fit, so prompts keep their last 61
     assert "1 of 6 prompts are longer than 61 tokens" in err and "context of 64 positions" in err
-    assert metrics(run)[0]["data/prompts_cut"] == 1
+    assert read_lines(run)[0]["data/prompts_cut"] == 1
 
     capsys.readouterr()
     rc = cli.main(["train", *FAST, "--max-new-tokens", "64", "--output-dir", str(tmp_path / "r2")])
@@ -83,7 +81,7 @@ def test_the_demo_trains_with_no_prompt_cut_and_no_context_warning(tmp_path, cap
     assert cli.main(["train", *FAST, "--output-dir", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert "context" not in err and "<unk>" not in err
-    assert metrics(tmp_path / "run")[0]["data/prompts_cut"] == 0
+    assert read_lines(tmp_path / "run")[0]["data/prompts_cut"] == 0
 
 
 # ---------------------------------------------------------------------- model_overrides

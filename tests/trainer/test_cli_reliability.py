@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
+
+from utils import read_lines, spawn_grao, wait_for  # noqa: E402
 
 from grao import cli  # noqa: E402
 
@@ -40,26 +41,8 @@ def grao(*args: str, env: dict | None = None, timeout: float = 180) -> subproces
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def spawn(*args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **kwargs.pop("env", {})}
-    cmd = [sys.executable, "-m", "grao.cli", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
-
-
-def wait_for(predicate, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_steps(run: Path) -> list[int]:
-    return [ln["step"] for ln in metrics(run) if "loss" in ln]
+    return [ln["step"] for ln in read_lines(run) if "loss" in ln]
 
 
 def checkpoints(run: Path) -> list[str]:
@@ -121,7 +104,7 @@ def test_a_second_run_into_the_same_directory_refuses_and_overwrite_deletes_only
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path):
     run = tmp_path / "run"
     # many steps and no periodic save or evaluation: only the signal can produce the checkpoint
-    proc = spawn(
+    proc = spawn_grao(
         "train", *FAST, "--steps", "500", "--save-every", "1000", "--eval-every", "1000", "--output-dir", str(run)
     )
     try:
@@ -158,7 +141,7 @@ def test_ctrl_c_in_the_step_0_evaluation_offers_no_resume_that_cannot_work(tmp_p
     (tmp_path / "slowreward.py").write_text(SLOW_REWARD)
     run, marker = tmp_path / "run", tmp_path / "scoring"
     env = {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "GRAO_TEST_MARKER": str(marker)}
-    proc = spawn("train", *FAST, "--reward", "slowreward:slow", "--output-dir", str(run), env=env)
+    proc = spawn_grao("train", *FAST, "--reward", "slowreward:slow", "--output-dir", str(run), env=env)
     try:
         wait_for(marker.exists, "the step-0 evaluation")
         proc.send_signal(signal.SIGINT)
@@ -213,7 +196,7 @@ def test_the_same_signal_twice_aborts_at_once_without_saving(tmp_path, sig):
     run = tmp_path / "run"
     env, marker = _pausing(tmp_path, run, after_step=1)
     args = ("train", *FAST, "--steps", "3", "--eval-every", "100", "--reward", "pausingreward:pausing")
-    proc = spawn(*args, "--output-dir", str(run), env=env)
+    proc = spawn_grao(*args, "--output-dir", str(run), env=env)
     try:
         wait_for(marker.exists, "step 2's rollout")  # step 1 is checkpointed; step 2 sleeps in its reward
         proc.send_signal(sig)
@@ -255,7 +238,7 @@ def test_sigkill_mid_run_then_resume_logs_and_ends_as_an_uninterrupted_run(tmp_p
     plain = {k: v for k, v in env.items() if k != "GRAO_TEST_PAUSE"}
     uninterrupted = grao(*args, "--output-dir", str(full), env=plain)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
-    proc = spawn(*args, "--output-dir", str(run), env=env)
+    proc = spawn_grao(*args, "--output-dir", str(run), env=env)
     try:
         wait_for(marker.exists, "step 4's rollout")  # step 2 is checkpointed, step 3 logged after it
         proc.send_signal(signal.SIGKILL)
@@ -266,7 +249,7 @@ def test_sigkill_mid_run_then_resume_logs_and_ends_as_an_uninterrupted_run(tmp_p
 
     resumed = grao("train", "--output-dir", str(run), "--resume", env=plain)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = metrics(full), metrics(run)
+    a, b = read_lines(full), read_lines(run)
     assert [ln["step"] for ln in b] == [ln["step"] for ln in a]  # step 3's line from before the kill is gone
     for la, lb in zip(a, b):
         assert la.keys() == lb.keys()

@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
+
+from utils import spawn_grao, wait_for  # noqa: E402
 
 from grao import cli  # noqa: E402
 
@@ -32,20 +33,6 @@ FAST = (
     *("--demo-train-size", "16", "--eval-size", "2", "--eval-every", "1000", "--save-every", "1"),
     *("--progress", "false", "--plot", "false"),
 )
-
-
-def spawn(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "grao.cli", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for(predicate, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def checkpoints(run: Path) -> list[str]:
@@ -109,7 +96,7 @@ def test_rotation_never_deletes_when_the_new_checkpoint_is_not_intact(tmp_path, 
 
 def test_a_second_train_into_a_running_directory_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
     run = tmp_path / "run"
-    first = spawn("train", *FAST, "--steps", "500", "--save-every", "1", "--output-dir", str(run))
+    first = spawn_grao("train", *FAST, "--steps", "500", "--save-every", "1", "--output-dir", str(run))
     try:
         wait_for(lambda: (run / "checkpoints" / "step-000001").is_dir(), "the first run's first checkpoint")
         for extra in ([], ["--resume"], ["--overwrite"]):
