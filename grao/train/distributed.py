@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import time
 import warnings
 from pathlib import Path
 
@@ -144,16 +145,30 @@ def init(runtime, sharded: bool):
 _OWN_GROUP = False  # whether init() created the process group (an in-process vLLM engine may create one of its own)
 
 
+# How long :func:`shutdown` lets gloo's worker threads finish after the last collective (see there).
+GLOO_SETTLE_S = 0.25
+
+
 def shutdown(wait: bool = True) -> None:
     """Ends the process group :func:`init` created (one that an in-process vLLM engine made for itself stays: the
     engine still uses it). ``wait``: first wait until every rank gets here (a rank tearing down gloo's connections
     while another still works, rank 0 writing its files, can abort at exit); a rank that failed does not wait, as
-    the others may never arrive."""
+    the others may never arrive.
+
+    With several processes it then sleeps :data:`GLOO_SETTLE_S`, the GIL released. After a collective returns,
+    the gloo worker thread that ran it still frees it, and the tensors of the collectives it waited on (FSDP's
+    last all-gather), which takes the GIL. If the interpreter is already finalizing, that thread is stopped in a
+    destructor and the process aborts ("terminate called without an active exception", torch issue 190489) after
+    a run that succeeded; the pause lets that thread take the GIL first. The group itself outlives
+    ``destroy_process_group`` (DTensor's caches hold every DeviceMesh), so its threads cannot be joined instead."""
     global _OWN_GROUP
     if _OWN_GROUP and dist.is_available() and dist.is_initialized():
-        if wait and dist.get_world_size() > 1:
+        several = dist.get_world_size() > 1
+        if wait and several:
             dist.barrier()
         dist.destroy_process_group()
+        if several:
+            time.sleep(GLOO_SETTLE_S)
     _OWN_GROUP = False
 
 
