@@ -34,17 +34,11 @@ DECODER = dict(
 )
 
 
-def build(kind: str, **fields):
-    """A tiny random fp32 Qwen3 ('dense') or Qwen3-MoE ('moe'), weights spread wide enough that greedy decoding
-    is far from ties (random init alone gives near-uniform logits)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+def spread(config):
+    """The fp32 model of ``config`` from seed 0 (the caller's RNG untouched), every weight drawn from N(0, 0.2):
+    wide enough that greedy decoding is far from ties (random init alone gives near-uniform logits)."""
+    from transformers import AutoModelForCausalLM
 
-    if kind == "dense":
-        config = Qwen3Config(**dict(DECODER, **fields))
-    else:
-        config = Qwen3MoeConfig(
-            **dict(DECODER, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, **fields)
-        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -52,6 +46,19 @@ def build(kind: str, **fields):
             for p in model.parameters():
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+def build(kind: str, **fields):
+    """A tiny random fp32 Qwen3 ('dense') or Qwen3-MoE ('moe'), its weights spread (:func:`spread`)."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    if kind == "dense":
+        config = Qwen3Config(**dict(DECODER, **fields))
+    else:
+        config = Qwen3MoeConfig(
+            **dict(DECODER, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, **fields)
+        )
+    return spread(config)
 
 
 def hf_greedy(model) -> list[list[int]]:
@@ -179,7 +186,7 @@ def test_engine_supports_names_what_the_engine_cannot_run(kind, fields, device, 
 def moe_family(name: str):
     """A tiny random fp32 model of each MoE family the trainer routes (grao.models.moe), sized for vLLM's CPU
     kernels."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, OlmoeConfig
+    from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig
 
     fields = dict(DECODER, num_key_value_heads=2, intermediate_size=64)
     config = {
@@ -201,13 +208,7 @@ def moe_family(name: str):
             v_head_dim=32,
         ),
     }[name]()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.2)
-    return model.eval()
+    return spread(config)
 
 
 @pytest.mark.slow
