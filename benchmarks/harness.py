@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from measure.device import bench_device, device_name, sync, timed  # noqa: E402
+from measure.device import bench_device, device_name, run_record, sync, timed  # noqa: E402
 from measure.floor import floor_all, floor_gemms, floor_times  # noqa: E402
 from measure.gate import FACTOR, FLOOR, cached, check  # noqa: E402
 from measure.memory import command_peak_rss, fresh, probe  # noqa: E402
@@ -47,6 +47,7 @@ __all__ = [
     "command_peak_rss",
     "compare",
     "device_name",
+    "run_record",
     "floor_all",
     "floor_gemms",
     "floor_times",

@@ -209,13 +209,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="grao-bench-") as tmp:  # the trainers' output_dir; they save nothing
         rows = [harness.fresh(f"integrations step {name}", run_variant, name, args, tmp) for name in VARIANTS]
-    command = "python benchmarks/integrations_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = dict(vars(args), rows=rows, command=command.strip(), device=harness.device_name("cpu"))
-    data.update(torch=torch.__version__, loadavg=(load_start, os.getloadavg()[0]), cpu_count=os.cpu_count())
-    text = render.integrations_markdown(data)
-    print(text)
-    if not args.no_write:
-        render.splice(os.path.join(render.ROOT, "BENCHMARKS.md"), "integrations", text)
+    data = dict(vars(args), rows=rows, **harness.run_record("integrations_step.py", argv, load_start))
+    render.publish("integrations", render.integrations_markdown(data), write=not args.no_write)
     return 0
 
 

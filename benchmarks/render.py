@@ -279,6 +279,23 @@ How to read these numbers:
 """
 
 
+def machine_line(data: dict, after_load: str = "") -> str:
+    """The machine sentence of a front end's table, from its :func:`harness.run_record` fields; ``after_load``
+    goes right after the load averages."""
+    return (
+        f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
+        f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end{after_load}. "
+        f"Command: `{data['command']}`."
+    )
+
+
+def publish(name: str, text: str, write: bool) -> None:
+    """Print ``text`` and, with ``write``, make it BENCHMARKS.md's ``name`` region."""
+    print(text)
+    if write:
+        splice(os.path.join(ROOT, "BENCHMARKS.md"), name, text)
+
+
 def splice(md_path: str, name: str, text: str) -> None:
     """Replace the ``name`` region of ``md_path`` with ``text`` (appended when the file has none)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
@@ -387,9 +404,9 @@ def integrations_markdown(data: dict) -> str:
             "completions' log-probs and entropies (no reference rows), compared with verl's own path from the full "
             "logits (`verl-logits`); the other rows with `trl-stock`.",
             "",
-            f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
-            f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end (other processes on shared "
-            f"cores change the times between runs, by whole factors at high load). Command: `{data['command']}`.",
+            machine_line(
+                data, " (other processes on shared cores change the times between runs, by whole factors at high load)"
+            ),
             "",
             *table("variant | step time: | × stock: | peak memory above the step's start: | × stock memory:", body),
         ]
@@ -434,9 +451,7 @@ def rollouts_markdown(data: dict) -> str:
             "allocated in full. Peak memory: the variant's process RSS high-water mark (`getrusage`), model, "
             "engine and imports included.",
             "",
-            f"Machine: {data['device']} of {data['cpu_count']} cores; torch {data['torch']}; load average "
-            f"{data['loadavg'][0]:.1f} at the start and {data['loadavg'][1]:.1f} at the end; {data['wall_s']:.0f} s "
-            f"for the whole run. Command: `{data['command']}`.",
+            machine_line(data, f"; {data['wall_s']:.0f} s for the whole run"),
             "",
             *table("variant | step: | generation: | sync: | training: | peak RSS:", body),
             "",

@@ -213,16 +213,9 @@ def main(argv=None) -> int:
         model_dir = os.path.join(tmp, "model")
         save_model(model_dir, args.vocab)
         rows = [run_variant(name, args, tmp, model_dir) for name in names]
-    import torch
-
-    command = "python benchmarks/rollout_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     data = {k: v for k, v in vars(args).items() if k not in ("child", "model", "out", "no_write")}
-    data.update(rows=rows, command=command.strip(), device=harness.device_name("cpu"), torch=torch.__version__)
-    data.update(loadavg=(load_start, os.getloadavg()[0]), cpu_count=os.cpu_count(), wall_s=time.time() - t0)
-    text = render.rollouts_markdown(data)
-    print(text)
-    if not args.no_write:
-        render.splice(os.path.join(render.ROOT, "BENCHMARKS.md"), "rollouts", text)
+    data.update(rows=rows, wall_s=time.time() - t0, **harness.run_record("rollout_step.py", argv, load_start))
+    render.publish("rollouts", render.rollouts_markdown(data), write=not args.no_write)
     return 0
 
 

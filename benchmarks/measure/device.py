@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 
 import torch
@@ -35,3 +36,17 @@ def timed(fn, device: str) -> tuple[float, float, object]:
     out = fn()
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def run_record(script: str, argv: list[str] | None, load_start: float) -> dict:
+    """What a front end's table says of its run on the CPU: the command as typed (``script`` under benchmarks/, with
+    ``argv``, else this process's arguments), the CPU, torch, the core count and the 1-minute load average at the
+    start (``load_start``) and now."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "command": f"python benchmarks/{script} {' '.join(args)}".strip(),
+        "device": device_name("cpu"),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "loadavg": (load_start, os.getloadavg()[0]),
+    }
