@@ -79,12 +79,17 @@ def configured_model(cfg, rt) -> tuple:
     )
 
 
+def weights_at(cfg, rt, init_dir: Path) -> torch.nn.Module:
+    """The whole model saved in ``init_dir`` (:func:`start_weights`), read from safetensors only."""
+    return models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
+
+
 def fresh_model(cfg, rt, init_dir: Path | None = None) -> tuple:
     """(model, tokenizer, initial model) of a new run: the config's model on ``rt.device`` (with ``init_dir``, the
     weights there, read from safetensors only), under LoRA its adapters over the base; the initial model is what
     ``initial/`` holds for the demo or an init_from run (the full-weight base under LoRA)."""
     if init_dir is not None:  # weights only: the source's optimizer, schedule and step stay behind
-        model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
+        model = weights_at(cfg, rt, init_dir)
         tokenizer = models.load_tokenizer(cfg.policy.tokenizer or init_dir, cfg.policy.trust_remote_code)
         return model.to(rt.device), tokenizer, model
     model, tokenizer = configured_model(cfg, rt)
@@ -107,7 +112,7 @@ def frozen_start(cfg, rt, init_dir: Path | None = None) -> torch.nn.Module:
     """The frozen starting policy, for losses that compare against it (DPO, GRPO's KL, PPO): loaded afresh from the
     config, or from ``init_dir`` (:func:`start_weights`), so a resumed run gets the same one."""
     if init_dir is not None:
-        model = models.load_model(init_dir, rt.attn_implementation, cfg.policy.trust_remote_code, safetensors=True)
+        model = weights_at(cfg, rt, init_dir)
         return model.to(rt.device).eval().requires_grad_(False)
     model, _ = configured_model(cfg, rt)
     return model.eval().requires_grad_(False)
