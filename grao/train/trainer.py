@@ -328,12 +328,10 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out reward, RAS and NAG (against the starting model's responses) of the current model, and with
         ``validation_size`` the validation prompts' reward and RAS (``val/``)."""
-        res = self.answer(self.eval_examples)
+        res, judged = self.answer(self.eval_examples)
         if self.baseline_eval is None:
             self.baseline_eval = res.rewards
         self.last_eval = res.mean_reward
-        judged = rewards.pop_metrics(self.reward)
-        rewards.check_judged(judged, self.reward)
         line = {
             "step": self.step,
             "eval/reward": res.mean_reward,
@@ -343,18 +341,17 @@ class Trainer:
             **{f"eval/{k}": v for k, v in judged.items()},
         }
         if self.validation_examples:
-            val = self.answer(self.validation_examples)
-            judged = rewards.pop_metrics(self.reward)
-            rewards.check_judged(judged, self.reward)
+            val, judged = self.answer(self.validation_examples)
             line.update(
                 {"val/reward": val.mean_reward, "val/ras": val.ras, **{f"val/{k}": v for k, v in judged.items()}}
             )
         line.update(self.term_gradients())
         return line
 
-    def answer(self, examples: list[Example]) -> evaluation.EvalResult:
-        """The current model's responses to ``examples`` (greedy unless ``eval_greedy`` is off) and their rewards;
-        with several processes each rank answers its block of the prompts and the results are gathered in order."""
+    def answer(self, examples: list[Example]) -> tuple[evaluation.EvalResult, dict]:
+        """The current model's responses to ``examples`` (greedy unless ``eval_greedy`` is off) and their rewards,
+        and the reward's own metrics of scoring them (a judge's counts, checked); with several processes each rank
+        answers its block of the prompts and the results are gathered in order."""
         cfg = self.cfg
         examples, real = self.world.padded_share(examples)
         options = dict(
@@ -374,7 +371,9 @@ class Trainer:
         else:
             res = self.policy.evaluate(self.tokenizer, examples, self.reward, **options)
         parts = self.world.gather_objects([res.responses[:real], res.rewards[:real], res.reference_rewards[:real]])
-        return evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3)))
+        judged = rewards.pop_metrics(self.reward)
+        rewards.check_judged(judged, self.reward)
+        return evaluation.EvalResult(*([x for part in parts for x in part[i]] for i in range(3))), judged
 
     def term_gradients(self) -> dict:
         """``terms/grad_norm/<term>`` of each GRAO term on the fixed probe batch (:func:`grao.losses.term_gradient_norms`)
