@@ -149,11 +149,12 @@ class VLLMEngine:
     # ------------------------------------------------------------------ weights
 
     def mark_stale(self) -> None:
-        """The policy took an optimizer step: sync before the next generate; on CUDA with sleep mode the engine
-        sleeps until then (its KV cache freed, its weights offloaded), leaving the memory to the update."""
+        """The policy took an optimizer step: sync before the next generate."""
         self.stale = True
 
     def sleep(self) -> None:
+        """On CUDA with sleep mode: free the KV cache and offload the weights until the next sync, leaving the
+        memory to the update."""
         if self.sleeps and not self.asleep:
             self.llm.sleep(level=1)
             self.asleep = True
