@@ -132,6 +132,7 @@ def plan(
     out_dir = Path(out_dir)
     runs: list[Run] = []
     firsts: dict[Path, Run] = {}
+    k = first_steps(base.steps, split) if any(PIPE in name for name in methods) else 0  # a first stage's steps
 
     def config(label: str, seed: int, **keys) -> TrainConfig:
         return dataclasses.replace(base, seed=seed, output_dir=str(out_dir / label / f"seed-{seed}"), **keys)
@@ -151,7 +152,6 @@ def plan(
                     keys = dict(shared, **point, lr=lr)
                     first = None
                     if len(stages) == 2:
-                        k = first_steps(base.steps, split)
                         first_label = f"{stages[0]}-{k}steps{tag}"
                         first_cfg = config(first_label, seed, **dict(shared, lr=lr), method=stages[0], steps=k)
                         first = firsts.get(first_cfg.run.output_dir)
